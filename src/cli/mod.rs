@@ -1,0 +1,80 @@
+//! The command line: `serve`, `token create|list|revoke`, `quickstart`.
+
+mod quickstart;
+mod token;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::TokenStore;
+use crate::config::Config;
+
+pub type CliError = Box<dyn std::error::Error>;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A PostgreSQL proxy that lets clients log in with API tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Create, list and revoke API tokens.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Run tollgate in front of a throwaway Postgres (or --upstream) and
+    /// print a ready-to-paste psql command.
+    Quickstart(quickstart::QuickstartArgs),
+}
+
+/// Entry point used by `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Token(cmd) => token::run(cmd),
+        Command::Quickstart(args) => quickstart::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config_path: &std::path::Path) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    crate::logging::init(config.log_level.as_deref(), config.log_format);
+    let shards = start(config)?;
+    // Shards run until the process is stopped; the default SIGINT/SIGTERM
+    // action ends the process (graceful drain is a later addition).
+    shards.join();
+    Ok(())
+}
+
+/// Loads the token store and starts the shards.
+fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
+    let tokens = TokenStore::load(&config.tokens_file)?;
+    tracing::info!(
+        tokens = tokens.len(),
+        file = %config.tokens_file.display(),
+        "token store loaded"
+    );
+    let shards = crate::shard::start(Arc::new(config), Arc::new(tokens))?;
+    Ok(shards)
+}

@@ -1,0 +1,136 @@
+//! What a client may read when tollgate ends its connection.
+//!
+//! Every failure a client sees goes through [`ClientError`]: a SQLSTATE, a
+//! message from an explicit allowlist of texts, and a `kind` that names the
+//! failure in logs and metrics. Module errors carry the details (addresses,
+//! upstream messages, token ids) for the log; they are turned into a
+//! `ClientError` here, in one place, so no detail reaches a client by
+//! accident.
+#![forbid(unsafe_code)]
+
+use bytes::BytesMut;
+
+use crate::protocol::backend::{self, Severity};
+use crate::protocol::sqlstate::{self, SqlState};
+
+/// A FATAL error to send before closing the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    pub code: SqlState,
+    pub message: String,
+    pub hint: Option<&'static str>,
+    /// Low-cardinality name for logs and metrics.
+    pub kind: &'static str,
+}
+
+impl ClientError {
+    pub fn new(code: SqlState, kind: &'static str, message: impl Into<String>) -> Self {
+        ClientError {
+            code,
+            message: message.into(),
+            hint: None,
+            kind,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: &'static str) -> Self {
+        self.hint = Some(hint);
+        self
+    }
+
+    /// The one response for every token rejection, whatever the reason, so
+    /// that the bytes tell an attacker nothing (as Postgres does for
+    /// passwords).
+    pub fn token_rejected(user: &str) -> Self {
+        ClientError::new(
+            sqlstate::INVALID_PASSWORD,
+            "token_rejected",
+            format!("token authentication failed for user \"{user}\""),
+        )
+    }
+
+    pub fn upstream_unavailable() -> Self {
+        ClientError::new(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "upstream_connect",
+            "could not connect to the database server",
+        )
+    }
+
+    pub fn upstream_login_failed() -> Self {
+        ClientError::new(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "upstream_login",
+            "tollgate could not log in to the database server",
+        )
+        .with_hint("The proxy's upstream credentials were refused; its log has the details.")
+    }
+
+    pub fn upstream_lost() -> Self {
+        ClientError::new(
+            sqlstate::CONNECTION_FAILURE,
+            "upstream_lost",
+            "the database server closed the connection during start-up",
+        )
+    }
+
+    pub fn upstream_protocol() -> Self {
+        ClientError::new(
+            sqlstate::CONNECTION_FAILURE,
+            "upstream_protocol",
+            "the database server sent an invalid message during start-up",
+        )
+    }
+
+    pub fn too_many_connections() -> Self {
+        ClientError::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too_many_connections",
+            "sorry, too many clients already",
+        )
+    }
+
+    pub fn startup_timeout() -> Self {
+        ClientError::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            "startup_timeout",
+            "start-up did not complete in time",
+        )
+    }
+
+    pub fn internal() -> Self {
+        ClientError::new(
+            sqlstate::INTERNAL_ERROR,
+            "internal",
+            "internal error in tollgate",
+        )
+    }
+
+    /// Appends the FATAL ErrorResponse to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        backend::error_response(out, Severity::Fatal, self.code, &self.message, self.hint);
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_rejections_are_byte_identical() {
+        let mut a = BytesMut::new();
+        let mut b = BytesMut::new();
+        ClientError::token_rejected("app").encode(&mut a);
+        ClientError::token_rejected("app").encode(&mut b);
+        assert_eq!(a, b);
+        assert!(a.windows(5).any(|w| w == b"28P01"));
+    }
+}

@@ -1,0 +1,413 @@
+//! The client side of start-up, as a sans-IO state machine.
+//!
+//! Each state is a type named for what it waits for and consumes itself to
+//! produce the next, so a wrong transition does not compile. The driver feeds
+//! it the bytes it read (`input`, consumed as messages are parsed) and sends
+//! whatever it appended to `output`.
+//!
+//! ```text
+//! AwaitStartup ─SSLRequest/GSSENCRequest─► 'N' ─► AwaitStartup
+//!      │ ─CancelRequest─► Cancel
+//!      └─StartupMessage─► AuthenticationCleartextPassword ─► AwaitPassword ─► Credentials
+//! ```
+//!
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
+#![forbid(unsafe_code)]
+
+use bytes::{Buf, BytesMut};
+
+use crate::error::ClientError;
+use crate::protocol::backend;
+use crate::protocol::frame::{peek_frame, FrameError};
+use crate::protocol::frontend::{parse_password_message, PasswordError};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::{parse_startup, FeStartupPacket, ProtocolVersion, StartupParams};
+use crate::secret::Secret;
+
+/// Longest PasswordMessage accepted, tag and length included. An opaque
+/// token is 88 bytes; Postgres allows far more for passwords, but nothing a
+/// client could legitimately send us needs it.
+pub const MAX_PASSWORD_MESSAGE_LEN: usize = 512;
+
+/// Waiting for the first packet (or the next one after an SSL/GSS refusal).
+#[derive(Debug, Default)]
+pub struct AwaitStartup {
+    ssl_refused: bool,
+    gss_refused: bool,
+}
+
+/// The client's start-up, once its StartupMessage is accepted.
+#[derive(Debug, Clone)]
+pub struct ClientStartup {
+    pub version: ProtocolVersion,
+    pub params: StartupParams,
+    pub user: String,
+    pub database: String,
+}
+
+/// Waiting for the PasswordMessage that carries the token.
+#[derive(Debug)]
+pub struct AwaitPassword {
+    startup: ClientStartup,
+}
+
+/// What happened after feeding bytes to [`AwaitStartup`].
+#[derive(Debug)]
+pub enum StartupStep {
+    NeedMore(AwaitStartup),
+    /// The client asked for a password: send `output`, then read it.
+    AwaitPassword(AwaitPassword),
+    /// A CancelRequest: forward it and close, replying nothing.
+    Cancel {
+        process_id: u32,
+        secret_key: Vec<u8>,
+    },
+}
+
+/// What happened after feeding bytes to [`AwaitPassword`].
+#[derive(Debug)]
+pub enum PasswordStep {
+    NeedMore(AwaitPassword),
+    /// The client sent its token. Any bytes after the PasswordMessage are
+    /// left in the input for the session to forward once logged in.
+    Credentials {
+        startup: ClientStartup,
+        token: Secret,
+    },
+}
+
+fn protocol_violation(kind: &'static str, message: impl Into<String>) -> ClientError {
+    ClientError::new(sqlstate::PROTOCOL_VIOLATION, kind, message)
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> Self {
+        let kind = match e {
+            FrameError::InvalidLength { .. } => "frame_length",
+            FrameError::TooLong { .. } => "frame_too_long",
+        };
+        protocol_violation(kind, e.to_string())
+    }
+}
+
+impl AwaitStartup {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn on_input(
+        mut self,
+        input: &mut BytesMut,
+        output: &mut BytesMut,
+    ) -> Result<StartupStep, ClientError> {
+        let (packet, used) = match parse_startup(input) {
+            Ok(Some(p)) => p,
+            Ok(None) => return Ok(StartupStep::NeedMore(self)),
+            Err(e) => return Err(ClientError::new(e.sqlstate(), e.kind(), e.to_string())),
+        };
+        input.advance(used);
+        match packet {
+            FeStartupPacket::SslRequest if !self.ssl_refused => {
+                self.ssl_refused = true;
+                output.extend_from_slice(b"N");
+                Ok(StartupStep::NeedMore(self))
+            }
+            FeStartupPacket::GssEncRequest if !self.gss_refused => {
+                self.gss_refused = true;
+                output.extend_from_slice(b"N");
+                Ok(StartupStep::NeedMore(self))
+            }
+            FeStartupPacket::SslRequest | FeStartupPacket::GssEncRequest => Err(
+                protocol_violation("startup_renegotiation", "duplicate encryption request"),
+            ),
+            FeStartupPacket::CancelRequest {
+                process_id,
+                secret_key,
+            } => Ok(StartupStep::Cancel {
+                process_id,
+                secret_key,
+            }),
+            FeStartupPacket::StartupMessage { version, params } => {
+                let startup = accept_startup(version, params, output)?;
+                backend::authentication_cleartext_password(output);
+                Ok(StartupStep::AwaitPassword(AwaitPassword { startup }))
+            }
+        }
+    }
+}
+
+/// Checks the StartupMessage's parameters and answers protocol-version
+/// negotiation the way PostgreSQL 15 does: tollgate speaks 3.0 upstream, so
+/// a newer minor version or any `_pq_.` option gets NegotiateProtocolVersion.
+fn accept_startup(
+    version: ProtocolVersion,
+    params: StartupParams,
+    output: &mut BytesMut,
+) -> Result<ClientStartup, ClientError> {
+    let Some(user) = params.user().map(str::to_owned) else {
+        return Err(ClientError::new(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "startup_no_user",
+            "no PostgreSQL user name specified in startup packet",
+        ));
+    };
+    if params
+        .get("replication")
+        .is_some_and(|v| v != "false" && v != "off" && v != "0")
+    {
+        return Err(ClientError::new(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication_refused",
+            "replication connections are not allowed through tollgate",
+        ));
+    }
+    let database = params.database().unwrap_or(&user).to_owned();
+    let options: Vec<&str> = params.protocol_options().collect();
+    if version.minor > 0 || !options.is_empty() {
+        backend::negotiate_protocol_version(output, 0, options.into_iter());
+    }
+    Ok(ClientStartup {
+        version: ProtocolVersion::V3_0,
+        params,
+        user,
+        database,
+    })
+}
+
+impl AwaitPassword {
+    pub fn startup(&self) -> &ClientStartup {
+        &self.startup
+    }
+
+    pub fn on_input(self, input: &mut BytesMut) -> Result<PasswordStep, ClientError> {
+        let Some(frame) = peek_frame(input, MAX_PASSWORD_MESSAGE_LEN).map_err(|e| match e {
+            // A token never needs this much; say so rather than "invalid length".
+            FrameError::TooLong { .. } => {
+                protocol_violation("password_too_long", "password packet is too long")
+            }
+            e => e.into(),
+        })?
+        else {
+            return Ok(PasswordStep::NeedMore(self));
+        };
+        let token = parse_password_message(&input[..frame.total_len])
+            .map(|p| Secret::new(p.to_vec()))
+            .map_err(|e| match e {
+                PasswordError::UnexpectedMessage(_) => {
+                    protocol_violation("password_unexpected", e.to_string())
+                }
+                PasswordError::Malformed => protocol_violation("password_malformed", e.to_string()),
+            })?;
+        // The PasswordMessage held the token: wipe it from the read buffer.
+        zeroize::Zeroize::zeroize(&mut input[..frame.total_len]);
+        input.advance(frame.total_len);
+        Ok(PasswordStep::Credentials {
+            startup: self.startup,
+            token,
+        })
+    }
+}
+
+/// Where a start-up stands between two reads.
+#[derive(Debug)]
+pub enum Phase {
+    Startup(AwaitStartup),
+    Password(AwaitPassword),
+}
+
+/// The outcome of [`advance`].
+#[derive(Debug)]
+pub enum Progress {
+    NeedMore(Phase),
+    Cancel {
+        process_id: u32,
+        secret_key: Vec<u8>,
+    },
+    Credentials {
+        startup: ClientStartup,
+        token: Secret,
+    },
+}
+
+/// Runs the machine over everything in `input` until it needs more bytes or
+/// reaches an outcome. The driver sends `output` after each call.
+pub fn advance(
+    mut phase: Phase,
+    input: &mut BytesMut,
+    output: &mut BytesMut,
+) -> Result<Progress, ClientError> {
+    loop {
+        phase = match phase {
+            Phase::Startup(s) => {
+                let before = input.len();
+                match s.on_input(input, output)? {
+                    StartupStep::NeedMore(s) if input.len() == before || input.is_empty() => {
+                        return Ok(Progress::NeedMore(Phase::Startup(s)))
+                    }
+                    // A refused SSLRequest: the StartupMessage may follow in the same read.
+                    StartupStep::NeedMore(s) => Phase::Startup(s),
+                    StartupStep::AwaitPassword(p) => Phase::Password(p),
+                    StartupStep::Cancel {
+                        process_id,
+                        secret_key,
+                    } => {
+                        return Ok(Progress::Cancel {
+                            process_id,
+                            secret_key,
+                        })
+                    }
+                }
+            }
+            Phase::Password(p) => {
+                return Ok(match p.on_input(input)? {
+                    PasswordStep::NeedMore(p) => Progress::NeedMore(Phase::Password(p)),
+                    PasswordStep::Credentials { startup, token } => {
+                        Progress::Credentials { startup, token }
+                    }
+                })
+            }
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::startup::{encode_startup_message, SSL_REQUEST_CODE};
+
+    fn startup_bytes(pairs: &[(&str, &str)]) -> BytesMut {
+        let mut b = BytesMut::new();
+        encode_startup_message(&mut b, ProtocolVersion::V3_0, pairs.iter().copied());
+        b
+    }
+
+    fn password_bytes(p: &[u8]) -> BytesMut {
+        let mut b = BytesMut::new();
+        postgres_protocol::message::frontend::password_message(p, &mut b).unwrap();
+        b
+    }
+
+    /// Runs a whole start-up delivered in `chunk`-byte pieces.
+    fn run(bytes: &[u8], chunk: usize) -> Result<(ClientStartup, Secret, BytesMut), ClientError> {
+        let mut input = BytesMut::new();
+        let mut output = BytesMut::new();
+        let mut phase = Phase::Startup(AwaitStartup::new());
+        for piece in bytes.chunks(chunk) {
+            input.extend_from_slice(piece);
+            phase = match advance(phase, &mut input, &mut output)? {
+                Progress::NeedMore(p) => p,
+                Progress::Credentials { startup, token } => return Ok((startup, token, output)),
+                Progress::Cancel { .. } => panic!("unexpected cancel"),
+            };
+        }
+        Err(ClientError::internal())
+    }
+
+    #[test]
+    fn full_start_up_in_any_chunking() {
+        let mut all = BytesMut::new();
+        all.extend_from_slice(&8i32.to_be_bytes());
+        all.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        all.extend_from_slice(&startup_bytes(&[("user", "app"), ("database", "appdb")]));
+        all.extend_from_slice(&password_bytes(b"tg_token"));
+        for chunk in [1, 2, 3, 7, 1000] {
+            let (s, token, output) = run(&all, chunk).unwrap();
+            assert_eq!(s.user, "app");
+            assert_eq!(s.database, "appdb");
+            assert_eq!(token.expose(), b"tg_token");
+            assert_eq!(&output[..], b"NR\0\0\0\x08\0\0\0\x03");
+        }
+    }
+
+    #[test]
+    fn bytes_after_the_password_stay_in_the_input() {
+        let mut input = startup_bytes(&[("user", "app")]);
+        let mut output = BytesMut::new();
+        let StartupStep::AwaitPassword(p) = AwaitStartup::new()
+            .on_input(&mut input, &mut output)
+            .unwrap()
+        else {
+            panic!()
+        };
+        input.extend_from_slice(&password_bytes(b"t"));
+        input.extend_from_slice(b"Q\0\0\0\x0dselect 1\0");
+        let PasswordStep::Credentials { .. } = p.on_input(&mut input).unwrap() else {
+            panic!()
+        };
+        assert_eq!(&input[..], b"Q\0\0\0\x0dselect 1\0");
+    }
+
+    #[test]
+    fn no_user_is_28000() {
+        let mut input = startup_bytes(&[("database", "x")]);
+        let e = AwaitStartup::new()
+            .on_input(&mut input, &mut BytesMut::new())
+            .unwrap_err();
+        assert_eq!(e.code, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION);
+    }
+
+    #[test]
+    fn second_ssl_request_is_a_violation() {
+        let mut input = BytesMut::new();
+        for _ in 0..2 {
+            input.extend_from_slice(&8i32.to_be_bytes());
+            input.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        }
+        let mut out = BytesMut::new();
+        let StartupStep::NeedMore(s) = AwaitStartup::new().on_input(&mut input, &mut out).unwrap()
+        else {
+            panic!()
+        };
+        let e = s.on_input(&mut input, &mut out).unwrap_err();
+        assert_eq!(e.code, sqlstate::PROTOCOL_VIOLATION);
+    }
+
+    #[test]
+    fn password_limits() {
+        let mut input = startup_bytes(&[("user", "app")]);
+        let StartupStep::AwaitPassword(p) = AwaitStartup::new()
+            .on_input(&mut input, &mut BytesMut::new())
+            .unwrap()
+        else {
+            panic!()
+        };
+        // Oversized: rejected from the header alone.
+        let mut big = BytesMut::from(&b"p"[..]);
+        big.extend_from_slice(&100_000i32.to_be_bytes());
+        let e = p.on_input(&mut big).unwrap_err();
+        assert_eq!(e.kind, "password_too_long");
+        assert_eq!(e.code, sqlstate::PROTOCOL_VIOLATION);
+    }
+
+    #[test]
+    fn query_instead_of_password_is_a_violation() {
+        let mut input = startup_bytes(&[("user", "app")]);
+        let StartupStep::AwaitPassword(p) = AwaitStartup::new()
+            .on_input(&mut input, &mut BytesMut::new())
+            .unwrap()
+        else {
+            panic!()
+        };
+        let mut q = BytesMut::from(&b"Q\0\0\0\x0dselect 1\0"[..]);
+        assert_eq!(p.on_input(&mut q).unwrap_err().kind, "password_unexpected");
+    }
+
+    #[test]
+    fn newer_protocol_gets_negotiation() {
+        let mut input = BytesMut::new();
+        encode_startup_message(
+            &mut input,
+            ProtocolVersion { major: 3, minor: 2 },
+            [("user", "app"), ("_pq_.x", "1")],
+        );
+        let mut out = BytesMut::new();
+        let StartupStep::AwaitPassword(p) =
+            AwaitStartup::new().on_input(&mut input, &mut out).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(out[0], b'v');
+        assert_eq!(p.startup().version, ProtocolVersion::V3_0);
+        assert_eq!(p.startup().params.forwardable().count(), 1);
+    }
+}

@@ -1,0 +1,20 @@
+//! tollgate: a PostgreSQL wire-protocol proxy that authenticates clients with
+//! API tokens, logs in to the real server with credentials only it knows, and
+//! then relays the protocol untouched.
+//!
+//! See DESIGN.md in the shared folder for the data flow; each module's own
+//! documentation says what it owns.
+
+pub mod auth;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod handshake;
+mod io_util;
+pub mod logging;
+pub mod protocol;
+pub mod secret;
+pub mod session;
+pub mod shard;
+pub mod upstream;

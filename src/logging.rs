@@ -1,0 +1,25 @@
+//! Log set-up: `tracing` events to stderr, as text or JSON.
+//!
+//! The level comes from `RUST_LOG` when set, else from `[log] level`, else
+//! `info`. Secrets never reach these events: they are [`crate::secret::Secret`]s,
+//! which print as a redaction.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Safe to call more than once (later calls
+/// are ignored), which the CLI's subcommands rely on.
+pub fn init(level: Option<&str>, format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_thread_names(true);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

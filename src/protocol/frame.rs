@@ -1,0 +1,334 @@
+//! Message framing: every message after start-up is a one-byte tag followed
+//! by an Int32 length that counts itself but not the tag.
+//!
+//! Two tools live here. [`peek_frame`] finds one complete message at the front
+//! of a buffer (used during start-up, where tollgate reads messages whole).
+//! [`Framer`] follows message boundaries across arbitrary chunks without
+//! looking at payloads (used by the relay, which forwards the bytes it read
+//! and only needs to know where messages start and end).
+//!
+//! <https://www.postgresql.org/docs/current/protocol-overview.html#PROTOCOL-MESSAGE-CONCEPTS>
+
+use std::fmt;
+
+/// Tag byte plus the Int32 length.
+pub const HEADER_LEN: usize = 5;
+
+/// Why a byte stream cannot be framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// The length field is below 4, which no valid message can have.
+    InvalidLength { tag: u8, len: i32 },
+    /// The message is longer than the caller allows at this point.
+    TooLong { tag: u8, len: usize, max: usize },
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::InvalidLength { tag, len } => {
+                write!(
+                    f,
+                    "invalid message length {len} for message type {}",
+                    Tag(*tag)
+                )
+            }
+            FrameError::TooLong { tag, len, max } => write!(
+                f,
+                "message type {} of {len} bytes exceeds the limit of {max} bytes",
+                Tag(*tag)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Prints a tag as a character when printable, as the docs name them.
+struct Tag(u8);
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_ascii_graphic() {
+            write!(f, "'{}'", self.0 as char)
+        } else {
+            write!(f, "0x{:02x}", self.0)
+        }
+    }
+}
+
+/// A complete message found at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub tag: u8,
+    /// Whole message length on the wire, tag included.
+    pub total_len: usize,
+}
+
+impl FrameInfo {
+    /// The payload range inside the buffer the frame was peeked from.
+    pub fn body(&self) -> std::ops::Range<usize> {
+        HEADER_LEN..self.total_len
+    }
+}
+
+/// Finds a complete message at the front of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed. `max_len` bounds the whole
+/// message so that a peer cannot make us buffer an arbitrary amount before
+/// we check it; the length is validated from the header alone, before any
+/// payload arrives.
+pub fn peek_frame(buf: &[u8], max_len: usize) -> Result<Option<FrameInfo>, FrameError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(FrameError::InvalidLength { tag, len });
+    }
+    let total_len = len as usize + 1;
+    if total_len > max_len {
+        return Err(FrameError::TooLong {
+            tag,
+            len: total_len,
+            max: max_len,
+        });
+    }
+    if buf.len() < total_len {
+        return Ok(None);
+    }
+    Ok(Some(FrameInfo { tag, total_len }))
+}
+
+/// What one call to [`Framer::scan`] saw.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Messages whose last byte was in this chunk.
+    pub completed: u32,
+    /// Tag of the last message completed in this chunk, if any.
+    pub last_completed_tag: Option<u8>,
+    /// Messages started in this chunk with the tag given to [`Framer::counting`].
+    pub tagged: u32,
+}
+
+/// Follows message boundaries over a stream delivered in arbitrary chunks.
+///
+/// Reads only headers: a payload is skipped by arithmetic, so a 1 GB DataRow
+/// costs the same as an empty one. Keeps no reference to the chunks, so the
+/// caller can forward and reuse its buffer right after scanning.
+#[derive(Debug, Clone, Default)]
+pub struct Framer {
+    /// Payload bytes still to skip in the current message.
+    remaining: usize,
+    /// A header split across chunks.
+    header: [u8; HEADER_LEN],
+    header_len: u8,
+    /// Tag of the message in progress (valid while `remaining > 0`).
+    tag: u8,
+    /// A tag to count (e.g. ReadyForQuery, one per completed query cycle).
+    count_tag: Option<u8>,
+}
+
+impl Framer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A framer that also counts messages with `tag`.
+    pub fn counting(tag: u8) -> Self {
+        Framer {
+            count_tag: Some(tag),
+            ..Self::default()
+        }
+    }
+
+    /// True when the bytes seen so far end exactly at a message boundary:
+    /// the only place where tollgate may inject a message of its own.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.header_len == 0
+    }
+
+    /// Advances over `chunk`. An error means the stream is corrupt and the
+    /// connection must be closed; the framer is then unusable.
+    #[inline]
+    pub fn scan(&mut self, chunk: &[u8]) -> Result<Scan, FrameError> {
+        let mut scan = Scan::default();
+        let mut pos = 0usize;
+        while pos < chunk.len() {
+            if self.remaining > 0 {
+                let skip = self.remaining.min(chunk.len() - pos);
+                self.remaining -= skip;
+                pos += skip;
+                if self.remaining == 0 {
+                    scan.completed += 1;
+                    scan.last_completed_tag = Some(self.tag);
+                }
+                continue;
+            }
+            // At a header. Fast path: the whole header is in this chunk.
+            let (tag, len) = if self.header_len == 0 && chunk.len() - pos >= HEADER_LEN {
+                let h = &chunk[pos..pos + HEADER_LEN];
+                pos += HEADER_LEN;
+                (h[0], i32::from_be_bytes([h[1], h[2], h[3], h[4]]))
+            } else {
+                let want = HEADER_LEN - self.header_len as usize;
+                let take = want.min(chunk.len() - pos);
+                let start = self.header_len as usize;
+                self.header[start..start + take].copy_from_slice(&chunk[pos..pos + take]);
+                self.header_len += take as u8;
+                pos += take;
+                if (self.header_len as usize) < HEADER_LEN {
+                    break;
+                }
+                self.header_len = 0;
+                let h = self.header;
+                (h[0], i32::from_be_bytes([h[1], h[2], h[3], h[4]]))
+            };
+            if len < 4 {
+                return Err(FrameError::InvalidLength { tag, len });
+            }
+            if self.count_tag == Some(tag) {
+                scan.tagged += 1;
+            }
+            self.tag = tag;
+            self.remaining = len as usize - 4;
+            if self.remaining == 0 {
+                scan.completed += 1;
+                scan.last_completed_tag = Some(tag);
+            }
+        }
+        Ok(scan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend(msg(b'T', b"row description"));
+        s.extend(msg(b'D', &[7u8; 300]));
+        s.extend(msg(b'C', b"SELECT 1\0"));
+        s.extend(msg(b'I', b""));
+        s.extend(msg(b'Z', b"I"));
+        s
+    }
+
+    #[test]
+    fn peek_needs_header_then_body() {
+        let m = msg(b'p', b"secret\0");
+        assert_eq!(peek_frame(&m[..4], 100), Ok(None));
+        assert_eq!(peek_frame(&m[..6], 100), Ok(None));
+        let f = peek_frame(&m, 100).unwrap().unwrap();
+        assert_eq!(f.tag, b'p');
+        assert_eq!(f.total_len, m.len());
+        assert_eq!(&m[f.body()], b"secret\0");
+    }
+
+    #[test]
+    fn peek_rejects_bad_and_long_lengths_from_header_alone() {
+        let mut bad = vec![b'p'];
+        bad.extend_from_slice(&3i32.to_be_bytes());
+        assert!(matches!(
+            peek_frame(&bad, 100),
+            Err(FrameError::InvalidLength { len: 3, .. })
+        ));
+        let mut neg = vec![b'p'];
+        neg.extend_from_slice(&(-1i32).to_be_bytes());
+        assert!(peek_frame(&neg, 100).is_err());
+        let mut huge = vec![b'p'];
+        huge.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(
+            peek_frame(&huge, 512),
+            Err(FrameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn framer_counts_messages_in_one_chunk() {
+        let s = stream();
+        let mut f = Framer::counting(b'Z');
+        let scan = f.scan(&s).unwrap();
+        assert_eq!(scan.tagged, 1);
+        assert_eq!(scan.completed, 5);
+        assert_eq!(scan.last_completed_tag, Some(b'Z'));
+        assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn framer_is_independent_of_chunking() {
+        let s = stream();
+        for size in 1..=s.len() {
+            let mut f = Framer::new();
+            let mut total = 0;
+            let mut last = None;
+            for chunk in s.chunks(size) {
+                let scan = f.scan(chunk).unwrap();
+                total += scan.completed;
+                if scan.last_completed_tag.is_some() {
+                    last = scan.last_completed_tag;
+                }
+            }
+            assert_eq!(total, 5, "chunk size {size}");
+            assert_eq!(last, Some(b'Z'));
+            assert!(f.at_boundary());
+        }
+    }
+
+    #[test]
+    fn framer_reports_mid_message() {
+        let s = stream();
+        let mut f = Framer::new();
+        f.scan(&s[..21]).unwrap();
+        assert!(!f.at_boundary());
+        f.scan(&s[21..]).unwrap();
+        assert!(f.at_boundary());
+        // A header split in two is not a boundary either.
+        f.scan(&s[..2]).unwrap();
+        assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn framer_rejects_corrupt_length_even_when_split() {
+        let mut bad = msg(b'Q', b"select 1\0");
+        bad.extend_from_slice(&[b'Q', 0, 0, 0, 2]);
+        let mut f = Framer::new();
+        assert!(f.scan(&bad).is_err());
+        let mut f = Framer::new();
+        let (a, b) = bad.split_at(bad.len() - 2);
+        f.scan(a).unwrap();
+        assert!(matches!(
+            f.scan(b),
+            Err(FrameError::InvalidLength { tag: b'Q', len: 2 })
+        ));
+    }
+
+    #[test]
+    fn framer_skips_huge_payloads_without_holding_them() {
+        // A 1 GiB DataRow announced in a header, delivered in 64 KiB chunks.
+        let len = (1usize << 30) + 4;
+        let mut f = Framer::new();
+        let mut head = vec![b'D'];
+        head.extend_from_slice(&(len as i32).to_be_bytes());
+        assert_eq!(f.scan(&head).unwrap().completed, 0);
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = len - 4;
+        let mut completed = 0;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            completed += f.scan(&chunk[..n]).unwrap().completed;
+            left -= n;
+        }
+        assert_eq!(completed, 1);
+        assert!(f.at_boundary());
+    }
+}

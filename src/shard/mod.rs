@@ -1,0 +1,134 @@
+//! Shards: one OS thread per worker, each pinned to a CPU and running its own
+//! monoio runtime (io_uring, or epoll where io_uring is unavailable) with its
+//! own SO_REUSEPORT listener, so the kernel spreads connections across
+//! shards and a connection never leaves the shard that accepted it.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use monoio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use crate::auth::TokenStore;
+use crate::config::Config;
+use crate::session::{self, ShardContext};
+
+/// Pending connections per listener; the kernel caps it at somaxconn.
+const LISTEN_BACKLOG: i32 = 4096;
+/// io_uring submission queue entries per shard.
+const URING_ENTRIES: u32 = 1024;
+
+/// Running shards.
+pub struct Shards {
+    pub local_addr: SocketAddr,
+    pub io_uring: bool,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Shards {
+    /// Waits for every shard thread (they run until the process exits).
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
+/// Binding happens here, before any thread starts, so that a port in use is
+/// reported at once and a port of 0 resolves to one port shared by all.
+pub fn start(config: Arc<Config>, tokens: Arc<TokenStore>) -> std::io::Result<Shards> {
+    let mut listeners = Vec::with_capacity(config.workers);
+    let mut addr = config.listen;
+    for _ in 0..config.workers {
+        let l = bind_reuseport(addr)?;
+        addr = l.local_addr()?;
+        listeners.push(l);
+    }
+    let io_uring = monoio::utils::detect_uring();
+    if !io_uring {
+        warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::with_capacity(listeners.len());
+    for (shard, listener) in listeners.into_iter().enumerate() {
+        let config = config.clone();
+        let tokens = tokens.clone();
+        let connections = connections.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("tollgate-shard-{shard}"))
+            .spawn(move || {
+                if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
+                    warn!(shard, error = ?e, "could not pin shard to a CPU");
+                }
+                let ctx = ShardContext::new(shard, config, tokens, connections);
+                if io_uring {
+                    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                        .with_entries(URING_ENTRIES)
+                        .enable_timer()
+                        .build()
+                    {
+                        Ok(mut rt) => return rt.block_on(accept_loop(ctx, listener)),
+                        Err(e) => warn!(shard, error = %e, "io_uring runtime failed; using epoll"),
+                    }
+                }
+                match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                {
+                    Ok(mut rt) => rt.block_on(accept_loop(ctx, listener)),
+                    Err(e) => error!(shard, error = %e, "shard runtime failed to start"),
+                }
+            })?;
+        handles.push(handle);
+    }
+    info!(addr = %addr, shards = handles.len(), io_uring, "tollgate listening");
+    Ok(Shards {
+        local_addr: addr,
+        io_uring,
+        handles,
+    })
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_port(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
+    let shard = ctx.shard;
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(shard, error = %e, "shard could not adopt its listener");
+            return;
+        }
+    };
+    let ctx = Rc::new(ctx);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                monoio::spawn(session::run(ctx.clone(), stream, peer));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning, and let
+                // open sessions finish.
+                warn!(shard, error = %e, "accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,453 @@
+//! Logging in to the real PostgreSQL server on the client's behalf, as a
+//! sans-IO state machine.
+//!
+//! tollgate sends the client's start-up parameters with the role the token
+//! was issued for, answers the server's authentication request with its own
+//! credentials (SCRAM-SHA-256, md5, cleartext, or none for trust), and
+//! collects everything from AuthenticationOk to the first ReadyForQuery
+//! verbatim, for the session to hand to the client in one write.
+//!
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
+#![forbid(unsafe_code)]
+
+use std::fmt;
+
+use bytes::BytesMut;
+use postgres_protocol::message::frontend;
+
+use super::scram::{
+    self, AwaitServerFinal, AwaitServerFirst, ChannelBinding, KeyCache, ScramClient,
+};
+use crate::protocol::backend::{parse_login_message, BeLoginMessage, ErrorFields};
+use crate::protocol::startup::{encode_startup_message, ProtocolVersion};
+use crate::secret::Secret;
+
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+
+/// Why the upstream login failed. The session logs the details and maps
+/// each to what the client may see.
+#[derive(Debug)]
+pub enum LoginError {
+    /// The server refused tollgate's credentials (SQLSTATE class 28) or
+    /// asked for a password tollgate does not have.
+    Rejected {
+        detail: String,
+    },
+    /// Any other server error (unknown database, too many connections...):
+    /// the client would have seen it connecting directly, so it is relayed
+    /// verbatim; `response` is the whole ErrorResponse message.
+    ServerError {
+        code: String,
+        response: Vec<u8>,
+    },
+    /// An authentication method tollgate does not speak.
+    Unsupported {
+        detail: String,
+    },
+    Scram(scram::ScramError),
+    /// A message that is malformed or out of place.
+    Protocol {
+        detail: String,
+    },
+}
+
+impl fmt::Display for LoginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoginError::Rejected { detail } => write!(f, "upstream refused the login: {detail}"),
+            LoginError::ServerError { code, .. } => write!(f, "upstream error {code}"),
+            LoginError::Unsupported { detail } => {
+                write!(f, "unsupported upstream authentication: {detail}")
+            }
+            LoginError::Scram(e) => write!(f, "upstream SCRAM exchange failed: {e}"),
+            LoginError::Protocol { detail } => write!(f, "upstream protocol error: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for LoginError {}
+
+/// Where the login stands; each state is named for what it waits for.
+#[allow(clippy::enum_variant_names)]
+enum Phase {
+    AwaitAuthRequest,
+    AwaitScramServerFirst(AwaitServerFirst),
+    AwaitScramServerFinal(AwaitServerFinal),
+    /// Credentials sent; the next authentication message must be Ok.
+    AwaitAuthOk,
+    /// Authenticated: relaying ParameterStatus etc. up to ReadyForQuery.
+    AwaitReady,
+}
+
+/// An upstream login in progress.
+pub struct Login {
+    phase: Phase,
+    user: String,
+    password: Option<Secret>,
+}
+
+/// What one server message did.
+pub enum LoginStep {
+    Continue(Login),
+    /// ReadyForQuery arrived: the session is open.
+    Ready,
+}
+
+impl Login {
+    /// Starts a login as `user`, appending the StartupMessage to `to_server`.
+    /// `params` are the client's (without `user`, which tollgate sets).
+    pub fn start<'a>(
+        user: &'a str,
+        password: Option<Secret>,
+        params: impl Iterator<Item = (&'a str, &'a str)>,
+        to_server: &mut BytesMut,
+    ) -> Login {
+        let params = std::iter::once(("user", user)).chain(params.filter(|(k, _)| *k != "user"));
+        encode_startup_message(to_server, ProtocolVersion::V3_0, params);
+        Login {
+            phase: Phase::AwaitAuthRequest,
+            user: user.to_owned(),
+            password,
+        }
+    }
+
+    fn password(&self, method: &str) -> Result<&[u8], LoginError> {
+        self.password
+            .as_ref()
+            .map(Secret::expose)
+            .ok_or_else(|| LoginError::Rejected {
+                detail: format!(
+                    "the server asked for a {method} password for role \"{}\" and none is configured",
+                    self.user
+                ),
+            })
+    }
+
+    /// Handles one complete server message. Replies go to `to_server`;
+    /// messages for the client (from AuthenticationOk on) to `to_client`.
+    pub fn on_message(
+        mut self,
+        msg: &[u8],
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+        cache: &mut KeyCache,
+    ) -> Result<LoginStep, LoginError> {
+        let parsed = parse_login_message(msg).map_err(|e| LoginError::Protocol {
+            detail: e.to_string(),
+        })?;
+        let authenticated = matches!(self.phase, Phase::AwaitReady);
+        match parsed {
+            BeLoginMessage::ErrorResponse(fields) => {
+                return Err(server_error(fields, msg, authenticated))
+            }
+            // Notices may come at any time; before authentication they are
+            // the server's business with tollgate, after it the client's.
+            BeLoginMessage::NoticeResponse => {
+                if authenticated {
+                    to_client.extend_from_slice(msg);
+                }
+                return Ok(LoginStep::Continue(self));
+            }
+            _ => {}
+        }
+        let phase = std::mem::replace(&mut self.phase, Phase::AwaitAuthRequest);
+        self.phase = match (phase, parsed) {
+            (Phase::AwaitReady, BeLoginMessage::ReadyForQuery { .. }) => {
+                to_client.extend_from_slice(msg);
+                return Ok(LoginStep::Ready);
+            }
+            (
+                Phase::AwaitReady,
+                BeLoginMessage::ParameterStatus | BeLoginMessage::BackendKeyData { .. },
+            ) => {
+                to_client.extend_from_slice(msg);
+                Phase::AwaitReady
+            }
+            (
+                Phase::AwaitAuthRequest | Phase::AwaitAuthOk,
+                BeLoginMessage::NegotiateProtocolVersion,
+            ) => {
+                // tollgate asks for 3.0 with no options; a server that still
+                // negotiates is answered by ignoring it, as libpq does.
+                Phase::AwaitAuthRequest
+            }
+            (Phase::AwaitAuthRequest | Phase::AwaitAuthOk, BeLoginMessage::AuthenticationOk) => {
+                to_client.extend_from_slice(msg);
+                Phase::AwaitReady
+            }
+            (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationCleartextPassword) => {
+                let password = self.password("cleartext")?;
+                frontend::password_message(password, to_server).map_err(protocol)?;
+                Phase::AwaitAuthOk
+            }
+            (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationMd5Password { salt }) => {
+                let password = self.password("md5")?;
+                let hashed = super::md5::md5_password_message_payload(&self.user, password, salt);
+                frontend::password_message(hashed.as_bytes(), to_server).map_err(protocol)?;
+                Phase::AwaitAuthOk
+            }
+            (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationSasl { mechanisms }) => {
+                if !mechanisms.contains(&SCRAM_SHA_256) {
+                    return Err(LoginError::Unsupported {
+                        detail: format!("SASL mechanisms {mechanisms:?}"),
+                    });
+                }
+                let password = self.password("SCRAM")?;
+                // No TLS upstream yet, so no channel binding: "n,,".
+                let (first, state) =
+                    ScramClient::start(password, ChannelBinding::NotSupported, None)
+                        .map_err(LoginError::Scram)?;
+                frontend::sasl_initial_response(first.mechanism, &first.message, to_server)
+                    .map_err(protocol)?;
+                Phase::AwaitScramServerFirst(state)
+            }
+            (
+                Phase::AwaitScramServerFirst(state),
+                BeLoginMessage::AuthenticationSaslContinue { data },
+            ) => {
+                let (client_final, state) = state
+                    .handle_server_first(data, cache)
+                    .map_err(LoginError::Scram)?;
+                frontend::sasl_response(&client_final, to_server).map_err(protocol)?;
+                Phase::AwaitScramServerFinal(state)
+            }
+            (
+                Phase::AwaitScramServerFinal(state),
+                BeLoginMessage::AuthenticationSaslFinal { data },
+            ) => {
+                // Verifies the server signature: a server that does not know
+                // the password cannot get past this.
+                state.handle_server_final(data).map_err(LoginError::Scram)?;
+                Phase::AwaitAuthOk
+            }
+            (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationOther { code }) => {
+                return Err(LoginError::Unsupported {
+                    detail: format!("authentication request code {code}"),
+                })
+            }
+            (_, other) => {
+                return Err(LoginError::Protocol {
+                    detail: format!("unexpected message {}", describe(&other)),
+                })
+            }
+        };
+        Ok(LoginStep::Continue(self))
+    }
+}
+
+fn protocol(e: std::io::Error) -> LoginError {
+    LoginError::Protocol {
+        detail: e.to_string(),
+    }
+}
+
+fn server_error(fields: ErrorFields<'_>, msg: &[u8], authenticated: bool) -> LoginError {
+    // Class 28 before authentication completes means tollgate's own
+    // credentials were refused: a configuration problem to log, not a
+    // message for the client (who presented a valid token).
+    if !authenticated && fields.code.starts_with("28") {
+        return LoginError::Rejected {
+            detail: format!("{} {}", fields.code, fields.message),
+        };
+    }
+    LoginError::ServerError {
+        code: fields.code.to_owned(),
+        response: msg.to_vec(),
+    }
+}
+
+fn describe(m: &BeLoginMessage<'_>) -> String {
+    match m {
+        BeLoginMessage::Unexpected { tag } => format!("type 0x{tag:02x}"),
+        other => {
+            let s = format!("{other:?}");
+            // The variant name only: payloads stay out of logs.
+            s.split(['{', '(', ' '])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend;
+    use crate::protocol::frame::peek_frame;
+
+    fn start(password: Option<&str>) -> (Login, BytesMut) {
+        let mut to_server = BytesMut::new();
+        let login = Login::start(
+            "app",
+            password.map(|p| Secret::new(p.as_bytes().to_vec())),
+            [
+                ("user", "ignored"),
+                ("database", "appdb"),
+                ("application_name", "x"),
+            ]
+            .into_iter(),
+            &mut to_server,
+        );
+        (login, to_server)
+    }
+
+    #[test]
+    fn startup_sets_the_role_once() {
+        let (_, s) = start(None);
+        let text = String::from_utf8_lossy(&s);
+        assert!(text.contains("user\0app\0"));
+        assert!(!text.contains("ignored"));
+        assert!(text.contains("database\0appdb\0"));
+    }
+
+    #[test]
+    fn trust_login_collects_messages_for_the_client() {
+        let (login, _) = start(None);
+        let mut cache = KeyCache::new();
+        let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+        let mut server = BytesMut::new();
+        backend::authentication_ok(&mut server);
+        backend::parameter_status(&mut server, "server_version", "15");
+        backend::backend_key_data(&mut server, 1, &[0, 0, 0, 1]);
+        backend::ready_for_query(&mut server, b'I');
+        let mut login = Some(login);
+        let mut ready = false;
+        let mut rest = &server[..];
+        while let Some(f) = peek_frame(rest, 1 << 16).unwrap() {
+            match login
+                .take()
+                .unwrap()
+                .on_message(&rest[..f.total_len], &mut ts, &mut tc, &mut cache)
+                .unwrap()
+            {
+                LoginStep::Continue(l) => login = Some(l),
+                LoginStep::Ready => ready = true,
+            }
+            rest = &rest[f.total_len..];
+        }
+        assert!(ready);
+        assert_eq!(tc, server);
+        assert!(ts.is_empty());
+    }
+
+    #[test]
+    fn password_request_without_credentials_is_rejected() {
+        let (login, _) = start(None);
+        let mut m = BytesMut::new();
+        m.extend_from_slice(b"R\0\0\0\x08\0\0\0\x03");
+        let e = login
+            .on_message(
+                &m,
+                &mut BytesMut::new(),
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(e, LoginError::Rejected { .. }));
+        assert!(!e.to_string().contains("secret"));
+    }
+
+    #[test]
+    fn cleartext_and_md5_send_the_configured_password() {
+        let (login, _) = start(Some("secret"));
+        let mut ts = BytesMut::new();
+        login
+            .on_message(
+                b"R\0\0\0\x08\0\0\0\x03",
+                &mut ts,
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .ok()
+            .unwrap();
+        assert_eq!(&ts[..], b"p\0\0\0\x0bsecret\0");
+        let (login, _) = start(Some("secret"));
+        let mut ts = BytesMut::new();
+        login
+            .on_message(
+                b"R\0\0\0\x0c\0\0\0\x05abcd",
+                &mut ts,
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .ok()
+            .unwrap();
+        assert!(ts.starts_with(b"p") && ts[5..].starts_with(b"md5"));
+    }
+
+    #[test]
+    fn auth_errors_are_rejections_other_errors_are_relayed() {
+        let mut e = BytesMut::new();
+        backend::error_response(
+            &mut e,
+            backend::Severity::Fatal,
+            crate::protocol::sqlstate::INVALID_PASSWORD,
+            "password authentication failed for user \"app\"",
+            None,
+        );
+        let (login, _) = start(Some("x"));
+        let err = login
+            .on_message(
+                &e,
+                &mut BytesMut::new(),
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(err, LoginError::Rejected { .. }));
+
+        let mut e = BytesMut::new();
+        backend::error_response(
+            &mut e,
+            backend::Severity::Fatal,
+            crate::protocol::sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+            None,
+        );
+        let (login, _) = start(Some("x"));
+        match login.on_message(
+            &e,
+            &mut BytesMut::new(),
+            &mut BytesMut::new(),
+            &mut KeyCache::new(),
+        ) {
+            Err(LoginError::ServerError { code, response }) => {
+                assert_eq!(code, "53300");
+                assert_eq!(response, e.to_vec());
+            }
+            _ => panic!("expected a relayed server error"),
+        }
+    }
+
+    #[test]
+    fn out_of_order_messages_are_protocol_errors() {
+        let (login, _) = start(Some("x"));
+        let mut m = BytesMut::new();
+        backend::ready_for_query(&mut m, b'I');
+        let err = login
+            .on_message(
+                &m,
+                &mut BytesMut::new(),
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(err, LoginError::Protocol { .. }));
+        // SASL continue without a SASL start.
+        let (login, _) = start(Some("x"));
+        let err = login
+            .on_message(
+                b"R\0\0\0\x0a\0\0\0\x0bxx",
+                &mut BytesMut::new(),
+                &mut BytesMut::new(),
+                &mut KeyCache::new(),
+            )
+            .err()
+            .unwrap();
+        assert!(matches!(err, LoginError::Protocol { .. }));
+    }
+}
