@@ -1,0 +1,322 @@
+//! Shared harness for integration tests: a real throwaway Postgres (started
+//! by `tollgate::cluster`, as `nobody` when the tests run as root), a config
+//! and token store in a temp folder, and the real `tollgate` binary started
+//! on a free port with its log captured at TRACE level.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tollgate::cluster::{Cluster, ClusterOptions, HbaAuth};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+pub struct Env {
+    pub cluster: Cluster,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    /// Every token handed out, for the log scan.
+    pub secrets: Vec<String>,
+    proxy: Option<Proxy>,
+}
+
+pub struct Proxy {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Env {
+    /// A cluster with scram-sha-256 auth, role `app`, database `appdb`, and a
+    /// proxy config (not started) pointing at it.
+    pub fn new() -> Env {
+        Self::with(HbaAuth::ScramSha256, "")
+    }
+
+    /// `extra` is appended to the top level of the config.
+    pub fn with(auth: HbaAuth, extra: &str) -> Env {
+        let cluster = Cluster::start(&ClusterOptions {
+            password: "upstream-Pa55-word".into(),
+            auth,
+            ..ClusterOptions::default()
+        })
+        .expect("start throwaway Postgres");
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("tollgate.toml");
+        let port = free_port();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nworkers = 2\n{extra}\n\
+                 [upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
+                 [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n\
+                 [tokens]\nfile = \"tokens.toml\"\n",
+                cluster.port(),
+                cluster.password()
+            ),
+        )
+        .unwrap();
+        Env {
+            cluster,
+            dir,
+            config,
+            secrets: Vec::new(),
+            proxy: None,
+        }
+    }
+
+    /// Runs `tollgate token create` and returns the printed token.
+    pub fn create_token(&mut self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "create", "--config"])
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        assert!(token.starts_with("tg_"), "unexpected output {token:?}");
+        self.secrets.push(token.clone());
+        token
+    }
+
+    /// Runs a `tollgate token ...` subcommand and returns stdout.
+    pub fn token_cmd(&self, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .arg("token")
+            .arg(args[0])
+            .arg("--config")
+            .arg(&self.config)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts the proxy and waits until it accepts connections.
+    pub fn start_proxy(&mut self) -> SocketAddr {
+        let proxy = spawn_proxy(&self.config, &self.dir.path().join("tollgate.log"));
+        let addr = proxy.addr;
+        self.proxy = Some(proxy);
+        addr
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.as_ref().expect("proxy started").addr
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.proxy.as_ref().expect("proxy started").log.clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// A libpq/tokio-postgres connection string through the proxy.
+    pub fn conn_str(&self, user: &str, db: &str, token: &str) -> String {
+        let a = self.addr();
+        format!(
+            "host={} port={} user={user} dbname={db} password={token} sslmode=disable",
+            a.ip(),
+            a.port()
+        )
+    }
+
+    /// The same, straight to Postgres with the real password.
+    pub fn direct_conn_str(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=app dbname=appdb password={} sslmode=disable",
+            self.cluster.port(),
+            self.cluster.password()
+        )
+    }
+
+    /// Asserts the log holds no token secret and no upstream password, in
+    /// plain text, hex or base64.
+    pub fn assert_log_clean(&self) {
+        let log = self.log();
+        assert!(!log.is_empty(), "the proxy log is empty");
+        let mut needles: Vec<(String, String)> = Vec::new();
+        let password = self.cluster.password().to_owned();
+        needles.push(("upstream password".into(), password.clone()));
+        for token in &self.secrets {
+            // The secret part of the token (after tg_<id>_) and the whole token.
+            needles.push(("token".into(), token.clone()));
+            needles.push(("token secret".into(), token[16..80].to_owned()));
+        }
+        let mut forms = Vec::new();
+        for (what, n) in &needles {
+            forms.push((what.clone(), n.clone()));
+            forms.push((format!("{what} (hex)"), hex::encode(n)));
+            use base64::Engine;
+            forms.push((
+                format!("{what} (base64)"),
+                base64::engine::general_purpose::STANDARD.encode(n),
+            ));
+        }
+        for (what, form) in forms {
+            assert!(!log.contains(&form), "the log contains the {what}");
+        }
+    }
+}
+
+pub fn spawn_proxy(config: &Path, log: &Path) -> Proxy {
+    let text = std::fs::read_to_string(config).unwrap();
+    let listen: SocketAddr = text
+        .lines()
+        .find_map(|l| l.strip_prefix("listen = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    let child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut proxy = Proxy {
+        child,
+        addr: listen,
+        log: log.to_owned(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if TcpStream::connect(listen).is_ok() {
+            return proxy;
+        }
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            panic!(
+                "tollgate exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tollgate did not start listening"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw protocol client for byte-level tests.
+pub struct Raw(pub TcpStream);
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Raw(s)
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+    }
+
+    /// Reads until the server closes (or the timeout) and returns everything.
+    pub fn read_to_close(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let _ = self.0.read_to_end(&mut out);
+        out
+    }
+
+    /// Reads one backend message (tag, body).
+    pub fn read_message(&mut self) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        self.0.read_exact(&mut head).unwrap();
+        let len = i32::from_be_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - 4];
+        self.0.read_exact(&mut body).unwrap();
+        (head[0], body)
+    }
+}
+
+pub fn startup_message(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    tollgate::protocol::startup::encode_startup_message(
+        &mut b,
+        tollgate::protocol::startup::ProtocolVersion::V3_0,
+        pairs.iter().copied(),
+    );
+    b.to_vec()
+}
+
+pub fn password_message(p: &str) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::password_message(p.as_bytes(), &mut b).unwrap();
+    b.to_vec()
+}
+
+/// The (code, message) fields of an ErrorResponse body.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let f = tollgate::protocol::backend::parse_error_fields(body);
+    (f.code.to_owned(), f.message.to_owned())
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Connects with tokio-postgres, driving the connection in the background.
+pub async fn pg_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The SQLSTATE and message of a failed connection attempt.
+pub async fn connect_error(conn: &str) -> (String, String) {
+    match pg_connect(conn).await {
+        Ok(_) => panic!("connection unexpectedly succeeded"),
+        Err(e) => {
+            let db = e
+                .as_db_error()
+                .unwrap_or_else(|| panic!("not a server error: {e}"));
+            (db.code().code().to_owned(), db.message().to_owned())
+        }
+    }
+}
+
+/// Runs a Postgres client tool (psql, pgbench) from the cluster's bin dir.
+pub fn pg_tool(name: &str) -> Command {
+    let mut c = Command::new(tollgate::cluster::find_pg_bin(name).unwrap());
+    c.env_remove("PGPASSWORD").env_remove("PGHOST");
+    c
+}
