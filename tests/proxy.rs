@@ -126,6 +126,16 @@ fn psql_and_pgbench_work_through_the_proxy() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tg-test|app");
 
+    // `workers = 2` gives two shard threads (what `ps -T` shows).
+    let mut shards: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", env.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("tg-shard-"))
+        .collect();
+    shards.sort();
+    assert_eq!(shards, ["tg-shard-0", "tg-shard-1"]);
+
     // Two psql sessions open at the same time both work.
     let mut a = pg_tool("psql")
         .args([&conn, "-XAt", "-c", "select pg_sleep(1); select 'a'"])

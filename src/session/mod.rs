@@ -151,7 +151,7 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream) {
                 duration_ms = started.elapsed().as_millis() as u64,
                 bytes_from_client = stats.bytes_from_client,
                 bytes_from_server = stats.bytes_from_server,
-                transactions = stats.ready_for_query,
+                query_cycles = stats.ready_for_query,
                 ended_by = stats.ended_by.as_str(),
                 "session ended"
             );

@@ -61,7 +61,8 @@ pub fn start(config: Arc<Config>, tokens: Arc<TokenStore>) -> std::io::Result<Sh
         let tokens = tokens.clone();
         let connections = connections.clone();
         let handle = std::thread::Builder::new()
-            .name(format!("tollgate-shard-{shard}"))
+            // Thread names (comm) are cut at 15 bytes: keep them short.
+            .name(format!("tg-shard-{shard}"))
             .spawn(move || {
                 if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");

@@ -133,6 +133,11 @@ impl Env {
         self.proxy.as_ref().expect("proxy started").addr
     }
 
+    /// The proxy's process id.
+    pub fn pid(&self) -> u32 {
+        self.proxy.as_ref().expect("proxy started").child.id()
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.proxy.as_ref().expect("proxy started").log.clone()
     }
