@@ -66,6 +66,15 @@ impl ClientError {
         .with_hint("The proxy's upstream credentials were refused; its log has the details.")
     }
 
+    pub fn upstream_tls() -> Self {
+        ClientError::new(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "upstream_tls",
+            "tollgate could not establish a secure connection to the database server",
+        )
+        .with_hint("The proxy's upstream TLS settings were not satisfied; its log has the reason.")
+    }
+
     pub fn upstream_lost() -> Self {
         ClientError::new(
             sqlstate::CONNECTION_FAILURE,

@@ -17,4 +17,5 @@ pub mod protocol;
 pub mod secret;
 pub mod session;
 pub mod shard;
+pub mod tls;
 pub mod upstream;

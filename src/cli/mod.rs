@@ -75,6 +75,31 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
         file = %config.tokens_file.display(),
         "token store loaded"
     );
-    let shards = crate::shard::start(Arc::new(config), Arc::new(tokens))?;
+    let server_tls = match &config.tls {
+        Some(t) => {
+            let tls = crate::tls::ServerTls::load(&t.cert, &t.key)?;
+            tls.watch();
+            Some(tls)
+        }
+        None => {
+            if !config.listen.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %config.listen,
+                    "TLS is not configured: tokens from the network travel in the clear"
+                );
+            }
+            None
+        }
+    };
+    let up = &config.upstream;
+    let upstream_tls = crate::tls::UpstreamTls::new(
+        up.tls,
+        up.ca_file.as_deref(),
+        up.client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )?
+    .map(Arc::new);
+    let shards = crate::shard::start(Arc::new(config), Arc::new(tokens), server_tls, upstream_tls)?;
     Ok(shards)
 }

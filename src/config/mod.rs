@@ -37,6 +37,30 @@ struct RawConfig {
     tokens: RawTokens,
     #[serde(default)]
     log: RawLog,
+    tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+    #[serde(default)]
+    mode: ClientTlsMode,
+}
+
+/// Whether clients may (or must) use TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// No TLS: SSLRequest is answered 'N'.
+    Disable,
+    /// TLS offered; plaintext only from loopback (a token never crosses a
+    /// network in the clear).
+    #[default]
+    Allow,
+    /// TLS required from everywhere.
+    Require,
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,6 +72,10 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     #[serde(default)]
     credentials: Vec<RawCredential>,
+    tls: Option<crate::tls::UpstreamTlsMode>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
 }
 
 fn default_pg_port() -> u16 {
@@ -97,6 +125,15 @@ pub struct Config {
     pub tokens_file: PathBuf,
     pub log_level: Option<String>,
     pub log_format: LogFormat,
+    /// Client-facing TLS; `None` when not configured or disabled.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientTlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub mode: ClientTlsMode,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +144,11 @@ pub struct UpstreamConfig {
     /// Password per role. A role listed without a password logs in with
     /// none (trust); a role not listed cannot log in.
     pub credentials: HashMap<String, Option<Secret>>,
+    /// libpq-style sslmode for the upstream connection (default prefer).
+    pub tls: crate::tls::UpstreamTlsMode,
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for servers that use `cert` auth.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// A configuration problem, with enough context to fix it.
@@ -189,7 +231,21 @@ impl Config {
                 ));
             }
         }
+        let tls = match raw.tls {
+            Some(t) if t.mode != ClientTlsMode::Disable => Some(ClientTlsConfig {
+                cert: base.join(t.cert),
+                key: base.join(t.key),
+                mode: t.mode,
+            }),
+            _ => None,
+        };
+        let client_cert = match (raw.upstream.cert_file, raw.upstream.key_file) {
+            (None, None) => None,
+            (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
+            _ => return Err("[upstream] cert_file and key_file go together".into()),
+        };
         Ok(Config {
+            tls,
             listen,
             workers,
             startup_timeout: duration(
@@ -208,6 +264,12 @@ impl Config {
                     DEFAULT_CONNECT_TIMEOUT,
                 )?,
                 credentials,
+                tls: raw
+                    .upstream
+                    .tls
+                    .unwrap_or(crate::tls::UpstreamTlsMode::Prefer),
+                ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
+                client_cert,
             },
             tokens_file: base.join(raw.tokens.file),
             log_level: raw.log.level,

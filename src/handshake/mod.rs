@@ -6,7 +6,9 @@
 //! whatever it appended to `output`.
 //!
 //! ```text
-//! AwaitStartup ─SSLRequest/GSSENCRequest─► 'N' ─► AwaitStartup
+//! AwaitStartup ─SSLRequest (TLS on)─► 'S' ─► StartTls ─► AwaitStartup (in TLS)
+//!      │ ─TLS ClientHello (direct TLS)─► StartTls ─► AwaitStartup (in TLS)
+//!      │ ─SSLRequest (TLS off)/GSSENCRequest─► 'N' ─► AwaitStartup
 //!      │ ─CancelRequest─► Cancel
 //!      └─StartupMessage─► AuthenticationCleartextPassword ─► AwaitPassword ─► Credentials
 //! ```
@@ -29,9 +31,36 @@ use crate::secret::Secret;
 /// client could legitimately send us needs it.
 pub const MAX_PASSWORD_MESSAGE_LEN: usize = 512;
 
-/// Waiting for the first packet (or the next one after an SSL/GSS refusal).
+/// The TLS content type of a handshake record: the first byte of a
+/// ClientHello. No valid start-up packet starts with it (its length would
+/// exceed 10000), so it unambiguously marks direct TLS.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What the connection's transport allows, decided by the driver from the
+/// configuration and the client's address.
+#[derive(Debug, Clone, Copy)]
+pub struct StartupPolicy {
+    /// TLS is configured: answer SSLRequest with 'S', accept direct TLS.
+    pub tls_available: bool,
+    /// A token may be sent without TLS on this connection.
+    pub plaintext_allowed: bool,
+}
+
+impl Default for StartupPolicy {
+    fn default() -> Self {
+        StartupPolicy {
+            tls_available: false,
+            plaintext_allowed: true,
+        }
+    }
+}
+
+/// Waiting for the first packet (or the next one after an SSL/GSS refusal
+/// or a completed TLS handshake).
 #[derive(Debug, Default)]
 pub struct AwaitStartup {
+    policy: StartupPolicy,
+    in_tls: bool,
     ssl_refused: bool,
     gss_refused: bool,
 }
@@ -62,6 +91,13 @@ pub enum StartupStep {
         process_id: u32,
         secret_key: Vec<u8>,
     },
+    /// Run a TLS server handshake now (after sending `output`), then go on
+    /// with `next` over the encrypted stream. For direct TLS the ClientHello
+    /// is still in the input: it belongs to the TLS handshake.
+    StartTls {
+        next: AwaitStartup,
+        direct: bool,
+    },
 }
 
 /// What happened after feeding bytes to [`AwaitPassword`].
@@ -91,8 +127,31 @@ impl From<FrameError> for ClientError {
 }
 
 impl AwaitStartup {
+    /// No TLS, plaintext allowed.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_policy(policy: StartupPolicy) -> Self {
+        AwaitStartup {
+            policy,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the session is (or will be, after `StartTls`) encrypted.
+    pub fn in_tls(&self) -> bool {
+        self.in_tls
+    }
+
+    fn into_tls(self, direct: bool) -> StartupStep {
+        StartupStep::StartTls {
+            next: AwaitStartup {
+                in_tls: true,
+                ..self
+            },
+            direct,
+        }
     }
 
     pub fn on_input(
@@ -100,6 +159,16 @@ impl AwaitStartup {
         input: &mut BytesMut,
         output: &mut BytesMut,
     ) -> Result<StartupStep, ClientError> {
+        if input.first() == Some(&TLS_HANDSHAKE_RECORD) && !self.in_tls {
+            // Direct TLS is only valid as the very first bytes.
+            if !self.policy.tls_available || self.ssl_refused || self.gss_refused {
+                return Err(protocol_violation(
+                    "direct_tls_refused",
+                    "direct TLS connection received, but TLS is not enabled on this server",
+                ));
+            }
+            return Ok(self.into_tls(true));
+        }
         let (packet, used) = match parse_startup(input) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(StartupStep::NeedMore(self)),
@@ -107,6 +176,25 @@ impl AwaitStartup {
         };
         input.advance(used);
         match packet {
+            FeStartupPacket::SslRequest | FeStartupPacket::GssEncRequest if self.in_tls => {
+                Err(protocol_violation(
+                    "startup_renegotiation",
+                    "encryption request inside an encrypted session",
+                ))
+            }
+            FeStartupPacket::SslRequest if self.policy.tls_available && !self.ssl_refused => {
+                // Anything after the SSLRequest, before our 'S' could have
+                // been read, was sent in the clear but would be treated as
+                // if it came through TLS (CVE-2021-23214): refuse it.
+                if !input.is_empty() {
+                    return Err(protocol_violation(
+                        "plaintext_after_ssl_request",
+                        "received unencrypted data after SSL request",
+                    ));
+                }
+                output.extend_from_slice(b"S");
+                Ok(self.into_tls(false))
+            }
             FeStartupPacket::SslRequest if !self.ssl_refused => {
                 self.ssl_refused = true;
                 output.extend_from_slice(b"N");
@@ -128,6 +216,14 @@ impl AwaitStartup {
                 secret_key,
             }),
             FeStartupPacket::StartupMessage { version, params } => {
+                if !self.in_tls && !self.policy.plaintext_allowed {
+                    // Refuse before asking for the token, so it is never sent.
+                    return Err(ClientError::new(
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "tls_required",
+                        "TLS is required: connect with sslmode=require or stricter",
+                    ));
+                }
                 let startup = accept_startup(version, params, output)?;
                 backend::authentication_cleartext_password(output);
                 Ok(StartupStep::AwaitPassword(AwaitPassword { startup }))
@@ -227,6 +323,12 @@ pub enum Progress {
         startup: ClientStartup,
         token: Secret,
     },
+    /// Send `output`, run a TLS server handshake, then continue with `next`
+    /// over the encrypted stream.
+    StartTls {
+        next: Phase,
+        direct: bool,
+    },
 }
 
 /// Runs the machine over everything in `input` until it needs more bytes or
@@ -254,6 +356,12 @@ pub fn advance(
                         return Ok(Progress::Cancel {
                             process_id,
                             secret_key,
+                        })
+                    }
+                    StartupStep::StartTls { next, direct } => {
+                        return Ok(Progress::StartTls {
+                            next: Phase::Startup(next),
+                            direct,
                         })
                     }
                 }
@@ -297,7 +405,7 @@ mod tests {
             phase = match advance(phase, &mut input, &mut output)? {
                 Progress::NeedMore(p) => p,
                 Progress::Credentials { startup, token } => return Ok((startup, token, output)),
-                Progress::Cancel { .. } => panic!("unexpected cancel"),
+                Progress::Cancel { .. } | Progress::StartTls { .. } => panic!("unexpected step"),
             };
         }
         Err(ClientError::internal())
@@ -390,6 +498,96 @@ mod tests {
         };
         let mut q = BytesMut::from(&b"Q\0\0\0\x0dselect 1\0"[..]);
         assert_eq!(p.on_input(&mut q).unwrap_err().kind, "password_unexpected");
+    }
+
+    fn tls_policy(plaintext_allowed: bool) -> StartupPolicy {
+        StartupPolicy {
+            tls_available: true,
+            plaintext_allowed,
+        }
+    }
+
+    fn ssl_request() -> BytesMut {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&8i32.to_be_bytes());
+        b.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn ssl_request_starts_tls_then_startup_inside_it() {
+        let mut input = ssl_request();
+        let mut out = BytesMut::new();
+        let p = advance(
+            Phase::Startup(AwaitStartup::with_policy(tls_policy(false))),
+            &mut input,
+            &mut out,
+        )
+        .unwrap();
+        let Progress::StartTls { next, direct } = p else {
+            panic!()
+        };
+        assert!(!direct);
+        assert_eq!(&out[..], b"S");
+        // Inside TLS the plaintext rule no longer applies.
+        let mut input = startup_bytes(&[("user", "app")]);
+        let p = advance(next, &mut input, &mut out).unwrap();
+        assert!(matches!(p, Progress::NeedMore(Phase::Password(_))));
+    }
+
+    #[test]
+    fn plaintext_after_ssl_request_is_refused() {
+        let mut input = ssl_request();
+        input.extend_from_slice(&startup_bytes(&[("user", "app")]));
+        let mut out = BytesMut::new();
+        let e = AwaitStartup::with_policy(tls_policy(true))
+            .on_input(&mut input, &mut out)
+            .unwrap_err();
+        assert_eq!(e.kind, "plaintext_after_ssl_request");
+        assert_eq!(e.code, sqlstate::PROTOCOL_VIOLATION);
+        assert!(out.is_empty(), "nothing may be answered");
+    }
+
+    #[test]
+    fn direct_tls_is_recognized_only_when_enabled_and_first() {
+        let hello = BytesMut::from(&[0x16u8, 0x03, 0x01, 0x00, 0x20][..]);
+        let mut input = hello.clone();
+        let step = AwaitStartup::with_policy(tls_policy(true))
+            .on_input(&mut input, &mut BytesMut::new())
+            .unwrap();
+        assert!(matches!(step, StartupStep::StartTls { direct: true, .. }));
+        assert_eq!(input, hello, "the ClientHello stays for the TLS handshake");
+        let e = AwaitStartup::new()
+            .on_input(&mut hello.clone(), &mut BytesMut::new())
+            .unwrap_err();
+        assert_eq!(e.kind, "direct_tls_refused");
+    }
+
+    #[test]
+    fn plaintext_startup_refused_when_tls_required() {
+        let mut input = startup_bytes(&[("user", "app")]);
+        let mut out = BytesMut::new();
+        let e = AwaitStartup::with_policy(tls_policy(false))
+            .on_input(&mut input, &mut out)
+            .unwrap_err();
+        assert_eq!(e.code, sqlstate::INVALID_AUTHORIZATION_SPECIFICATION);
+        assert!(e.message.contains("TLS is required"));
+        assert!(out.is_empty(), "no password request may go out");
+    }
+
+    #[test]
+    fn encryption_request_inside_tls_is_a_violation() {
+        let mut input = ssl_request();
+        let StartupStep::StartTls { next, .. } = AwaitStartup::with_policy(tls_policy(true))
+            .on_input(&mut input, &mut BytesMut::new())
+            .unwrap()
+        else {
+            panic!()
+        };
+        let e = next
+            .on_input(&mut ssl_request(), &mut BytesMut::new())
+            .unwrap_err();
+        assert_eq!(e.kind, "startup_renegotiation");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! One client connection from accept to close: drives the start-up state
-//! machine, checks the token, logs in upstream, then relays bytes.
+//! machine (upgrading to TLS when asked), checks the token, logs in
+//! upstream, then relays bytes.
 //!
 //! The session owns its sockets and buffers and never leaves the shard that
 //! accepted it.
@@ -14,19 +15,27 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, PrefixedReadIo, Split};
 use monoio::net::TcpStream;
+use monoio::time::timeout_at;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::TokenStore;
-use crate::config::Config;
+use crate::config::{ClientTlsMode, Config};
 use crate::error::ClientError;
-use crate::handshake::{self, AwaitStartup, ClientStartup, Phase, Progress};
+use crate::handshake::{self, AwaitStartup, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
+use crate::protocol::sqlstate;
 use crate::secret::Secret;
+use crate::tls::{ServerTls, UpstreamTls, ALPN_POSTGRESQL};
 use crate::upstream::login::LoginError;
 use crate::upstream::scram::KeyCache;
-use crate::upstream::{self, Upstream, UpstreamError};
+use crate::upstream::{self, Upstream, UpstreamError, UpstreamStream};
+
+/// The client stream once TLS is up. The prefix carries bytes read before
+/// the handshake started (a direct-TLS ClientHello); empty after SSLRequest.
+type ClientTls =
+    monoio_rustls::ServerTlsStream<PrefixedReadIo<TcpStream, std::io::Cursor<Vec<u8>>>>;
 
 /// What a shard's sessions share: read-only configuration and tokens, and
 /// shard-local caches (`!Send`, never touched by another thread).
@@ -38,6 +47,10 @@ pub struct ShardContext {
     /// Touched once per connect and once per close, never per message.
     pub connections: Arc<AtomicUsize>,
     pub scram_keys: RefCell<KeyCache>,
+    server_tls: Option<Arc<ServerTls>>,
+    upstream_tls: Option<Arc<UpstreamTls>>,
+    /// This shard's copy of the TLS acceptor and the generation it came from.
+    acceptor: RefCell<(u64, Option<monoio_rustls::TlsAcceptor>)>,
     next_session: Cell<u64>,
 }
 
@@ -47,6 +60,8 @@ impl ShardContext {
         config: Arc<Config>,
         tokens: Arc<TokenStore>,
         connections: Arc<AtomicUsize>,
+        server_tls: Option<Arc<ServerTls>>,
+        upstream_tls: Option<Arc<UpstreamTls>>,
     ) -> Self {
         ShardContext {
             shard,
@@ -54,6 +69,9 @@ impl ShardContext {
             tokens,
             connections,
             scram_keys: RefCell::new(KeyCache::new()),
+            server_tls,
+            upstream_tls,
+            acceptor: RefCell::new((0, None)),
             next_session: Cell::new(0),
         }
     }
@@ -63,6 +81,29 @@ impl ShardContext {
         let n = self.next_session.get() + 1;
         self.next_session.set(n);
         format!("{}-{}", self.shard, n)
+    }
+
+    /// The acceptor for the current certificate; refreshed only when the
+    /// certificate changed (one atomic load otherwise).
+    fn tls_acceptor(&self) -> Option<monoio_rustls::TlsAcceptor> {
+        let tls = self.server_tls.as_ref()?;
+        let mut slot = self.acceptor.borrow_mut();
+        if let Some((generation, config)) = tls.refresh(slot.0) {
+            *slot = (generation, Some(monoio_rustls::TlsAcceptor::from(config)));
+        }
+        slot.1.clone()
+    }
+
+    /// What this client may do before TLS: tokens travel in the clear only
+    /// from loopback, unless TLS is not configured at all.
+    fn policy(&self, peer: &SocketAddr) -> StartupPolicy {
+        match &self.config.tls {
+            None => StartupPolicy::default(),
+            Some(t) => StartupPolicy {
+                tls_available: true,
+                plaintext_allowed: t.mode == ClientTlsMode::Allow && peer.ip().is_loopback(),
+            },
+        }
     }
 }
 
@@ -104,6 +145,17 @@ enum StartupOutcome {
         process_id: u32,
         secret_key: Vec<u8>,
     },
+    StartTls {
+        next: Phase,
+        direct: bool,
+    },
+}
+
+/// Per-connection facts the start-up needs.
+struct Start {
+    deadline: monoio::time::Instant,
+    over_limit: bool,
+    started: Instant,
 }
 
 /// Runs a client connection to completion. Never panics on client input;
@@ -111,44 +163,97 @@ enum StartupOutcome {
 pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     let id = ctx.next_session_id();
     let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
-    serve(ctx, client).instrument(span).await
+    serve(ctx, client, peer).instrument(span).await
 }
 
-async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream) {
+async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, peer: SocketAddr) {
     let _ = client.set_nodelay(true);
     let open = ctx.connections.fetch_add(1, Ordering::Relaxed);
     let _slot = ConnectionSlot(ctx.connections.clone());
-    let started = Instant::now();
-    let mut input = BytesMut::with_capacity(1024);
-
-    let deadline = ctx.config.startup_timeout;
-    let outcome = match monoio::time::timeout(
-        deadline,
-        start_up(
-            &ctx,
-            &mut client,
-            &mut input,
-            open >= ctx.config.max_connections,
-        ),
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(Refusal::Client(ClientError::startup_timeout())),
+    let start = Start {
+        deadline: monoio::time::Instant::now() + ctx.config.startup_timeout,
+        over_limit: open >= ctx.config.max_connections,
+        started: Instant::now(),
     };
+    let mut input = BytesMut::with_capacity(1024);
+    let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&peer)));
+    let outcome = start_up(&ctx, &mut client, &mut input, phase, &start).await;
+    let Ok(StartupOutcome::StartTls { next, direct }) = outcome else {
+        return finish(&ctx, client, input, outcome, &start, false).await;
+    };
+
+    let Some(acceptor) = ctx.tls_acceptor() else {
+        warn!("TLS requested but no acceptor is configured");
+        return;
+    };
+    // For direct TLS the ClientHello is already in `input`: hand it to rustls.
+    let prefix = std::mem::take(&mut input).to_vec();
+    let io = PrefixedReadIo::new(client, std::io::Cursor::new(prefix));
+    let mut tls: ClientTls = match timeout_at(start.deadline, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return info!(reason = "tls_handshake", error = %e, "start-up refused"),
+        Err(_) => {
+            return info!(
+                reason = "startup_timeout",
+                "start-up refused during TLS handshake"
+            )
+        }
+    };
+    if direct && tls.alpn_protocol().as_deref() != Some(ALPN_POSTGRESQL) {
+        // PostgreSQL requires ALPN on direct TLS, so that a TLS connection
+        // meant for another protocol cannot be replayed into this one.
+        info!(reason = "direct_tls_without_alpn", "start-up refused");
+        let e = ClientError::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            "direct_tls_without_alpn",
+            "direct TLS connection without ALPN protocol \"postgresql\"",
+        );
+        return close_with(tls, encode(&e)).await;
+    }
+    let outcome = start_up(&ctx, &mut tls, &mut input, next, &start).await;
+    finish(&ctx, tls, input, outcome, &start, true).await
+}
+
+/// Ends a start-up: relays a session, forwards a cancel, or sends the
+/// refusal and closes.
+async fn finish<C: Split + AsyncReadRent + AsyncWriteRent>(
+    ctx: &ShardContext,
+    client: C,
+    input: BytesMut,
+    outcome: Result<StartupOutcome, Refusal>,
+    start: &Start,
+    tls: bool,
+) {
     match outcome {
         Ok(StartupOutcome::Session(est)) => {
+            let est = *est;
+            let upstream_tls = matches!(est.upstream.stream, UpstreamStream::Tls(_));
             info!(
                 token_id = %est.token_id,
                 user = %est.startup.user,
                 database = %est.startup.database,
-                setup_us = started.elapsed().as_micros() as u64,
+                tls,
+                upstream_tls,
+                setup_us = start.started.elapsed().as_micros() as u64,
                 "session started"
             );
-            let stats = relay::run(client, est.upstream, input, ctx.config.buffer_size).await;
+            let Upstream {
+                stream,
+                for_client,
+                leftover,
+            } = est.upstream;
+            let size = ctx.config.buffer_size;
+            let stats = match stream {
+                UpstreamStream::Plain(s) => {
+                    relay::run(client, s, for_client, leftover, input, size).await
+                }
+                UpstreamStream::Tls(s) => {
+                    relay::run(client, *s, for_client, leftover, input, size).await
+                }
+            };
             info!(
                 token_id = %est.token_id,
-                duration_ms = started.elapsed().as_millis() as u64,
+                duration_ms = start.started.elapsed().as_millis() as u64,
                 bytes_from_client = stats.bytes_from_client,
                 bytes_from_server = stats.bytes_from_server,
                 query_cycles = stats.ready_for_query,
@@ -167,37 +272,44 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream) {
                 Err(e) => warn!(error = %e, "cancel request not forwarded"),
             }
         }
-        Err(Refusal::Gone) => debug!("client left during start-up"),
-        Err(Refusal::Client(e)) => {
-            let mut out = BytesMut::with_capacity(256);
-            e.encode(&mut out);
-            close_with(client, out).await;
+        Ok(StartupOutcome::StartTls { .. }) => {
+            // The state machine never asks twice; treat it as a violation.
+            close_with(client, encode(&ClientError::internal())).await
         }
+        Err(Refusal::Gone) => debug!("client left during start-up"),
+        Err(Refusal::Client(e)) => close_with(client, encode(&e)).await,
         Err(Refusal::Relay(bytes)) => close_with(client, BytesMut::from(&bytes[..])).await,
     }
 }
 
-/// Reads the client's start-up and token, checks it, and logs in upstream.
-async fn start_up(
+fn encode(e: &ClientError) -> BytesMut {
+    let mut out = BytesMut::with_capacity(256);
+    e.encode(&mut out);
+    out
+}
+
+/// Reads the client's start-up and token, checks it, and logs in upstream,
+/// all before `start.deadline`. Stops early when TLS must start.
+async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     ctx: &ShardContext,
-    client: &mut TcpStream,
+    client: &mut C,
     input: &mut BytesMut,
-    over_limit: bool,
+    mut phase: Phase,
+    start: &Start,
 ) -> Result<StartupOutcome, Refusal> {
-    let mut phase = Phase::Startup(AwaitStartup::new());
     let mut output = BytesMut::with_capacity(256);
+    let timed_out = || {
+        info!(reason = "startup_timeout", "start-up refused");
+        Refusal::Client(ClientError::startup_timeout())
+    };
     let (startup, token) = loop {
-        let (res, buf) = read_append(client, std::mem::take(input), 1024).await;
-        *input = buf;
-        match res {
-            Ok(0) | Err(_) => return Err(Refusal::Gone),
-            Ok(_) => {}
-        }
-        let progress = handshake::advance(phase, input, &mut output).map_err(|e| {
-            info!(reason = e.kind, "start-up refused");
-            Refusal::Client(e)
-        })?;
-        if over_limit
+        let progress = if input.is_empty() {
+            Ok(Progress::NeedMore(phase))
+        } else {
+            handshake::advance(phase, input, &mut output)
+        };
+        let progress = progress.inspect_err(|e| info!(reason = e.kind, "start-up refused"))?;
+        if start.over_limit
             && matches!(
                 progress,
                 Progress::NeedMore(Phase::Password(_)) | Progress::Credentials { .. }
@@ -227,7 +339,19 @@ async fn start_up(
                     secret_key,
                 })
             }
+            Progress::StartTls { next, direct } => {
+                return Ok(StartupOutcome::StartTls { next, direct })
+            }
             Progress::Credentials { startup, token } => break (startup, token),
+        }
+        let read = read_append(client, std::mem::take(input), 1024);
+        let (res, buf) = timeout_at(start.deadline, read)
+            .await
+            .map_err(|_| timed_out())?;
+        *input = buf;
+        match res {
+            Ok(0) | Err(_) => return Err(Refusal::Gone),
+            Ok(_) => {}
         }
     };
 
@@ -243,28 +367,27 @@ async fn start_up(
             return Err(ClientError::upstream_login_failed().into());
         }
     };
-    let upstream = upstream::connect_and_login(
+    let login = upstream::connect_and_login(
         &ctx.config.upstream,
+        ctx.upstream_tls.as_deref(),
         &startup.user,
         password,
         startup.params.forwardable(),
         &ctx.scram_keys,
-    )
-    .await
-    .map_err(|e| {
-        warn!(token_id = %token_id, user = %startup.user, reason = e.kind(), error = %e, "upstream login failed");
-        match e {
-            UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
-                Refusal::Client(ClientError::upstream_unavailable())
-            }
-            UpstreamError::Io(_) | UpstreamError::Closed => Refusal::Client(ClientError::upstream_lost()),
-            UpstreamError::Frame(_) | UpstreamError::Login(LoginError::Protocol { .. }) => {
-                Refusal::Client(ClientError::upstream_protocol())
-            }
-            UpstreamError::Login(LoginError::ServerError { response, .. }) => Refusal::Relay(response),
-            UpstreamError::Login(_) => Refusal::Client(ClientError::upstream_login_failed()),
-        }
-    })?;
+    );
+    let upstream = timeout_at(start.deadline, login)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| {
+            warn!(
+                token_id = %token_id,
+                user = %startup.user,
+                reason = e.kind(),
+                error = %e,
+                "upstream login failed"
+            );
+            upstream_refusal(e)
+        })?;
 
     // tollgate asked for the password, so the client is waiting for
     // AuthenticationOk: the server's, relayed with what follows it.
@@ -273,6 +396,27 @@ async fn start_up(
         token_id,
         upstream,
     })))
+}
+
+/// What the client sees for an upstream failure: server errors verbatim,
+/// tollgate's own failures as generic messages (the log has the details).
+fn upstream_refusal(e: UpstreamError) -> Refusal {
+    match e {
+        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+            Refusal::Client(ClientError::upstream_unavailable())
+        }
+        UpstreamError::TlsRefused | UpstreamError::Tls(_) => {
+            Refusal::Client(ClientError::upstream_tls())
+        }
+        UpstreamError::Io(_) | UpstreamError::Closed => {
+            Refusal::Client(ClientError::upstream_lost())
+        }
+        UpstreamError::Frame(_) | UpstreamError::Login(LoginError::Protocol { .. }) => {
+            Refusal::Client(ClientError::upstream_protocol())
+        }
+        UpstreamError::Login(LoginError::ServerError { response, .. }) => Refusal::Relay(response),
+        UpstreamError::Login(_) => Refusal::Client(ClientError::upstream_login_failed()),
+    }
 }
 
 /// Checks the token; every rejection reaches the client as the same bytes
@@ -308,7 +452,7 @@ fn check_token(
 /// then drain what the client still sends for a moment, so that unread
 /// bytes in our receive queue do not turn the close into an RST that
 /// could destroy the error before the client reads it.
-async fn close_with(mut client: TcpStream, out: BytesMut) {
+async fn close_with<C: AsyncReadRent + AsyncWriteRent>(mut client: C, out: BytesMut) {
     let (res, _) = client.write_all(out).await;
     if res.is_err() {
         return;
@@ -317,7 +461,7 @@ async fn close_with(mut client: TcpStream, out: BytesMut) {
     let drain = async {
         let mut buf = Vec::with_capacity(4096);
         loop {
-            let (res, b) = monoio::io::AsyncReadRent::read(&mut client, buf).await;
+            let (res, b) = client.read(buf).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => break,

@@ -9,12 +9,10 @@
 use std::cell::Cell;
 
 use bytes::BytesMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
 use crate::protocol::backend::TAG_READY_FOR_QUERY;
 use crate::protocol::Framer;
-use crate::upstream::Upstream;
 
 /// How a relayed session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,19 +62,22 @@ struct Counters {
 
 /// Hands the login messages to the client, forwards any bytes the client
 /// sent early, then relays until either side closes.
-pub async fn run(
-    client: TcpStream,
-    upstream: Upstream,
+///
+/// `for_client` holds the server's login messages (AuthenticationOk through
+/// ReadyForQuery), `leftover` anything the server sent after them, and
+/// `client_pending` anything the client sent after its password.
+pub async fn run<C, S>(
+    mut client: C,
+    mut server: S,
+    mut for_client: BytesMut,
+    leftover: BytesMut,
     client_pending: BytesMut,
     buffer_size: usize,
-) -> RelayStats {
-    let Upstream {
-        stream: server,
-        mut for_client,
-        leftover,
-    } = upstream;
-    let mut client = client;
-    let mut server = server;
+) -> RelayStats
+where
+    C: Split + AsyncReadRent + AsyncWriteRent,
+    S: Split + AsyncReadRent + AsyncWriteRent,
+{
     let c2s = Counters {
         bytes: Cell::new(client_pending.len() as u64),
         tagged: Cell::new(0),

@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::auth::TokenStore;
 use crate::config::Config;
 use crate::session::{self, ShardContext};
+use crate::tls::{ServerTls, UpstreamTls};
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -41,7 +42,12 @@ impl Shards {
 /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
 /// Binding happens here, before any thread starts, so that a port in use is
 /// reported at once and a port of 0 resolves to one port shared by all.
-pub fn start(config: Arc<Config>, tokens: Arc<TokenStore>) -> std::io::Result<Shards> {
+pub fn start(
+    config: Arc<Config>,
+    tokens: Arc<TokenStore>,
+    server_tls: Option<Arc<ServerTls>>,
+    upstream_tls: Option<Arc<UpstreamTls>>,
+) -> std::io::Result<Shards> {
     let mut listeners = Vec::with_capacity(config.workers);
     let mut addr = config.listen;
     for _ in 0..config.workers {
@@ -60,6 +66,8 @@ pub fn start(config: Arc<Config>, tokens: Arc<TokenStore>) -> std::io::Result<Sh
         let config = config.clone();
         let tokens = tokens.clone();
         let connections = connections.clone();
+        let server_tls = server_tls.clone();
+        let upstream_tls = upstream_tls.clone();
         let handle = std::thread::Builder::new()
             // Thread names (comm) are cut at 15 bytes: keep them short.
             .name(format!("tg-shard-{shard}"))
@@ -67,7 +75,8 @@ pub fn start(config: Arc<Config>, tokens: Arc<TokenStore>) -> std::io::Result<Sh
                 if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");
                 }
-                let ctx = ShardContext::new(shard, config, tokens, connections);
+                let ctx =
+                    ShardContext::new(shard, config, tokens, connections, server_tls, upstream_tls);
                 if io_uring {
                     match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                         .with_entries(URING_ENTRIES)

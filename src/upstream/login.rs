@@ -22,8 +22,6 @@ use crate::protocol::backend::{parse_login_message, BeLoginMessage, ErrorFields}
 use crate::protocol::startup::{encode_startup_message, ProtocolVersion};
 use crate::secret::Secret;
 
-const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
-
 /// Why the upstream login failed. The session logs the details and maps
 /// each to what the client may see.
 #[derive(Debug)]
@@ -84,6 +82,9 @@ pub struct Login {
     phase: Phase,
     user: String,
     password: Option<Secret>,
+    /// What the transport allows: `TlsServerEndPoint` on TLS, so the
+    /// server's SCRAM-SHA-256-PLUS is used when offered.
+    channel_binding: ChannelBinding,
 }
 
 /// What one server message did.
@@ -99,6 +100,7 @@ impl Login {
     pub fn start<'a>(
         user: &'a str,
         password: Option<Secret>,
+        channel_binding: ChannelBinding,
         params: impl Iterator<Item = (&'a str, &'a str)>,
         to_server: &mut BytesMut,
     ) -> Login {
@@ -108,6 +110,7 @@ impl Login {
             phase: Phase::AwaitAuthRequest,
             user: user.to_owned(),
             password,
+            channel_binding,
         }
     }
 
@@ -187,16 +190,26 @@ impl Login {
                 Phase::AwaitAuthOk
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationSasl { mechanisms }) => {
-                if !mechanisms.contains(&SCRAM_SHA_256) {
+                let binding = match &self.channel_binding {
+                    // Bind when the server offers it: a man in the middle
+                    // between tollgate and Postgres cannot relay the login.
+                    ChannelBinding::TlsServerEndPoint(_)
+                        if mechanisms.contains(&scram::MECHANISM_PLUS) =>
+                    {
+                        self.channel_binding.clone()
+                    }
+                    // We could bind but the server did not offer it ("y").
+                    ChannelBinding::TlsServerEndPoint(_) => ChannelBinding::SupportedButNotUsed,
+                    other => other.clone(),
+                };
+                if !mechanisms.contains(&binding.mechanism()) {
                     return Err(LoginError::Unsupported {
                         detail: format!("SASL mechanisms {mechanisms:?}"),
                     });
                 }
                 let password = self.password("SCRAM")?;
-                // No TLS upstream yet, so no channel binding: "n,,".
                 let (first, state) =
-                    ScramClient::start(password, ChannelBinding::NotSupported, None)
-                        .map_err(LoginError::Scram)?;
+                    ScramClient::start(password, binding, None).map_err(LoginError::Scram)?;
                 frontend::sasl_initial_response(first.mechanism, &first.message, to_server)
                     .map_err(protocol)?;
                 Phase::AwaitScramServerFirst(state)
@@ -281,6 +294,7 @@ mod tests {
         let login = Login::start(
             "app",
             password.map(|p| Secret::new(p.as_bytes().to_vec())),
+            ChannelBinding::NotSupported,
             [
                 ("user", "ignored"),
                 ("database", "appdb"),

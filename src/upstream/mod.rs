@@ -11,15 +11,18 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use monoio::io::AsyncWriteRentExt;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use rustls_pki_types::ServerName;
 
 use crate::config::UpstreamConfig;
 use crate::protocol::backend::MAX_LOGIN_MESSAGE_LEN;
 use crate::protocol::frame::peek_frame;
+use crate::protocol::startup::SSL_REQUEST_CODE;
 use crate::secret::Secret;
+use crate::tls::{UpstreamTls, UpstreamTlsMode};
 use login::{Login, LoginError, LoginStep};
-use scram::KeyCache;
+use scram::{ChannelBinding, KeyCache};
 
 /// Why the session could not get an upstream connection.
 #[derive(Debug)]
@@ -37,6 +40,10 @@ pub enum UpstreamError {
     Closed,
     Frame(crate::protocol::FrameError),
     Login(LoginError),
+    /// The server answered 'N' to SSLRequest and the mode requires TLS.
+    TlsRefused,
+    /// The TLS handshake failed (certificate not trusted, wrong host...).
+    Tls(String),
 }
 
 impl fmt::Display for UpstreamError {
@@ -50,6 +57,8 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Closed => f.write_str("upstream closed the connection during login"),
             UpstreamError::Frame(e) => write!(f, "upstream framing: {e}"),
             UpstreamError::Login(e) => e.fmt(f),
+            UpstreamError::TlsRefused => f.write_str("the server does not support TLS"),
+            UpstreamError::Tls(e) => write!(f, "TLS handshake with the server failed: {e}"),
         }
     }
 }
@@ -68,12 +77,13 @@ impl UpstreamError {
             UpstreamError::Login(LoginError::ServerError { .. }) => "upstream_error",
             UpstreamError::Login(LoginError::Protocol { .. }) => "upstream_protocol",
             UpstreamError::Login(_) => "upstream_login",
+            UpstreamError::TlsRefused | UpstreamError::Tls(_) => "upstream_tls",
         }
     }
 }
 
 /// Opens a TCP connection to the upstream, bounded by the connect timeout.
-pub async fn connect(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
+pub async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let stream =
         match monoio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr.as_str())).await {
@@ -91,26 +101,116 @@ pub async fn connect(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
     Ok(stream)
 }
 
+/// The upstream transport.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+}
+
+/// A TCP connection, upgraded to TLS as `tls` says (libpq's sslmode rules:
+/// SSLRequest, then 'S' → handshake, 'N' → plaintext only for `prefer`).
+/// Returns the stream and, for TLS, the channel-binding data.
+pub async fn connect(
+    cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+) -> Result<(UpstreamStream, Option<Vec<u8>>), UpstreamError> {
+    let mut stream = connect_tcp(cfg).await?;
+    let Some(tls) = tls else {
+        return Ok((UpstreamStream::Plain(stream), None));
+    };
+    let mut req = Vec::with_capacity(8);
+    req.extend_from_slice(&8i32.to_be_bytes());
+    req.extend_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+    let (res, _) = stream.write_all(req).await;
+    res.map_err(UpstreamError::Io)?;
+    // Exactly one byte: anything the server sent after it must go through
+    // TLS, never be read as plaintext (CVE-2021-23222).
+    let (res, answer) = stream.read(Vec::with_capacity(1)).await;
+    match res.map_err(UpstreamError::Io)? {
+        0 => return Err(UpstreamError::Closed),
+        _ => {}
+    }
+    match answer[0] {
+        b'S' => {}
+        b'N' if tls.mode == UpstreamTlsMode::Prefer => {
+            return Ok((UpstreamStream::Plain(stream), None));
+        }
+        b'N' => return Err(UpstreamError::TlsRefused),
+        other => {
+            return Err(UpstreamError::Login(LoginError::Protocol {
+                detail: format!("unexpected answer 0x{other:02x} to SSLRequest"),
+            }))
+        }
+    }
+    let name = ServerName::try_from(cfg.host.clone()).map_err(|_| {
+        UpstreamError::Tls(format!("\"{}\" is not a valid TLS server name", cfg.host))
+    })?;
+    let (config, slot) = tls.for_connection();
+    let connector = monoio_rustls::TlsConnector::from(config);
+    let stream = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+    let cert = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let binding = cert.as_deref().and_then(crate::tls::tls_server_end_point);
+    Ok((UpstreamStream::Tls(Box::new(stream)), binding))
+}
+
 /// An upstream connection that is logged in and ready for queries.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// AuthenticationOk through ReadyForQuery, verbatim, for the client.
     pub for_client: BytesMut,
     /// Bytes the server sent after ReadyForQuery (normally none).
     pub leftover: BytesMut,
 }
 
-/// Connects and logs in as `user`, passing the client's parameters.
+/// Connects (with TLS as configured) and logs in as `user`, passing the
+/// client's parameters.
 pub async fn connect_and_login<'a>(
     cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
     user: &'a str,
     password: Option<Secret>,
     params: impl Iterator<Item = (&'a str, &'a str)>,
     cache: &std::cell::RefCell<KeyCache>,
 ) -> Result<Upstream, UpstreamError> {
-    let mut stream = connect(cfg).await?;
-    let mut to_server = BytesMut::with_capacity(1024);
-    let mut login = Login::start(user, password, params, &mut to_server);
+    let (stream, binding) = connect(cfg, tls).await?;
+    let channel_binding = match (&stream, binding) {
+        (UpstreamStream::Plain(_), _) => ChannelBinding::NotSupported,
+        (UpstreamStream::Tls(_), Some(hash)) => ChannelBinding::TlsServerEndPoint(hash),
+        // TLS, but a certificate we cannot bind to: say we could have.
+        (UpstreamStream::Tls(_), None) => ChannelBinding::SupportedButNotUsed,
+    };
+    let mut startup = BytesMut::with_capacity(256);
+    let login = Login::start(user, password, channel_binding, params, &mut startup);
+    match stream {
+        UpstreamStream::Plain(mut s) => {
+            let (for_client, leftover) = run_login(&mut s, (login, startup), cache).await?;
+            Ok(Upstream {
+                stream: UpstreamStream::Plain(s),
+                for_client,
+                leftover,
+            })
+        }
+        UpstreamStream::Tls(mut s) => {
+            let (for_client, leftover) = run_login(&mut *s, (login, startup), cache).await?;
+            Ok(Upstream {
+                stream: UpstreamStream::Tls(s),
+                for_client,
+                leftover,
+            })
+        }
+    }
+}
+
+/// Drives the login state machine over `stream` until ReadyForQuery.
+async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
+    stream: &mut S,
+    (mut login, startup): (Login, BytesMut),
+    cache: &std::cell::RefCell<KeyCache>,
+) -> Result<(BytesMut, BytesMut), UpstreamError> {
+    let mut to_server = startup;
     let mut for_client = BytesMut::with_capacity(1024);
     let mut input = BytesMut::with_capacity(4096);
     loop {
@@ -135,19 +235,13 @@ pub async fn connect_and_login<'a>(
             input.advance(frame.total_len);
             match step {
                 LoginStep::Continue(next) => login = next,
-                LoginStep::Ready => {
-                    return Ok(Upstream {
-                        stream,
-                        for_client,
-                        leftover: input,
-                    })
-                }
+                LoginStep::Ready => return Ok((for_client, input)),
             }
         }
         if !to_server.is_empty() {
             continue;
         }
-        let (res, buf) = crate::io_util::read_append(&mut stream, input, 4096).await;
+        let (res, buf) = crate::io_util::read_append(stream, input, 4096).await;
         input = buf;
         match res {
             Ok(0) => return Err(UpstreamError::Closed),
@@ -165,7 +259,9 @@ pub async fn forward_cancel(
     process_id: u32,
     secret_key: &[u8],
 ) -> Result<(), UpstreamError> {
-    let mut stream = connect(cfg).await?;
+    // Postgres accepts a CancelRequest in the clear; it carries no secret
+    // beyond the key, which a direct client would send the same way.
+    let mut stream = connect_tcp(cfg).await?;
     let mut msg = BytesMut::with_capacity(16 + secret_key.len());
     msg.extend_from_slice(&((12 + secret_key.len()) as i32).to_be_bytes());
     msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
