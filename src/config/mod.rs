@@ -138,8 +138,12 @@ pub struct ClientTlsConfig {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
+    /// The name as configured: used for TLS server-name checks.
     pub host: String,
     pub port: u16,
+    /// `host` resolved once, at load: a lookup per connection would block
+    /// the shard. Tried in order, as libpq does.
+    pub addrs: Vec<SocketAddr>,
     pub connect_timeout: Duration,
     /// Password per role. A role listed without a password logs in with
     /// none (trust); a role not listed cannot log in.
@@ -221,6 +225,10 @@ impl Config {
         if raw.upstream.host.is_empty() {
             return Err("[upstream] host is empty".into());
         }
+        let addrs: Vec<SocketAddr> = (raw.upstream.host.as_str(), raw.upstream.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("[upstream] host \"{}\": {e}", raw.upstream.host))?
+            .collect();
         let mut credentials = HashMap::new();
         for c in raw.upstream.credentials {
             let password = read_password(&c, base)?;
@@ -258,6 +266,7 @@ impl Config {
             upstream: UpstreamConfig {
                 host: raw.upstream.host,
                 port: raw.upstream.port,
+                addrs,
                 connect_timeout: duration(
                     "[upstream] connect_timeout",
                     raw.upstream.connect_timeout,

@@ -8,7 +8,9 @@
 mod relay;
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -158,23 +160,35 @@ struct Start {
     started: Instant,
 }
 
+/// The relay phase of a session, boxed so that it runs outside the
+/// session's tracing span: entering a span on every poll of the hot path
+/// costs more than the relay's own framing.
+type RelayTask = Pin<Box<dyn Future<Output = ()>>>;
+
 /// Runs a client connection to completion. Never panics on client input;
 /// every refusal is logged here with its real reason.
 pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
-    let id = ctx.next_session_id();
-    let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
-    serve(ctx, client, peer).instrument(span).await
-}
-
-async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, peer: SocketAddr) {
-    let _ = client.set_nodelay(true);
     let open = ctx.connections.fetch_add(1, Ordering::Relaxed);
     let _slot = ConnectionSlot(ctx.connections.clone());
+    let id = ctx.next_session_id();
+    let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
     let start = Start {
         deadline: monoio::time::Instant::now() + ctx.config.startup_timeout,
         over_limit: open >= ctx.config.max_connections,
         started: Instant::now(),
     };
+    if let Some(relay) = serve(ctx, client, peer, start).instrument(span).await {
+        relay.await;
+    }
+}
+
+async fn serve(
+    ctx: Rc<ShardContext>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    start: Start,
+) -> Option<RelayTask> {
+    let _ = client.set_nodelay(true);
     let mut input = BytesMut::with_capacity(1024);
     let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&peer)));
     let outcome = start_up(&ctx, &mut client, &mut input, phase, &start).await;
@@ -184,19 +198,24 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, peer: SocketAddr) {
 
     let Some(acceptor) = ctx.tls_acceptor() else {
         warn!("TLS requested but no acceptor is configured");
-        return;
+        return None;
     };
     // For direct TLS the ClientHello is already in `input`: hand it to rustls.
     let prefix = std::mem::take(&mut input).to_vec();
     let io = PrefixedReadIo::new(client, std::io::Cursor::new(prefix));
     let mut tls: ClientTls = match timeout_at(start.deadline, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return info!(reason = "tls_handshake", error = %e, "start-up refused"),
+        Ok(Err(e)) => {
+            let error = crate::tls::describe_error(e);
+            info!(reason = "tls_handshake", %error, "start-up refused");
+            return None;
+        }
         Err(_) => {
-            return info!(
+            info!(
                 reason = "startup_timeout",
                 "start-up refused during TLS handshake"
-            )
+            );
+            return None;
         }
     };
     if direct && tls.alpn_protocol().as_deref() != Some(ALPN_POSTGRESQL) {
@@ -208,22 +227,23 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, peer: SocketAddr) {
             "direct_tls_without_alpn",
             "direct TLS connection without ALPN protocol \"postgresql\"",
         );
-        return close_with(tls, encode(&e)).await;
+        close_with(tls, encode(&e)).await;
+        return None;
     }
     let outcome = start_up(&ctx, &mut tls, &mut input, next, &start).await;
     finish(&ctx, tls, input, outcome, &start, true).await
 }
 
-/// Ends a start-up: relays a session, forwards a cancel, or sends the
-/// refusal and closes.
-async fn finish<C: Split + AsyncReadRent + AsyncWriteRent>(
+/// Ends a start-up: returns the relay of an established session, or
+/// forwards a cancel, or sends the refusal and closes.
+async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
     ctx: &ShardContext,
     client: C,
     input: BytesMut,
     outcome: Result<StartupOutcome, Refusal>,
     start: &Start,
     tls: bool,
-) {
+) -> Option<RelayTask> {
     match outcome {
         Ok(StartupOutcome::Session(est)) => {
             let est = *est;
@@ -234,6 +254,7 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent>(
                 database = %est.startup.database,
                 tls,
                 upstream_tls,
+                upstream_auth = est.upstream.auth_method,
                 setup_us = start.started.elapsed().as_micros() as u64,
                 "session started"
             );
@@ -241,25 +262,32 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent>(
                 stream,
                 for_client,
                 leftover,
+                ..
             } = est.upstream;
             let size = ctx.config.buffer_size;
-            let stats = match stream {
-                UpstreamStream::Plain(s) => {
-                    relay::run(client, s, for_client, leftover, input, size).await
-                }
-                UpstreamStream::Tls(s) => {
-                    relay::run(client, *s, for_client, leftover, input, size).await
-                }
-            };
-            info!(
-                token_id = %est.token_id,
-                duration_ms = start.started.elapsed().as_millis() as u64,
-                bytes_from_client = stats.bytes_from_client,
-                bytes_from_server = stats.bytes_from_server,
-                query_cycles = stats.ready_for_query,
-                ended_by = stats.ended_by.as_str(),
-                "session ended"
-            );
+            let span = tracing::Span::current();
+            let started = start.started;
+            let token_id = est.token_id;
+            return Some(Box::pin(async move {
+                let stats = match stream {
+                    UpstreamStream::Plain(s) => {
+                        relay::run(client, s, for_client, leftover, input, size).await
+                    }
+                    UpstreamStream::Tls(s) => {
+                        relay::run(client, *s, for_client, leftover, input, size).await
+                    }
+                };
+                info!(
+                    parent: &span,
+                    token_id = %token_id,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    bytes_from_client = stats.bytes_from_client,
+                    bytes_from_server = stats.bytes_from_server,
+                    query_cycles = stats.ready_for_query,
+                    ended_by = stats.ended_by.as_str(),
+                    "session ended"
+                );
+            }));
         }
         Ok(StartupOutcome::Cancel {
             process_id,
@@ -280,6 +308,7 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent>(
         Err(Refusal::Client(e)) => close_with(client, encode(&e)).await,
         Err(Refusal::Relay(bytes)) => close_with(client, BytesMut::from(&bytes[..])).await,
     }
+    None
 }
 
 fn encode(e: &ClientError) -> BytesMut {

@@ -84,8 +84,15 @@ pub struct ServerTls {
     session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     current: Mutex<Arc<ServerConfig>>,
     generation: AtomicU64,
-    /// Modification stamps of the files the current config came from.
-    stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+    /// Modification stamps of the files the current config came from, and
+    /// of the last pair that failed (so a bad pair is reported once).
+    stamps: Mutex<Stamps>,
+}
+
+#[derive(Default)]
+struct Stamps {
+    loaded: (Option<SystemTime>, Option<SystemTime>),
+    failed: Option<(Option<SystemTime>, Option<SystemTime>)>,
 }
 
 impl ServerTls {
@@ -94,7 +101,10 @@ impl ServerTls {
             .map_err(|e| TlsConfigError(format!("TLS session tickets: {e}")))?;
         let session_cache: Arc<dyn rustls::server::StoresServerSessions> =
             ServerSessionMemoryCache::new(4096);
-        let stamps = (modified(cert), modified(key));
+        let stamps = Stamps {
+            loaded: (modified(cert), modified(key)),
+            failed: None,
+        };
         let config = build_server_config(cert, key, &ticketer, &session_cache)?;
         Ok(Arc::new(ServerTls {
             cert: cert.to_owned(),
@@ -127,18 +137,22 @@ impl ServerTls {
     pub fn reload_if_changed(&self) {
         let now = (modified(&self.cert), modified(&self.key));
         let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
-        if *stamps == now {
+        if stamps.loaded == now || stamps.failed == Some(now) {
             return;
         }
         match build_server_config(&self.cert, &self.key, &self.ticketer, &self.session_cache) {
             Ok(config) => {
                 *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
                 self.generation.fetch_add(1, Ordering::Release);
-                *stamps = now;
+                *stamps = Stamps {
+                    loaded: now,
+                    failed: None,
+                };
                 info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
-                // Keep the stamps unchanged so a fixed file is picked up later.
+                // A fixed file changes the stamps again and is picked up then.
+                stamps.failed = Some(now);
                 error!(error = %e, "new TLS certificate or key rejected; keeping the previous pair");
             }
         }
@@ -293,6 +307,16 @@ impl UpstreamTls {
                 slot: slot.clone(),
             }));
         (Arc::new(config), slot)
+    }
+}
+
+/// The real reason behind a TLS failure: monoio-rustls's own `Display`
+/// says only "io error", hiding e.g. an untrusted certificate.
+pub fn describe_error(e: monoio_rustls::TlsError) -> String {
+    let e: std::io::Error = e.into();
+    match e.get_ref() {
+        Some(inner) => inner.to_string(),
+        None => e.to_string(),
     }
 }
 

@@ -85,13 +85,19 @@ pub struct Login {
     /// What the transport allows: `TlsServerEndPoint` on TLS, so the
     /// server's SCRAM-SHA-256-PLUS is used when offered.
     channel_binding: ChannelBinding,
+    /// How the server authenticated us, for the session log.
+    auth_method: &'static str,
 }
 
 /// What one server message did.
 pub enum LoginStep {
     Continue(Login),
-    /// ReadyForQuery arrived: the session is open.
-    Ready,
+    /// ReadyForQuery arrived: the session is open. `auth_method` names how
+    /// tollgate authenticated (`trust`, `password`, `md5`, or the SASL
+    /// mechanism, e.g. `SCRAM-SHA-256-PLUS` when channel binding was used).
+    Ready {
+        auth_method: &'static str,
+    },
 }
 
 impl Login {
@@ -111,6 +117,7 @@ impl Login {
             user: user.to_owned(),
             password,
             channel_binding,
+            auth_method: "trust",
         }
     }
 
@@ -157,7 +164,9 @@ impl Login {
         self.phase = match (phase, parsed) {
             (Phase::AwaitReady, BeLoginMessage::ReadyForQuery { .. }) => {
                 to_client.extend_from_slice(msg);
-                return Ok(LoginStep::Ready);
+                return Ok(LoginStep::Ready {
+                    auth_method: self.auth_method,
+                });
             }
             (
                 Phase::AwaitReady,
@@ -181,12 +190,14 @@ impl Login {
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationCleartextPassword) => {
                 let password = self.password("cleartext")?;
                 frontend::password_message(password, to_server).map_err(protocol)?;
+                self.auth_method = "password";
                 Phase::AwaitAuthOk
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationMd5Password { salt }) => {
                 let password = self.password("md5")?;
                 let hashed = super::md5::md5_password_message_payload(&self.user, password, salt);
                 frontend::password_message(hashed.as_bytes(), to_server).map_err(protocol)?;
+                self.auth_method = "md5";
                 Phase::AwaitAuthOk
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationSasl { mechanisms }) => {
@@ -210,6 +221,7 @@ impl Login {
                 let password = self.password("SCRAM")?;
                 let (first, state) =
                     ScramClient::start(password, binding, None).map_err(LoginError::Scram)?;
+                self.auth_method = first.mechanism;
                 frontend::sasl_initial_response(first.mechanism, &first.message, to_server)
                     .map_err(protocol)?;
                 Phase::AwaitScramServerFirst(state)
@@ -336,7 +348,10 @@ mod tests {
                 .unwrap()
             {
                 LoginStep::Continue(l) => login = Some(l),
-                LoginStep::Ready => ready = true,
+                LoginStep::Ready { auth_method } => {
+                    assert_eq!(auth_method, "trust");
+                    ready = true
+                }
             }
             rest = &rest[f.total_len..];
         }

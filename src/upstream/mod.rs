@@ -82,20 +82,37 @@ impl UpstreamError {
     }
 }
 
-/// Opens a TCP connection to the upstream, bounded by the connect timeout.
+/// Opens a TCP connection to the upstream, trying each resolved address in
+/// turn, all within the connect timeout.
 pub async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
-    let addr = format!("{}:{}", cfg.host, cfg.port);
-    let stream =
-        match monoio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr.as_str())).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(UpstreamError::Connect { addr, source }),
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    addr,
-                    after: cfg.connect_timeout,
-                })
+    let describe = || format!("{}:{}", cfg.host, cfg.port);
+    let attempt = async {
+        let mut last = None;
+        for addr in &cfg.addrs {
+            match TcpStream::connect_addr(*addr).await {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
             }
-        };
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
+        }))
+    };
+    let stream = match monoio::time::timeout(cfg.connect_timeout, attempt).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => {
+            return Err(UpstreamError::Connect {
+                addr: describe(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(UpstreamError::ConnectTimeout {
+                addr: describe(),
+                after: cfg.connect_timeout,
+            })
+        }
+    };
     // Postgres messages are small and latency-bound; never wait to coalesce.
     let _ = stream.set_nodelay(true);
     Ok(stream)
@@ -126,9 +143,8 @@ pub async fn connect(
     // Exactly one byte: anything the server sent after it must go through
     // TLS, never be read as plaintext (CVE-2021-23222).
     let (res, answer) = stream.read(Vec::with_capacity(1)).await;
-    match res.map_err(UpstreamError::Io)? {
-        0 => return Err(UpstreamError::Closed),
-        _ => {}
+    if res.map_err(UpstreamError::Io)? == 0 {
+        return Err(UpstreamError::Closed);
     }
     match answer[0] {
         b'S' => {}
@@ -150,7 +166,7 @@ pub async fn connect(
     let stream = connector
         .connect(name, stream)
         .await
-        .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        .map_err(|e| UpstreamError::Tls(crate::tls::describe_error(e)))?;
     let cert = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     let binding = cert.as_deref().and_then(crate::tls::tls_server_end_point);
     Ok((UpstreamStream::Tls(Box::new(stream)), binding))
@@ -163,6 +179,8 @@ pub struct Upstream {
     pub for_client: BytesMut,
     /// Bytes the server sent after ReadyForQuery (normally none).
     pub leftover: BytesMut,
+    /// How tollgate authenticated to the server (for the session log).
+    pub auth_method: &'static str,
 }
 
 /// Connects (with TLS as configured) and logs in as `user`, passing the
@@ -186,19 +204,23 @@ pub async fn connect_and_login<'a>(
     let login = Login::start(user, password, channel_binding, params, &mut startup);
     match stream {
         UpstreamStream::Plain(mut s) => {
-            let (for_client, leftover) = run_login(&mut s, (login, startup), cache).await?;
+            let (for_client, leftover, auth_method) =
+                run_login(&mut s, (login, startup), cache).await?;
             Ok(Upstream {
                 stream: UpstreamStream::Plain(s),
                 for_client,
                 leftover,
+                auth_method,
             })
         }
         UpstreamStream::Tls(mut s) => {
-            let (for_client, leftover) = run_login(&mut *s, (login, startup), cache).await?;
+            let (for_client, leftover, auth_method) =
+                run_login(&mut *s, (login, startup), cache).await?;
             Ok(Upstream {
                 stream: UpstreamStream::Tls(s),
                 for_client,
                 leftover,
+                auth_method,
             })
         }
     }
@@ -209,7 +231,7 @@ async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
     stream: &mut S,
     (mut login, startup): (Login, BytesMut),
     cache: &std::cell::RefCell<KeyCache>,
-) -> Result<(BytesMut, BytesMut), UpstreamError> {
+) -> Result<(BytesMut, BytesMut, &'static str), UpstreamError> {
     let mut to_server = startup;
     let mut for_client = BytesMut::with_capacity(1024);
     let mut input = BytesMut::with_capacity(4096);
@@ -235,7 +257,7 @@ async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
             input.advance(frame.total_len);
             match step {
                 LoginStep::Continue(next) => login = next,
-                LoginStep::Ready => return Ok((for_client, input)),
+                LoginStep::Ready { auth_method } => return Ok((for_client, input, auth_method)),
             }
         }
         if !to_server.is_empty() {

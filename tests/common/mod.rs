@@ -23,6 +23,33 @@ pub struct Env {
     proxy: Option<Proxy>,
 }
 
+/// How to build an [`Env`].
+pub struct EnvOptions {
+    pub auth: HbaAuth,
+    /// Top-level keys.
+    pub top: String,
+    /// Whole tables (e.g. `[tls]`), appended at the end.
+    pub tables: String,
+    /// Extra keys inside `[upstream]`.
+    pub upstream: String,
+    pub upstream_host: String,
+    /// postgresql.conf settings for the cluster.
+    pub cluster_conf: Vec<(String, String)>,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            auth: HbaAuth::ScramSha256,
+            top: String::new(),
+            tables: String::new(),
+            upstream: String::new(),
+            upstream_host: "127.0.0.1".into(),
+            cluster_conf: Vec::new(),
+        }
+    }
+}
+
 pub struct Proxy {
     child: Child,
     pub addr: SocketAddr,
@@ -54,9 +81,18 @@ impl Env {
 
     /// `extra` is appended to the top level of the config.
     pub fn with(auth: HbaAuth, extra: &str) -> Env {
+        Self::build(EnvOptions {
+            auth,
+            top: extra.to_owned(),
+            ..EnvOptions::default()
+        })
+    }
+
+    pub fn build(opts: EnvOptions) -> Env {
         let cluster = Cluster::start(&ClusterOptions {
             password: "upstream-Pa55-word".into(),
-            auth,
+            auth: opts.auth,
+            extra_conf: opts.cluster_conf,
             ..ClusterOptions::default()
         })
         .expect("start throwaway Postgres");
@@ -66,12 +102,16 @@ impl Env {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nworkers = 2\n{extra}\n\
-                 [upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
+                "listen = \"127.0.0.1:{port}\"\nworkers = 2\n{top}\n\
+                 [upstream]\nhost = \"{host}\"\nport = {}\n{upstream}\n\
                  [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n\
-                 [tokens]\nfile = \"tokens.toml\"\n",
+                 [tokens]\nfile = \"tokens.toml\"\n{tables}\n",
                 cluster.port(),
-                cluster.password()
+                cluster.password(),
+                host = opts.upstream_host,
+                upstream = opts.upstream,
+                top = opts.top,
+                tables = opts.tables,
             ),
         )
         .unwrap();

@@ -1,0 +1,451 @@
+//! TLS on both sides, end to end: real clients with verify-full through
+//! tollgate, direct TLS, plaintext injection, policy, upstream verification
+//! and channel binding, and certificate reload.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+
+/// A test certificate authority.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses).
+    fn leaf(&self, names: &[&str]) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        roots
+    }
+}
+
+/// A folder Postgres (running as `nobody` under root) can read, holding
+/// certificate files. Postgres insists its key be owned by its own user.
+struct Files(tempfile::TempDir);
+
+impl Files {
+    fn new() -> Files {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Files(d)
+    }
+
+    fn write(&self, name: &str, text: &str, secret: bool) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.0.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let mode = if secret { 0o600 } else { 0o644 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    /// A key file for Postgres: owned by the server's user when we are root.
+    fn write_server_key(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.write(name, text, true);
+        if running_as_root() {
+            let (uid, gid) = nobody();
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        }
+        p
+    }
+}
+
+fn running_as_root() -> bool {
+    let out = std::process::Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+fn nobody() -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = std::process::Command::new("id")
+            .args([flag, "nobody"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+fn pg_ssl_conf(cert: &Path, key: &Path) -> Vec<(String, String)> {
+    vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), cert.display().to_string()),
+        ("ssl_key_file".into(), key.display().to_string()),
+    ]
+}
+
+fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
+    format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+fn rustls_client(ca: &Ca, alpn: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
+    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(ca.roots())
+    .with_no_client_auth();
+    if let Some(a) = alpn {
+        c.alpn_protocols = vec![a.to_vec()];
+    }
+    Arc::new(c)
+}
+
+fn psql(conn: &str, sql: &str) -> std::process::Output {
+    pg_tool("psql")
+        .args([conn, "-XAt", "-c", sql])
+        .output()
+        .unwrap()
+}
+
+/// Everything TLS at once: clients verify tollgate's certificate, tollgate
+/// verifies the server's (verify-full) and binds the SCRAM login to it.
+#[test]
+fn verified_tls_on_both_legs_with_channel_binding() {
+    let ca = Ca::new("tollgate test CA");
+    let files = Files::new();
+    let (pg_cert, pg_key) = ca.leaf(&["localhost"]);
+    let pg_cert = files.write("pg.crt", &pg_cert, false);
+    let pg_key = files.write_server_key("pg.key", &pg_key);
+    let (tg_cert, tg_key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let tg_cert = files.write("tg.crt", &tg_cert, false);
+    let tg_key = files.write("tg.key", &tg_key, true);
+    let ca_file = files.write("ca.crt", &ca.pem(), false);
+
+    let mut env = Env::build(EnvOptions {
+        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
+        upstream_host: "localhost".into(),
+        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
+        tables: tls_table(&tg_cert, &tg_key, "allow"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app", "--database", "appdb"]);
+    env.start_proxy();
+    let port = env.addr().port();
+
+    // psql, verifying tollgate's certificate by name.
+    let conn = format!(
+        "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb password={token} \
+         sslmode=verify-full sslrootcert={}",
+        ca_file.display()
+    );
+    let out = psql(
+        &conn,
+        "select ssl, version from pg_stat_ssl where pid = pg_backend_pid()",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upstream_leg = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        upstream_leg.starts_with("t|TLSv1."),
+        "upstream leg: {upstream_leg}"
+    );
+    let info = pg_tool("psql")
+        .args([&conn, "-X", "-c", "\\conninfo"])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("SSL connection (protocol: TLSv1.3"), "{info}");
+
+    // Plaintext from loopback is allowed under the default policy.
+    let plain = psql(&env.conn_str("app", "appdb", &token), "select 1");
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+
+    // tokio-postgres with a rustls connector.
+    runtime().block_on(async {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*rustls_client(&ca, None)).clone());
+        let conn = format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb password={token} sslmode=require"
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, tls).await.unwrap();
+        tokio::spawn(connection);
+        let r = client.query_one("select $1::text || 'k'", &[&"o"]).await.unwrap();
+        assert_eq!(r.get::<_, String>(0), "ok");
+    });
+
+    // The upstream login used channel binding.
+    let log = env.log();
+    assert!(
+        log.contains("SCRAM-SHA-256-PLUS"),
+        "channel binding not used"
+    );
+    env.assert_log_clean();
+}
+
+/// Direct TLS (no SSLRequest) works with ALPN `postgresql`, not without.
+#[test]
+fn direct_tls_requires_alpn() {
+    let ca = Ca::new("direct CA");
+    let files = Files::new();
+    let (cert, key) = ca.leaf(&["localhost"]);
+    let cert = files.write("tg.crt", &cert, false);
+    let key = files.write("tg.key", &key, true);
+    let mut env = Env::build(EnvOptions {
+        tables: tls_table(&cert, &key, "require"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+
+    let session = |alpn: Option<&[u8]>| -> Vec<u8> {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(rustls_client(&ca, alpn), name).unwrap();
+        let sock = TcpStream::connect(env.addr()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        let mut bytes = startup_message(&[("user", "app"), ("database", "appdb")]);
+        bytes.extend(password_message(&token));
+        if tls.write_all(&bytes).is_err() {
+            return Vec::new();
+        }
+        let mut got = vec![0u8; 9 + 9];
+        match tls.read_exact(&mut got) {
+            Ok(()) => got,
+            Err(_) => Vec::new(),
+        }
+    };
+    let ok = session(Some(b"postgresql"));
+    // AuthenticationCleartextPassword, then AuthenticationOk.
+    assert_eq!(&ok[..9], b"R\0\0\0\x08\0\0\0\x03");
+    assert_eq!(&ok[9..], b"R\0\0\0\x08\0\0\0\x00");
+    let refused = session(None);
+    assert_ne!(refused.get(9..), Some(&b"R\0\0\0\x08\0\0\0\x00"[..]));
+    assert!(env.log().contains("direct_tls_without_alpn"));
+}
+
+/// Bytes sent in the clear right after SSLRequest are refused, unprocessed.
+#[test]
+fn plaintext_injected_after_ssl_request_is_refused() {
+    let ca = Ca::new("inject CA");
+    let files = Files::new();
+    let (cert, key) = ca.leaf(&["localhost"]);
+    let cert = files.write("tg.crt", &cert, false);
+    let key = files.write("tg.key", &key, true);
+    let mut env = Env::build(EnvOptions {
+        tables: tls_table(&cert, &key, "allow"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+
+    let mut raw = Raw::connect(env.addr());
+    let mut bytes = [8i32.to_be_bytes(), 80877103i32.to_be_bytes()].concat();
+    bytes.extend(startup_message(&[("user", "app")]));
+    bytes.extend(password_message(&token));
+    raw.send(&bytes);
+    let got = raw.read_to_close();
+    assert_eq!(got.first(), Some(&b'E'), "{got:?}");
+    let (code, message) = error_fields(&got[5..]);
+    assert_eq!(code, "08P01");
+    assert!(message.contains("unencrypted data after SSL request"));
+    assert!(
+        !env.log().contains("session started"),
+        "the injected login went through"
+    );
+}
+
+/// `mode = "require"` refuses plaintext even from loopback, before the
+/// client sends its token.
+#[test]
+fn plaintext_refused_when_tls_required() {
+    let ca = Ca::new("require CA");
+    let files = Files::new();
+    let (cert, key) = ca.leaf(&["localhost"]);
+    let cert = files.write("tg.crt", &cert, false);
+    let key = files.write("tg.key", &key, true);
+    let mut env = Env::build(EnvOptions {
+        tables: tls_table(&cert, &key, "require"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    runtime().block_on(async {
+        let (code, message) = connect_error(&env.conn_str("app", "appdb", &token)).await;
+        assert_eq!(code, "28000");
+        assert!(message.contains("TLS is required"), "{message}");
+    });
+    // With TLS it works.
+    let conn = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=appdb password={token} sslmode=verify-full sslrootcert={}",
+        env.addr().port(),
+        files.write("ca.crt", &ca.pem(), false).display()
+    );
+    let out = psql(&conn, "select 1");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.assert_log_clean();
+}
+
+/// verify-full against a certificate for another name fails with 08001 and
+/// a logged reason; verify-ca accepts the same server; require accepts a
+/// self-signed one.
+#[test]
+fn upstream_verification_modes() {
+    let ca = Ca::new("upstream CA");
+    let files = Files::new();
+    let (pg_cert, pg_key) = ca.leaf(&["db.internal.example"]);
+    let pg_cert = files.write("pg.crt", &pg_cert, false);
+    let pg_key = files.write_server_key("pg.key", &pg_key);
+    let ca_file = files.write("ca.crt", &ca.pem(), false);
+    let mut env = Env::build(EnvOptions {
+        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
+        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    runtime().block_on(async {
+        let (code, message) = connect_error(&env.conn_str("app", "appdb", &token)).await;
+        assert_eq!(code, "08001");
+        assert!(message.contains("secure connection"), "{message}");
+    });
+    let log = env.log();
+    let failures: Vec<&str> = log.lines().filter(|l| l.contains("login failed")).collect();
+    assert!(
+        failures.iter().any(|l| l.contains("not valid for name")),
+        "the log does not say why: {failures:?}"
+    );
+    drop(env);
+
+    // The same server under verify-ca, and a self-signed server under require.
+    let (self_cert, self_key) = Ca::new("self").leaf(&["whatever"]);
+    let self_cert = files.write("self.crt", &self_cert, false);
+    let self_key = files.write_server_key("self.key", &self_key);
+    for (mode, cert, key) in [
+        ("verify-ca", &pg_cert, &pg_key),
+        ("require", &self_cert, &self_key),
+    ] {
+        let mut env = Env::build(EnvOptions {
+            cluster_conf: pg_ssl_conf(cert, key),
+            upstream: format!("tls = \"{mode}\"\nca_file = \"{}\"", ca_file.display()),
+            ..EnvOptions::default()
+        });
+        let token = env.create_token(&["--user", "app"]);
+        env.start_proxy();
+        let out = psql(
+            &env.conn_str("app", "appdb", &token),
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+        );
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "t", "{mode}");
+        assert!(
+            env.log().contains("SCRAM-SHA-256-PLUS"),
+            "{mode}: no channel binding"
+        );
+    }
+}
+
+/// Replacing the certificate files takes effect for new connections while
+/// open sessions keep working.
+#[test]
+fn certificate_reload_without_downtime() {
+    let old_ca = Ca::new("old CA");
+    let new_ca = Ca::new("new CA");
+    let files = Files::new();
+    let (cert, key) = old_ca.leaf(&["localhost"]);
+    let cert_path = files.write("tg.crt", &cert, false);
+    let key_path = files.write("tg.key", &key, true);
+    let old_ca_file = files.write("old-ca.crt", &old_ca.pem(), false);
+    let new_ca_file = files.write("new-ca.crt", &new_ca.pem(), false);
+    let mut env = Env::build(EnvOptions {
+        tables: tls_table(&cert_path, &key_path, "require"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    let port = env.addr().port();
+    let conn = |ca: &Path| {
+        format!(
+            "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb password={token} \
+             sslmode=verify-full sslrootcert={}",
+            ca.display()
+        )
+    };
+    runtime().block_on(async {
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new((*rustls_client(&old_ca, None)).clone());
+        let (open, connection) = tokio_postgres::connect(
+            &format!("host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb password={token} sslmode=require"),
+            tls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        open.simple_query("select 1").await.unwrap();
+
+        // A broken pair is refused and the old one stays in force.
+        std::fs::write(&cert_path, "not a certificate").unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(psql(&conn(&old_ca_file), "select 1").status.success());
+
+        // Rotate: key first, then the certificate, each replaced atomically.
+        let (cert, key) = new_ca.leaf(&["localhost"]);
+        let tmp = files.write("tg.key.new", &key, true);
+        std::fs::rename(&tmp, &key_path).unwrap();
+        let tmp = files.write("tg.crt.new", &cert, false);
+        std::fs::rename(&tmp, &cert_path).unwrap();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+
+        let new = psql(&conn(&new_ca_file), "select 1");
+        assert!(new.status.success(), "{}", String::from_utf8_lossy(&new.stderr));
+        assert!(!psql(&conn(&old_ca_file), "select 1").status.success());
+        // The session opened before the rotation is untouched.
+        open.simple_query("select 2").await.unwrap();
+    });
+    let log = env.log();
+    assert!(log.contains("keeping the previous pair"));
+    assert!(log.contains("TLS certificate reloaded"));
+    env.assert_log_clean();
+}
