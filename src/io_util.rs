@@ -16,3 +16,24 @@ pub async fn read_append<S: AsyncReadRent>(
     let (res, slice) = stream.read(buf.slice_mut(len..)).await;
     (res, slice.into_inner())
 }
+
+/// Runs a future, turning a panic inside it into `Err` instead of letting it
+/// unwind through the shard's runtime (which would take every session on
+/// the shard down with it).
+pub struct CatchUnwind<F>(pub std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}

@@ -131,7 +131,15 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                monoio::spawn(session::run(ctx.clone(), stream, peer));
+                let session =
+                    crate::io_util::CatchUnwind(Box::pin(session::run(ctx.clone(), stream, peer)));
+                monoio::spawn(async move {
+                    if session.await.is_err() {
+                        // A bug, not bad input: input errors are handled.
+                        // Only this session is lost; the shard carries on.
+                        error!(shard, %peer, "session panicked; connection closed");
+                    }
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning, and let
