@@ -14,22 +14,24 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tollgate::auth::token::{self, TOKEN_LEN};
-use tollgate::auth::{Rejection, TokenRecord, TokenStore};
+use tollgate::auth::{Presenter, Rejection, TokenRecord, TokenStore};
 
 const STORE_SIZE: usize = 10_000;
 
 fn record(id: &str, secret_sha256: [u8; 32], now: SystemTime) -> TokenRecord {
-    TokenRecord {
-        id: id.to_owned(),
-        user: "app".to_owned(),
-        databases: vec!["appdb".to_owned()],
+    let mut r = TokenRecord::new(
+        id.to_owned(),
+        "app".to_owned(),
+        vec!["appdb".to_owned()],
         secret_sha256,
-        created_at: now,
-        not_before: None,
-        expires_at: Some(now + Duration::from_secs(86_400)),
-        revoked_at: None,
-        comment: Some("bench".to_owned()),
-    }
+        now,
+    );
+    r.expires_at = Some(now + Duration::from_secs(86_400));
+    r.comment = Some("bench".to_owned());
+    // A realistic rule set: a network and a session parameter.
+    r.cidrs = vec!["127.0.0.0/8".parse().expect("cidr")];
+    r.session = vec![("statement_timeout".to_owned(), "5s".to_owned())];
+    r
 }
 
 fn bench_token(c: &mut Criterion) {
@@ -74,14 +76,19 @@ fn bench_token(c: &mut Criterion) {
     group.sample_size(30);
     group.warm_up_time(Duration::from_millis(500));
     group.measurement_time(Duration::from_secs(2));
+    let who = Presenter {
+        user: "app",
+        database: "appdb",
+        address: "127.0.0.1".parse().expect("address"),
+    };
     for (name, presented, expected) in cases {
         assert_eq!(
-            store.check(presented, "app", "appdb", now).outcome,
+            store.check(presented, &who, now).outcome.map(|_| ()),
             expected,
             "{name}"
         );
         group.bench_function(name, |b| {
-            b.iter(|| store.check(black_box(presented), "app", "appdb", now))
+            b.iter(|| store.check(black_box(presented), &who, now))
         });
     }
     group.finish();

@@ -107,6 +107,33 @@ impl ClientError {
         )
     }
 
+    /// A session ended because its token no longer allows it. Sent at a
+    /// message boundary, with the code Postgres uses for
+    /// pg_terminate_backend, so drivers treat it as a terminated connection.
+    pub fn session_ended(reason: crate::auth::Rejection) -> Self {
+        use crate::auth::Rejection;
+        let why = match reason {
+            Rejection::Revoked => "its token was revoked",
+            Rejection::Expired => "its token expired",
+            Rejection::Rotated => "its token was rotated and the old secret's grace period ended",
+            Rejection::Deleted => "its token was deleted",
+            _ => "its token is no longer valid",
+        };
+        ClientError::new(
+            sqlstate::ADMIN_SHUTDOWN,
+            "session_ended",
+            format!("terminating connection because {why}"),
+        )
+    }
+
+    pub fn token_connection_limit() -> Self {
+        ClientError::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "token_connection_limit",
+            "too many connections for this token",
+        )
+    }
+
     pub fn internal() -> Self {
         ClientError::new(
             sqlstate::INTERNAL_ERROR,

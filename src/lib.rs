@@ -14,6 +14,7 @@ pub mod handshake;
 mod io_util;
 pub mod logging;
 pub mod protocol;
+pub mod reload;
 pub mod secret;
 pub mod session;
 pub mod shard;

@@ -6,15 +6,17 @@
 //! a reader sees the old file or the new one, never half of one.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use super::cidr::Cidr;
 use super::token::{self, is_valid_id};
 
 /// Matches every database.
@@ -37,6 +39,26 @@ struct RawRecord {
     revoked_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cidrs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    on_expiry: Option<OnExpiry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_secret_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous_valid_until: Option<String>,
+    // Tables last: TOML writes plain values before sub-tables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    session: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+struct RawRevokedJwt {
+    jti: String,
+    revoked_at: String,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -44,6 +66,45 @@ struct RawRecord {
 struct RawStore {
     #[serde(default, rename = "token")]
     tokens: Vec<RawRecord>,
+    #[serde(default, rename = "revoked_jwt", skip_serializing_if = "Vec::is_empty")]
+    revoked_jwts: Vec<RawRevokedJwt>,
+}
+
+/// What happens to open sessions when their token expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpiry {
+    /// End the session with a FATAL error at a message boundary.
+    #[default]
+    Terminate,
+    /// Let it run to completion; only new logins are refused.
+    Keep,
+}
+
+impl std::str::FromStr for OnExpiry {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "terminate" => Ok(OnExpiry::Terminate),
+            "keep" => Ok(OnExpiry::Keep),
+            _ => Err(format!("\"{s}\" is not terminate or keep")),
+        }
+    }
+}
+
+/// The secret a rotated token had, accepted until `valid_until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreviousSecret {
+    pub sha256: [u8; 32],
+    pub valid_until: SystemTime,
+}
+
+/// Which of a token's secrets a session logged in with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSlot {
+    Current,
+    Previous,
 }
 
 /// A validated token record.
@@ -58,9 +119,48 @@ pub struct TokenRecord {
     pub expires_at: Option<SystemTime>,
     pub revoked_at: Option<SystemTime>,
     pub comment: Option<String>,
+    /// Source networks allowed; empty = any.
+    pub cidrs: Vec<Cidr>,
+    /// Open sessions at once, across all shards.
+    pub max_connections: Option<u32>,
+    /// Parameters injected into the upstream start-up packet.
+    pub session: Vec<(String, String)>,
+    /// `None` follows the global `[tokens] on_expiry`.
+    pub on_expiry: Option<OnExpiry>,
+    pub previous: Option<PreviousSecret>,
 }
 
 impl TokenRecord {
+    /// A record with no rules beyond its role and databases.
+    pub fn new(
+        id: String,
+        user: String,
+        databases: Vec<String>,
+        secret_sha256: [u8; 32],
+        created_at: SystemTime,
+    ) -> Self {
+        TokenRecord {
+            id,
+            user,
+            databases,
+            secret_sha256,
+            created_at,
+            not_before: None,
+            expires_at: None,
+            revoked_at: None,
+            comment: None,
+            cidrs: Vec::new(),
+            max_connections: None,
+            session: Vec::new(),
+            on_expiry: None,
+            previous: None,
+        }
+    }
+
+    pub fn allows_address(&self, ip: IpAddr) -> bool {
+        self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(ip))
+    }
+
     pub fn allows_database(&self, database: &str) -> bool {
         self.databases
             .iter()
@@ -93,6 +193,11 @@ pub enum Rejection {
     Revoked,
     WrongUser,
     WrongDatabase,
+    AddressNotAllowed,
+    /// The previous secret of a rotated token, after its grace period.
+    Rotated,
+    /// The token was removed from the store.
+    Deleted,
 }
 
 impl Rejection {
@@ -107,6 +212,9 @@ impl Rejection {
             Rejection::Revoked => "revoked",
             Rejection::WrongUser => "not allowed for user",
             Rejection::WrongDatabase => "not allowed for database",
+            Rejection::AddressNotAllowed => "not allowed from this address",
+            Rejection::Rotated => "rotated",
+            Rejection::Deleted => "deleted",
         }
     }
 }
@@ -117,12 +225,33 @@ impl fmt::Display for Rejection {
     }
 }
 
+/// Who is presenting a token.
+#[derive(Debug, Clone, Copy)]
+pub struct Presenter<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub address: IpAddr,
+}
+
+/// What an accepted token grants the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub slot: SecretSlot,
+    /// SHA-256 of the secret used, so open sessions can be matched against
+    /// later rotations (a second rotation retires the first's old secret).
+    pub secret_sha256: [u8; 32],
+    pub max_connections: Option<u32>,
+    pub session: Vec<(String, String)>,
+    pub expires_at: Option<SystemTime>,
+    pub on_expiry: Option<OnExpiry>,
+}
+
 /// The result of a token check: the token id when it could be read (for the
 /// log), and the verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
     pub token_id: Option<String>,
-    pub outcome: Result<(), Rejection>,
+    pub outcome: Result<Grant, Rejection>,
 }
 
 /// Failure to read or write the store file. Operators see these, clients never.
@@ -168,6 +297,8 @@ impl std::error::Error for StoreError {}
 #[derive(Debug, Default, Clone)]
 pub struct TokenStore {
     records: HashMap<String, TokenRecord>,
+    /// JWT ids revoked before their expiry, and when.
+    revoked_jwts: HashMap<String, SystemTime>,
 }
 
 /// Compared against when the id is unknown, so that an unknown id costs the
@@ -202,6 +333,12 @@ impl TokenStore {
 
     fn parse(text: &str) -> Result<TokenStore, ParseError> {
         let raw: RawStore = toml::from_str(text).map_err(|e| ParseError::Toml(e.to_string()))?;
+        let mut revoked_jwts = HashMap::with_capacity(raw.revoked_jwts.len());
+        for r in raw.revoked_jwts {
+            let at =
+                parse_time("revoked_at", &r.jti, &r.revoked_at).map_err(ParseError::Invalid)?;
+            revoked_jwts.insert(r.jti, at);
+        }
         let mut records = HashMap::with_capacity(raw.tokens.len());
         for r in raw.tokens {
             let record = validate(r).map_err(ParseError::Invalid)?;
@@ -213,7 +350,10 @@ impl TokenStore {
             }
             records.insert(record.id.clone(), record);
         }
-        Ok(TokenStore { records })
+        Ok(TokenStore {
+            records,
+            revoked_jwts,
+        })
     }
 
     /// Writes the store atomically: a temp file beside it, fsync, rename,
@@ -225,8 +365,18 @@ impl TokenStore {
         };
         let mut tokens: Vec<&TokenRecord> = self.records.values().collect();
         tokens.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let mut revoked_jwts: Vec<RawRevokedJwt> = self
+            .revoked_jwts
+            .iter()
+            .map(|(jti, at)| RawRevokedJwt {
+                jti: jti.clone(),
+                revoked_at: humantime::format_rfc3339_seconds(*at).to_string(),
+            })
+            .collect();
+        revoked_jwts.sort_by(|a, b| (&a.revoked_at, &a.jti).cmp(&(&b.revoked_at, &b.jti)));
         let raw = RawStore {
             tokens: tokens.into_iter().map(to_raw).collect(),
+            revoked_jwts,
         };
         let text = format!(
             "# tollgate token store: ids, rules and SHA-256 of secrets (never the secrets).\n\
@@ -295,13 +445,22 @@ impl TokenStore {
         v
     }
 
-    /// Checks a presented token for `user` and `database` at `now`.
+    /// Revokes a JWT by its `jti` (kept until removed by hand).
+    pub fn revoke_jwt(&mut self, jti: &str, now: SystemTime) {
+        self.revoked_jwts.entry(jti.to_owned()).or_insert(now);
+    }
+
+    pub fn is_jwt_revoked(&self, jti: &str, now: SystemTime) -> bool {
+        self.revoked_jwts.get(jti).is_some_and(|t| *t <= now)
+    }
+
+    /// Checks a presented token for `who` at `now`.
     ///
-    /// The secret comparison runs whether or not the id is known, and in
-    /// constant time, so timing tells an attacker nothing about ids or
-    /// secrets. The order of the checks after that decides only what the
-    /// log says.
-    pub fn check(&self, presented: &[u8], user: &str, database: &str, now: SystemTime) -> Verdict {
+    /// The secret comparisons (current and previous secret) run whether or
+    /// not the id is known, and in constant time, so timing tells an
+    /// attacker nothing about ids or secrets. The order of the checks after
+    /// that decides only what the log says.
+    pub fn check(&self, presented: &[u8], who: &Presenter<'_>, now: SystemTime) -> Verdict {
         let parsed = match token::parse(presented) {
             Ok(p) => p,
             Err(_) => {
@@ -313,20 +472,101 @@ impl TokenStore {
         };
         let token_id = Some(parsed.id.to_owned());
         let record = self.records.get(parsed.id);
-        let expected = record.map_or(&DUMMY_HASH, |r| &r.secret_sha256);
         let actual = token::sha256(parsed.secret.expose());
-        let secret_ok: bool = actual.ct_eq(expected).into();
-        let outcome = match record {
-            None => Err(Rejection::UnknownId),
-            Some(_) if !secret_ok => Err(Rejection::BadSecret),
-            Some(r) if r.revoked_at.is_some_and(|t| t <= now) => Err(Rejection::Revoked),
-            Some(r) if r.expires_at.is_some_and(|t| t <= now) => Err(Rejection::Expired),
-            Some(r) if r.not_before.is_some_and(|t| t > now) => Err(Rejection::NotYetValid),
-            Some(r) if r.user != user => Err(Rejection::WrongUser),
-            Some(r) if !r.allows_database(database) => Err(Rejection::WrongDatabase),
-            Some(_) => Ok(()),
+        let current = record.map_or(&DUMMY_HASH, |r| &r.secret_sha256);
+        let previous = record
+            .and_then(|r| r.previous.as_ref())
+            .map_or(&DUMMY_HASH, |p| &p.sha256);
+        let current_ok: bool = actual.ct_eq(current).into();
+        let previous_ok: bool = actual.ct_eq(previous).into();
+        let Some(r) = record else {
+            return Verdict {
+                token_id,
+                outcome: Err(Rejection::UnknownId),
+            };
         };
+        let slot = if current_ok {
+            SecretSlot::Current
+        } else if previous_ok && r.previous.is_some() {
+            SecretSlot::Previous
+        } else {
+            return Verdict {
+                token_id,
+                outcome: Err(Rejection::BadSecret),
+            };
+        };
+        let outcome = r.validity(&actual, now).and_then(|()| {
+            if r.not_before.is_some_and(|t| t > now) {
+                Err(Rejection::NotYetValid)
+            } else if r.user != who.user {
+                Err(Rejection::WrongUser)
+            } else if !r.allows_database(who.database) {
+                Err(Rejection::WrongDatabase)
+            } else if !r.allows_address(who.address) {
+                Err(Rejection::AddressNotAllowed)
+            } else {
+                Ok(Grant {
+                    slot,
+                    secret_sha256: actual,
+                    max_connections: r.max_connections,
+                    session: r.session.clone(),
+                    expires_at: r.expires_at,
+                    on_expiry: r.on_expiry,
+                })
+            }
+        });
         Verdict { token_id, outcome }
+    }
+
+    /// Whether an open session that logged in with `token_id` and `slot`
+    /// may go on at `now`: revocation, rotation, deletion and expiry
+    /// (`Expired` is for the caller to weigh against the session's
+    /// `on_expiry`).
+    pub fn recheck(
+        &self,
+        token_id: &str,
+        secret_sha256: &[u8; 32],
+        now: SystemTime,
+    ) -> Result<(), Rejection> {
+        let r = self.records.get(token_id).ok_or(Rejection::Deleted)?;
+        r.validity(secret_sha256, now)
+    }
+
+    /// The next time `recheck` may change its answer without the store
+    /// changing: expiry, or the end of a rotated secret's grace.
+    pub fn deadline(&self, token_id: &str, secret_sha256: &[u8; 32]) -> Option<SystemTime> {
+        let r = self.records.get(token_id)?;
+        let grace = r
+            .previous
+            .filter(|p| &r.secret_sha256 != secret_sha256 && &p.sha256 == secret_sha256)
+            .map(|p| p.valid_until);
+        match (r.expires_at, grace) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+impl TokenRecord {
+    /// Revocation, rotation and expiry, which also apply to open sessions.
+    /// `secret_sha256` is the hash of the secret the session presented
+    /// (already known to be the current or the previous one at login).
+    fn validity(&self, secret_sha256: &[u8; 32], now: SystemTime) -> Result<(), Rejection> {
+        if self.revoked_at.is_some_and(|t| t <= now) {
+            return Err(Rejection::Revoked);
+        }
+        // Comparing hashes of secrets: no timing concern.
+        let current = &self.secret_sha256 == secret_sha256;
+        let in_grace = self
+            .previous
+            .is_some_and(|p| &p.sha256 == secret_sha256 && p.valid_until > now);
+        if !current && !in_grace {
+            return Err(Rejection::Rotated);
+        }
+        if self.expires_at.is_some_and(|t| t <= now) {
+            return Err(Rejection::Expired);
+        }
+        Ok(())
     }
 }
 
@@ -358,6 +598,34 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
     let opt = |field: &str, v: &Option<String>| {
         v.as_deref().map(|s| parse_time(field, id, s)).transpose()
     };
+    let cidrs = r
+        .cidrs
+        .iter()
+        .map(|c| {
+            c.parse::<Cidr>()
+                .map_err(|e| format!("token {id}: cidrs: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for (name, value) in &r.session {
+        validate_session_parameter(name, value).map_err(|e| format!("token {id}: session: {e}"))?;
+    }
+    let previous = match (&r.previous_secret_sha256, &r.previous_valid_until) {
+        (None, None) => None,
+        (Some(h), Some(until)) => {
+            let mut sha256 = [0u8; 32];
+            hex::decode_to_slice(h, &mut sha256)
+                .map_err(|_| format!("token {id}: previous_secret_sha256 must be 64 hex digits"))?;
+            Some(PreviousSecret {
+                sha256,
+                valid_until: parse_time("previous_valid_until", id, until)?,
+            })
+        }
+        _ => {
+            return Err(format!(
+                "token {id}: previous_secret_sha256 and previous_valid_until go together"
+            ))
+        }
+    };
     Ok(TokenRecord {
         created_at: parse_time("created_at", id, &r.created_at)?,
         not_before: opt("not_before", &r.not_before)?,
@@ -366,6 +634,11 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
         secret_sha256,
         databases: r.databases,
         comment: r.comment,
+        cidrs,
+        max_connections: r.max_connections,
+        session: r.session.into_iter().collect(),
+        on_expiry: r.on_expiry,
+        previous,
         user: r.user,
         id: r.id,
     })
@@ -383,7 +656,36 @@ fn to_raw(r: &TokenRecord) -> RawRecord {
         expires_at: r.expires_at.map(t),
         revoked_at: r.revoked_at.map(t),
         comment: r.comment.clone(),
+        cidrs: r.cidrs.iter().map(Cidr::to_string).collect(),
+        max_connections: r.max_connections,
+        on_expiry: r.on_expiry,
+        previous_secret_sha256: r.previous.map(|p| hex::encode(p.sha256)),
+        previous_valid_until: r.previous.map(|p| t(p.valid_until)),
+        session: r.session.iter().cloned().collect(),
     }
+}
+
+/// Start-up parameters a token may inject: a GUC name, and a value without
+/// NUL. The names that define the connection itself are refused.
+pub fn validate_session_parameter(name: &str, value: &str) -> Result<(), String> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    if !name_ok {
+        return Err(format!(
+            "\"{}\" is not a parameter name",
+            name.escape_default()
+        ));
+    }
+    if matches!(name, "user" | "database" | "replication") || name.starts_with("_pq_.") {
+        return Err(format!("\"{name}\" cannot be set by a token"));
+    }
+    if value.contains('\0') {
+        return Err(format!("the value of \"{name}\" contains a NUL byte"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -392,21 +694,37 @@ mod tests {
     use std::time::Duration;
 
     fn record(t: &token::NewToken, user: &str, dbs: &[&str]) -> TokenRecord {
-        TokenRecord {
-            id: t.id.clone(),
-            user: user.into(),
-            databases: dbs.iter().map(|s| s.to_string()).collect(),
-            secret_sha256: t.secret_sha256,
-            created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
-            not_before: None,
-            expires_at: None,
-            revoked_at: None,
-            comment: None,
-        }
+        TokenRecord::new(
+            t.id.clone(),
+            user.into(),
+            dbs.iter().map(|s| s.to_string()).collect(),
+            t.secret_sha256,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )
     }
 
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn check_from(
+        store: &TokenStore,
+        token: &[u8],
+        user: &str,
+        db: &str,
+        ip: &str,
+        at: SystemTime,
+    ) -> Result<Grant, Rejection> {
+        let who = Presenter {
+            user,
+            database: db,
+            address: ip.parse().unwrap(),
+        };
+        store.check(token, &who, at).outcome
+    }
+
+    fn check(store: &TokenStore, token: &[u8], user: &str, db: &str) -> Result<Grant, Rejection> {
+        check_from(store, token, user, db, "127.0.0.1", now())
     }
 
     #[test]
@@ -414,37 +732,45 @@ mod tests {
         let good = token::generate();
         let other = token::generate();
         let mut store = TokenStore::default();
-        store.insert(record(&good, "app", &["appdb"]));
+        let mut r = record(&good, "app", &["appdb"]);
+        r.session = vec![("statement_timeout".into(), "5s".into())];
+        store.insert(r);
         let g = good.token.expose();
-        assert_eq!(store.check(g, "app", "appdb", now()).outcome, Ok(()));
+        let grant = check(&store, g, "app", "appdb").unwrap();
+        assert_eq!(grant.slot, SecretSlot::Current);
         assert_eq!(
-            store.check(g, "app", "appdb", now()).token_id.as_deref(),
+            grant.session,
+            [("statement_timeout".to_owned(), "5s".to_owned())]
+        );
+        let who = Presenter {
+            user: "app",
+            database: "appdb",
+            address: "127.0.0.1".parse().unwrap(),
+        };
+        assert_eq!(
+            store.check(g, &who, now()).token_id.as_deref(),
             Some(good.id.as_str())
         );
         assert_eq!(
-            store.check(g, "other", "appdb", now()).outcome,
+            check(&store, g, "other", "appdb"),
             Err(Rejection::WrongUser)
         );
         assert_eq!(
-            store.check(g, "app", "postgres", now()).outcome,
+            check(&store, g, "app", "postgres"),
             Err(Rejection::WrongDatabase)
         );
         assert_eq!(
-            store
-                .check(other.token.expose(), "app", "appdb", now())
-                .outcome,
+            check(&store, other.token.expose(), "app", "appdb"),
             Err(Rejection::UnknownId)
         );
         assert_eq!(
-            store.check(b"hunter2", "app", "appdb", now()).outcome,
+            check(&store, b"hunter2", "app", "appdb"),
             Err(Rejection::Malformed)
         );
         // Same id, different secret (with a valid checksum).
         let forged = token::generate_with_id(&good.id, &ring::rand::SystemRandom::new());
         assert_eq!(
-            store
-                .check(forged.token.expose(), "app", "appdb", now())
-                .outcome,
+            check(&store, forged.token.expose(), "app", "appdb"),
             Err(Rejection::BadSecret)
         );
     }
@@ -457,23 +783,102 @@ mod tests {
         r.expires_at = Some(now() - Duration::from_secs(1));
         store.insert(r.clone());
         assert_eq!(
-            store.check(t.token.expose(), "app", "x", now()).outcome,
+            check(&store, t.token.expose(), "app", "x"),
             Err(Rejection::Expired)
         );
         r.expires_at = Some(now() + Duration::from_secs(60));
         r.not_before = Some(now() + Duration::from_secs(10));
         store.insert(r.clone());
         assert_eq!(
-            store.check(t.token.expose(), "app", "x", now()).outcome,
+            check(&store, t.token.expose(), "app", "x"),
             Err(Rejection::NotYetValid)
         );
         r.not_before = None;
         r.revoked_at = Some(now());
         store.insert(r);
         assert_eq!(
-            store.check(t.token.expose(), "app", "x", now()).outcome,
+            check(&store, t.token.expose(), "app", "x"),
             Err(Rejection::Revoked)
         );
+    }
+
+    #[test]
+    fn cidr_rules() {
+        let t = token::generate();
+        let mut store = TokenStore::default();
+        let mut r = record(&t, "app", &["*"]);
+        r.cidrs = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        store.insert(r);
+        let tok = t.token.expose();
+        assert!(check_from(&store, tok, "app", "x", "10.9.8.7", now()).is_ok());
+        assert!(check_from(&store, tok, "app", "x", "127.0.0.1", now()).is_ok());
+        assert_eq!(
+            check_from(&store, tok, "app", "x", "192.168.1.1", now()),
+            Err(Rejection::AddressNotAllowed)
+        );
+    }
+
+    #[test]
+    fn rotation_grace_and_open_sessions() {
+        let old = token::generate();
+        let new = token::generate_with_id(&old.id, &ring::rand::SystemRandom::new());
+        let newer = token::generate_with_id(&old.id, &ring::rand::SystemRandom::new());
+        let mut store = TokenStore::default();
+        let mut r = record(&new, "app", &["*"]);
+        let grace_end = now() + Duration::from_secs(600);
+        r.previous = Some(PreviousSecret {
+            sha256: old.secret_sha256,
+            valid_until: grace_end,
+        });
+        store.insert(r.clone());
+        let g = check(&store, old.token.expose(), "app", "x").unwrap();
+        assert_eq!(g.slot, SecretSlot::Previous);
+        assert_eq!(
+            check(&store, new.token.expose(), "app", "x").unwrap().slot,
+            SecretSlot::Current
+        );
+        // Inside the grace the old secret's sessions may go on; after it, not.
+        assert_eq!(store.recheck(&old.id, &old.secret_sha256, now()), Ok(()));
+        assert_eq!(store.deadline(&old.id, &old.secret_sha256), Some(grace_end));
+        assert_eq!(store.deadline(&old.id, &new.secret_sha256), None);
+        let later = grace_end + Duration::from_secs(1);
+        assert_eq!(
+            check_from(&store, old.token.expose(), "app", "x", "127.0.0.1", later),
+            Err(Rejection::Rotated)
+        );
+        assert_eq!(
+            store.recheck(&old.id, &old.secret_sha256, later),
+            Err(Rejection::Rotated)
+        );
+        assert_eq!(store.recheck(&old.id, &new.secret_sha256, later), Ok(()));
+        // A second rotation retires the first old secret at once.
+        r.previous = Some(PreviousSecret {
+            sha256: new.secret_sha256,
+            valid_until: grace_end,
+        });
+        r.secret_sha256 = newer.secret_sha256;
+        store.insert(r);
+        assert_eq!(
+            store.recheck(&old.id, &old.secret_sha256, now()),
+            Err(Rejection::Rotated)
+        );
+        assert_eq!(store.recheck(&old.id, &new.secret_sha256, now()), Ok(()));
+        assert_eq!(
+            store.recheck("nosuchtoken0", &new.secret_sha256, now()),
+            Err(Rejection::Deleted)
+        );
+    }
+
+    #[test]
+    fn revoked_jwts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        let mut store = TokenStore::default();
+        store.revoke_jwt("abc-123", now());
+        store.save(&path).unwrap();
+        let loaded = TokenStore::load(&path).unwrap();
+        assert!(loaded.is_jwt_revoked("abc-123", now()));
+        assert!(!loaded.is_jwt_revoked("other", now()));
     }
 
     #[test]
@@ -485,6 +890,17 @@ mod tests {
         let mut r = record(&t, "app", &["appdb", "reports"]);
         r.expires_at = Some(now());
         r.comment = Some("ci".into());
+        r.cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        r.max_connections = Some(3);
+        r.on_expiry = Some(OnExpiry::Keep);
+        r.session = vec![
+            ("default_transaction_read_only".into(), "on".into()),
+            ("statement_timeout".into(), "5s".into()),
+        ];
+        r.previous = Some(PreviousSecret {
+            sha256: [7; 32],
+            valid_until: now(),
+        });
         store.insert(r.clone());
         store.save(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::TokenStore;
 use crate::config::Config;
 
 pub type CliError = Box<dyn std::error::Error>;
@@ -69,9 +68,10 @@ fn serve(config_path: &std::path::Path) -> Result<(), CliError> {
 
 /// Loads the token store and starts the shards.
 fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
-    let tokens = TokenStore::load(&config.tokens_file)?;
+    let store = crate::auth::live::LiveStore::load(&config.tokens_file)?;
+    store.watch();
     tracing::info!(
-        tokens = tokens.len(),
+        tokens = store.published.get().len(),
         file = %config.tokens_file.display(),
         "token store loaded"
     );
@@ -100,6 +100,7 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
             .map(|(c, k)| (c.as_path(), k.as_path())),
     )?
     .map(Arc::new);
-    let shards = crate::shard::start(Arc::new(config), Arc::new(tokens), server_tls, upstream_tls)?;
+    let shared = crate::session::Shared::new(store, server_tls, upstream_tls);
+    let shards = crate::shard::start(Arc::new(config), Arc::new(shared))?;
     Ok(shards)
 }

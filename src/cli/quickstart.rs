@@ -87,9 +87,12 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
     let token = super::token::create(
         &dir.0.join("tokens.toml"),
         &target.user,
-        vec![target.database.clone()],
-        Some(args.ttl),
-        Some("quickstart".into()),
+        super::token::RuleArgs {
+            databases: vec![target.database.clone()],
+            ttl: Some(args.ttl),
+            comment: Some("quickstart".into()),
+            ..Default::default()
+        },
     )?;
     let config = Config::load(&config_path)?;
     let shards = super::start(config)?;

@@ -7,12 +7,60 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use clap::Subcommand;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
 
 use super::CliError;
-use crate::auth::store::ANY_DATABASE;
+use crate::auth::cidr::Cidr;
+use crate::auth::store::{validate_session_parameter, PreviousSecret, ANY_DATABASE};
+use crate::auth::OnExpiry;
 use crate::auth::{token, TokenRecord, TokenStore};
 use crate::config::{parse_duration, Config};
+
+/// The rules a token carries, as command-line options.
+#[derive(Args, Debug, Default, Clone)]
+pub struct RuleArgs {
+    /// A database the token may connect to (repeat for more; default: any).
+    #[arg(long = "database", short = 'd', value_name = "DB")]
+    pub databases: Vec<String>,
+    /// Lifetime, like 30s, 10m, 1h, 30d (default: no expiry).
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<Duration>,
+    /// A source network allowed to use the token, like 10.0.0.0/8 (repeat
+    /// for more; default: any).
+    #[arg(long = "cidr", value_name = "NETWORK", value_parser = parse_cidr)]
+    pub cidrs: Vec<Cidr>,
+    /// Open sessions at once with this token, across all shards.
+    #[arg(long)]
+    pub max_connections: Option<u32>,
+    /// A session parameter to inject at login, e.g. statement_timeout=5s or
+    /// default_transaction_read_only=on (repeat for more).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
+    pub session: Vec<(String, String)>,
+    /// What expiry does to open sessions: terminate (default) or keep.
+    #[arg(long, value_name = "terminate|keep")]
+    pub on_expiry: Option<OnExpiry>,
+    /// Not usable before this long from now, like 1h.
+    #[arg(long, value_parser = parse_duration)]
+    pub starts_in: Option<Duration>,
+    /// A note for `token list`, e.g. who or what uses the token.
+    #[arg(long)]
+    pub comment: Option<String>,
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse()
+}
+
+fn parse_setting(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("\"{s}\" is not NAME=VALUE"))?;
+    let (name, value) = (name.trim(), value.trim());
+    validate_session_parameter(name, value)?;
+    Ok((name.to_owned(), value.to_owned()))
+}
 
 #[derive(Subcommand)]
 pub enum TokenCommand {
@@ -23,26 +71,36 @@ pub enum TokenCommand {
         /// The Postgres role the token logs in as.
         #[arg(long, short)]
         user: String,
-        /// A database the token may connect to (repeat for more; default: any).
-        #[arg(long = "database", short = 'd', value_name = "DB")]
-        databases: Vec<String>,
-        /// Lifetime, like 30s, 10m, 1h, 30d (default: no expiry).
-        #[arg(long, value_parser = parse_duration)]
-        ttl: Option<std::time::Duration>,
-        /// A note for `token list`, e.g. who or what uses the token.
-        #[arg(long)]
-        comment: Option<String>,
+        #[command(flatten)]
+        rules: RuleArgs,
     },
-    /// List tokens: ids, roles, databases, expiry and status, never secrets.
+    /// List tokens: ids, roles, rules, expiry and status, never secrets.
     List {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Revoke a token by id.
+    /// Revoke a token by id: new logins are refused and open sessions end
+    /// within a second.
     Revoke {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         id: String,
+    },
+    /// Give a token a new secret (printed on stdout); the old one keeps
+    /// working for the grace period, then its sessions end.
+    Rotate {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        id: String,
+        /// How long the old secret stays valid (default: 0, it stops now).
+        #[arg(long, value_parser = parse_duration, default_value = "0s")]
+        grace: Duration,
+    },
+    /// Revoke a JWT by its `jti` claim.
+    RevokeJwt {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        jti: String,
     },
 }
 
@@ -51,12 +109,10 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
         TokenCommand::Create {
             config,
             user,
-            databases,
-            ttl,
-            comment,
+            rules,
         } => {
             let path = store_path(&config)?;
-            let t = create(&path, &user, databases, ttl, comment)?;
+            let t = create(&path, &user, rules)?;
             println!("{}", String::from_utf8_lossy(t.token.expose()));
             Ok(())
         }
@@ -69,6 +125,21 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             let path = store_path(&config)?;
             revoke(&path, &id)?;
             eprintln!("revoked token {id}");
+            Ok(())
+        }
+        TokenCommand::Rotate { config, id, grace } => {
+            let path = store_path(&config)?;
+            let t = rotate(&path, &id, grace)?;
+            println!("{}", String::from_utf8_lossy(t.token.expose()));
+            Ok(())
+        }
+        TokenCommand::RevokeJwt { config, jti } => {
+            let path = store_path(&config)?;
+            with_store(&path, |store| {
+                store.revoke_jwt(&jti, SystemTime::now());
+                Ok(())
+            })?;
+            eprintln!("revoked JWT {jti}");
             Ok(())
         }
     }
@@ -104,16 +175,11 @@ fn with_store<T>(
 }
 
 /// Creates a token in the store at `path` and returns it.
-pub fn create(
-    path: &Path,
-    user: &str,
-    mut databases: Vec<String>,
-    ttl: Option<std::time::Duration>,
-    comment: Option<String>,
-) -> Result<token::NewToken, CliError> {
+pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToken, CliError> {
     if user.is_empty() {
         return Err("--user must not be empty".into());
     }
+    let mut databases = rules.databases;
     if databases.is_empty() {
         databases.push(ANY_DATABASE.to_owned());
     }
@@ -126,17 +192,42 @@ pub fn create(
             }
         };
         let now = SystemTime::now();
-        store.insert(TokenRecord {
-            id: t.id.clone(),
-            user: user.to_owned(),
+        let mut record = TokenRecord::new(
+            t.id.clone(),
+            user.to_owned(),
             databases,
-            secret_sha256: t.secret_sha256,
-            created_at: now,
-            not_before: None,
-            expires_at: ttl.map(|d| now + d),
-            revoked_at: None,
-            comment,
+            t.secret_sha256,
+            now,
+        );
+        record.expires_at = rules.ttl.map(|d| now + d);
+        record.not_before = rules.starts_in.map(|d| now + d);
+        record.cidrs = rules.cidrs;
+        record.max_connections = rules.max_connections;
+        record.session = rules.session;
+        record.on_expiry = rules.on_expiry;
+        record.comment = rules.comment;
+        store.insert(record);
+        Ok(t)
+    })
+}
+
+/// Gives `id` a new secret; the current one becomes the previous, valid
+/// for `grace`. The store holds at most these two.
+fn rotate(path: &Path, id: &str, grace: Duration) -> Result<token::NewToken, CliError> {
+    with_store(path, |store| {
+        let record = store
+            .get_mut(id)
+            .ok_or_else(|| format!("no token with id {id}"))?;
+        if record.revoked_at.is_some() {
+            return Err(format!("token {id} is revoked; create a new one").into());
+        }
+        let t = token::generate_with_id(id, &ring::rand::SystemRandom::new());
+        let now = SystemTime::now();
+        record.previous = Some(PreviousSecret {
+            sha256: record.secret_sha256,
+            valid_until: now + grace,
         });
+        record.secret_sha256 = t.secret_sha256;
         Ok(t)
     })
 }
@@ -167,9 +258,30 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
         "CREATED".to_owned(),
         "EXPIRES".to_owned(),
         "STATUS".to_owned(),
+        "RULES".to_owned(),
         "COMMENT".to_owned(),
     ]];
     for r in store.records() {
+        let mut rules = Vec::new();
+        if !r.cidrs.is_empty() {
+            let nets: Vec<String> = r.cidrs.iter().map(|c| c.to_string()).collect();
+            rules.push(format!("cidrs={}", nets.join(",")));
+        }
+        if let Some(m) = r.max_connections {
+            rules.push(format!("max_connections={m}"));
+        }
+        for (k, v) in &r.session {
+            rules.push(format!("{k}={v}"));
+        }
+        if r.on_expiry == Some(OnExpiry::Keep) {
+            rules.push("on_expiry=keep".into());
+        }
+        if let Some(p) = r.previous.filter(|p| p.valid_until > now) {
+            rules.push(format!(
+                "old secret valid until {}",
+                time(Some(p.valid_until))
+            ));
+        }
         rows.push([
             r.id.clone(),
             r.user.clone(),
@@ -177,10 +289,11 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
             time(Some(r.created_at)),
             time(r.expires_at),
             r.status(now).to_owned(),
+            rules.join(" "),
             r.comment.clone().unwrap_or_default(),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -207,13 +320,25 @@ mod tests {
     fn create_list_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.toml");
-        let t = create(&path, "app", vec!["appdb".into()], None, Some("ci".into())).unwrap();
+        let t = create(
+            &path,
+            "app",
+            RuleArgs {
+                databases: vec!["appdb".into()],
+                comment: Some("ci".into()),
+                session: vec![("statement_timeout".into(), "5s".into())],
+                cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+                ..RuleArgs::default()
+            },
+        )
+        .unwrap();
         let any = create(
             &path,
             "ro",
-            vec![],
-            Some(std::time::Duration::from_secs(60)),
-            None,
+            RuleArgs {
+                ttl: Some(Duration::from_secs(60)),
+                ..RuleArgs::default()
+            },
         )
         .unwrap();
         let store = TokenStore::load(&path).unwrap();
@@ -221,6 +346,10 @@ mod tests {
         assert_eq!(store.get(&any.id).unwrap().databases, ["*"]);
         let listing = render_list(&store, SystemTime::now());
         assert!(listing.contains(&t.id) && listing.contains("active"));
+        assert!(
+            listing.contains("cidrs=10.0.0.0/8 statement_timeout=5s"),
+            "{listing}"
+        );
         let secret = String::from_utf8_lossy(t.token.expose()).to_string();
         assert!(!listing.contains(&secret[16..]));
         revoke(&path, &t.id).unwrap();
@@ -230,5 +359,29 @@ mod tests {
             "revoked"
         );
         assert!(revoke(&path, "nosuchtoken0").is_err());
+        assert!(
+            rotate(&path, &t.id, Duration::ZERO).is_err(),
+            "revoked tokens stay revoked"
+        );
+
+        // Rotation keeps the id and rules; the old secret lasts the grace.
+        let new = rotate(&path, &any.id, Duration::from_secs(600)).unwrap();
+        assert_eq!(new.id, any.id);
+        let store = TokenStore::load(&path).unwrap();
+        let r = store.get(&any.id).unwrap();
+        assert_eq!(r.secret_sha256, new.secret_sha256);
+        assert_eq!(r.previous.unwrap().sha256, any.secret_sha256);
+        assert!(r.expires_at.is_some());
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        assert_eq!(
+            parse_setting("statement_timeout = 5s").unwrap(),
+            ("statement_timeout".to_owned(), "5s".to_owned())
+        );
+        assert!(parse_setting("nothing").is_err());
+        assert!(parse_setting("user=postgres").is_err());
+        assert!(parse_setting("bad name=1").is_err());
     }
 }

@@ -95,6 +95,8 @@ struct RawCredential {
 #[serde(deny_unknown_fields)]
 struct RawTokens {
     file: String,
+    #[serde(default)]
+    on_expiry: crate::auth::OnExpiry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +125,8 @@ pub struct Config {
     pub buffer_size: usize,
     pub upstream: UpstreamConfig,
     pub tokens_file: PathBuf,
+    /// What expiry does to open sessions, unless a token says otherwise.
+    pub on_expiry: crate::auth::OnExpiry,
     pub log_level: Option<String>,
     pub log_format: LogFormat,
     /// Client-facing TLS; `None` when not configured or disabled.
@@ -281,6 +285,7 @@ impl Config {
                 client_cert,
             },
             tokens_file: base.join(raw.tokens.file),
+            on_expiry: raw.tokens.on_expiry,
             log_level: raw.log.level,
             log_format: raw.log.format.unwrap_or_default(),
         })

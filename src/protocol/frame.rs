@@ -149,6 +149,27 @@ impl Framer {
         self.remaining == 0 && self.header_len == 0
     }
 
+    /// How many bytes at the front of `chunk` finish the message in
+    /// progress: `Some(0)` at a boundary, `None` if `chunk` does not reach
+    /// the end of the current message. Used to stop a stream at a message
+    /// boundary without forwarding anything past it.
+    pub fn bytes_to_boundary(&self, chunk: &[u8]) -> Option<usize> {
+        if self.at_boundary() {
+            return Some(0);
+        }
+        if self.header_len == 0 {
+            return (self.remaining <= chunk.len()).then_some(self.remaining);
+        }
+        let have = self.header_len as usize;
+        let need = HEADER_LEN - have;
+        let rest = chunk.get(..need)?;
+        let mut h = self.header;
+        h[have..].copy_from_slice(rest);
+        let len = i32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+        let total = need + usize::try_from(len).ok()?.checked_sub(4)?;
+        (total <= chunk.len()).then_some(total)
+    }
+
     /// Advances over `chunk`. An error means the stream is corrupt and the
     /// connection must be closed; the framer is then unusable.
     #[inline]
@@ -295,6 +316,40 @@ mod tests {
         // A header split in two is not a boundary either.
         f.scan(&s[..2]).unwrap();
         assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn bytes_to_boundary_finds_the_end_of_the_message_in_flight() {
+        let s = stream();
+        // Every split point: the bytes to the boundary end exactly at a
+        // message end, whatever the state.
+        let ends: Vec<usize> = {
+            let mut v = vec![0];
+            let mut pos = 0;
+            while pos < s.len() {
+                let len = i32::from_be_bytes(s[pos + 1..pos + 5].try_into().unwrap()) as usize;
+                pos += len + 1;
+                v.push(pos);
+            }
+            v
+        };
+        for split in 0..s.len() {
+            let mut f = Framer::new();
+            f.scan(&s[..split]).unwrap();
+            let rest = &s[split..];
+            match f.bytes_to_boundary(rest) {
+                Some(n) => {
+                    assert!(ends.contains(&(split + n)), "split {split} -> {n}");
+                    f.scan(&rest[..n]).unwrap();
+                    assert!(f.at_boundary());
+                }
+                None => panic!("the whole rest reaches a boundary at split {split}"),
+            }
+        }
+        // A chunk too short to finish the message says so.
+        let mut f = Framer::new();
+        f.scan(&s[..3]).unwrap();
+        assert_eq!(f.bytes_to_boundary(&s[3..4]), None);
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! The session owns its sockets and buffers and never leaves the shard that
 //! accepted it.
 
+mod kill;
+mod limits;
 mod relay;
+pub mod watch;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -22,12 +25,14 @@ use monoio::net::TcpStream;
 use monoio::time::timeout_at;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::auth::TokenStore;
+use crate::auth::live::LiveStore;
+use crate::auth::{Grant, Presenter, TokenStore};
 use crate::config::{ClientTlsMode, Config};
 use crate::error::ClientError;
 use crate::handshake::{self, AwaitStartup, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
 use crate::protocol::sqlstate;
+use crate::reload::ShardCopy;
 use crate::secret::Secret;
 use crate::tls::{ServerTls, UpstreamTls, ALPN_POSTGRESQL};
 use crate::upstream::login::LoginError;
@@ -44,7 +49,13 @@ type ClientTls =
 pub struct ShardContext {
     pub shard: usize,
     pub config: Arc<Config>,
-    pub tokens: Arc<TokenStore>,
+    /// The live store, and this shard's copy of its current snapshot.
+    pub store: Arc<LiveStore>,
+    pub tokens: ShardCopy<TokenStore>,
+    /// Open sessions per token, across shards (for per-token limits).
+    pub token_limits: Arc<limits::TokenLimits>,
+    /// This shard's open sessions, for the watcher.
+    pub registry: Rc<watch::Registry>,
     /// Client connections open across all shards, for `max_connections`.
     /// Touched once per connect and once per close, never per message.
     pub connections: Arc<AtomicUsize>,
@@ -57,22 +68,18 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    pub fn new(
-        shard: usize,
-        config: Arc<Config>,
-        tokens: Arc<TokenStore>,
-        connections: Arc<AtomicUsize>,
-        server_tls: Option<Arc<ServerTls>>,
-        upstream_tls: Option<Arc<UpstreamTls>>,
-    ) -> Self {
+    pub fn new(shard: usize, config: Arc<Config>, shared: &Shared) -> Self {
         ShardContext {
             shard,
             config,
-            tokens,
-            connections,
+            tokens: ShardCopy::new(&shared.store.published),
+            store: shared.store.clone(),
+            token_limits: shared.token_limits.clone(),
+            registry: Rc::default(),
+            connections: shared.connections.clone(),
+            server_tls: shared.server_tls.clone(),
+            upstream_tls: shared.upstream_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
-            server_tls,
-            upstream_tls,
             acceptor: RefCell::new((0, None)),
             next_session: Cell::new(0),
         }
@@ -109,6 +116,31 @@ impl ShardContext {
     }
 }
 
+/// What all shards share, built once at start.
+pub struct Shared {
+    pub store: Arc<LiveStore>,
+    pub connections: Arc<AtomicUsize>,
+    pub token_limits: Arc<limits::TokenLimits>,
+    pub server_tls: Option<Arc<ServerTls>>,
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
+}
+
+impl Shared {
+    pub fn new(
+        store: Arc<LiveStore>,
+        server_tls: Option<Arc<ServerTls>>,
+        upstream_tls: Option<Arc<UpstreamTls>>,
+    ) -> Self {
+        Shared {
+            store,
+            connections: Arc::default(),
+            token_limits: Arc::default(),
+            server_tls,
+            upstream_tls,
+        }
+    }
+}
+
 /// Holds one slot of `max_connections` until dropped.
 struct ConnectionSlot(Arc<AtomicUsize>);
 
@@ -138,6 +170,9 @@ impl From<ClientError> for Refusal {
 struct Established {
     startup: ClientStartup,
     token_id: String,
+    grant: Grant,
+    /// Counts against the token's `max_connections` while held.
+    _token_slot: Option<limits::TokenSlot>,
     upstream: Upstream,
 }
 
@@ -191,7 +226,7 @@ async fn serve(
     let _ = client.set_nodelay(true);
     let mut input = BytesMut::with_capacity(1024);
     let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&peer)));
-    let outcome = start_up(&ctx, &mut client, &mut input, phase, &start).await;
+    let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, peer).await;
     let Ok(StartupOutcome::StartTls { next, direct }) = outcome else {
         return finish(&ctx, client, input, outcome, &start, false).await;
     };
@@ -230,14 +265,14 @@ async fn serve(
         close_with(tls, encode(&e)).await;
         return None;
     }
-    let outcome = start_up(&ctx, &mut tls, &mut input, next, &start).await;
+    let outcome = start_up(&ctx, &mut tls, &mut input, next, &start, peer).await;
     finish(&ctx, tls, input, outcome, &start, true).await
 }
 
 /// Ends a start-up: returns the relay of an established session, or
 /// forwards a cancel, or sends the refusal and closes.
 async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
-    ctx: &ShardContext,
+    ctx: &Rc<ShardContext>,
     client: C,
     input: BytesMut,
     outcome: Result<StartupOutcome, Refusal>,
@@ -268,15 +303,32 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
             let span = tracing::Span::current();
             let started = start.started;
             let token_id = est.token_id;
+            let on_expiry = est.grant.on_expiry.unwrap_or(ctx.config.on_expiry);
+            let deadline = ctx.tokens.with(&ctx.store.published, |s| {
+                s.deadline(&token_id, &est.grant.secret_sha256)
+            });
+            let registration = ctx.registry.register(
+                watch::Watched {
+                    token_id: token_id.clone(),
+                    secret_sha256: est.grant.secret_sha256,
+                    on_expiry,
+                    kill: Default::default(),
+                },
+                deadline,
+            );
+            let token_slot = est._token_slot;
             return Some(Box::pin(async move {
+                let kill = &registration.watched.kill;
                 let stats = match stream {
                     UpstreamStream::Plain(s) => {
-                        relay::run(client, s, for_client, leftover, input, size).await
+                        relay::run(client, s, for_client, leftover, input, size, kill).await
                     }
                     UpstreamStream::Tls(s) => {
-                        relay::run(client, *s, for_client, leftover, input, size).await
+                        relay::run(client, *s, for_client, leftover, input, size, kill).await
                     }
                 };
+                drop(registration);
+                drop(token_slot);
                 info!(
                     parent: &span,
                     token_id = %token_id,
@@ -325,6 +377,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     input: &mut BytesMut,
     mut phase: Phase,
     start: &Start,
+    peer: SocketAddr,
 ) -> Result<StartupOutcome, Refusal> {
     let mut output = BytesMut::with_capacity(256);
     let timed_out = || {
@@ -384,8 +437,19 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         }
     };
 
-    let token_id = check_token(ctx, &startup, &token)?;
+    let (token_id, grant) = check_token(ctx, &startup, &token, peer)?;
     drop(token);
+    let token_slot = match grant.max_connections {
+        None => None,
+        Some(max) => match ctx.token_limits.acquire(&token_id, max) {
+            Some(slot) => Some(slot),
+            None => {
+                info!(token_id = %token_id, reason = "token_connection_limit", "start-up refused");
+                return Err(ClientError::token_connection_limit().into());
+            }
+        },
+    };
+    let params = upstream_params(&startup, &grant, &token_id);
 
     let password = match ctx.config.upstream.credentials.get(&startup.user) {
         Some(p) => p.clone(),
@@ -401,7 +465,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         ctx.upstream_tls.as_deref(),
         &startup.user,
         password,
-        startup.params.forwardable(),
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         &ctx.scram_keys,
     );
     let upstream = timeout_at(start.deadline, login)
@@ -423,8 +487,48 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     Ok(StartupOutcome::Session(Box::new(Established {
         startup,
         token_id,
+        grant,
+        _token_slot: token_slot,
         upstream,
     })))
+}
+
+/// Longest application_name Postgres keeps (NAMEDATALEN - 1).
+const MAX_APPLICATION_NAME: usize = 63;
+
+/// The start-up parameters sent upstream: the client's, then the token's
+/// `session` parameters (which win: a read-only token stays read-only
+/// whatever the client asks at start-up), and `application_name` suffixed
+/// with the token id, so pg_stat_activity shows which token each backend
+/// belongs to.
+fn upstream_params(
+    startup: &ClientStartup,
+    grant: &Grant,
+    token_id: &str,
+) -> Vec<(String, String)> {
+    let overridden = |k: &str| k == "application_name" || grant.session.iter().any(|(g, _)| g == k);
+    let mut params: Vec<(String, String)> = startup
+        .params
+        .forwardable()
+        .filter(|(k, _)| !overridden(k))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    params.extend(grant.session.iter().cloned());
+    let suffix = format!("[tg:{token_id}]");
+    let app = startup.params.get("application_name").unwrap_or("");
+    let room = MAX_APPLICATION_NAME.saturating_sub(suffix.len() + 1);
+    let mut cut = app.len().min(room);
+    while !app.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let app = app[..cut].trim_end();
+    let name = if app.is_empty() {
+        suffix
+    } else {
+        format!("{app} {suffix}")
+    };
+    params.push(("application_name".to_owned(), name));
+    params
 }
 
 /// What the client sees for an upstream failure: server errors verbatim,
@@ -454,16 +558,19 @@ fn check_token(
     ctx: &ShardContext,
     startup: &ClientStartup,
     token: &Secret,
-) -> Result<String, Refusal> {
-    let verdict = ctx.tokens.check(
-        token.expose(),
-        &startup.user,
-        &startup.database,
-        SystemTime::now(),
-    );
+    peer: SocketAddr,
+) -> Result<(String, Grant), Refusal> {
+    let who = Presenter {
+        user: &startup.user,
+        database: &startup.database,
+        address: peer.ip(),
+    };
+    let verdict = ctx.tokens.with(&ctx.store.published, |store| {
+        store.check(token.expose(), &who, SystemTime::now())
+    });
     let token_id = verdict.token_id.unwrap_or_else(|| "-".to_owned());
     match verdict.outcome {
-        Ok(()) => Ok(token_id),
+        Ok(grant) => Ok((token_id, grant)),
         Err(reason) => {
             info!(
                 token_id = %token_id,

@@ -5,12 +5,20 @@
 //! parsed), and writes the same buffer to the other side. The buffers are
 //! allocated once per session and reused: nothing on the per-message path
 //! allocates, locks, or touches memory another shard reads.
+//!
+//! A session can be ended from outside (token revoked, expired, rotated):
+//! the server-to-client direction then stops at the next message boundary,
+//! sends a FATAL ErrorResponse, and the server gets a Terminate, so neither
+//! side ever sees half a message.
 
 use std::cell::Cell;
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
+use super::kill::KillSwitch;
+use crate::auth::Rejection;
+use crate::error::ClientError;
 use crate::protocol::backend::TAG_READY_FOR_QUERY;
 use crate::protocol::Framer;
 
@@ -23,6 +31,8 @@ pub enum EndedBy {
     ServerIo,
     ClientProtocol,
     ServerProtocol,
+    /// Ended by tollgate because the token no longer allows it.
+    Token(Rejection),
 }
 
 impl EndedBy {
@@ -34,6 +44,7 @@ impl EndedBy {
             EndedBy::ServerIo => "server_io_error",
             EndedBy::ClientProtocol => "client_protocol_error",
             EndedBy::ServerProtocol => "server_protocol_error",
+            EndedBy::Token(r) => r.as_str(),
         }
     }
 }
@@ -48,20 +59,13 @@ pub struct RelayStats {
     pub ended_by: EndedBy,
 }
 
-/// Which side a pump reads from, for naming how it ended.
-#[derive(Clone, Copy)]
-enum Side {
-    Client,
-    Server,
-}
-
 struct Counters {
     bytes: Cell<u64>,
     tagged: Cell<u64>,
 }
 
 /// Hands the login messages to the client, forwards any bytes the client
-/// sent early, then relays until either side closes.
+/// sent early, then relays until either side closes or `kill` fires.
 ///
 /// `for_client` holds the server's login messages (AuthenticationOk through
 /// ReadyForQuery), `leftover` anything the server sent after them, and
@@ -73,6 +77,7 @@ pub async fn run<C, S>(
     leftover: BytesMut,
     client_pending: BytesMut,
     buffer_size: usize,
+    kill: &KillSwitch,
 ) -> RelayStats
 where
     C: Split + AsyncReadRent + AsyncWriteRent,
@@ -116,65 +121,107 @@ where
         }
     }
 
-    let (client_r, client_w) = client.into_split();
-    let (server_r, server_w) = server.into_split();
-    let up = pump(
-        client_r,
-        server_w,
-        Vec::with_capacity(buffer_size),
-        client_framer,
-        &c2s,
-        Side::Client,
-    );
-    let down = pump(
-        server_r,
-        client_w,
-        Vec::with_capacity(buffer_size),
-        server_framer,
-        &s2c,
-        Side::Server,
-    );
-    // Whichever side ends first ends the session; dropping the other pump
-    // cancels its pending read and closes both sockets.
-    let ended_by = monoio::select! {
-        e = up => e,
-        e = down => e,
+    let (mut client_r, mut client_w) = client.into_split();
+    let (mut server_r, mut server_w) = server.into_split();
+    let ended_by = {
+        let up = client_to_server(
+            &mut client_r,
+            &mut server_w,
+            Vec::with_capacity(buffer_size),
+            &mut client_framer,
+            &c2s,
+        );
+        let down = server_to_client(
+            &mut server_r,
+            &mut client_w,
+            Vec::with_capacity(buffer_size),
+            &mut server_framer,
+            &s2c,
+            kill,
+        );
+        // Whichever direction ends first ends the session; dropping the
+        // other cancels its pending read.
+        monoio::select! {
+            e = up => e,
+            e = down => e,
+        }
     };
+    if matches!(ended_by, EndedBy::Token(_)) && client_framer.at_boundary() {
+        // Close the server side cleanly, as a client would.
+        let mut terminate = BytesMut::with_capacity(5);
+        postgres_protocol::message::frontend::terminate(&mut terminate);
+        let _ = server_w.write_all(terminate).await;
+    }
     stats(ended_by)
 }
 
-/// Copies `from` to `to` until one fails or `from` closes.
-async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(
-    mut from: R,
-    mut to: W,
+/// Copies client bytes to the server until the client closes or fails.
+async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
+    from: &mut R,
+    to: &mut W,
     mut buf: Vec<u8>,
-    mut framer: Framer,
+    framer: &mut Framer,
     counters: &Counters,
-    side: Side,
 ) -> EndedBy {
-    let (closed, io_err, proto_err, write_err) = match side {
-        Side::Client => (
-            EndedBy::ClientClosed,
-            EndedBy::ClientIo,
-            EndedBy::ClientProtocol,
-            EndedBy::ServerIo,
-        ),
-        Side::Server => (
-            EndedBy::ServerClosed,
-            EndedBy::ServerIo,
-            EndedBy::ServerProtocol,
-            EndedBy::ClientIo,
-        ),
-    };
     loop {
         // monoio reads into the buffer's whole capacity from the start and
         // sets its length to what was read.
         let (res, b) = from.read(buf).await;
         buf = b;
         let n = match res {
-            Ok(0) => return closed,
+            Ok(0) => return EndedBy::ClientClosed,
             Ok(n) => n,
-            Err(_) => return io_err,
+            Err(_) => return EndedBy::ClientIo,
+        };
+        if framer.scan(&buf[..n]).is_err() {
+            return EndedBy::ClientProtocol;
+        }
+        counters.bytes.set(counters.bytes.get() + n as u64);
+        let (res, b) = to.write_all(buf).await;
+        buf = b;
+        if res.is_err() {
+            return EndedBy::ServerIo;
+        }
+    }
+}
+
+/// Copies server bytes to the client until either fails or closes, or
+/// `kill` fires, in which case it stops at a message boundary and sends
+/// the client a FATAL error naming the reason.
+async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
+    from: &mut R,
+    to: &mut W,
+    mut buf: Vec<u8>,
+    framer: &mut Framer,
+    counters: &Counters,
+    kill: &KillSwitch,
+) -> EndedBy {
+    loop {
+        if let Some(reason) = kill.fired() {
+            if framer.at_boundary() {
+                return terminate_client(to, reason).await;
+            }
+        }
+        let read = from.read(buf);
+        let (res, b) = if framer.at_boundary() {
+            // Idle or between messages: a kill may interrupt the wait.
+            monoio::select! {
+                r = read => r,
+                reason = kill.wait() => return terminate_client(to, reason).await,
+            }
+        } else {
+            read.await
+        };
+        buf = b;
+        let n = match res {
+            Ok(0) => return EndedBy::ServerClosed,
+            Ok(n) => n,
+            Err(_) => return EndedBy::ServerIo,
+        };
+        // After a kill, forward only up to the end of the message in flight.
+        let n = match kill.fired() {
+            Some(_) => framer.bytes_to_boundary(&buf[..n]).unwrap_or(n),
+            None => n,
         };
         match framer.scan(&buf[..n]) {
             Ok(scan) => {
@@ -184,13 +231,22 @@ async fn pump<R: AsyncReadRent, W: AsyncWriteRent>(
                         .set(counters.tagged.get() + scan.tagged as u64);
                 }
             }
-            Err(_) => return proto_err,
+            Err(_) => return EndedBy::ServerProtocol,
         }
         counters.bytes.set(counters.bytes.get() + n as u64);
+        buf.truncate(n);
         let (res, b) = to.write_all(buf).await;
         buf = b;
         if res.is_err() {
-            return write_err;
+            return EndedBy::ClientIo;
         }
     }
+}
+
+/// Sends the FATAL error that ends a session whose token no longer allows it.
+async fn terminate_client<W: AsyncWriteRent>(to: &mut W, reason: Rejection) -> EndedBy {
+    let mut out = BytesMut::with_capacity(128);
+    ClientError::session_ended(reason).encode(&mut out);
+    let _ = to.write_all(out).await;
+    EndedBy::Token(reason)
 }

@@ -5,7 +5,6 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -13,10 +12,8 @@ use std::time::Duration;
 use monoio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::auth::TokenStore;
 use crate::config::Config;
-use crate::session::{self, ShardContext};
-use crate::tls::{ServerTls, UpstreamTls};
+use crate::session::{self, ShardContext, Shared};
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -42,12 +39,7 @@ impl Shards {
 /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
 /// Binding happens here, before any thread starts, so that a port in use is
 /// reported at once and a port of 0 resolves to one port shared by all.
-pub fn start(
-    config: Arc<Config>,
-    tokens: Arc<TokenStore>,
-    server_tls: Option<Arc<ServerTls>>,
-    upstream_tls: Option<Arc<UpstreamTls>>,
-) -> std::io::Result<Shards> {
+pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards> {
     let mut listeners = Vec::with_capacity(config.workers);
     let mut addr = config.listen;
     for _ in 0..config.workers {
@@ -60,14 +52,10 @@ pub fn start(
         warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let connections = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(listeners.len());
     for (shard, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
-        let tokens = tokens.clone();
-        let connections = connections.clone();
-        let server_tls = server_tls.clone();
-        let upstream_tls = upstream_tls.clone();
+        let shared = shared.clone();
         let handle = std::thread::Builder::new()
             // Thread names (comm) are cut at 15 bytes: keep them short.
             .name(format!("tg-shard-{shard}"))
@@ -75,8 +63,7 @@ pub fn start(
                 if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");
                 }
-                let ctx =
-                    ShardContext::new(shard, config, tokens, connections, server_tls, upstream_tls);
+                let ctx = ShardContext::new(shard, config, &shared);
                 if io_uring {
                     match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                         .with_entries(URING_ENTRIES)
@@ -128,6 +115,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
         }
     };
     let ctx = Rc::new(ctx);
+    monoio::spawn(session::watch::run(ctx.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -15,9 +15,8 @@
 pub mod verify;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::crypto::ring as provider;
 use rustls::server::ServerSessionMemoryCache;
@@ -25,6 +24,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{error, info};
+
+use crate::reload::{FileStamp, Published, Stamps};
 
 /// The ALPN protocol name PostgreSQL 17 defined for direct TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -82,17 +83,9 @@ pub struct ServerTls {
     /// change still resume after it.
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     session_cache: Arc<dyn rustls::server::StoresServerSessions>,
-    current: Mutex<Arc<ServerConfig>>,
-    generation: AtomicU64,
-    /// Modification stamps of the files the current config came from, and
-    /// of the last pair that failed (so a bad pair is reported once).
-    stamps: Mutex<Stamps>,
-}
-
-#[derive(Default)]
-struct Stamps {
-    loaded: (Option<SystemTime>, Option<SystemTime>),
-    failed: Option<(Option<SystemTime>, Option<SystemTime>)>,
+    config: Published<ServerConfig>,
+    /// Which versions of the two files are loaded (or failed to load).
+    stamps: Mutex<Stamps<(Option<FileStamp>, Option<FileStamp>)>>,
 }
 
 impl ServerTls {
@@ -101,18 +94,14 @@ impl ServerTls {
             .map_err(|e| TlsConfigError(format!("TLS session tickets: {e}")))?;
         let session_cache: Arc<dyn rustls::server::StoresServerSessions> =
             ServerSessionMemoryCache::new(4096);
-        let stamps = Stamps {
-            loaded: (modified(cert), modified(key)),
-            failed: None,
-        };
+        let stamps = Stamps::new((FileStamp::of(cert), FileStamp::of(key)));
         let config = build_server_config(cert, key, &ticketer, &session_cache)?;
         Ok(Arc::new(ServerTls {
             cert: cert.to_owned(),
             key: key.to_owned(),
             ticketer,
             session_cache,
-            current: Mutex::new(Arc::new(config)),
-            generation: AtomicU64::new(1),
+            config: Published::new(config),
             stamps: Mutex::new(stamps),
         }))
     }
@@ -120,39 +109,26 @@ impl ServerTls {
     /// The current config if it changed since `seen`, with its generation.
     /// One relaxed atomic load when nothing changed.
     pub fn refresh(&self, seen: u64) -> Option<(u64, Arc<ServerConfig>)> {
-        let generation = self.generation.load(Ordering::Acquire);
-        if generation == seen {
-            return None;
-        }
-        let config = self
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        Some((generation, config))
+        self.config.get_if_newer(seen)
     }
 
     /// Rebuilds the config if either file changed. A bad new pair is logged
     /// and the old config stays in force.
     pub fn reload_if_changed(&self) {
-        let now = (modified(&self.cert), modified(&self.key));
+        let now = (FileStamp::of(&self.cert), FileStamp::of(&self.key));
         let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
-        if stamps.loaded == now || stamps.failed == Some(now) {
+        if !stamps.is_new(now) {
             return;
         }
         match build_server_config(&self.cert, &self.key, &self.ticketer, &self.session_cache) {
             Ok(config) => {
-                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-                self.generation.fetch_add(1, Ordering::Release);
-                *stamps = Stamps {
-                    loaded: now,
-                    failed: None,
-                };
+                self.config.publish(config);
+                stamps.loaded(now);
                 info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 // A fixed file changes the stamps again and is picked up then.
-                stamps.failed = Some(now);
+                stamps.failed(now);
                 error!(error = %e, "new TLS certificate or key rejected; keeping the previous pair");
             }
         }
@@ -171,10 +147,6 @@ impl ServerTls {
                 }
             });
     }
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn build_server_config(

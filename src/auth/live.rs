@@ -1,0 +1,116 @@
+//! The live token store: a control thread watches the store file and
+//! publishes each valid new version; shards pick it up through
+//! [`crate::reload::ShardCopy`].
+//!
+//! A version that fails to parse or validate is logged once and the last
+//! good snapshot stays in force: never fail open, never drop everything.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tracing::{error, info};
+
+use super::store::{StoreError, TokenStore};
+use crate::reload::{FileStamp, Published, Stamps};
+
+/// How often the store file is checked. A change is live on every shard
+/// within this plus the shards' own tick (see `shard::WATCH_INTERVAL`).
+pub const STORE_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+pub struct LiveStore {
+    path: PathBuf,
+    pub published: Published<TokenStore>,
+    stamps: Mutex<Stamps<Option<FileStamp>>>,
+}
+
+impl LiveStore {
+    /// Loads the store; an invalid store at start-up is an error (there is
+    /// no last good version to fall back to).
+    pub fn load(path: &Path) -> Result<Arc<LiveStore>, StoreError> {
+        let stamp = FileStamp::of(path);
+        let store = TokenStore::load(path)?;
+        Ok(Arc::new(LiveStore {
+            path: path.to_owned(),
+            published: Published::new(store),
+            stamps: Mutex::new(Stamps::new(stamp)),
+        }))
+    }
+
+    /// Reloads if the file changed since the last attempt.
+    pub fn reload_if_changed(&self) {
+        let now = FileStamp::of(&self.path);
+        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        if !stamps.is_new(now) {
+            return;
+        }
+        match TokenStore::load(&self.path) {
+            Ok(store) => {
+                info!(tokens = store.len(), file = %self.path.display(), "token store reloaded");
+                self.published.publish(store);
+                stamps.loaded(now);
+            }
+            Err(e) => {
+                error!(error = %e, "token store rejected; the previous version stays in force");
+                stamps.failed(now);
+            }
+        }
+    }
+
+    /// Starts the control thread that polls the file.
+    pub fn watch(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("tg-store-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(STORE_POLL_INTERVAL);
+                match me.upgrade() {
+                    Some(store) => store.reload_if_changed(),
+                    None => return,
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{token, TokenRecord};
+    use std::time::SystemTime;
+
+    #[test]
+    fn reloads_good_versions_and_keeps_the_last_good_one() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("tokens.toml");
+        let live = LiveStore::load(&path).unwrap();
+        assert!(live.published.get().is_empty());
+
+        let t = token::generate();
+        let mut store = TokenStore::default();
+        store.insert(TokenRecord::new(
+            t.id.clone(),
+            "app".into(),
+            vec!["*".into()],
+            t.secret_sha256,
+            SystemTime::now(),
+        ));
+        store.save(&path).unwrap();
+        live.reload_if_changed();
+        assert_eq!(live.published.get().len(), 1);
+        let generation = live.published.generation();
+
+        std::fs::write(&path, "this is [not toml").unwrap();
+        live.reload_if_changed();
+        assert_eq!(
+            live.published.get().len(),
+            1,
+            "a bad file must not drop tokens"
+        );
+        assert_eq!(live.published.generation(), generation);
+
+        store.save(&path).unwrap();
+        live.reload_if_changed();
+        assert!(live.published.generation() > generation);
+    }
+}
