@@ -17,6 +17,8 @@ pub fn init(level: Option<&str>, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never in files or pipes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_thread_names(true);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
