@@ -518,6 +518,48 @@ impl TokenStore {
         Verdict { token_id, outcome }
     }
 
+    /// Applies the rules carried by a verified JWT, and the `jti` deny-list.
+    pub fn check_jwt(
+        &self,
+        jwt: &super::jwt::VerifiedJwt,
+        who: &Presenter<'_>,
+        now: SystemTime,
+    ) -> Result<Grant, Rejection> {
+        if jwt
+            .jti
+            .as_deref()
+            .is_some_and(|j| self.is_jwt_revoked(j, now))
+        {
+            return Err(Rejection::Revoked);
+        }
+        if jwt.role != who.user {
+            return Err(Rejection::WrongUser);
+        }
+        if !jwt
+            .databases
+            .iter()
+            .any(|d| d == ANY_DATABASE || d == who.database)
+        {
+            return Err(Rejection::WrongDatabase);
+        }
+        // A claim that does not parse allows nothing (never fail open).
+        let allowed = jwt
+            .cidrs
+            .iter()
+            .any(|c| c.parse::<Cidr>().is_ok_and(|c| c.contains(who.address)));
+        if !allowed {
+            return Err(Rejection::AddressNotAllowed);
+        }
+        Ok(Grant {
+            slot: SecretSlot::Current,
+            secret_sha256: jwt.signature_hash,
+            max_connections: jwt.max_connections,
+            session: jwt.session.clone(),
+            expires_at: Some(jwt.expires_at),
+            on_expiry: None,
+        })
+    }
+
     /// Whether an open session that logged in with `token_id` and `slot`
     /// may go on at `now`: revocation, rotation, deletion and expiry
     /// (`Expired` is for the caller to weigh against the session's

@@ -38,6 +38,7 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     tls: Option<RawTls>,
+    jwt: Option<crate::auth::jwt::JwtConfigRaw>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +132,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Client-facing TLS; `None` when not configured or disabled.
     pub tls: Option<ClientTlsConfig>,
+    /// JWT verification, when configured.
+    pub jwt: Option<crate::auth::jwt::JwtVerifier>,
 }
 
 #[derive(Debug, Clone)]
@@ -256,7 +259,13 @@ impl Config {
             (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
             _ => return Err("[upstream] cert_file and key_file go together".into()),
         };
+        let jwt = raw
+            .jwt
+            .map(|j| crate::auth::jwt::JwtVerifier::from_raw(j, base))
+            .transpose()
+            .map_err(|e| e.to_string())?;
         Ok(Config {
+            jwt,
             tls,
             listen,
             workers,

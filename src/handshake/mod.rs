@@ -26,9 +26,10 @@ use crate::protocol::sqlstate;
 use crate::protocol::startup::{parse_startup, FeStartupPacket, ProtocolVersion, StartupParams};
 use crate::secret::Secret;
 
-/// Longest PasswordMessage accepted, tag and length included. An opaque
-/// token is 88 bytes; Postgres allows far more for passwords, but nothing a
-/// client could legitimately send us needs it.
+/// Longest PasswordMessage accepted by default, tag and length included. An
+/// opaque token is 88 bytes; Postgres allows far more for passwords, but
+/// nothing a client could legitimately send needs it. A JWT raises the cap
+/// to `[jwt] max_token_len`, still bounded.
 pub const MAX_PASSWORD_MESSAGE_LEN: usize = 512;
 
 /// The TLS content type of a handshake record: the first byte of a
@@ -44,6 +45,8 @@ pub struct StartupPolicy {
     pub tls_available: bool,
     /// A token may be sent without TLS on this connection.
     pub plaintext_allowed: bool,
+    /// Longest PasswordMessage accepted (larger when JWTs are configured).
+    pub max_password_message: usize,
 }
 
 impl Default for StartupPolicy {
@@ -51,6 +54,7 @@ impl Default for StartupPolicy {
         StartupPolicy {
             tls_available: false,
             plaintext_allowed: true,
+            max_password_message: MAX_PASSWORD_MESSAGE_LEN,
         }
     }
 }
@@ -78,6 +82,7 @@ pub struct ClientStartup {
 #[derive(Debug)]
 pub struct AwaitPassword {
     startup: ClientStartup,
+    max_len: usize,
 }
 
 /// What happened after feeding bytes to [`AwaitStartup`].
@@ -226,7 +231,10 @@ impl AwaitStartup {
                 }
                 let startup = accept_startup(version, params, output)?;
                 backend::authentication_cleartext_password(output);
-                Ok(StartupStep::AwaitPassword(AwaitPassword { startup }))
+                Ok(StartupStep::AwaitPassword(AwaitPassword {
+                    startup,
+                    max_len: self.policy.max_password_message,
+                }))
             }
         }
     }
@@ -276,7 +284,7 @@ impl AwaitPassword {
     }
 
     pub fn on_input(self, input: &mut BytesMut) -> Result<PasswordStep, ClientError> {
-        let Some(frame) = peek_frame(input, MAX_PASSWORD_MESSAGE_LEN).map_err(|e| match e {
+        let Some(frame) = peek_frame(input, self.max_len).map_err(|e| match e {
             // A token never needs this much; say so rather than "invalid length".
             FrameError::TooLong { .. } => {
                 protocol_violation("password_too_long", "password packet is too long")
@@ -504,6 +512,7 @@ mod tests {
         StartupPolicy {
             tls_available: true,
             plaintext_allowed,
+            ..StartupPolicy::default()
         }
     }
 

@@ -11,13 +11,14 @@ mod relay;
 pub mod watch;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, PrefixedReadIo, Split};
@@ -25,6 +26,7 @@ use monoio::net::TcpStream;
 use monoio::time::timeout_at;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::auth::jwt::{JwtRejection, JwtVerifier, VerifiedJwt};
 use crate::auth::live::LiveStore;
 use crate::auth::{Grant, Presenter, TokenStore};
 use crate::config::{ClientTlsMode, Config};
@@ -62,6 +64,10 @@ pub struct ShardContext {
     pub scram_keys: RefCell<KeyCache>,
     server_tls: Option<Arc<ServerTls>>,
     upstream_tls: Option<Arc<UpstreamTls>>,
+    /// Verified JWTs by SHA-256 of the token: signature checks (up to
+    /// ~100 µs for RSA) run once per token per shard. Time claims and the
+    /// deny-list are still checked on every use.
+    jwt_cache: RefCell<HashMap<[u8; 32], VerifiedJwt>>,
     /// This shard's copy of the TLS acceptor and the generation it came from.
     acceptor: RefCell<(u64, Option<monoio_rustls::TlsAcceptor>)>,
     next_session: Cell<u64>,
@@ -81,6 +87,7 @@ impl ShardContext {
             upstream_tls: shared.upstream_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
             acceptor: RefCell::new((0, None)),
+            jwt_cache: RefCell::default(),
             next_session: Cell::new(0),
         }
     }
@@ -103,16 +110,54 @@ impl ShardContext {
         slot.1.clone()
     }
 
+    /// Verifies a JWT, from this shard's cache when it was seen before.
+    fn verify_jwt(
+        &self,
+        jwt: &JwtVerifier,
+        token: &[u8],
+        now: SystemTime,
+    ) -> Result<VerifiedJwt, JwtRejection> {
+        let key = crate::auth::token::sha256(token);
+        let cached = self.jwt_cache.borrow().get(&key).cloned();
+        let v = match cached {
+            Some(v) => v,
+            None => {
+                let v = jwt.verify(token, now)?;
+                let mut cache = self.jwt_cache.borrow_mut();
+                if cache.len() >= JWT_CACHE_ENTRIES {
+                    cache.clear();
+                }
+                cache.insert(key, v.clone());
+                v
+            }
+        };
+        // The signature is settled; the clock is not.
+        let leeway = jwt.leeway();
+        if v.expires_at + leeway <= now {
+            return Err(JwtRejection::Expired);
+        }
+        if v.not_before.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(JwtRejection::NotYetValid);
+        }
+        Ok(v)
+    }
+
     /// What this client may do before TLS: tokens travel in the clear only
     /// from loopback, unless TLS is not configured at all.
     fn policy(&self, peer: &SocketAddr) -> StartupPolicy {
-        match &self.config.tls {
+        let mut policy = match &self.config.tls {
             None => StartupPolicy::default(),
             Some(t) => StartupPolicy {
                 tls_available: true,
                 plaintext_allowed: t.mode == ClientTlsMode::Allow && peer.ip().is_loopback(),
+                ..StartupPolicy::default()
             },
+        };
+        if let Some(jwt) = &self.config.jwt {
+            // PasswordMessage framing: tag, length, the token, its NUL.
+            policy.max_password_message = policy.max_password_message.max(jwt.max_token_len() + 6);
         }
+        policy
     }
 }
 
@@ -140,6 +185,9 @@ impl Shared {
         }
     }
 }
+
+/// Verified JWTs kept per shard; the cache is emptied when full.
+const JWT_CACHE_ENTRIES: usize = 4096;
 
 /// Holds one slot of `max_connections` until dropped.
 struct ConnectionSlot(Arc<AtomicUsize>);
@@ -171,6 +219,8 @@ struct Established {
     startup: ClientStartup,
     token_id: String,
     grant: Grant,
+    /// For a JWT: its `jti`, for the deny-list.
+    jwt_id: Option<Option<String>>,
     /// Counts against the token's `max_connections` while held.
     _token_slot: Option<limits::TokenSlot>,
     upstream: Upstream,
@@ -304,14 +354,28 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
             let started = start.started;
             let token_id = est.token_id;
             let on_expiry = est.grant.on_expiry.unwrap_or(ctx.config.on_expiry);
-            let deadline = ctx.tokens.with(&ctx.store.published, |s| {
-                s.deadline(&token_id, &est.grant.secret_sha256)
+            // A JWT ends at `exp` plus the leeway it was accepted with.
+            let jwt_end = est.grant.expires_at.map(|t| {
+                t + ctx
+                    .config
+                    .jwt
+                    .as_ref()
+                    .map_or(Duration::ZERO, |j| j.leeway())
             });
+            let deadline = match est.jwt_id {
+                Some(_) => jwt_end,
+                None => ctx.tokens.with(&ctx.store.published, |s| {
+                    s.deadline(&token_id, &est.grant.secret_sha256)
+                }),
+            };
             let registration = ctx.registry.register(
                 watch::Watched {
                     token_id: token_id.clone(),
                     secret_sha256: est.grant.secret_sha256,
                     on_expiry,
+                    jwt: est
+                        .jwt_id
+                        .map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
                     kill: Default::default(),
                 },
                 deadline,
@@ -437,7 +501,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         }
     };
 
-    let (token_id, grant) = check_token(ctx, &startup, &token, peer)?;
+    let (token_id, grant, jwt_id) = check_token(ctx, &startup, &token, peer)?;
     drop(token);
     let token_slot = match grant.max_connections {
         None => None,
@@ -488,6 +552,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         startup,
         token_id,
         grant,
+        jwt_id,
         _token_slot: token_slot,
         upstream,
     })))
@@ -559,18 +624,43 @@ fn check_token(
     startup: &ClientStartup,
     token: &Secret,
     peer: SocketAddr,
-) -> Result<(String, Grant), Refusal> {
+) -> Result<(String, Grant, Option<Option<String>>), Refusal> {
     let who = Presenter {
         user: &startup.user,
         database: &startup.database,
         address: peer.ip(),
     };
-    let verdict = ctx.tokens.with(&ctx.store.published, |store| {
-        store.check(token.expose(), &who, SystemTime::now())
-    });
-    let token_id = verdict.token_id.unwrap_or_else(|| "-".to_owned());
-    match verdict.outcome {
-        Ok(grant) => Ok((token_id, grant)),
+    let now = SystemTime::now();
+    let (token_id, outcome, jwt_id) = match &ctx.config.jwt {
+        Some(jwt) if crate::auth::jwt::looks_like_jwt(token.expose()) => {
+            match ctx.verify_jwt(jwt, token.expose(), now) {
+                Ok(v) => {
+                    let outcome = ctx
+                        .tokens
+                        .with(&ctx.store.published, |s| s.check_jwt(&v, &who, now));
+                    (v.log_id, outcome, Some(v.jti))
+                }
+                Err(e) => {
+                    info!(
+                        user = %startup.user,
+                        database = %startup.database,
+                        reason = e.as_str(),
+                        "token rejected"
+                    );
+                    return Err(ClientError::token_rejected(&startup.user).into());
+                }
+            }
+        }
+        _ => {
+            let verdict = ctx.tokens.with(&ctx.store.published, |store| {
+                store.check(token.expose(), &who, now)
+            });
+            let id = verdict.token_id.unwrap_or_else(|| "-".to_owned());
+            (id, verdict.outcome, None)
+        }
+    };
+    match outcome {
+        Ok(grant) => Ok((token_id, grant, jwt_id)),
         Err(reason) => {
             info!(
                 token_id = %token_id,

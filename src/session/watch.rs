@@ -22,7 +22,42 @@ pub struct Watched {
     /// The hash of the secret the session logged in with.
     pub secret_sha256: [u8; 32],
     pub on_expiry: OnExpiry,
+    /// For a JWT session: its `jti` (for the deny-list) and expiry; it has
+    /// no record in the store.
+    pub jwt: Option<(Option<String>, SystemTime)>,
     pub kill: KillSwitch,
+}
+
+impl Watched {
+    /// Whether the session may go on, and until when nothing can change
+    /// that short of a store change.
+    fn check(
+        &self,
+        store: &TokenStore,
+        now: SystemTime,
+    ) -> (Result<(), Rejection>, Option<SystemTime>) {
+        let (verdict, deadline) = match &self.jwt {
+            Some((jti, expires_at)) => {
+                let verdict = if jti.as_deref().is_some_and(|j| store.is_jwt_revoked(j, now)) {
+                    Err(Rejection::Revoked)
+                } else if *expires_at <= now {
+                    Err(Rejection::Expired)
+                } else {
+                    Ok(())
+                };
+                (verdict, Some(*expires_at))
+            }
+            None => (
+                store.recheck(&self.token_id, &self.secret_sha256, now),
+                store.deadline(&self.token_id, &self.secret_sha256),
+            ),
+        };
+        let verdict = match verdict {
+            Err(Rejection::Expired) if self.on_expiry == OnExpiry::Keep => Ok(()),
+            other => other,
+        };
+        (verdict, deadline)
+    }
 }
 
 /// The shard's open sessions, by a shard-local number.
@@ -86,15 +121,11 @@ impl Registry {
             if w.kill.fired().is_some() {
                 continue;
             }
-            let verdict = match store.recheck(&w.token_id, &w.secret_sha256, now) {
-                Err(Rejection::Expired) if w.on_expiry == OnExpiry::Keep => Ok(()),
-                other => other,
-            };
+            let (verdict, deadline) = w.check(store, now);
             match verdict {
                 Ok(()) => {
                     // A deadline that `keep` makes harmless only costs one
                     // extra sweep.
-                    let deadline = store.deadline(&w.token_id, &w.secret_sha256);
                     if let Some(d) = deadline.filter(|d| *d > now) {
                         next = Some(next.map_or(d, |n: SystemTime| n.min(d)));
                     }

@@ -216,7 +216,9 @@ impl Env {
         for token in &self.secrets {
             // The secret part of the token (after tg_<id>_) and the whole token.
             needles.push(("token".into(), token.clone()));
-            needles.push(("token secret".into(), token[16..80].to_owned()));
+            if token.starts_with("tg_") && token.len() >= 80 {
+                needles.push(("token secret".into(), token[16..80].to_owned()));
+            }
         }
         let mut forms = Vec::new();
         for (what, n) in &needles {
