@@ -30,6 +30,7 @@ struct RawConfig {
     listen: String,
     #[serde(default)]
     workers: usize,
+    pin_cpus: Option<bool>,
     startup_timeout: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
@@ -121,6 +122,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Number of shards; already resolved from 0 to the CPU count.
     pub workers: usize,
+    /// Pin each shard to one CPU (default). On a machine where the proxy
+    /// shares few cores with busy neighbours, letting the scheduler move
+    /// shards can cut tail latency; measure both.
+    pub pin_cpus: bool,
     pub startup_timeout: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
@@ -269,6 +274,7 @@ impl Config {
             tls,
             listen,
             workers,
+            pin_cpus: raw.pin_cpus.unwrap_or(true),
             startup_timeout: duration(
                 "startup_timeout",
                 raw.startup_timeout,

@@ -60,7 +60,9 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
             // Thread names (comm) are cut at 15 bytes: keep them short.
             .name(format!("tg-shard-{shard}"))
             .spawn(move || {
-                if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
+                if !config.pin_cpus {
+                    // Left to the scheduler.
+                } else if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");
                 }
                 let ctx = ShardContext::new(shard, config, &shared);
