@@ -362,24 +362,18 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                     .as_ref()
                     .map_or(Duration::ZERO, |j| j.leeway())
             });
-            let deadline = match est.jwt_id {
-                Some(_) => jwt_end,
-                None => ctx.tokens.with(&ctx.store.published, |s| {
-                    s.deadline(&token_id, &est.grant.secret_sha256)
-                }),
+            let watched = watch::Watched {
+                token_id: token_id.clone(),
+                secret_sha256: est.grant.secret_sha256,
+                on_expiry,
+                jwt: est
+                    .jwt_id
+                    .map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
+                kill: Default::default(),
             };
-            let registration = ctx.registry.register(
-                watch::Watched {
-                    token_id: token_id.clone(),
-                    secret_sha256: est.grant.secret_sha256,
-                    on_expiry,
-                    jwt: est
-                        .jwt_id
-                        .map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
-                    kill: Default::default(),
-                },
-                deadline,
-            );
+            let registration = ctx.tokens.with(&ctx.store.published, |store| {
+                ctx.registry.register(watched, store, SystemTime::now())
+            });
             let token_slot = est._token_slot;
             return Some(Box::pin(async move {
                 let kill = &registration.watched.kill;

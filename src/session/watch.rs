@@ -84,16 +84,25 @@ impl Drop for Registration {
 }
 
 impl Registry {
+    /// Adds a session, checked at once against `store`: a change that
+    /// reached the shard between the token check and now (the upstream
+    /// login takes a while) must not let the session slip past the sweep.
     pub fn register(
         self: &Rc<Self>,
         watched: Watched,
-        deadline: Option<SystemTime>,
+        store: &TokenStore,
+        now: SystemTime,
     ) -> Registration {
         let key = self.next.get() + 1;
         self.next.set(key);
+        let (verdict, deadline) = watched.check(store, now);
+        if let Err(reason) = verdict {
+            info!(token_id = %watched.token_id, reason = reason.as_str(), "ending session");
+            watched.kill.fire(reason);
+        }
         let watched = Rc::new(watched);
         self.sessions.borrow_mut().insert(key, watched.clone());
-        if let Some(d) = deadline {
+        if let Some(d) = deadline.filter(|d| *d > now) {
             if self.next_deadline.get().is_none_or(|n| d < n) {
                 self.next_deadline.set(Some(d));
             }
