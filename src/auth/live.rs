@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tracing::{error, info};
 
+use super::jwt::JwtVerifier;
 use super::store::{StoreError, TokenStore};
 use crate::reload::{FileStamp, Published, Stamps};
 
@@ -67,6 +68,67 @@ impl LiveStore {
                 std::thread::sleep(STORE_POLL_INTERVAL);
                 match me.upgrade() {
                     Some(store) => store.reload_if_changed(),
+                    None => return,
+                }
+            });
+    }
+}
+
+/// How often JWKS files are checked for changes.
+pub const JWKS_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The JWT verifier, with its JWKS files re-read when they change.
+pub struct LiveJwt {
+    pub published: Published<JwtVerifier>,
+    /// The control thread's working copy, reloaded in place.
+    working: Mutex<JwtVerifier>,
+}
+
+impl LiveJwt {
+    pub fn new(verifier: JwtVerifier) -> Arc<LiveJwt> {
+        Arc::new(LiveJwt {
+            published: Published::new(verifier.clone()),
+            working: Mutex::new(verifier),
+        })
+    }
+
+    /// Re-reads changed JWKS files and publishes the result. A broken file
+    /// keeps its previous keys (the verifier reports it once); the others'
+    /// changes are still published.
+    pub fn reload_if_changed(&self) {
+        let mut working = self.working.lock().unwrap_or_else(|e| e.into_inner());
+        match working.reload_if_changed() {
+            Ok(false) => {}
+            Ok(true) => {
+                info!("JWT keys reloaded");
+                self.published.publish(working.clone());
+            }
+            Err(e) => {
+                error!(error = %e, "JWKS file rejected; its previous keys stay in force");
+                self.published.publish(working.clone());
+            }
+        }
+    }
+
+    /// Starts the control thread, if there is any JWKS file to watch.
+    pub fn watch(self: &Arc<Self>) {
+        let has_files = self
+            .working
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .jwks_files()
+            .next()
+            .is_some();
+        if !has_files {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("tg-jwks-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(JWKS_POLL_INTERVAL);
+                match me.upgrade() {
+                    Some(jwt) => jwt.reload_if_changed(),
                     None => return,
                 }
             });

@@ -100,7 +100,11 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
             .map(|(c, k)| (c.as_path(), k.as_path())),
     )?
     .map(Arc::new);
-    let shared = crate::session::Shared::new(store, server_tls, upstream_tls);
+    let jwt = config.jwt.clone().map(crate::auth::live::LiveJwt::new);
+    if let Some(j) = &jwt {
+        j.watch();
+    }
+    let shared = crate::session::Shared::new(store, jwt, server_tls, upstream_tls);
     let shards = crate::shard::start(Arc::new(config), Arc::new(shared))?;
     Ok(shards)
 }

@@ -27,7 +27,7 @@ use monoio::time::timeout_at;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::jwt::{JwtRejection, JwtVerifier, VerifiedJwt};
-use crate::auth::live::LiveStore;
+use crate::auth::live::{LiveJwt, LiveStore};
 use crate::auth::{Grant, Presenter, TokenStore};
 use crate::config::{ClientTlsMode, Config};
 use crate::error::ClientError;
@@ -64,6 +64,8 @@ pub struct ShardContext {
     pub scram_keys: RefCell<KeyCache>,
     server_tls: Option<Arc<ServerTls>>,
     upstream_tls: Option<Arc<UpstreamTls>>,
+    /// The live JWT verifier and this shard's copy of it.
+    jwt: Option<(Arc<LiveJwt>, ShardCopy<JwtVerifier>)>,
     /// Verified JWTs by SHA-256 of the token: signature checks (up to
     /// ~100 µs for RSA) run once per token per shard. Time claims and the
     /// deny-list are still checked on every use.
@@ -88,6 +90,10 @@ impl ShardContext {
             scram_keys: RefCell::new(KeyCache::new()),
             acceptor: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
+            jwt: shared
+                .jwt
+                .as_ref()
+                .map(|j| (j.clone(), ShardCopy::new(&j.published))),
             next_session: Cell::new(0),
         }
     }
@@ -111,7 +117,18 @@ impl ShardContext {
     }
 
     /// Verifies a JWT, from this shard's cache when it was seen before.
-    fn verify_jwt(
+    fn verify_jwt(&self, token: &[u8], now: SystemTime) -> Result<VerifiedJwt, JwtRejection> {
+        let Some((live, copy)) = &self.jwt else {
+            return Err(JwtRejection::UnknownKey);
+        };
+        if copy.refresh(&live.published) {
+            // New keys: earlier verdicts may rest on keys now gone.
+            self.jwt_cache.borrow_mut().clear();
+        }
+        copy.with(&live.published, |jwt| self.verify_jwt_with(jwt, token, now))
+    }
+
+    fn verify_jwt_with(
         &self,
         jwt: &JwtVerifier,
         token: &[u8],
@@ -164,6 +181,7 @@ impl ShardContext {
 /// What all shards share, built once at start.
 pub struct Shared {
     pub store: Arc<LiveStore>,
+    pub jwt: Option<Arc<LiveJwt>>,
     pub connections: Arc<AtomicUsize>,
     pub token_limits: Arc<limits::TokenLimits>,
     pub server_tls: Option<Arc<ServerTls>>,
@@ -173,11 +191,13 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         store: Arc<LiveStore>,
+        jwt: Option<Arc<LiveJwt>>,
         server_tls: Option<Arc<ServerTls>>,
         upstream_tls: Option<Arc<UpstreamTls>>,
     ) -> Self {
         Shared {
             store,
+            jwt,
             connections: Arc::default(),
             token_limits: Arc::default(),
             server_tls,
@@ -625,9 +645,9 @@ fn check_token(
         address: peer.ip(),
     };
     let now = SystemTime::now();
-    let (token_id, outcome, jwt_id) = match &ctx.config.jwt {
-        Some(jwt) if crate::auth::jwt::looks_like_jwt(token.expose()) => {
-            match ctx.verify_jwt(jwt, token.expose(), now) {
+    let (token_id, outcome, jwt_id) = match &ctx.jwt {
+        Some(_) if crate::auth::jwt::looks_like_jwt(token.expose()) => {
+            match ctx.verify_jwt(token.expose(), now) {
                 Ok(v) => {
                     let outcome = ctx
                         .tokens
