@@ -614,24 +614,11 @@ impl Upstream {
 /// `postgres://user:password@host:port/db`, loopback hosts only: the harness
 /// generates load, and load stays on this machine.
 fn parse_upstream(s: &str) -> Result<Endpoint, String> {
-    let url = url::Url::parse(s).map_err(|e| format!("--upstream: {e}"))?;
-    if url.scheme() != "postgres" && url.scheme() != "postgresql" {
-        return Err("--upstream must be a postgres:// URL".into());
-    }
-    let decode = |v: &str| {
-        url::form_urlencoded::parse(format!("x={v}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    let host = url
-        .host_str()
-        .unwrap_or("127.0.0.1")
-        .trim_matches(['[', ']']);
-    let host = if host == "localhost" {
-        "127.0.0.1"
+    let url = tollgate::config::pgurl::PgUrl::parse(s, "--upstream")?;
+    let host = if url.host == "localhost" {
+        "127.0.0.1".to_owned()
     } else {
-        host
+        url.host
     };
     let loopback = host
         .parse::<std::net::IpAddr>()
@@ -641,21 +628,12 @@ fn parse_upstream(s: &str) -> Result<Endpoint, String> {
             "--upstream host {host} is not a loopback address; the harness only generates load on this machine"
         ));
     }
-    let user = decode(url.username());
-    if user.is_empty() {
-        return Err("--upstream needs a user: postgres://user:password@host:port/db".into());
-    }
-    let database = decode(url.path().trim_start_matches('/'));
     Ok(Endpoint {
-        host: host.to_owned(),
-        port: url.port().unwrap_or(5432),
-        password: url.password().map(decode).unwrap_or_default(),
-        database: if database.is_empty() {
-            user.clone()
-        } else {
-            database
-        },
-        user,
+        host,
+        port: url.port,
+        user: url.user,
+        password: url.password,
+        database: url.database,
     })
 }
 

@@ -1,15 +1,9 @@
 //! The few libc calls the harness needs, in one place so that every `unsafe`
 //! block sits beside its `// SAFETY:` note (house style, rule 6).
 
-use std::ffi::CStr;
 use std::io;
-use std::mem::MaybeUninit;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-
-/// Fallback uid/gid of `nobody` when the passwd lookup fails (as in
-/// `tollgate::cluster`).
-const NOBODY_FALLBACK: (u32, u32) = (65534, 65534);
 
 /// Clock ticks per second, the unit of `utime`/`stime` in `/proc/<pid>/stat`
 /// (`USER_HZ`, nearly always 100 on Linux).
@@ -23,53 +17,11 @@ pub fn clock_ticks_per_second() -> u64 {
     }
 }
 
-/// Whether we run as root, in which case servers that refuse root
-/// (PgBouncer) or that need not have it (HAProxy, the relay) run as `nobody`.
-pub fn is_root() -> bool {
-    // SAFETY: geteuid takes no arguments, cannot fail and has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The uid/gid that unprivileged children run as: `nobody` when we are root,
-/// `None` otherwise (children then simply run as us).
+/// The (uid, gid) to run servers as when we are root (PgBouncer refuses
+/// root; HAProxy and the relay need not have it): the same unprivileged
+/// user the throwaway cluster uses. `None` when not root.
 pub fn unprivileged_ids() -> Option<(u32, u32)> {
-    if !is_root() {
-        return None;
-    }
-    match lookup_user_ids(c"nobody") {
-        // A passwd entry mapping nobody to root would defeat the purpose.
-        Some((uid, gid)) if uid != 0 => Some((uid, gid)),
-        _ => Some(NOBODY_FALLBACK),
-    }
-}
-
-/// Looks up a user's uid and gid in the passwd database (thread-safe).
-fn lookup_user_ids(name: &CStr) -> Option<(u32, u32)> {
-    let mut buf: Vec<libc::c_char> = vec![0; 4096];
-    loop {
-        let mut pwd = MaybeUninit::<libc::passwd>::uninit();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: `name` is NUL-terminated; `pwd`, `buf` (passed with its true
-        // length) and `result` are valid for writes and outlive the call. When
-        // getpwnam_r returns 0 with a non-null `result`, `result` points to
-        // `pwd`, which it has initialised; we only copy two integers out.
-        let (rc, ids) = unsafe {
-            let rc = libc::getpwnam_r(
-                name.as_ptr(),
-                pwd.as_mut_ptr(),
-                buf.as_mut_ptr(),
-                buf.len(),
-                &mut result,
-            );
-            let ids = (rc == 0 && !result.is_null()).then(|| ((*result).pw_uid, (*result).pw_gid));
-            (rc, ids)
-        };
-        if rc == libc::ERANGE && buf.len() < (1 << 20) {
-            buf.resize(buf.len() * 4, 0);
-            continue;
-        }
-        return ids;
-    }
+    tollgate::cluster::unprivileged_ids()
 }
 
 /// Sends `signal` to process `pid`.

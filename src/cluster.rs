@@ -437,6 +437,13 @@ fn run_as() -> Option<RunAs> {
     })
 }
 
+/// The (uid, gid) Postgres and its helpers run as when this process is
+/// root (`nobody`), or `None` when not root. Shared with the load harness,
+/// which runs PgBouncer the same way.
+pub fn unprivileged_ids() -> Option<(u32, u32)> {
+    run_as().map(|r| (r.uid, r.gid))
+}
+
 /// A running throwaway PostgreSQL cluster. Dropping it stops the server and
 /// deletes its directory.
 pub struct Cluster {

@@ -14,6 +14,7 @@ use ring::rand::SecureRandom;
 
 use super::CliError;
 use crate::cluster::{Cluster, ClusterOptions, HbaAuth};
+use crate::config::pgurl::PgUrl;
 use crate::config::{Config, LogFormat};
 
 #[derive(Args)]
@@ -34,13 +35,7 @@ pub struct QuickstartArgs {
 }
 
 /// The upstream to front: role, password, database, address.
-struct Target {
-    host: String,
-    port: u16,
-    user: String,
-    password: String,
-    database: String,
-}
+type Target = PgUrl;
 
 /// A temp folder removed on drop.
 struct TempDir(PathBuf);
@@ -60,7 +55,7 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
     })?;
 
     let (target, _cluster) = match &args.upstream {
-        Some(url) => (parse_upstream_url(url)?, None),
+        Some(url) => (PgUrl::parse(url, "--upstream")?, None),
         None => {
             eprintln!("Starting a throwaway PostgreSQL cluster...");
             let opts = ClusterOptions {
@@ -193,64 +188,4 @@ fn write_config(path: &Path, listen: &str, workers: usize, t: &Target) -> Result
         .open(path)?;
     f.write_all(text.as_bytes())?;
     Ok(())
-}
-
-fn parse_upstream_url(s: &str) -> Result<Target, CliError> {
-    let url = url::Url::parse(s).map_err(|e| format!("--upstream: {e}"))?;
-    if url.scheme() != "postgres" && url.scheme() != "postgresql" {
-        return Err("--upstream must be a postgres:// URL".into());
-    }
-    let decode = |v: &str| {
-        url::form_urlencoded::parse(format!("x={v}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
-    };
-    let user = decode(url.username());
-    if user.is_empty() {
-        return Err("--upstream needs a user: postgres://user:password@host:port/database".into());
-    }
-    let database = url.path().trim_start_matches('/');
-    Ok(Target {
-        host: url
-            .host_str()
-            .unwrap_or("127.0.0.1")
-            .trim_matches(['[', ']'])
-            .to_owned(),
-        port: url.port().unwrap_or(5432),
-        password: url.password().map(decode).unwrap_or_default(),
-        database: if database.is_empty() {
-            user.clone()
-        } else {
-            decode(database)
-        },
-        user,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstream_urls() {
-        let t = parse_upstream_url("postgres://app:p%40ss@db.internal:6543/appdb").unwrap();
-        assert_eq!(
-            (
-                t.user.as_str(),
-                t.password.as_str(),
-                t.host.as_str(),
-                t.port,
-                t.database.as_str()
-            ),
-            ("app", "p@ss", "db.internal", 6543, "appdb")
-        );
-        let t = parse_upstream_url("postgresql://app@localhost").unwrap();
-        assert_eq!(
-            (t.port, t.database.as_str(), t.password.as_str()),
-            (5432, "app", "")
-        );
-        assert!(parse_upstream_url("mysql://a@b/c").is_err());
-        assert!(parse_upstream_url("postgres://localhost/db").is_err());
-    }
 }

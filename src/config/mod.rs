@@ -3,6 +3,8 @@
 //! one validation step into an immutable, typed [`Config`].
 #![forbid(unsafe_code)]
 
+pub mod pgurl;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
