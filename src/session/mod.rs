@@ -242,7 +242,7 @@ struct Established {
     /// For a JWT: its `jti`, for the deny-list.
     jwt_id: Option<Option<String>>,
     /// Counts against the token's `max_connections` while held.
-    _token_slot: Option<limits::TokenSlot>,
+    token_slot: Option<limits::TokenSlot>,
     upstream: Upstream,
 }
 
@@ -394,7 +394,7 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
             let registration = ctx.tokens.with(&ctx.store.published, |store| {
                 ctx.registry.register(watched, store, SystemTime::now())
             });
-            let token_slot = est._token_slot;
+            let token_slot = est.token_slot;
             return Some(Box::pin(async move {
                 let kill = &registration.watched.kill;
                 let stats = match stream {
@@ -567,7 +567,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         token_id,
         grant,
         jwt_id,
-        _token_slot: token_slot,
+        token_slot,
         upstream,
     })))
 }
