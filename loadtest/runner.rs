@@ -583,7 +583,7 @@ impl Upstream {
             extra_conf.push(("ssl_key_file".into(), files.key.display().to_string()));
         }
         let opts = ClusterOptions {
-            password: random_hex(16),
+            password: tollgate::secret::random_hex(16),
             auth: HbaAuth::ScramSha256,
             extra_conf,
             ..ClusterOptions::default()
@@ -707,15 +707,6 @@ fn output_dir(s: &Settings) -> std::io::Result<PathBuf> {
 
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("system RNG failed");
-    hex::encode(b)
 }
 
 /// "2 CPUs (AMD EPYC 7B13), Linux 6.1.0".

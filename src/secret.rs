@@ -51,6 +51,17 @@ impl From<String> for Secret {
     }
 }
 
+/// `bytes` random bytes from the system RNG, as hex: names and throwaway
+/// passwords for temporary clusters and folders.
+pub fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system RNG failed");
+    hex::encode(b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::Args;
-use ring::rand::SecureRandom;
 
 use super::CliError;
 use crate::cluster::{Cluster, ClusterOptions, HbaAuth};
@@ -59,7 +58,7 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
         None => {
             eprintln!("Starting a throwaway PostgreSQL cluster...");
             let opts = ClusterOptions {
-                password: random_hex(16),
+                password: crate::secret::random_hex(16),
                 auth: HbaAuth::ScramSha256,
                 ..ClusterOptions::default()
             };
@@ -127,17 +126,12 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("system RNG failed");
-    hex::encode(b)
-}
-
 fn make_temp_dir() -> Result<PathBuf, CliError> {
     use std::os::unix::fs::DirBuilderExt;
-    let dir = std::env::temp_dir().join(format!("tollgate-quickstart-{}", random_hex(6)));
+    let dir = std::env::temp_dir().join(format!(
+        "tollgate-quickstart-{}",
+        crate::secret::random_hex(6)
+    ));
     std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     Ok(dir)
 }
