@@ -457,6 +457,8 @@ pub struct Cluster {
     bins: PgBins,
     run_as: Option<RunAs>,
     child: Option<Child>,
+    /// What the cluster was created with, for [`restart`](Self::restart).
+    opts: ClusterOptions,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -492,6 +494,7 @@ impl Cluster {
             bins,
             run_as,
             child: None,
+            opts: opts.clone(),
         };
         if let Some(user) = run_as {
             chown(&cluster.base_dir, user)?;
@@ -651,6 +654,14 @@ impl Cluster {
         let _ = child.wait();
     }
 
+    /// Stops the server (fast shutdown) and starts it again on the same
+    /// port and data, as an operator's restart would.
+    pub fn restart(&mut self) -> Result<(), ClusterError> {
+        self.stop();
+        let opts = self.opts.clone();
+        self.launch(&opts)
+    }
+
     /// A command for a PostgreSQL program: PG* variables cleared, C locale,
     /// `HOME` and working directory set to the temporary directory, and
     /// running as `nobody` when we are root.
@@ -703,7 +714,8 @@ impl Cluster {
              # TYPE  DATABASE  USER  ADDRESS       METHOD\n\
              local   all       all                 trust\n\
              host    all       all   127.0.0.1/32  {method}\n\
-             host    all       all   ::1/128       {method}\n"
+             host    all       all   ::1/128       {method}\n\
+             host    replication all 127.0.0.1/32  {method}\n"
         );
         self.write_file(&self.data_dir.join("pg_hba.conf"), &hba)
     }

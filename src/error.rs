@@ -91,6 +91,24 @@ impl ClientError {
         )
     }
 
+    pub fn replication_not_allowed() -> Self {
+        ClientError::new(
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "replication_not_allowed",
+            "replication connections are not allowed with this token",
+        )
+    }
+
+    /// The server connection ended with no error of the server's to relay
+    /// (killed, crashed, network lost): what libpq reports in that case.
+    pub fn server_closed() -> Self {
+        ClientError::new(
+            sqlstate::CONNECTION_FAILURE,
+            "server_closed",
+            "server closed the connection unexpectedly",
+        )
+    }
+
     pub fn too_many_connections() -> Self {
         ClientError::new(
             sqlstate::TOO_MANY_CONNECTIONS,

@@ -84,11 +84,8 @@ fn relaying_queries_allocates_nothing() {
     .unwrap();
     let config = Config::load(&config_path).unwrap();
     let live = LiveStore::load(&config.tokens_file).unwrap();
-    let shards = tollgate::shard::start(
-        Arc::new(config),
-        Arc::new(Shared::new(live, None, None, None)),
-    )
-    .unwrap();
+    let shared = Shared::new(config.workers, live, None, None, None);
+    let shards = tollgate::shard::start(Arc::new(config), Arc::new(shared)).unwrap();
 
     let mut s = TcpStream::connect(shards.local_addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

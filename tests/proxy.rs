@@ -407,38 +407,6 @@ fn upstream_down_is_08001() {
     assert!(env.log().contains("upstream login failed"));
 }
 
-/// Cancel requests reach the server and stop the running query.
-#[test]
-fn cancel_request_reaches_the_server() {
-    let mut env = Env::new();
-    let token = env.create_token(&["--user", "app"]);
-    env.start_proxy();
-    runtime().block_on(async {
-        let client = pg_connect(&env.conn_str("app", "appdb", &token))
-            .await
-            .unwrap();
-        let cancel = client.cancel_token();
-        let query = tokio::spawn(async move {
-            let r = client.simple_query("select pg_sleep(30)").await;
-            (r, client)
-        });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let started = std::time::Instant::now();
-        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
-        let (r, client) = query.await.unwrap();
-        assert_eq!(r.unwrap_err().as_db_error().unwrap().code().code(), "57014");
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(
-            client
-                .query_one("select 1", &[])
-                .await
-                .unwrap()
-                .get::<_, i32>(0),
-            1
-        );
-    });
-}
-
 /// md5 and cleartext upstream logins work too.
 #[test]
 fn md5_and_password_upstreams() {

@@ -43,6 +43,9 @@ struct RawRecord {
     cidrs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_connections: Option<u32>,
+    /// Allows `replication=true|database` start-ups.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    replication: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     on_expiry: Option<OnExpiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +126,9 @@ pub struct TokenRecord {
     pub cidrs: Vec<Cidr>,
     /// Open sessions at once, across all shards.
     pub max_connections: Option<u32>,
+    /// Whether replication connections (`replication=true|database`) may
+    /// use this token; off unless set.
+    pub replication: bool,
     /// Parameters injected into the upstream start-up packet.
     pub session: Vec<(String, String)>,
     /// `None` follows the global `[tokens] on_expiry`.
@@ -151,6 +157,7 @@ impl TokenRecord {
             comment: None,
             cidrs: Vec::new(),
             max_connections: None,
+            replication: false,
             session: Vec::new(),
             on_expiry: None,
             previous: None,
@@ -241,6 +248,7 @@ pub struct Grant {
     /// later rotations (a second rotation retires the first's old secret).
     pub secret_sha256: [u8; 32],
     pub max_connections: Option<u32>,
+    pub replication: bool,
     pub session: Vec<(String, String)>,
     pub expires_at: Option<SystemTime>,
     pub on_expiry: Option<OnExpiry>,
@@ -509,6 +517,7 @@ impl TokenStore {
                     slot,
                     secret_sha256: actual,
                     max_connections: r.max_connections,
+                    replication: r.replication,
                     session: r.session.clone(),
                     expires_at: r.expires_at,
                     on_expiry: r.on_expiry,
@@ -554,6 +563,9 @@ impl TokenStore {
             slot: SecretSlot::Current,
             secret_sha256: jwt.signature_hash,
             max_connections: jwt.max_connections,
+            // JWTs carry no replication claim: replication needs an opaque
+            // token whose rule an operator set explicitly.
+            replication: false,
             session: jwt.session.clone(),
             expires_at: Some(jwt.expires_at),
             on_expiry: None,
@@ -678,6 +690,7 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
         comment: r.comment,
         cidrs,
         max_connections: r.max_connections,
+        replication: r.replication,
         session: r.session.into_iter().collect(),
         on_expiry: r.on_expiry,
         previous,
@@ -700,6 +713,7 @@ fn to_raw(r: &TokenRecord) -> RawRecord {
         comment: r.comment.clone(),
         cidrs: r.cidrs.iter().map(Cidr::to_string).collect(),
         max_connections: r.max_connections,
+        replication: r.replication,
         on_expiry: r.on_expiry,
         previous_secret_sha256: r.previous.map(|p| hex::encode(p.sha256)),
         previous_valid_until: r.previous.map(|p| t(p.valid_until)),

@@ -104,7 +104,7 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
     if let Some(j) = &jwt {
         j.watch();
     }
-    let shared = crate::session::Shared::new(store, jwt, server_tls, upstream_tls);
+    let shared = crate::session::Shared::new(config.workers, store, jwt, server_tls, upstream_tls);
     let shards = crate::shard::start(Arc::new(config), Arc::new(shared))?;
     Ok(shards)
 }

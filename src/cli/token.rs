@@ -34,6 +34,10 @@ pub struct RuleArgs {
     /// Open sessions at once with this token, across all shards.
     #[arg(long)]
     pub max_connections: Option<u32>,
+    /// Allow replication connections (`replication=true|database`, used by
+    /// pg_basebackup, pg_receivewal and logical replication clients).
+    #[arg(long)]
+    pub allow_replication: bool,
     /// A session parameter to inject at login, e.g. statement_timeout=5s or
     /// default_transaction_read_only=on (repeat for more).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
@@ -203,6 +207,7 @@ pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToke
         record.not_before = rules.starts_in.map(|d| now + d);
         record.cidrs = rules.cidrs;
         record.max_connections = rules.max_connections;
+        record.replication = rules.allow_replication;
         record.session = rules.session;
         record.on_expiry = rules.on_expiry;
         record.comment = rules.comment;
@@ -269,6 +274,9 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
         }
         if let Some(m) = r.max_connections {
             rules.push(format!("max_connections={m}"));
+        }
+        if r.replication {
+            rules.push("replication".into());
         }
         for (k, v) in &r.session {
             rules.push(format!("{k}={v}"));

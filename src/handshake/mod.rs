@@ -78,6 +78,16 @@ pub struct ClientStartup {
     pub database: String,
 }
 
+impl ClientStartup {
+    /// A physical (`replication=true`) or logical (`replication=database`)
+    /// replication connection; those need a token that allows them.
+    pub fn is_replication(&self) -> bool {
+        self.params
+            .get("replication")
+            .is_some_and(|v| !matches!(v, "false" | "off" | "no" | "0"))
+    }
+}
+
 /// Waiting for the PasswordMessage that carries the token.
 #[derive(Debug)]
 pub struct AwaitPassword {
@@ -229,7 +239,7 @@ impl AwaitStartup {
                         "TLS is required: connect with sslmode=require or stricter",
                     ));
                 }
-                let startup = accept_startup(version, params, output)?;
+                let startup = accept_startup(version, params)?;
                 backend::authentication_cleartext_password(output);
                 Ok(StartupStep::AwaitPassword(AwaitPassword {
                     startup,
@@ -240,13 +250,14 @@ impl AwaitStartup {
     }
 }
 
-/// Checks the StartupMessage's parameters and answers protocol-version
-/// negotiation the way PostgreSQL 15 does: tollgate speaks 3.0 upstream, so
-/// a newer minor version or any `_pq_.` option gets NegotiateProtocolVersion.
+/// Checks the StartupMessage's parameters. Protocol-version negotiation is
+/// left to the upstream: the requested version and `_pq_.` options travel
+/// with the upstream start-up, and the server's NegotiateProtocolVersion
+/// (if any) reaches the client before AuthenticationOk, so the client gets
+/// what the server would have answered it directly.
 fn accept_startup(
     version: ProtocolVersion,
     params: StartupParams,
-    output: &mut BytesMut,
 ) -> Result<ClientStartup, ClientError> {
     let Some(user) = params.user().map(str::to_owned) else {
         return Err(ClientError::new(
@@ -255,23 +266,9 @@ fn accept_startup(
             "no PostgreSQL user name specified in startup packet",
         ));
     };
-    if params
-        .get("replication")
-        .is_some_and(|v| v != "false" && v != "off" && v != "0")
-    {
-        return Err(ClientError::new(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "replication_refused",
-            "replication connections are not allowed through tollgate",
-        ));
-    }
     let database = params.database().unwrap_or(&user).to_owned();
-    let options: Vec<&str> = params.protocol_options().collect();
-    if version.minor > 0 || !options.is_empty() {
-        backend::negotiate_protocol_version(output, 0, options.into_iter());
-    }
     Ok(ClientStartup {
-        version: ProtocolVersion::V3_0,
+        version,
         params,
         user,
         database,
@@ -600,7 +597,7 @@ mod tests {
     }
 
     #[test]
-    fn newer_protocol_gets_negotiation() {
+    fn newer_protocol_and_options_are_left_to_the_upstream() {
         let mut input = BytesMut::new();
         encode_startup_message(
             &mut input,
@@ -613,8 +610,10 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(out[0], b'v');
-        assert_eq!(p.startup().version, ProtocolVersion::V3_0);
-        assert_eq!(p.startup().params.forwardable().count(), 1);
+        // Only the password request: negotiation is the server's answer.
+        assert_eq!(out[0], b'R');
+        assert_eq!(out.len(), 9);
+        assert_eq!(p.startup().version, ProtocolVersion { major: 3, minor: 2 });
+        assert_eq!(p.startup().params.protocol_options().count(), 1);
     }
 }

@@ -73,6 +73,25 @@ pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     put_message(out, TAG_READY_FOR_QUERY, |b| b.put_u8(status));
 }
 
+/// The contents of a BackendKeyData: what a CancelRequest must repeat.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendKey {
+    pub process_id: u32,
+    pub secret_key: Box<[u8]>,
+}
+
+impl std::fmt::Debug for BackendKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret cancels queries: never in a log.
+        write!(
+            f,
+            "BackendKey({}, <{} bytes>)",
+            self.process_id,
+            self.secret_key.len()
+        )
+    }
+}
+
 /// NegotiateProtocolVersion: the newest minor version supported, and the
 /// protocol options (`_pq_.*`) that were not recognized.
 pub fn negotiate_protocol_version<'a>(
@@ -159,7 +178,12 @@ pub enum BeLoginMessage<'a> {
         process_id: u32,
         secret_key: &'a [u8],
     },
-    NegotiateProtocolVersion,
+    /// The newest protocol the server speaks (3.x: the minor version) and
+    /// the count of options it did not recognize.
+    NegotiateProtocolVersion {
+        newest_minor: u16,
+        unrecognized: u32,
+    },
     ReadyForQuery {
         status: u8,
     },
@@ -240,7 +264,17 @@ pub fn parse_login_message(msg: &[u8]) -> Result<BeLoginMessage<'_>, MalformedMe
                 secret_key,
             }
         }
-        TAG_NEGOTIATE_PROTOCOL_VERSION => BeLoginMessage::NegotiateProtocolVersion,
+        TAG_NEGOTIATE_PROTOCOL_VERSION => {
+            let version = read_i32(body).ok_or_else(bad)? as u32;
+            let unrecognized = read_i32(body.get(4..).unwrap_or_default()).ok_or_else(bad)?;
+            if version >> 16 != 3 || unrecognized < 0 {
+                return Err(bad());
+            }
+            BeLoginMessage::NegotiateProtocolVersion {
+                newest_minor: version as u16,
+                unrecognized: unrecognized as u32,
+            }
+        }
         TAG_READY_FOR_QUERY => {
             let [status] = body else { return Err(bad()) };
             BeLoginMessage::ReadyForQuery { status: *status }

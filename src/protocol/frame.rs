@@ -108,7 +108,7 @@ pub struct Scan {
     pub completed: u32,
     /// Tag of the last message completed in this chunk, if any.
     pub last_completed_tag: Option<u8>,
-    /// Messages started in this chunk with the tag given to [`Framer::counting`].
+    /// Messages started in this chunk with a tag given to [`Framer::counting`].
     pub tagged: u32,
 }
 
@@ -126,8 +126,11 @@ pub struct Framer {
     header_len: u8,
     /// Tag of the message in progress (valid while `remaining > 0`).
     tag: u8,
-    /// A tag to count (e.g. ReadyForQuery, one per completed query cycle).
-    count_tag: Option<u8>,
+    /// Tags to count, one bit per ASCII tag (e.g. ReadyForQuery, one per
+    /// completed query cycle). Every message tag is ASCII.
+    count_mask: u128,
+    /// Tag of the last message completed so far.
+    last_tag: u8,
 }
 
 impl Framer {
@@ -137,10 +140,25 @@ impl Framer {
 
     /// A framer that also counts messages with `tag`.
     pub fn counting(tag: u8) -> Self {
+        Self::counting_any(&[tag])
+    }
+
+    /// A framer that also counts messages with any of `tags`.
+    pub fn counting_any(tags: &[u8]) -> Self {
+        let mut count_mask = 0u128;
+        for &t in tags {
+            assert!(t < 128, "message tags are ASCII");
+            count_mask |= 1 << t;
+        }
         Framer {
-            count_tag: Some(tag),
+            count_mask,
             ..Self::default()
         }
+    }
+
+    /// The tag of the last complete message seen (0 before the first).
+    pub fn last_tag(&self) -> u8 {
+        self.last_tag
     }
 
     /// True when the bytes seen so far end exactly at a message boundary:
@@ -184,6 +202,7 @@ impl Framer {
                 if self.remaining == 0 {
                     scan.completed += 1;
                     scan.last_completed_tag = Some(self.tag);
+                    self.last_tag = self.tag;
                 }
                 continue;
             }
@@ -209,7 +228,7 @@ impl Framer {
             if len < 4 {
                 return Err(FrameError::InvalidLength { tag, len });
             }
-            if self.count_tag == Some(tag) {
+            if tag < 128 && (self.count_mask >> tag) & 1 == 1 {
                 scan.tagged += 1;
             }
             self.tag = tag;
@@ -217,6 +236,7 @@ impl Framer {
             if self.remaining == 0 {
                 scan.completed += 1;
                 scan.last_completed_tag = Some(tag);
+                self.last_tag = tag;
             }
         }
         Ok(scan)
@@ -283,6 +303,26 @@ mod tests {
         assert_eq!(scan.completed, 5);
         assert_eq!(scan.last_completed_tag, Some(b'Z'));
         assert!(f.at_boundary());
+    }
+
+    #[test]
+    fn framer_counts_a_set_of_tags_and_remembers_the_last() {
+        let mut s = msg(b'P', b"stmt\0");
+        s.extend(msg(b'B', b"portal"));
+        s.extend(msg(b'E', b"\0\0\0\0\0"));
+        s.extend(msg(b'S', b""));
+        s.extend(msg(b'Q', b"select 1\0"));
+        s.extend(msg(b'X', b""));
+        let mut f = Framer::counting_any(b"QSF");
+        assert_eq!(f.last_tag(), 0);
+        let scan = f.scan(&s[..s.len() - 3]).unwrap();
+        assert_eq!(scan.tagged, 2);
+        assert_eq!(f.last_tag(), b'Q');
+        f.scan(&s[s.len() - 3..]).unwrap();
+        assert_eq!(f.last_tag(), b'X');
+        // High (non-ASCII) tags are framed, never counted.
+        let mut f = Framer::counting(b'Z');
+        assert_eq!(f.scan(&msg(0xff, b"x")).unwrap().tagged, 0);
     }
 
     #[test]

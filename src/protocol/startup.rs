@@ -36,6 +36,11 @@ pub struct ProtocolVersion {
 
 impl ProtocolVersion {
     pub const V3_0: ProtocolVersion = ProtocolVersion { major: 3, minor: 0 };
+    /// The newest version tollgate understands (PostgreSQL 18). A client
+    /// asking for more is offered this, as a server would.
+    pub const NEWEST: ProtocolVersion = ProtocolVersion { major: 3, minor: 2 };
+    /// From 3.2 on, BackendKeyData keys may be longer than 4 bytes.
+    pub const LONG_CANCEL_KEYS: u16 = 2;
 
     fn from_code(code: u32) -> Self {
         ProtocolVersion {
@@ -71,12 +76,6 @@ impl StartupParams {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
-    }
-
-    /// Parameters to pass upstream: everything but protocol options
-    /// (`_pq_.*`), which tollgate answers itself.
-    pub fn forwardable(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.iter().filter(|(k, _)| !k.starts_with("_pq_."))
     }
 
     /// Protocol options (`_pq_.*`) the client asked for.
@@ -418,7 +417,6 @@ mod tests {
         };
         assert_eq!(version.minor, 2);
         assert_eq!(params.protocol_options().collect::<Vec<_>>(), ["_pq_.test"]);
-        assert_eq!(params.forwardable().count(), 1);
     }
 
     #[test]

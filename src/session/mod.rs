@@ -5,6 +5,7 @@
 //! The session owns its sockets and buffers and never leaves the shard that
 //! accepted it.
 
+pub mod cancel;
 mod kill;
 mod limits;
 mod relay;
@@ -62,6 +63,9 @@ pub struct ShardContext {
     /// Touched once per connect and once per close, never per message.
     pub connections: Arc<AtomicUsize>,
     pub scram_keys: RefCell<KeyCache>,
+    /// Cancel keys of this shard's sessions, and the way to other shards'.
+    cancel_keys: Rc<cancel::Keys>,
+    cancels: Arc<cancel::Router>,
     server_tls: Option<Arc<ServerTls>>,
     upstream_tls: Option<Arc<UpstreamTls>>,
     /// The live JWT verifier and this shard's copy of it.
@@ -88,6 +92,8 @@ impl ShardContext {
             server_tls: shared.server_tls.clone(),
             upstream_tls: shared.upstream_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
+            cancel_keys: Rc::new(cancel::Keys::new(shard, shared.cancels.shards())),
+            cancels: shared.cancels.clone(),
             acceptor: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
             jwt: shared
@@ -186,10 +192,12 @@ pub struct Shared {
     pub token_limits: Arc<limits::TokenLimits>,
     pub server_tls: Option<Arc<ServerTls>>,
     pub upstream_tls: Option<Arc<UpstreamTls>>,
+    pub cancels: Arc<cancel::Router>,
 }
 
 impl Shared {
     pub fn new(
+        shards: usize,
         store: Arc<LiveStore>,
         jwt: Option<Arc<LiveJwt>>,
         server_tls: Option<Arc<ServerTls>>,
@@ -202,6 +210,7 @@ impl Shared {
             token_limits: Arc::default(),
             server_tls,
             upstream_tls,
+            cancels: Arc::new(cancel::Router::new(shards)),
         }
     }
 }
@@ -243,19 +252,15 @@ struct Established {
     jwt_id: Option<Option<String>>,
     /// Counts against the token's `max_connections` while held.
     token_slot: Option<limits::TokenSlot>,
+    /// The client's cancel key; released when the session ends.
+    cancel_key: cancel::Reservation,
     upstream: Upstream,
 }
 
 enum StartupOutcome {
     Session(Box<Established>),
-    Cancel {
-        process_id: u32,
-        secret_key: Vec<u8>,
-    },
-    StartTls {
-        next: Phase,
-        direct: bool,
-    },
+    Cancel(cancel::CancelRequest),
+    StartTls { next: Phase, direct: bool },
 }
 
 /// Per-connection facts the start-up needs.
@@ -359,7 +364,8 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                 database = %est.startup.database,
                 tls,
                 upstream_tls,
-                upstream_auth = est.upstream.auth_method,
+                upstream_auth = est.upstream.ready.auth_method,
+                protocol = %format_args!("3.{}", est.upstream.ready.minor),
                 setup_us = start.started.elapsed().as_micros() as u64,
                 "session started"
             );
@@ -367,8 +373,22 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                 stream,
                 for_client,
                 leftover,
-                ..
+                ready,
             } = est.upstream;
+            let cancel_key = est.cancel_key;
+            // A client that vanishes mid-query leaves a cancel behind it.
+            let abandon = {
+                let ctx = ctx.clone();
+                let key = ready.upstream_key;
+                move || async move {
+                    let Some(key) = key else { return };
+                    let tls = ctx.upstream_tls.as_deref();
+                    match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
+                        Ok(()) => debug!("query of a departed client cancelled"),
+                        Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
+                    }
+                }
+            };
             let size = ctx.config.buffer_size;
             let span = tracing::Span::current();
             let started = start.started;
@@ -399,13 +419,16 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                 let kill = &registration.watched.kill;
                 let stats = match stream {
                     UpstreamStream::Plain(s) => {
-                        relay::run(client, s, for_client, leftover, input, size, kill).await
+                        relay::run(client, s, for_client, leftover, input, size, kill, abandon)
+                            .await
                     }
                     UpstreamStream::Tls(s) => {
-                        relay::run(client, *s, for_client, leftover, input, size, kill).await
+                        relay::run(client, *s, for_client, leftover, input, size, kill, abandon)
+                            .await
                     }
                 };
                 drop(registration);
+                drop(cancel_key);
                 drop(token_slot);
                 info!(
                     parent: &span,
@@ -414,20 +437,23 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                     bytes_from_client = stats.bytes_from_client,
                     bytes_from_server = stats.bytes_from_server,
                     query_cycles = stats.ready_for_query,
+                    query_cycles_asked = stats.query_cycles_asked,
                     ended_by = stats.ended_by.as_str(),
                     "session ended"
                 );
             }));
         }
-        Ok(StartupOutcome::Cancel {
-            process_id,
-            secret_key,
-        }) => {
+        Ok(StartupOutcome::Cancel(request)) => {
             // Postgres answers a CancelRequest with nothing, right or wrong.
             drop(client);
-            match upstream::forward_cancel(&ctx.config.upstream, process_id, &secret_key).await {
-                Ok(()) => debug!("cancel request forwarded"),
-                Err(e) => warn!(error = %e, "cancel request not forwarded"),
+            if ctx.cancels.owner(request.process_id) == ctx.shard {
+                cancel_here(ctx, &request).await;
+            } else {
+                debug!(
+                    owner = ctx.cancels.owner(request.process_id),
+                    "cancel request routed to its shard"
+                );
+                ctx.cancels.route(request);
             }
         }
         Ok(StartupOutcome::StartTls { .. }) => {
@@ -439,6 +465,35 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
         Err(Refusal::Relay(bytes)) => close_with(client, BytesMut::from(&bytes[..])).await,
     }
     None
+}
+
+/// Acts on a cancel for a session of this shard: a matching key sends the
+/// server's real key to the server; anything else is dropped unanswered.
+async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
+    let Some(key) = ctx.cancel_keys.upstream_key(request) else {
+        debug!(
+            process_id = request.process_id,
+            "cancel request with an unknown key dropped"
+        );
+        return;
+    };
+    match upstream::send_cancel(&ctx.config.upstream, ctx.upstream_tls.as_deref(), &key).await {
+        Ok(()) => debug!(process_id = request.process_id, "cancel request forwarded"),
+        Err(e) => warn!(error = %e, "cancel request not forwarded"),
+    }
+}
+
+/// Serves cancels routed here by other shards, for as long as the shard
+/// runs. Each is handled in its own task so one slow server connection
+/// does not hold up the rest.
+pub async fn serve_routed_cancels(ctx: Rc<ShardContext>) {
+    let Some(inbox) = ctx.cancels.take_inbox(ctx.shard) else {
+        return;
+    };
+    while let Ok(request) = inbox.recv_async().await {
+        let ctx = ctx.clone();
+        monoio::spawn(async move { cancel_here(&ctx, &request).await });
+    }
 }
 
 fn encode(e: &ClientError) -> BytesMut {
@@ -494,10 +549,10 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
                 process_id,
                 secret_key,
             } => {
-                return Ok(StartupOutcome::Cancel {
+                return Ok(StartupOutcome::Cancel(cancel::CancelRequest {
                     process_id,
-                    secret_key,
-                })
+                    secret_key: secret_key.into(),
+                }))
             }
             Progress::StartTls { next, direct } => {
                 return Ok(StartupOutcome::StartTls { next, direct })
@@ -517,6 +572,10 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
 
     let (token_id, grant, jwt_id) = check_token(ctx, &startup, &token, peer)?;
     drop(token);
+    if startup.is_replication() && !grant.replication {
+        info!(token_id = %token_id, reason = "replication_not_allowed", "start-up refused");
+        return Err(ClientError::replication_not_allowed().into());
+    }
     let token_slot = match grant.max_connections {
         None => None,
         Some(max) => match ctx.token_limits.acquire(&token_id, max) {
@@ -538,14 +597,33 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             return Err(ClientError::upstream_login_failed().into());
         }
     };
+    let cancel_key = ctx.cancel_keys.reserve();
     let login = upstream::connect_and_login(
         &ctx.config.upstream,
         ctx.upstream_tls.as_deref(),
-        &startup.user,
-        password,
-        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        upstream::LoginParams {
+            user: &startup.user,
+            password,
+            version: startup.version,
+            params: params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            issued_key: (cancel_key.process_id, cancel_key.secret),
+        },
         &ctx.scram_keys,
     );
+    // The connect timeout covers the whole login: a server that accepts
+    // but never answers the start-up is as unavailable as one that does
+    // not accept.
+    let connect_timeout = ctx.config.upstream.connect_timeout;
+    let login = async {
+        monoio::time::timeout(connect_timeout, login)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::ConnectTimeout {
+                    addr: format!("{}:{}", ctx.config.upstream.host, ctx.config.upstream.port),
+                    after: connect_timeout,
+                })
+            })
+    };
     let upstream = timeout_at(start.deadline, login)
         .await
         .map_err(|_| timed_out())?
@@ -560,6 +638,9 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             upstream_refusal(e)
         })?;
 
+    if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
+        cancel_key.activate(issued, real.clone());
+    }
     // tollgate asked for the password, so the client is waiting for
     // AuthenticationOk: the server's, relayed with what follows it.
     Ok(StartupOutcome::Session(Box::new(Established {
@@ -568,6 +649,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         grant,
         jwt_id,
         token_slot,
+        cancel_key,
         upstream,
     })))
 }
@@ -588,7 +670,7 @@ fn upstream_params(
     let overridden = |k: &str| k == "application_name" || grant.session.iter().any(|(g, _)| g == k);
     let mut params: Vec<(String, String)> = startup
         .params
-        .forwardable()
+        .iter()
         .filter(|(k, _)| !overridden(k))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();

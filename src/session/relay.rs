@@ -10,6 +10,12 @@
 //! the server-to-client direction then stops at the next message boundary,
 //! sends a FATAL ErrorResponse, and the server gets a Terminate, so neither
 //! side ever sees half a message.
+//!
+//! When one side goes away the other is told as a direct connection would
+//! tell it: a server that vanishes without an error of its own leaves the
+//! client a FATAL 08006 (when the stream is at a message boundary), and a
+//! client that vanishes while a query runs gets that query cancelled before
+//! the server connection is closed, so the server stops the work.
 
 use std::cell::Cell;
 
@@ -19,7 +25,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splita
 use super::kill::KillSwitch;
 use crate::auth::Rejection;
 use crate::error::ClientError;
-use crate::protocol::backend::TAG_READY_FOR_QUERY;
+use crate::protocol::backend::{TAG_ERROR_RESPONSE, TAG_READY_FOR_QUERY};
 use crate::protocol::Framer;
 
 /// How a relayed session ended.
@@ -56,8 +62,16 @@ pub struct RelayStats {
     pub bytes_from_server: u64,
     /// ReadyForQuery messages relayed: one per completed query cycle.
     pub ready_for_query: u64,
+    /// Query, Sync and FunctionCall messages relayed: each asks for one
+    /// ReadyForQuery, so more of these than of those means work in flight.
+    pub query_cycles_asked: u64,
     pub ended_by: EndedBy,
 }
+
+/// Client messages that each end in exactly one ReadyForQuery.
+const CYCLE_TAGS: [u8; 3] = [b'Q', b'S', b'F'];
+/// Terminate: the client closed the session itself.
+const TAG_TERMINATE: u8 = b'X';
 
 struct Counters {
     bytes: Cell<u64>,
@@ -70,7 +84,10 @@ struct Counters {
 /// `for_client` holds the server's login messages (AuthenticationOk through
 /// ReadyForQuery), `leftover` anything the server sent after them, and
 /// `client_pending` anything the client sent after its password.
-pub async fn run<C, S>(
+/// `abandon` cancels the running query on the server; it is awaited only
+/// when the client vanishes with a query in flight.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<C, S, A, F>(
     mut client: C,
     mut server: S,
     mut for_client: BytesMut,
@@ -78,10 +95,13 @@ pub async fn run<C, S>(
     client_pending: BytesMut,
     buffer_size: usize,
     kill: &KillSwitch,
+    abandon: A,
 ) -> RelayStats
 where
     C: Split + AsyncReadRent + AsyncWriteRent,
     S: Split + AsyncReadRent + AsyncWriteRent,
+    A: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
 {
     let c2s = Counters {
         bytes: Cell::new(client_pending.len() as u64),
@@ -95,15 +115,17 @@ where
         bytes_from_client: c2s.bytes.get(),
         bytes_from_server: s2c.bytes.get(),
         ready_for_query: s2c.tagged.get(),
+        query_cycles_asked: c2s.tagged.get(),
         ended_by,
     };
 
     // Both sides' framers must start with what was already sent, so the
     // early bytes go through them too.
-    let mut client_framer = Framer::new();
+    let mut client_framer = Framer::counting_any(&CYCLE_TAGS);
     let mut server_framer = Framer::counting(TAG_READY_FOR_QUERY);
-    if client_framer.scan(&client_pending).is_err() {
-        return stats(EndedBy::ClientProtocol);
+    match client_framer.scan(&client_pending) {
+        Ok(scan) => c2s.tagged.set(scan.tagged as u64),
+        Err(_) => return stats(EndedBy::ClientProtocol),
     }
     match server_framer.scan(&leftover) {
         Ok(scan) => s2c.tagged.set(scan.tagged as u64),
@@ -146,13 +168,42 @@ where
             e = down => e,
         }
     };
-    if matches!(ended_by, EndedBy::Token(_)) && client_framer.at_boundary() {
-        // Close the server side cleanly, as a client would.
-        let mut terminate = BytesMut::with_capacity(5);
-        postgres_protocol::message::frontend::terminate(&mut terminate);
-        let _ = server_w.write_all(terminate).await;
+    match ended_by {
+        EndedBy::Token(_) if client_framer.at_boundary() => {
+            // Close the server side cleanly, as a client would.
+            let mut terminate = BytesMut::with_capacity(5);
+            postgres_protocol::message::frontend::terminate(&mut terminate);
+            let _ = server_w.write_all(terminate).await;
+        }
+        EndedBy::ServerClosed | EndedBy::ServerIo if server_lost_silently(&server_framer) => {
+            let mut out = BytesMut::with_capacity(128);
+            ClientError::server_closed().encode(&mut out);
+            let _ = client_w.write_all(out).await;
+        }
+        EndedBy::ClientClosed | EndedBy::ClientIo
+            if query_in_flight(&client_framer, c2s.tagged.get(), s2c.tagged.get()) =>
+        {
+            // Cancel before closing: a server only notices a closed socket
+            // when it next reads or writes, which a long query may not do
+            // for a long time.
+            abandon().await;
+        }
+        _ => {}
     }
     stats(ended_by)
+}
+
+/// The server ended at a message boundary without an ErrorResponse of its
+/// own as its last word (killed, crashed, connection lost): the client
+/// must hear it from tollgate. Mid-message nothing can be added.
+fn server_lost_silently(server: &Framer) -> bool {
+    server.at_boundary() && server.last_tag() != TAG_ERROR_RESPONSE
+}
+
+/// The client asked for more query cycles than the server finished, and
+/// did not say goodbye with Terminate.
+fn query_in_flight(client: &Framer, asked: u64, finished: u64) -> bool {
+    asked > finished && client.last_tag() != TAG_TERMINATE
 }
 
 /// Copies client bytes to the server until the client closes or fails.
@@ -173,8 +224,15 @@ async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(n) => n,
             Err(_) => return EndedBy::ClientIo,
         };
-        if framer.scan(&buf[..n]).is_err() {
-            return EndedBy::ClientProtocol;
+        match framer.scan(&buf[..n]) {
+            Ok(scan) => {
+                if scan.tagged > 0 {
+                    counters
+                        .tagged
+                        .set(counters.tagged.get() + scan.tagged as u64);
+                }
+            }
+            Err(_) => return EndedBy::ClientProtocol,
         }
         counters.bytes.set(counters.bytes.get() + n as u64);
         let (res, b) = to.write_all(buf).await;

@@ -18,7 +18,9 @@ use postgres_protocol::message::frontend;
 use super::scram::{
     self, AwaitServerFinal, AwaitServerFirst, ChannelBinding, KeyCache, ScramClient,
 };
-use crate::protocol::backend::{parse_login_message, BeLoginMessage, ErrorFields};
+use crate::protocol::backend::{
+    self, parse_login_message, BackendKey, BeLoginMessage, ErrorFields,
+};
 use crate::protocol::startup::{encode_startup_message, ProtocolVersion};
 use crate::secret::Secret;
 
@@ -87,37 +89,77 @@ pub struct Login {
     channel_binding: ChannelBinding,
     /// How the server authenticated us, for the session log.
     auth_method: &'static str,
+    /// The minor protocol version the client asked for, the one asked of
+    /// the server (never newer than tollgate understands), and the one in
+    /// force (lowered by the server's NegotiateProtocolVersion).
+    client_minor: u16,
+    asked_minor: u16,
+    minor: u16,
+    negotiated: bool,
+    /// The key tollgate hands the client instead of the server's.
+    issued: (u32, [u8; ISSUED_KEY_LEN]),
+    /// The server's own key, kept for forwarding cancels.
+    upstream_key: Option<BackendKey>,
+}
+
+/// Length of the cancel secret tollgate issues under protocol 3.2 (what
+/// PostgreSQL 18 issues); 3.0 keys are 4 bytes, the first 4 of these.
+pub const ISSUED_KEY_LEN: usize = 32;
+
+/// A logged-in upstream session, as the login leaves it.
+#[derive(Debug)]
+pub struct Ready {
+    /// How tollgate authenticated (`trust`, `password`, `md5`, or the SASL
+    /// mechanism, e.g. `SCRAM-SHA-256-PLUS` when channel binding was used).
+    pub auth_method: &'static str,
+    /// The server's BackendKeyData, if it sent one.
+    pub upstream_key: Option<BackendKey>,
+    /// The key the client was given (empty secret when the server sent
+    /// none, so neither did tollgate).
+    pub issued_key: Option<BackendKey>,
+    /// The protocol version in force (3.x).
+    pub minor: u16,
 }
 
 /// What one server message did.
 pub enum LoginStep {
     Continue(Login),
-    /// ReadyForQuery arrived: the session is open. `auth_method` names how
-    /// tollgate authenticated (`trust`, `password`, `md5`, or the SASL
-    /// mechanism, e.g. `SCRAM-SHA-256-PLUS` when channel binding was used).
-    Ready {
-        auth_method: &'static str,
-    },
+    /// ReadyForQuery arrived: the session is open.
+    Ready(Ready),
 }
 
 impl Login {
     /// Starts a login as `user`, appending the StartupMessage to `to_server`.
-    /// `params` are the client's (without `user`, which tollgate sets).
+    /// `params` are the client's (without `user`, which tollgate sets),
+    /// protocol options (`_pq_.*`) included: the server answers them.
+    /// `issued` is the cancel key the client gets in place of the server's.
     pub fn start<'a>(
         user: &'a str,
         password: Option<Secret>,
         channel_binding: ChannelBinding,
+        version: ProtocolVersion,
         params: impl Iterator<Item = (&'a str, &'a str)>,
+        issued: (u32, [u8; ISSUED_KEY_LEN]),
         to_server: &mut BytesMut,
     ) -> Login {
+        let asked = ProtocolVersion {
+            major: 3,
+            minor: version.minor.min(ProtocolVersion::NEWEST.minor),
+        };
         let params = std::iter::once(("user", user)).chain(params.filter(|(k, _)| *k != "user"));
-        encode_startup_message(to_server, ProtocolVersion::V3_0, params);
+        encode_startup_message(to_server, asked, params);
         Login {
             phase: Phase::AwaitAuthRequest,
             user: user.to_owned(),
             password,
             channel_binding,
             auth_method: "trust",
+            client_minor: version.minor,
+            asked_minor: asked.minor,
+            minor: asked.minor,
+            negotiated: false,
+            issued,
+            upstream_key: None,
         }
     }
 
@@ -164,26 +206,79 @@ impl Login {
         self.phase = match (phase, parsed) {
             (Phase::AwaitReady, BeLoginMessage::ReadyForQuery { .. }) => {
                 to_client.extend_from_slice(msg);
-                return Ok(LoginStep::Ready {
+                let issued_key = self.upstream_key.as_ref().map(|_| self.issued_key());
+                return Ok(LoginStep::Ready(Ready {
                     auth_method: self.auth_method,
-                });
+                    upstream_key: self.upstream_key,
+                    issued_key,
+                    minor: self.minor,
+                }));
             }
-            (
-                Phase::AwaitReady,
-                BeLoginMessage::ParameterStatus | BeLoginMessage::BackendKeyData { .. },
-            ) => {
+            (Phase::AwaitReady, BeLoginMessage::ParameterStatus) => {
                 to_client.extend_from_slice(msg);
                 Phase::AwaitReady
             }
             (
-                Phase::AwaitAuthRequest | Phase::AwaitAuthOk,
-                BeLoginMessage::NegotiateProtocolVersion,
+                Phase::AwaitReady,
+                BeLoginMessage::BackendKeyData {
+                    process_id,
+                    secret_key,
+                },
             ) => {
-                // tollgate asks for 3.0 with no options; a server that still
-                // negotiates is answered by ignoring it, as libpq does.
+                if self.upstream_key.is_some()
+                    || (self.minor < ProtocolVersion::LONG_CANCEL_KEYS && secret_key.len() != 4)
+                {
+                    return Err(LoginError::Protocol {
+                        detail: "duplicate or malformed BackendKeyData".into(),
+                    });
+                }
+                // The client gets tollgate's key, never the server's: a
+                // cancel must come back through tollgate, which knows which
+                // server and session it belongs to.
+                self.upstream_key = Some(BackendKey {
+                    process_id,
+                    secret_key: secret_key.into(),
+                });
+                let key = self.issued_key();
+                backend::backend_key_data(to_client, key.process_id, &key.secret_key);
+                Phase::AwaitReady
+            }
+            (
+                Phase::AwaitAuthRequest,
+                BeLoginMessage::NegotiateProtocolVersion {
+                    newest_minor,
+                    unrecognized,
+                },
+            ) if !self.negotiated => {
+                // The server's answer to the client's version and options,
+                // relayed as is. It must have a reason: a lower version, or
+                // options it did not recognize.
+                if newest_minor > self.asked_minor
+                    || (newest_minor == self.asked_minor && unrecognized == 0)
+                {
+                    return Err(LoginError::Protocol {
+                        detail: format!(
+                            "NegotiateProtocolVersion offers 3.{newest_minor} after 3.{} was asked",
+                            self.asked_minor
+                        ),
+                    });
+                }
+                self.negotiated = true;
+                self.minor = newest_minor.min(self.asked_minor);
+                to_client.extend_from_slice(msg);
                 Phase::AwaitAuthRequest
             }
             (Phase::AwaitAuthRequest | Phase::AwaitAuthOk, BeLoginMessage::AuthenticationOk) => {
+                if !self.negotiated && self.client_minor > self.asked_minor {
+                    // The client asked for more than tollgate understands
+                    // and the server took what tollgate asked: say what is
+                    // in force, as a server that stops at 3.2 would.
+                    backend::negotiate_protocol_version(
+                        to_client,
+                        self.minor as u32,
+                        [].into_iter(),
+                    );
+                }
                 to_client.extend_from_slice(msg);
                 Phase::AwaitReady
             }
@@ -260,6 +355,22 @@ impl Login {
     }
 }
 
+impl Login {
+    /// The key the client gets: 4 bytes under 3.0, the whole issued secret
+    /// from 3.2 on.
+    fn issued_key(&self) -> BackendKey {
+        let len = if self.minor >= ProtocolVersion::LONG_CANCEL_KEYS {
+            ISSUED_KEY_LEN
+        } else {
+            4
+        };
+        BackendKey {
+            process_id: self.issued.0,
+            secret_key: self.issued.1[..len].into(),
+        }
+    }
+}
+
 fn protocol(e: std::io::Error) -> LoginError {
     LoginError::Protocol {
         detail: e.to_string(),
@@ -301,21 +412,139 @@ mod tests {
     use crate::protocol::backend;
     use crate::protocol::frame::peek_frame;
 
+    const ISSUED: (u32, [u8; ISSUED_KEY_LEN]) = (77, [0xab; ISSUED_KEY_LEN]);
+
     fn start(password: Option<&str>) -> (Login, BytesMut) {
+        start_version(password, 0)
+    }
+
+    fn start_version(password: Option<&str>, minor: u16) -> (Login, BytesMut) {
         let mut to_server = BytesMut::new();
         let login = Login::start(
             "app",
             password.map(|p| Secret::new(p.as_bytes().to_vec())),
             ChannelBinding::NotSupported,
+            ProtocolVersion { major: 3, minor },
             [
                 ("user", "ignored"),
                 ("database", "appdb"),
                 ("application_name", "x"),
             ]
             .into_iter(),
+            ISSUED,
             &mut to_server,
         );
         (login, to_server)
+    }
+
+    /// Feeds `server` to a login until Ready; returns what the client got.
+    fn try_run(login: Login, server: &[u8]) -> Result<(BytesMut, Ready), LoginError> {
+        let mut cache = KeyCache::new();
+        let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+        let mut login = Some(login);
+        let mut rest = server;
+        while let Some(f) = peek_frame(rest, 1 << 16).unwrap() {
+            let step = login.take().unwrap().on_message(
+                &rest[..f.total_len],
+                &mut ts,
+                &mut tc,
+                &mut cache,
+            )?;
+            rest = &rest[f.total_len..];
+            match step {
+                LoginStep::Continue(l) => login = Some(l),
+                LoginStep::Ready(r) => return Ok((tc, r)),
+            }
+        }
+        panic!("no ReadyForQuery")
+    }
+
+    fn run(login: Login, server: &[u8]) -> (BytesMut, Ready) {
+        try_run(login, server).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn trust_server(npv: Option<(u32, &[&str])>, key_len: usize) -> BytesMut {
+        let mut server = BytesMut::new();
+        if let Some((minor, opts)) = npv {
+            backend::negotiate_protocol_version(&mut server, minor, opts.iter().copied());
+        }
+        backend::authentication_ok(&mut server);
+        backend::backend_key_data(&mut server, 4242, &vec![7; key_len]);
+        backend::ready_for_query(&mut server, b'I');
+        server
+    }
+
+    fn messages(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(f) = peek_frame(b, 1 << 16).unwrap() {
+            out.push((b[0], b[f.body()].to_vec()));
+            b = &b[f.total_len..];
+        }
+        out
+    }
+
+    #[test]
+    fn client_gets_tollgates_key_and_the_server_key_is_kept() {
+        let (login, startup) = start_version(None, 0);
+        assert_eq!(&startup[4..8], &(3u32 << 16).to_be_bytes());
+        let (tc, ready) = run(login, &trust_server(None, 4));
+        let msgs = messages(&tc);
+        assert_eq!(msgs[1].0, b'K');
+        assert_eq!(&msgs[1].1[..4], &77u32.to_be_bytes());
+        assert_eq!(&msgs[1].1[4..], &[0xab; 4]);
+        let up = ready.upstream_key.unwrap();
+        assert_eq!((up.process_id, &up.secret_key[..]), (4242, &[7u8; 4][..]));
+        assert_eq!(ready.issued_key.unwrap().secret_key.len(), 4);
+        assert_eq!(ready.minor, 0);
+    }
+
+    #[test]
+    fn protocol_3_2_accepted_upstream_gives_a_long_key() {
+        let (login, startup) = start_version(None, 2);
+        assert_eq!(&startup[4..8], &((3u32 << 16) | 2).to_be_bytes());
+        let (tc, ready) = run(login, &trust_server(None, 32));
+        let msgs = messages(&tc);
+        assert_eq!(msgs[0].0, b'R', "no negotiation when the server accepts");
+        assert_eq!(msgs[1].1.len(), 4 + ISSUED_KEY_LEN);
+        assert_eq!(ready.minor, 2);
+        assert_eq!(ready.upstream_key.unwrap().secret_key.len(), 32);
+    }
+
+    #[test]
+    fn server_negotiation_is_relayed_and_lowers_the_key() {
+        let (login, _) = start_version(None, 2);
+        let server = trust_server(Some((0, &["_pq_.x"])), 4);
+        let (tc, ready) = run(login, &server);
+        let msgs = messages(&tc);
+        let sent = messages(&server);
+        assert_eq!(msgs[0], sent[0], "NegotiateProtocolVersion verbatim");
+        assert_eq!(msgs[2].1.len(), 8);
+        assert_eq!(ready.minor, 0);
+    }
+
+    #[test]
+    fn versions_beyond_3_2_are_capped_and_answered_by_tollgate() {
+        let (login, startup) = start_version(None, 9);
+        assert_eq!(&startup[4..8], &((3u32 << 16) | 2).to_be_bytes());
+        let (tc, ready) = run(login, &trust_server(None, 32));
+        let msgs = messages(&tc);
+        assert_eq!(msgs[0].0, b'v');
+        assert_eq!(&msgs[0].1[..8], &[0, 3, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(ready.minor, 2);
+    }
+
+    #[test]
+    fn negotiation_without_reason_or_short_keys_are_refused() {
+        // Offers exactly what was asked with no unrecognized option.
+        let (login, _) = start_version(None, 2);
+        let mut server = BytesMut::new();
+        backend::negotiate_protocol_version(&mut server, 2, [].into_iter());
+        let e = try_run(login, &server).err().unwrap();
+        assert!(matches!(e, LoginError::Protocol { .. }));
+        // A 3.0 session with a long key.
+        let (login, _) = start_version(None, 0);
+        let e = try_run(login, &trust_server(None, 32)).err().unwrap();
+        assert!(matches!(e, LoginError::Protocol { .. }));
     }
 
     #[test]
@@ -330,34 +559,20 @@ mod tests {
     #[test]
     fn trust_login_collects_messages_for_the_client() {
         let (login, _) = start(None);
-        let mut cache = KeyCache::new();
-        let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
         let mut server = BytesMut::new();
         backend::authentication_ok(&mut server);
         backend::parameter_status(&mut server, "server_version", "15");
         backend::backend_key_data(&mut server, 1, &[0, 0, 0, 1]);
         backend::ready_for_query(&mut server, b'I');
-        let mut login = Some(login);
-        let mut ready = false;
-        let mut rest = &server[..];
-        while let Some(f) = peek_frame(rest, 1 << 16).unwrap() {
-            match login
-                .take()
-                .unwrap()
-                .on_message(&rest[..f.total_len], &mut ts, &mut tc, &mut cache)
-                .unwrap()
-            {
-                LoginStep::Continue(l) => login = Some(l),
-                LoginStep::Ready { auth_method } => {
-                    assert_eq!(auth_method, "trust");
-                    ready = true
-                }
-            }
-            rest = &rest[f.total_len..];
-        }
-        assert!(ready);
-        assert_eq!(tc, server);
-        assert!(ts.is_empty());
+        let (tc, ready) = run(login, &server);
+        assert_eq!(ready.auth_method, "trust");
+        // Everything verbatim except the key, which is tollgate's.
+        let mut expected = BytesMut::new();
+        backend::authentication_ok(&mut expected);
+        backend::parameter_status(&mut expected, "server_version", "15");
+        backend::backend_key_data(&mut expected, ISSUED.0, &ISSUED.1[..4]);
+        backend::ready_for_query(&mut expected, b'I');
+        assert_eq!(tc, expected);
     }
 
     #[test]

@@ -16,12 +16,14 @@ use monoio::net::TcpStream;
 use rustls_pki_types::ServerName;
 
 use crate::config::UpstreamConfig;
+use crate::protocol::backend::BackendKey;
 use crate::protocol::backend::MAX_LOGIN_MESSAGE_LEN;
 use crate::protocol::frame::peek_frame;
+use crate::protocol::startup::ProtocolVersion;
 use crate::protocol::startup::SSL_REQUEST_CODE;
 use crate::secret::Secret;
 use crate::tls::{UpstreamTls, UpstreamTlsMode};
-use login::{Login, LoginError, LoginStep};
+use login::{Login, LoginError, LoginStep, Ready, ISSUED_KEY_LEN};
 use scram::{ChannelBinding, KeyCache};
 
 /// Why the session could not get an upstream connection.
@@ -179,18 +181,27 @@ pub struct Upstream {
     pub for_client: BytesMut,
     /// Bytes the server sent after ReadyForQuery (normally none).
     pub leftover: BytesMut,
-    /// How tollgate authenticated to the server (for the session log).
-    pub auth_method: &'static str,
+    /// How the login went: method, keys, protocol version.
+    pub ready: Ready,
+}
+
+/// What the upstream login needs besides the transport.
+pub struct LoginParams<'a, P> {
+    pub user: &'a str,
+    pub password: Option<Secret>,
+    /// The version the client asked for; the server negotiates it down.
+    pub version: ProtocolVersion,
+    pub params: P,
+    /// The cancel key the client gets instead of the server's.
+    pub issued_key: (u32, [u8; ISSUED_KEY_LEN]),
 }
 
 /// Connects (with TLS as configured) and logs in as `user`, passing the
 /// client's parameters.
-pub async fn connect_and_login<'a>(
+pub async fn connect_and_login<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
-    user: &'a str,
-    password: Option<Secret>,
-    params: impl Iterator<Item = (&'a str, &'a str)>,
+    p: LoginParams<'a, P>,
     cache: &std::cell::RefCell<KeyCache>,
 ) -> Result<Upstream, UpstreamError> {
     let (stream, binding) = connect(cfg, tls).await?;
@@ -201,26 +212,32 @@ pub async fn connect_and_login<'a>(
         (UpstreamStream::Tls(_), None) => ChannelBinding::SupportedButNotUsed,
     };
     let mut startup = BytesMut::with_capacity(256);
-    let login = Login::start(user, password, channel_binding, params, &mut startup);
+    let login = Login::start(
+        p.user,
+        p.password,
+        channel_binding,
+        p.version,
+        p.params,
+        p.issued_key,
+        &mut startup,
+    );
     match stream {
         UpstreamStream::Plain(mut s) => {
-            let (for_client, leftover, auth_method) =
-                run_login(&mut s, (login, startup), cache).await?;
+            let (for_client, leftover, ready) = run_login(&mut s, (login, startup), cache).await?;
             Ok(Upstream {
                 stream: UpstreamStream::Plain(s),
                 for_client,
                 leftover,
-                auth_method,
+                ready,
             })
         }
         UpstreamStream::Tls(mut s) => {
-            let (for_client, leftover, auth_method) =
-                run_login(&mut *s, (login, startup), cache).await?;
+            let (for_client, leftover, ready) = run_login(&mut *s, (login, startup), cache).await?;
             Ok(Upstream {
                 stream: UpstreamStream::Tls(s),
                 for_client,
                 leftover,
-                auth_method,
+                ready,
             })
         }
     }
@@ -231,7 +248,7 @@ async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
     stream: &mut S,
     (mut login, startup): (Login, BytesMut),
     cache: &std::cell::RefCell<KeyCache>,
-) -> Result<(BytesMut, BytesMut, &'static str), UpstreamError> {
+) -> Result<(BytesMut, BytesMut, Ready), UpstreamError> {
     let mut to_server = startup;
     let mut for_client = BytesMut::with_capacity(1024);
     let mut input = BytesMut::with_capacity(4096);
@@ -257,7 +274,7 @@ async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
             input.advance(frame.total_len);
             match step {
                 LoginStep::Continue(next) => login = next,
-                LoginStep::Ready { auth_method } => return Ok((for_client, input, auth_method)),
+                LoginStep::Ready(ready) => return Ok((for_client, input, ready)),
             }
         }
         if !to_server.is_empty() {
@@ -273,31 +290,44 @@ async fn run_login<S: AsyncReadRent + AsyncWriteRent>(
     }
 }
 
-/// Forwards a CancelRequest to the upstream on a new connection, as
-/// Postgres expects, and closes it. Errors are only logged: the client
-/// expects no answer either way.
-pub async fn forward_cancel(
+/// Sends a CancelRequest for `key` to the upstream on a new connection, as
+/// Postgres expects, and waits for the server to close it. Goes over TLS
+/// when the upstream connection is configured for it, so the key is never
+/// sent in the clear where the session itself was not.
+pub async fn send_cancel(
     cfg: &UpstreamConfig,
-    process_id: u32,
-    secret_key: &[u8],
+    tls: Option<&UpstreamTls>,
+    key: &BackendKey,
 ) -> Result<(), UpstreamError> {
-    // Postgres accepts a CancelRequest in the clear; it carries no secret
-    // beyond the key, which a direct client would send the same way.
-    let mut stream = connect_tcp(cfg).await?;
-    let mut msg = BytesMut::with_capacity(16 + secret_key.len());
-    msg.extend_from_slice(&((12 + secret_key.len()) as i32).to_be_bytes());
+    let mut msg = BytesMut::with_capacity(12 + key.secret_key.len());
+    msg.extend_from_slice(&((12 + key.secret_key.len()) as i32).to_be_bytes());
     msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
-    msg.extend_from_slice(&process_id.to_be_bytes());
-    msg.extend_from_slice(secret_key);
+    msg.extend_from_slice(&key.process_id.to_be_bytes());
+    msg.extend_from_slice(&key.secret_key);
+    let attempt = async {
+        match connect(cfg, tls).await?.0 {
+            UpstreamStream::Plain(mut s) => write_and_await_close(&mut s, msg).await,
+            UpstreamStream::Tls(mut s) => write_and_await_close(&mut *s, msg).await,
+        }
+    };
+    monoio::time::timeout(cfg.connect_timeout, attempt)
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::ConnectTimeout {
+                addr: format!("{}:{}", cfg.host, cfg.port),
+                after: cfg.connect_timeout,
+            })
+        })
+}
+
+/// The server closes a cancel connection when it has acted on it; waiting
+/// for that keeps a cancel from racing the session's next query.
+async fn write_and_await_close<S: AsyncReadRent + AsyncWriteRent>(
+    stream: &mut S,
+    msg: BytesMut,
+) -> Result<(), UpstreamError> {
     let (res, _) = stream.write_all(msg).await;
     res.map_err(UpstreamError::Io)?;
-    // The server closes the connection when done; wait for that so the
-    // cancel is processed before we drop the socket.
-    let buf = Vec::with_capacity(64);
-    let _ = monoio::time::timeout(
-        cfg.connect_timeout,
-        monoio::io::AsyncReadRent::read(&mut stream, buf),
-    )
-    .await;
+    let _ = stream.read(Vec::with_capacity(64)).await;
     Ok(())
 }
