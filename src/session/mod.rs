@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, PrefixedReadIo, Split};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, PrefixedReadIo};
 use monoio::net::TcpStream;
 use monoio::time::timeout_at;
 use tracing::{debug, info, warn, Instrument};
@@ -63,6 +63,8 @@ pub struct ShardContext {
     /// Touched once per connect and once per close, never per message.
     pub connections: Arc<AtomicUsize>,
     pub scram_keys: RefCell<KeyCache>,
+    /// Relay buffers, lent to sessions while bytes are in flight.
+    relay_buffers: relay::BufferPool,
     /// Cancel keys of this shard's sessions, and the way to other shards'.
     cancel_keys: Rc<cancel::Keys>,
     cancels: Arc<cancel::Router>,
@@ -83,6 +85,7 @@ impl ShardContext {
     pub fn new(shard: usize, config: Arc<Config>, shared: &Shared) -> Self {
         ShardContext {
             shard,
+            relay_buffers: relay::BufferPool::new(config.buffer_size),
             config,
             tokens: ShardCopy::new(&shared.store.published),
             store: shared.store.clone(),
@@ -287,7 +290,12 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
         over_limit: open >= ctx.config.max_connections,
         started: Instant::now(),
     };
-    if let Some(relay) = serve(ctx, client, peer, start).instrument(span).await {
+    // Boxed so that its memory is returned once the start-up is over: a
+    // future is as large as its largest state, and the start-up's (TLS
+    // handshake, login) would otherwise stay allocated for the whole life
+    // of an idle session.
+    let startup = Box::pin(serve(ctx, client, peer, start).instrument(span));
+    if let Some(relay) = startup.await {
         relay.await;
     }
 }
@@ -346,7 +354,7 @@ async fn serve(
 
 /// Ends a start-up: returns the relay of an established session, or
 /// forwards a cancel, or sends the refusal and closes.
-async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
+async fn finish<C: relay::ClientSide + 'static>(
     ctx: &Rc<ShardContext>,
     client: C,
     input: BytesMut,
@@ -389,7 +397,6 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                     }
                 }
             };
-            let size = ctx.config.buffer_size;
             let span = tracing::Span::current();
             let started = start.started;
             let token_id = est.token_id;
@@ -415,18 +422,20 @@ async fn finish<C: Split + AsyncReadRent + AsyncWriteRent + 'static>(
                 ctx.registry.register(watched, store, SystemTime::now())
             });
             let token_slot = est.token_slot;
+            let server = match stream {
+                UpstreamStream::Plain(s) => relay::ServerSide::Plain(s),
+                UpstreamStream::Tls(s) => relay::ServerSide::Tls(s),
+            };
+            let opening = relay::Opening {
+                for_client,
+                leftover,
+                client_pending: input,
+            };
+            let ctx = ctx.clone();
             return Some(Box::pin(async move {
                 let kill = &registration.watched.kill;
-                let stats = match stream {
-                    UpstreamStream::Plain(s) => {
-                        relay::run(client, s, for_client, leftover, input, size, kill, abandon)
-                            .await
-                    }
-                    UpstreamStream::Tls(s) => {
-                        relay::run(client, *s, for_client, leftover, input, size, kill, abandon)
-                            .await
-                    }
-                };
+                let pool = &ctx.relay_buffers;
+                let stats = relay::run(client, server, opening, pool, kill, abandon).await;
                 drop(registration);
                 drop(cancel_key);
                 drop(token_slot);

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use monoio::net::TcpListener;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::session::{self, ShardContext, Shared};
@@ -47,6 +47,7 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
         addr = l.local_addr()?;
         listeners.push(l);
     }
+    small_pages_only();
     let io_uring = monoio::utils::detect_uring();
     if !io_uring {
         warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
@@ -92,6 +93,21 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
         io_uring,
         handles,
     })
+}
+
+/// Opts the process out of transparent huge pages. The allocator asks for
+/// them on its arenas, and then a session that touches a few hundred bytes
+/// of a fresh 2 MiB page makes all of it resident: 1,000 idle sessions
+/// measured 10 KiB each with huge pages, against about 2 KiB without. The
+/// heap is small and per-shard, so the TLB gains are nil. Best effort: an
+/// old kernel without the flag just keeps its default.
+fn small_pages_only() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory
+    // of ours; it only sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "transparent huge pages left on");
+    }
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {

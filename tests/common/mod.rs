@@ -367,3 +367,18 @@ pub fn pg_tool(name: &str) -> Command {
     c.env_remove("PGPASSWORD").env_remove("PGHOST");
     c
 }
+
+/// (VmRSS, VmHWM) of a process in KiB, from `/proc/<pid>/status`: its
+/// resident memory now and the peak since it started.
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}

@@ -1,0 +1,234 @@
+//! The pump for plain TCP on both sides: waits for readiness holding no
+//! buffer, and borrows one from the shard's [`BufferPool`] only while bytes
+//! are in flight.
+//!
+//! An idle session therefore holds no relay memory at all; the kernel
+//! keeps the unread bytes. Both sockets switch to monoio's poll-io mode
+//! (readiness from the driver, then a non-blocking `recv`/`send`): a read
+//! that finds nothing hands the buffer straight back, which io_uring's
+//! owned-buffer reads cannot do (the kernel holds the buffer until data
+//! comes).
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
+use monoio::net::tcp::stream_poll::TcpStreamPoll;
+use monoio::net::TcpStream;
+
+use super::{open, session_ended, BufferPool, Counters, EndAction, EndedBy, Pump, Tracks};
+use crate::protocol::Framer;
+use crate::session::kill::KillSwitch;
+
+/// Reads in a row that found data before a pump lets other sessions of the
+/// shard run: with non-blocking syscalls nothing else yields, and a bulk
+/// COPY must not starve its neighbours.
+const READS_PER_TURN: u32 = 16;
+
+pub(super) async fn run<A, F>(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    pump: Pump<'_, A>,
+) -> (EndedBy, Tracks)
+where
+    A: FnOnce() -> F,
+    F: Future<Output = ()>,
+{
+    let Pump {
+        for_client,
+        client_pending,
+        mut tracks,
+        pool,
+        kill,
+        abandon,
+    } = pump;
+    if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
+        return (e, tracks);
+    }
+    let client = match client.try_into_poll_io() {
+        Ok(c) => RefCell::new(c),
+        Err(_) => return (EndedBy::ClientIo, tracks),
+    };
+    let server = match server.try_into_poll_io() {
+        Ok(s) => RefCell::new(s),
+        Err(_) => return (EndedBy::ServerIo, tracks),
+    };
+    let ended_by = {
+        let Tracks {
+            client: client_framer,
+            server: server_framer,
+            c2s,
+            s2c,
+        } = &mut tracks;
+        let up = client_to_server(&client, &server, pool, client_framer, c2s);
+        let down = server_to_client(&server, &client, pool, server_framer, s2c, kill);
+        monoio::select! {
+            e = up => e,
+            e = down => e,
+        }
+    };
+    match tracks.end_action(ended_by) {
+        EndAction::Nothing => {}
+        EndAction::TellServer(bytes) => {
+            let _ = write_all(&server, &bytes).await;
+        }
+        EndAction::TellClient(bytes) => {
+            let _ = write_all(&client, &bytes).await;
+        }
+        EndAction::Abandon => abandon().await,
+    }
+    (ended_by, tracks)
+}
+
+/// Waits until `from` has bytes, then reads them into a lent buffer.
+/// `Ok(None)` is end of stream. While waiting, no buffer is held.
+async fn read_lent(
+    from: &RefCell<TcpStreamPoll>,
+    pool: &BufferPool,
+) -> io::Result<Option<(Vec<u8>, usize)>> {
+    poll_fn(|cx| {
+        let mut buf = pool.take();
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *from.borrow_mut()).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    pool.put(buf);
+                    Poll::Ready(Ok(None))
+                } else {
+                    Poll::Ready(Ok(Some((buf, n))))
+                }
+            }
+            Poll::Ready(Err(e)) => {
+                pool.put(buf);
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => {
+                pool.put(buf);
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+/// Writes all of `bytes`, waiting for the peer to read when its socket
+/// buffer is full: backpressure, with this one buffer as the only memory
+/// held meanwhile.
+async fn write_all(to: &RefCell<TcpStreamPoll>, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let n = poll_fn(|cx| Pin::new(&mut *to.borrow_mut()).poll_write(cx, bytes)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[n..];
+    }
+    Ok(())
+}
+
+/// Copies client bytes to the server until the client closes or fails.
+async fn client_to_server(
+    from: &RefCell<TcpStreamPoll>,
+    to: &RefCell<TcpStreamPoll>,
+    pool: &BufferPool,
+    framer: &mut Framer,
+    counters: &Counters,
+) -> EndedBy {
+    let mut turn = 0;
+    loop {
+        let (buf, n) = match read_lent(from, pool).await {
+            Ok(Some(read)) => read,
+            Ok(None) => return EndedBy::ClientClosed,
+            Err(_) => return EndedBy::ClientIo,
+        };
+        if counters.account(framer, &buf[..n]).is_err() {
+            pool.put(buf);
+            return EndedBy::ClientProtocol;
+        }
+        let res = write_all(to, &buf[..n]).await;
+        pool.put(buf);
+        if res.is_err() {
+            return EndedBy::ServerIo;
+        }
+        take_turns(&mut turn).await;
+    }
+}
+
+/// Copies server bytes to the client until either fails or closes, or
+/// `kill` fires, in which case it stops at a message boundary and sends
+/// the client a FATAL error naming the reason.
+async fn server_to_client(
+    from: &RefCell<TcpStreamPoll>,
+    to: &RefCell<TcpStreamPoll>,
+    pool: &BufferPool,
+    framer: &mut Framer,
+    counters: &Counters,
+    kill: &KillSwitch,
+) -> EndedBy {
+    let mut turn = 0;
+    let reason = loop {
+        if let Some(reason) = kill.fired().filter(|_| framer.at_boundary()) {
+            break reason;
+        }
+        let read = read_lent(from, pool);
+        let res = if framer.at_boundary() {
+            // Idle or between messages: a kill may interrupt the wait.
+            monoio::select! {
+                r = read => r,
+                reason = kill.wait() => break reason,
+            }
+        } else {
+            read.await
+        };
+        let (buf, n) = match res {
+            Ok(Some(read)) => read,
+            Ok(None) => return EndedBy::ServerClosed,
+            Err(_) => return EndedBy::ServerIo,
+        };
+        // After a kill, forward only up to the end of the message in flight.
+        let n = match kill.fired() {
+            Some(_) => framer.bytes_to_boundary(&buf[..n]).unwrap_or(n),
+            None => n,
+        };
+        if counters.account(framer, &buf[..n]).is_err() {
+            pool.put(buf);
+            return EndedBy::ServerProtocol;
+        }
+        let res = write_all(to, &buf[..n]).await;
+        pool.put(buf);
+        if res.is_err() {
+            return EndedBy::ClientIo;
+        }
+        take_turns(&mut turn).await;
+    };
+    let _ = write_all(to, &session_ended(reason)).await;
+    EndedBy::Token(reason)
+}
+
+/// Yields to the shard's other tasks every [`READS_PER_TURN`] reads.
+async fn take_turns(turn: &mut u32) {
+    *turn += 1;
+    if *turn >= READS_PER_TURN {
+        *turn = 0;
+        YieldNow(false).await;
+    }
+}
+
+/// Pending once (after asking to be polled again), then ready.
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

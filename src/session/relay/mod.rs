@@ -1,0 +1,304 @@
+//! The relay: after start-up, bytes flow both ways untouched.
+//!
+//! Each direction reads into a buffer, lets a [`Framer`] skim the 5-byte
+//! message headers (to know where messages end; payloads are never parsed),
+//! and writes the same buffer to the other side. Nothing on the
+//! per-message path allocates, locks, or touches memory another shard reads.
+//!
+//! Two pumps share this logic. [`lent`] serves plain TCP on both sides: it
+//! waits for readiness holding no buffer and borrows one from the shard's
+//! pool only while bytes are in flight, so an idle session costs a few
+//! hundred bytes instead of two buffers. [`owned`] serves TLS (whose
+//! plaintext may be buffered inside rustls, so socket readiness says
+//! nothing): one buffer per direction for the session's life.
+//!
+//! A session can be ended from outside (token revoked, expired, rotated):
+//! the server-to-client direction then stops at the next message boundary,
+//! sends a FATAL ErrorResponse, and the server gets a Terminate, so neither
+//! side ever sees half a message.
+//!
+//! When one side goes away the other is told as a direct connection would
+//! tell it: a server that vanishes without an error of its own leaves the
+//! client a FATAL 08006 (when the stream is at a message boundary), and a
+//! client that vanishes while a query runs gets that query cancelled before
+//! the server connection is closed, so the server stops the work.
+
+mod lent;
+mod owned;
+pub mod pool;
+
+use std::cell::Cell;
+
+use bytes::BytesMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split};
+use monoio::net::TcpStream;
+
+use super::kill::KillSwitch;
+use crate::auth::Rejection;
+use crate::error::ClientError;
+use crate::protocol::backend::{TAG_ERROR_RESPONSE, TAG_READY_FOR_QUERY};
+use crate::protocol::Framer;
+pub use pool::BufferPool;
+
+/// How a relayed session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    ClientClosed,
+    ServerClosed,
+    ClientIo,
+    ServerIo,
+    ClientProtocol,
+    ServerProtocol,
+    /// Ended by tollgate because the token no longer allows it.
+    Token(Rejection),
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::ClientClosed => "client_closed",
+            EndedBy::ServerClosed => "server_closed",
+            EndedBy::ClientIo => "client_io_error",
+            EndedBy::ServerIo => "server_io_error",
+            EndedBy::ClientProtocol => "client_protocol_error",
+            EndedBy::ServerProtocol => "server_protocol_error",
+            EndedBy::Token(r) => r.as_str(),
+        }
+    }
+}
+
+/// Counters for the session-end log line.
+#[derive(Debug)]
+pub struct RelayStats {
+    pub bytes_from_client: u64,
+    pub bytes_from_server: u64,
+    /// ReadyForQuery messages relayed: one per completed query cycle.
+    pub ready_for_query: u64,
+    /// Query, Sync and FunctionCall messages relayed: each asks for one
+    /// ReadyForQuery, so more of these than of those means work in flight.
+    pub query_cycles_asked: u64,
+    pub ended_by: EndedBy,
+}
+
+/// Client messages that each end in exactly one ReadyForQuery.
+const CYCLE_TAGS: [u8; 3] = [b'Q', b'S', b'F'];
+/// Terminate: the client closed the session itself.
+const TAG_TERMINATE: u8 = b'X';
+
+#[derive(Default)]
+struct Counters {
+    bytes: Cell<u64>,
+    tagged: Cell<u64>,
+}
+
+impl Counters {
+    /// Follows one chunk through `framer` and counts it. An error means a
+    /// corrupt stream: the session must end.
+    #[inline]
+    fn account(&self, framer: &mut Framer, chunk: &[u8]) -> Result<(), ()> {
+        let scan = framer.scan(chunk).map_err(|_| ())?;
+        if scan.tagged > 0 {
+            self.tagged.set(self.tagged.get() + scan.tagged as u64);
+        }
+        self.bytes.set(self.bytes.get() + chunk.len() as u64);
+        Ok(())
+    }
+}
+
+/// What both pumps track of a session.
+struct Tracks {
+    client: Framer,
+    server: Framer,
+    c2s: Counters,
+    s2c: Counters,
+}
+
+impl Tracks {
+    fn stats(&self, ended_by: EndedBy) -> RelayStats {
+        RelayStats {
+            bytes_from_client: self.c2s.bytes.get(),
+            bytes_from_server: self.s2c.bytes.get(),
+            ready_for_query: self.s2c.tagged.get(),
+            query_cycles_asked: self.c2s.tagged.get(),
+            ended_by,
+        }
+    }
+
+    /// What to do once a pump stopped, before both sockets close.
+    fn end_action(&self, ended_by: EndedBy) -> EndAction {
+        match ended_by {
+            EndedBy::Token(_) if self.client.at_boundary() => {
+                // Close the server side cleanly, as a client would.
+                let mut terminate = BytesMut::with_capacity(5);
+                postgres_protocol::message::frontend::terminate(&mut terminate);
+                EndAction::TellServer(terminate)
+            }
+            EndedBy::ServerClosed | EndedBy::ServerIo if server_lost_silently(&self.server) => {
+                let mut out = BytesMut::with_capacity(128);
+                ClientError::server_closed().encode(&mut out);
+                EndAction::TellClient(out)
+            }
+            EndedBy::ClientClosed | EndedBy::ClientIo
+                if query_in_flight(&self.client, self.c2s.tagged.get(), self.s2c.tagged.get()) =>
+            {
+                // Cancel before closing: a server only notices a closed
+                // socket when it next reads or writes, which a long query
+                // may not do for a long time.
+                EndAction::Abandon
+            }
+            _ => EndAction::Nothing,
+        }
+    }
+}
+
+enum EndAction {
+    Nothing,
+    TellServer(BytesMut),
+    TellClient(BytesMut),
+    Abandon,
+}
+
+/// The client side, as the relay needs to know it: plain TCP can use the
+/// lent-buffer pump, TLS cannot.
+pub trait ClientSide: Split + AsyncReadRent + AsyncWriteRent + Sized {
+    fn into_plain(self) -> Result<TcpStream, Self>;
+}
+
+impl ClientSide for TcpStream {
+    fn into_plain(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+}
+
+impl<T: Split + AsyncReadRent + AsyncWriteRent> ClientSide for monoio_rustls::ServerTlsStream<T> {
+    fn into_plain(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
+}
+
+/// The server side, likewise.
+pub enum ServerSide {
+    Plain(TcpStream),
+    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+}
+
+/// What the relay starts with, besides the sockets.
+pub struct Opening {
+    /// The server's login messages (AuthenticationOk through
+    /// ReadyForQuery), for the client.
+    pub for_client: BytesMut,
+    /// Anything the server sent after them.
+    pub leftover: BytesMut,
+    /// Anything the client sent after its password.
+    pub client_pending: BytesMut,
+}
+
+/// Hands the login messages to the client, forwards any bytes the client
+/// sent early, then relays until either side closes or `kill` fires.
+/// `abandon` cancels the running query on the server; it is awaited only
+/// when the client vanishes with a query in flight.
+pub async fn run<C, A, F>(
+    client: C,
+    server: ServerSide,
+    opening: Opening,
+    pool: &BufferPool,
+    kill: &KillSwitch,
+    abandon: A,
+) -> RelayStats
+where
+    C: ClientSide,
+    A: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let Opening {
+        mut for_client,
+        leftover,
+        client_pending,
+    } = opening;
+    let mut tracks = Tracks {
+        client: Framer::counting_any(&CYCLE_TAGS),
+        server: Framer::counting(TAG_READY_FOR_QUERY),
+        c2s: Counters::default(),
+        s2c: Counters::default(),
+    };
+    // Both framers must start with what was already sent, so the early
+    // bytes go through them too.
+    if tracks
+        .c2s
+        .account(&mut tracks.client, &client_pending)
+        .is_err()
+    {
+        return tracks.stats(EndedBy::ClientProtocol);
+    }
+    if tracks.s2c.account(&mut tracks.server, &leftover).is_err() {
+        return tracks.stats(EndedBy::ServerProtocol);
+    }
+    for_client.extend_from_slice(&leftover);
+    drop(leftover);
+    let pump = Pump {
+        for_client,
+        client_pending,
+        tracks,
+        pool,
+        kill,
+        abandon,
+    };
+    // Each pump is boxed on its own, sized for what it holds: an idle plain
+    // session must not carry the room a TLS pump would need.
+    let (ended_by, tracks) = match server {
+        ServerSide::Plain(server) => match client.into_plain() {
+            Ok(client) => Box::pin(lent::run(client, server, pump)).await,
+            Err(client) => Box::pin(owned::run(client, server, pump)).await,
+        },
+        ServerSide::Tls(server) => Box::pin(owned::run(client, *server, pump)).await,
+    };
+    tracks.stats(ended_by)
+}
+
+/// What either pump gets besides the two sockets.
+struct Pump<'a, A> {
+    /// Still to write when the pump starts.
+    for_client: BytesMut,
+    client_pending: BytesMut,
+    tracks: Tracks,
+    pool: &'a BufferPool,
+    kill: &'a KillSwitch,
+    /// Cancels the running query; see [`run`].
+    abandon: A,
+}
+
+/// The server ended at a message boundary without an ErrorResponse of its
+/// own as its last word (killed, crashed, connection lost): the client
+/// must hear it from tollgate. Mid-message nothing can be added.
+fn server_lost_silently(server: &Framer) -> bool {
+    server.at_boundary() && server.last_tag() != TAG_ERROR_RESPONSE
+}
+
+/// The client asked for more query cycles than the server finished, and
+/// did not say goodbye with Terminate.
+fn query_in_flight(client: &Framer, asked: u64, finished: u64) -> bool {
+    asked > finished && client.last_tag() != TAG_TERMINATE
+}
+
+/// The FATAL error that ends a session whose token no longer allows it.
+fn session_ended(reason: Rejection) -> BytesMut {
+    let mut out = BytesMut::with_capacity(128);
+    ClientError::session_ended(reason).encode(&mut out);
+    out
+}
+
+/// Writes the opening bytes with the rent API, before a pump takes over.
+async fn open<C: AsyncWriteRent, S: AsyncWriteRent>(
+    client: &mut C,
+    server: &mut S,
+    for_client: BytesMut,
+    client_pending: BytesMut,
+) -> Result<(), EndedBy> {
+    let (res, _) = client.write_all(for_client).await;
+    res.map_err(|_| EndedBy::ClientIo)?;
+    if !client_pending.is_empty() {
+        let (res, _) = server.write_all(client_pending).await;
+        res.map_err(|_| EndedBy::ServerIo)?;
+    }
+    Ok(())
+}

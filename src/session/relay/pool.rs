@@ -1,0 +1,72 @@
+//! The shard's relay buffers, lent to sessions only while bytes are in
+//! flight. Shard-local: taking and returning one is a `Vec` pop and push,
+//! no lock and, once the pool is warm, no allocation.
+
+use std::cell::RefCell;
+
+/// Free buffers kept per shard; beyond this, returned buffers are freed, so
+/// a burst of activity does not pin its peak memory forever.
+const MAX_IDLE_BUFFERS: usize = 64;
+
+pub struct BufferPool {
+    buffer_size: usize,
+    free: RefCell<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    pub fn new(buffer_size: usize) -> Self {
+        BufferPool {
+            buffer_size,
+            free: RefCell::new(Vec::with_capacity(MAX_IDLE_BUFFERS)),
+        }
+    }
+
+    pub fn buffer_size(&self) -> usize {
+        self.buffer_size
+    }
+
+    /// A zeroed buffer of `buffer_size` bytes (initialized once, so reads
+    /// into it need no `unsafe`).
+    #[inline]
+    pub fn take(&self) -> Vec<u8> {
+        self.free
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0; self.buffer_size])
+    }
+
+    #[inline]
+    pub fn put(&self, buf: Vec<u8>) {
+        let mut free = self.free.borrow_mut();
+        if free.len() < MAX_IDLE_BUFFERS && buf.len() == self.buffer_size {
+            free.push(buf);
+        }
+    }
+
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.free.borrow().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_and_the_idle_set_is_bounded() {
+        let pool = BufferPool::new(1024);
+        let a = pool.take();
+        let p = a.as_ptr();
+        assert_eq!(a.len(), 1024);
+        pool.put(a);
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), p);
+        pool.put(again);
+        let many: Vec<_> = (0..MAX_IDLE_BUFFERS + 5).map(|_| pool.take()).collect();
+        for b in many {
+            pool.put(b);
+        }
+        assert_eq!(pool.idle(), MAX_IDLE_BUFFERS);
+    }
+}

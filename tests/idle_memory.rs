@@ -1,0 +1,163 @@
+//! Resident memory per idle logged-in session: 1,000 clients log in through
+//! the real binary and sit idle; tollgate's VmRSS growth divided by the
+//! session count is the per-session cost. The target is 4 KiB; the assertion
+//! is a looser regression guard.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Idle sessions held open for the measurement.
+const SESSIONS: usize = 1_000;
+/// Sessions opened and closed first, so one-off growth (shard state, the
+/// token cache, allocator arenas) is not charged to the idle sessions.
+const WARM_UP: usize = 50;
+/// Client threads opening the sessions.
+const THREADS: usize = 4;
+/// What we aim for, printed for comparison.
+const TARGET_BYTES: u64 = 4 * 1024;
+/// The regression guard.
+const LIMIT_BYTES: u64 = 16 * 1024;
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit when it is too
+/// low for the test; tollgate, spawned afterwards, inherits it.
+fn raise_nofile(need: libc::rlim_t) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    if lim.rlim_cur >= need {
+        return;
+    }
+    assert!(
+        lim.rlim_max >= need,
+        "open-files hard limit {} is below the {need} this test needs",
+        lim.rlim_max
+    );
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: `lim` is a valid rlimit, not above the hard limit.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Logs in over the raw protocol and returns the idle session at its first
+/// ReadyForQuery.
+fn login(addr: SocketAddr, token: &str) -> Raw {
+    let mut raw = Raw::connect(addr);
+    raw.send(&startup_message(&[("user", "app"), ("database", "appdb")]));
+    let (tag, body) = raw.read_message();
+    assert_eq!(
+        (tag, &body[..]),
+        (b'R', &3i32.to_be_bytes()[..]),
+        "expected AuthenticationCleartextPassword"
+    );
+    raw.send(&password_message(token));
+    loop {
+        match raw.read_message() {
+            (b'Z', _) => return raw,
+            (b'E', body) => panic!("login failed: {:?}", error_fields(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// Opens `n` sessions from [`THREADS`] threads.
+fn open_sessions(addr: SocketAddr, token: &str, n: usize) -> Vec<Raw> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let count = n / THREADS + usize::from(t < n % THREADS);
+                s.spawn(move || (0..count).map(|_| login(addr, token)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("login thread panicked"))
+            .collect()
+    })
+}
+
+/// Runs `select 1` and checks the single value.
+fn select_one(raw: &mut Raw) {
+    let mut b = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("select 1", &mut b).unwrap();
+    raw.send(&b);
+    let mut value = None;
+    loop {
+        match raw.read_message() {
+            (b'D', row) => {
+                let len = i32::from_be_bytes(row[2..6].try_into().unwrap()) as usize;
+                value = Some(String::from_utf8(row[6..6 + len].to_vec()).unwrap());
+            }
+            (b'E', body) => panic!("select 1 failed: {:?}", error_fields(&body)),
+            (b'Z', _) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(value.as_deref(), Some("1"));
+}
+
+fn terminate(mut raw: Raw) {
+    raw.send(&[b'X', 0, 0, 0, 4]);
+}
+
+#[test]
+fn idle_session_memory() {
+    let started = Instant::now();
+    // Our sockets plus slack; tollgate needs two per session.
+    raise_nofile(2 * SESSIONS as libc::rlim_t + 512);
+
+    let mut env = Env::build(EnvOptions {
+        // Headroom over SESSIONS for the warm-up stragglers and superuser slots.
+        cluster_conf: vec![("max_connections".into(), "1100".into())],
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app"]);
+    let addr = env.start_proxy();
+    let pid = env.pid();
+
+    for raw in open_sessions(addr, &token, WARM_UP) {
+        terminate(raw);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let (before, _) = rss_kib(pid);
+
+    let opening = Instant::now();
+    let mut sessions = open_sessions(addr, &token, SESSIONS);
+    let open_time = opening.elapsed();
+    assert_eq!(sessions.len(), SESSIONS);
+    std::thread::sleep(Duration::from_millis(500));
+    let (after, peak) = rss_kib(pid);
+
+    let per_session = after.saturating_sub(before) * 1024 / SESSIONS as u64;
+    eprintln!(
+        "idle sessions: {SESSIONS}, RSS before {before} KiB, after {after} KiB, \
+         {per_session} bytes/session (target {TARGET_BYTES}, limit {LIMIT_BYTES}); \
+         peak {peak} KiB; logins took {open_time:?}"
+    );
+    if per_session > TARGET_BYTES {
+        eprintln!("note: {per_session} bytes/session is above the {TARGET_BYTES}-byte target");
+    }
+
+    // Every session is still live: spot-check 20 spread across all threads.
+    for raw in sessions.iter_mut().step_by(SESSIONS / 20) {
+        select_one(raw);
+    }
+
+    assert!(
+        per_session <= LIMIT_BYTES,
+        "{per_session} bytes per idle session is over the {LIMIT_BYTES}-byte guard \
+         (RSS {before} KiB -> {after} KiB for {SESSIONS} sessions)"
+    );
+
+    for raw in sessions {
+        terminate(raw);
+    }
+    eprintln!("idle_session_memory took {:?}", started.elapsed());
+}
