@@ -455,13 +455,11 @@ async fn finish<C: relay::ClientSide + 'static>(
         Ok(StartupOutcome::Cancel(request)) => {
             // Postgres answers a CancelRequest with nothing, right or wrong.
             drop(client);
-            if ctx.cancels.owner(request.process_id) == ctx.shard {
+            let owner = ctx.cancels.owner(request.process_id);
+            if owner == ctx.shard {
                 cancel_here(ctx, &request).await;
             } else {
-                debug!(
-                    owner = ctx.cancels.owner(request.process_id),
-                    "cancel request routed to its shard"
-                );
+                debug!(owner, "cancel request routed to its shard");
                 ctx.cancels.route(request);
             }
         }
@@ -619,20 +617,6 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         },
         &ctx.scram_keys,
     );
-    // The connect timeout covers the whole login: a server that accepts
-    // but never answers the start-up is as unavailable as one that does
-    // not accept.
-    let connect_timeout = ctx.config.upstream.connect_timeout;
-    let login = async {
-        monoio::time::timeout(connect_timeout, login)
-            .await
-            .unwrap_or_else(|_| {
-                Err(UpstreamError::ConnectTimeout {
-                    addr: format!("{}:{}", ctx.config.upstream.host, ctx.config.upstream.port),
-                    after: connect_timeout,
-                })
-            })
-    };
     let upstream = timeout_at(start.deadline, login)
         .await
         .map_err(|_| timed_out())?

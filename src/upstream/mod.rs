@@ -85,39 +85,47 @@ impl UpstreamError {
 }
 
 /// Opens a TCP connection to the upstream, trying each resolved address in
-/// turn, all within the connect timeout.
-pub async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
-    let describe = || format!("{}:{}", cfg.host, cfg.port);
-    let attempt = async {
-        let mut last = None;
-        for addr in &cfg.addrs {
-            match TcpStream::connect_addr(*addr).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
+/// turn. Callers bound it with [`within_connect_timeout`].
+async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
+    let mut last = None;
+    for addr in &cfg.addrs {
+        match TcpStream::connect_addr(*addr).await {
+            Ok(stream) => {
+                // Postgres messages are small and latency-bound; never wait
+                // to coalesce.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
             }
+            Err(e) => last = Some(e),
         }
-        Err(last.unwrap_or_else(|| {
+    }
+    Err(UpstreamError::Connect {
+        addr: describe(cfg),
+        source: last.unwrap_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no address to connect to")
-        }))
-    };
-    let stream = match monoio::time::timeout(cfg.connect_timeout, attempt).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(source)) => {
-            return Err(UpstreamError::Connect {
-                addr: describe(),
-                source,
-            })
-        }
-        Err(_) => {
-            return Err(UpstreamError::ConnectTimeout {
-                addr: describe(),
+        }),
+    })
+}
+
+fn describe(cfg: &UpstreamConfig) -> String {
+    format!("{}:{}", cfg.host, cfg.port)
+}
+
+/// Runs one upstream exchange (connect, TLS, login or cancel) within the
+/// connect timeout: a server that accepts but never answers is as
+/// unavailable as one that does not accept.
+async fn within_connect_timeout<T>(
+    cfg: &UpstreamConfig,
+    work: impl std::future::Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    monoio::time::timeout(cfg.connect_timeout, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(UpstreamError::ConnectTimeout {
+                addr: describe(cfg),
                 after: cfg.connect_timeout,
             })
-        }
-    };
-    // Postgres messages are small and latency-bound; never wait to coalesce.
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
+        })
 }
 
 /// The upstream transport.
@@ -197,8 +205,17 @@ pub struct LoginParams<'a, P> {
 }
 
 /// Connects (with TLS as configured) and logs in as `user`, passing the
-/// client's parameters.
+/// client's parameters, all within the connect timeout.
 pub async fn connect_and_login<'a, P: Iterator<Item = (&'a str, &'a str)>>(
+    cfg: &UpstreamConfig,
+    tls: Option<&UpstreamTls>,
+    p: LoginParams<'a, P>,
+    cache: &std::cell::RefCell<KeyCache>,
+) -> Result<Upstream, UpstreamError> {
+    within_connect_timeout(cfg, connect_and_login_now(cfg, tls, p, cache)).await
+}
+
+async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
     p: LoginParams<'a, P>,
@@ -310,14 +327,7 @@ pub async fn send_cancel(
             UpstreamStream::Tls(mut s) => write_and_await_close(&mut *s, msg).await,
         }
     };
-    monoio::time::timeout(cfg.connect_timeout, attempt)
-        .await
-        .unwrap_or_else(|_| {
-            Err(UpstreamError::ConnectTimeout {
-                addr: format!("{}:{}", cfg.host, cfg.port),
-                after: cfg.connect_timeout,
-            })
-        })
+    within_connect_timeout(cfg, attempt).await
 }
 
 /// The server closes a cancel connection when it has acted on it; waiting
