@@ -19,8 +19,10 @@ const WARM_UP: usize = 50;
 const THREADS: usize = 4;
 /// What we aim for, printed for comparison.
 const TARGET_BYTES: u64 = 4 * 1024;
-/// The regression guard.
-const LIMIT_BYTES: u64 = 16 * 1024;
+/// The regression guard: measured 3.1 KiB; a future that keeps its
+/// start-up or a cancel's connect state alive per session (both seen while
+/// this was built) lands at 7-10 KiB.
+const LIMIT_BYTES: u64 = 6 * 1024;
 
 /// Raises this process's soft RLIMIT_NOFILE to the hard limit when it is too
 /// low for the test; tollgate, spawned afterwards, inherits it.

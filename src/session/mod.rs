@@ -64,7 +64,7 @@ pub struct ShardContext {
     pub connections: Arc<AtomicUsize>,
     pub scram_keys: RefCell<KeyCache>,
     /// Relay buffers, lent to sessions while bytes are in flight.
-    relay_buffers: relay::BufferPool,
+    relay_buffers: Rc<relay::BufferPool>,
     /// Cancel keys of this shard's sessions, and the way to other shards'.
     cancel_keys: Rc<cancel::Keys>,
     cancels: Arc<cancel::Router>,
@@ -85,7 +85,7 @@ impl ShardContext {
     pub fn new(shard: usize, config: Arc<Config>, shared: &Shared) -> Self {
         ShardContext {
             shard,
-            relay_buffers: relay::BufferPool::new(config.buffer_size),
+            relay_buffers: Rc::new(relay::BufferPool::new(config.buffer_size)),
             config,
             tokens: ShardCopy::new(&shared.store.published),
             store: shared.store.clone(),
@@ -431,11 +431,11 @@ async fn finish<C: relay::ClientSide + 'static>(
                 leftover,
                 client_pending: input,
             };
-            let ctx = ctx.clone();
+            let pool = ctx.relay_buffers.clone();
+            let kill = registration.watched.kill.clone();
+            let relay = relay::run(client, server, opening, pool, kill, abandon);
             return Some(Box::pin(async move {
-                let kill = &registration.watched.kill;
-                let pool = &ctx.relay_buffers;
-                let stats = relay::run(client, server, opening, pool, kill, abandon).await;
+                let stats = relay.await;
                 drop(registration);
                 drop(cancel_key);
                 drop(token_slot);

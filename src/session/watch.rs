@@ -25,7 +25,8 @@ pub struct Watched {
     /// For a JWT session: its `jti` (for the deny-list) and expiry; it has
     /// no record in the store.
     pub jwt: Option<(Option<String>, SystemTime)>,
-    pub kill: KillSwitch,
+    /// Shared with the session's relay, which waits on it.
+    pub kill: Rc<KillSwitch>,
 }
 
 impl Watched {

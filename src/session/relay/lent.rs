@@ -19,7 +19,9 @@ use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 
-use super::{open, session_ended, BufferPool, Counters, EndAction, EndedBy, Pump, Tracks};
+use super::{
+    open, session_ended, BufferPool, Counters, EndAction, EndedBy, Pump, RelayStats, Tracks,
+};
 use crate::protocol::Framer;
 use crate::session::kill::KillSwitch;
 
@@ -31,8 +33,8 @@ const READS_PER_TURN: u32 = 16;
 pub(super) async fn run<A, F>(
     mut client: TcpStream,
     mut server: TcpStream,
-    pump: Pump<'_, A>,
-) -> (EndedBy, Tracks)
+    pump: Pump<A>,
+) -> RelayStats
 where
     A: FnOnce() -> F,
     F: Future<Output = ()>,
@@ -46,15 +48,15 @@ where
         abandon,
     } = pump;
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return (e, tracks);
+        return tracks.stats(e);
     }
     let client = match client.try_into_poll_io() {
         Ok(c) => RefCell::new(c),
-        Err(_) => return (EndedBy::ClientIo, tracks),
+        Err(_) => return tracks.stats(EndedBy::ClientIo),
     };
     let server = match server.try_into_poll_io() {
         Ok(s) => RefCell::new(s),
-        Err(_) => return (EndedBy::ServerIo, tracks),
+        Err(_) => return tracks.stats(EndedBy::ServerIo),
     };
     let ended_by = {
         let Tracks {
@@ -63,8 +65,8 @@ where
             c2s,
             s2c,
         } = &mut tracks;
-        let up = client_to_server(&client, &server, pool, client_framer, c2s);
-        let down = server_to_client(&server, &client, pool, server_framer, s2c, kill);
+        let up = client_to_server(&client, &server, &pool, client_framer, c2s);
+        let down = server_to_client(&server, &client, &pool, server_framer, s2c, &kill);
         monoio::select! {
             e = up => e,
             e = down => e,
@@ -78,9 +80,11 @@ where
         EndAction::TellClient(bytes) => {
             let _ = write_all(&client, &bytes).await;
         }
-        EndAction::Abandon => abandon().await,
+        // Boxed: a cancel connects (maybe over TLS), a large future the
+        // pump would otherwise carry for the whole session.
+        EndAction::Abandon => Box::pin(abandon()).await,
     }
-    (ended_by, tracks)
+    tracks.stats(ended_by)
 }
 
 /// Waits until `from` has bytes, then reads them into a lent buffer.

@@ -28,6 +28,9 @@ mod owned;
 pub mod pool;
 
 use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split};
@@ -197,18 +200,23 @@ pub struct Opening {
 /// sent early, then relays until either side closes or `kill` fires.
 /// `abandon` cancels the running query on the server; it is awaited only
 /// when the client vanishes with a query in flight.
-pub async fn run<C, A, F>(
+///
+/// Not an `async fn`: the set-up runs now and the returned future is the
+/// pump alone, boxed at its own size, so an idle session carries no copy
+/// of the arguments and no room for a pump it does not use (a plain
+/// session must not pay for a TLS pump's state).
+pub fn run<C, A, F>(
     client: C,
     server: ServerSide,
     opening: Opening,
-    pool: &BufferPool,
-    kill: &KillSwitch,
+    pool: Rc<BufferPool>,
+    kill: Rc<KillSwitch>,
     abandon: A,
-) -> RelayStats
+) -> RelayFuture
 where
-    C: ClientSide,
-    A: FnOnce() -> F,
-    F: std::future::Future<Output = ()>,
+    C: ClientSide + 'static,
+    A: FnOnce() -> F + 'static,
+    F: Future<Output = ()> + 'static,
 {
     let Opening {
         mut for_client,
@@ -228,10 +236,10 @@ where
         .account(&mut tracks.client, &client_pending)
         .is_err()
     {
-        return tracks.stats(EndedBy::ClientProtocol);
+        return ended(tracks, EndedBy::ClientProtocol);
     }
     if tracks.s2c.account(&mut tracks.server, &leftover).is_err() {
-        return tracks.stats(EndedBy::ServerProtocol);
+        return ended(tracks, EndedBy::ServerProtocol);
     }
     for_client.extend_from_slice(&leftover);
     drop(leftover);
@@ -243,26 +251,30 @@ where
         kill,
         abandon,
     };
-    // Each pump is boxed on its own, sized for what it holds: an idle plain
-    // session must not carry the room a TLS pump would need.
-    let (ended_by, tracks) = match server {
+    match server {
         ServerSide::Plain(server) => match client.into_plain() {
-            Ok(client) => Box::pin(lent::run(client, server, pump)).await,
-            Err(client) => Box::pin(owned::run(client, server, pump)).await,
+            Ok(client) => Box::pin(lent::run(client, server, pump)),
+            Err(client) => Box::pin(owned::run(client, server, pump)),
         },
-        ServerSide::Tls(server) => Box::pin(owned::run(client, *server, pump)).await,
-    };
-    tracks.stats(ended_by)
+        ServerSide::Tls(server) => Box::pin(owned::run(client, *server, pump)),
+    }
+}
+
+/// A relay in progress; resolves to the session's counters.
+pub type RelayFuture = Pin<Box<dyn Future<Output = RelayStats>>>;
+
+fn ended(tracks: Tracks, ended_by: EndedBy) -> RelayFuture {
+    Box::pin(std::future::ready(tracks.stats(ended_by)))
 }
 
 /// What either pump gets besides the two sockets.
-struct Pump<'a, A> {
+struct Pump<A> {
     /// Still to write when the pump starts.
     for_client: BytesMut,
     client_pending: BytesMut,
     tracks: Tracks,
-    pool: &'a BufferPool,
-    kill: &'a KillSwitch,
+    pool: Rc<BufferPool>,
+    kill: Rc<KillSwitch>,
     /// Cancels the running query; see [`run`].
     abandon: A,
 }

@@ -5,15 +5,11 @@
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
-use super::{open, session_ended, Counters, EndAction, EndedBy, Pump, Tracks};
+use super::{open, session_ended, Counters, EndAction, EndedBy, Pump, RelayStats, Tracks};
 use crate::protocol::Framer;
 use crate::session::kill::KillSwitch;
 
-pub(super) async fn run<C, S, A, F>(
-    mut client: C,
-    mut server: S,
-    pump: Pump<'_, A>,
-) -> (EndedBy, Tracks)
+pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> RelayStats
 where
     C: Split + AsyncReadRent + AsyncWriteRent,
     S: Split + AsyncReadRent + AsyncWriteRent,
@@ -29,7 +25,7 @@ where
         abandon,
     } = pump;
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return (e, tracks);
+        return tracks.stats(e);
     }
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
@@ -53,7 +49,7 @@ where
             Vec::with_capacity(pool.buffer_size()),
             server,
             s2c,
-            kill,
+            &kill,
         );
         // Whichever direction ends first ends the session; dropping the
         // other cancels its pending read.
@@ -70,9 +66,11 @@ where
         EndAction::TellClient(bytes) => {
             let _ = client_w.write_all(bytes).await;
         }
-        EndAction::Abandon => abandon().await,
+        // Boxed: a cancel connects (maybe over TLS), a large future the
+        // pump would otherwise carry for the whole session.
+        EndAction::Abandon => Box::pin(abandon()).await,
     }
-    (ended_by, tracks)
+    tracks.stats(ended_by)
 }
 
 /// Copies client bytes to the server until the client closes or fails.
