@@ -22,6 +22,7 @@ fn color(kind: TargetKind) -> RGBColor {
     match kind {
         TargetKind::Direct => RGBColor(40, 40, 40),
         TargetKind::Tollgate => RGBColor(31, 119, 180),
+        TargetKind::TollgateMetrics => RGBColor(148, 103, 189),
         TargetKind::Pgbouncer => RGBColor(255, 127, 14),
         TargetKind::Relay => RGBColor(44, 160, 44),
     }

@@ -89,7 +89,8 @@ struct Args {
     /// Add cells with a new connection per transaction (pgbench -C)
     #[arg(long)]
     connect: bool,
-    /// Targets, comma-separated [default: all]
+    /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
+    /// add tollgate-metrics to measure what metrics cost]
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
     /// Most pgbench threads (-j); each cell uses min(clients, this) [default: CPUs]

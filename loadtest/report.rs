@@ -421,6 +421,25 @@ pub fn goal_checks(cells: &[CellSummary]) -> Vec<GoalCheck> {
             });
         };
         let as_ratio = |r: Option<f64>| r.map(|r| (r, format!("{r:.2}×")));
+        // Metrics on against off, when both ran: the cost must stay < 2 %.
+        if let (Some(on), Some(off)) = (c.target(TargetKind::TollgateMetrics), tg) {
+            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => Some((a / b, format!("{:.3}×", a / b))),
+                _ => None,
+            };
+            check(
+                "metrics on: CPU/txn ≤ 1.02× metrics off",
+                ratio(on.cpu_us_per_txn, off.cpu_us_per_txn),
+                1.02,
+                true,
+            );
+            check(
+                "metrics on: TPS ≥ 0.98× metrics off",
+                ratio(on.tps_median, off.tps_median),
+                0.98,
+                false,
+            );
+        }
         match cell.clients {
             8 => {
                 check(

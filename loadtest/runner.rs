@@ -96,7 +96,9 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
         );
     }
 
-    let tollgate_bin = if s.targets.contains(&TargetKind::Tollgate) {
+    let tollgate_bin = if s.targets.contains(&TargetKind::Tollgate)
+        || s.targets.contains(&TargetKind::TollgateMetrics)
+    {
         Some(tollgate_binary(s).map_err(Stop::Fatal)?)
     } else {
         None
@@ -258,9 +260,10 @@ fn start_target(
 ) -> Result<Option<Target>, String> {
     match kind {
         TargetKind::Direct => Ok(Some(targets::direct(ctx))),
-        TargetKind::Tollgate => {
+        TargetKind::Tollgate | TargetKind::TollgateMetrics => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
-            targets::tollgate(ctx, bin).map(Some)
+            let metrics = kind == TargetKind::TollgateMetrics;
+            targets::tollgate(ctx, bin, metrics).map(Some)
         }
         TargetKind::Pgbouncer => match targets::find_program("pgbouncer") {
             Some(bin) => targets::pgbouncer(ctx, &bin, s.pgbouncer_auth.name()).map(Some),

@@ -43,6 +43,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum TargetKind {
     Direct,
     Tollgate,
+    /// tollgate with the admin listener and latency histograms on: run it
+    /// beside `tollgate` to measure what metrics cost (not in the default
+    /// set).
+    TollgateMetrics,
     Pgbouncer,
     Relay,
 }
@@ -59,6 +63,7 @@ impl TargetKind {
         match self {
             TargetKind::Direct => "direct",
             TargetKind::Tollgate => "tollgate",
+            TargetKind::TollgateMetrics => "tollgate-metrics",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::Relay => "relay",
         }
@@ -197,8 +202,9 @@ pub fn direct(ctx: &StartContext<'_>) -> Target {
     }
 }
 
-/// tollgate with a fresh token and `workers = shards`.
-pub fn tollgate(ctx: &StartContext<'_>, bin: &Path) -> Result<Target, String> {
+/// tollgate with a fresh token and `workers = shards`; with `metrics`, also
+/// the admin listener, which turns on the relay's latency histograms.
+pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, metrics: bool) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("tollgate: {e}");
     let dir = TempDir::new("loadtest-tollgate", None).map_err(err)?;
     let port = free_port().map_err(err)?;
@@ -236,6 +242,12 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path) -> Result<Target, String> {
             toml_str(&files.key.to_string_lossy()),
         ));
     }
+    if metrics {
+        let admin_port = free_port().map_err(err)?;
+        config.push_str(&format!(
+            "\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nlatency_histograms = true\n"
+        ));
+    }
     let config_path = dir.write("tollgate.toml", &config, None).map_err(err)?;
     let token = create_token(bin, &config_path, &up.user, &up.database)?;
 
@@ -247,9 +259,13 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path) -> Result<Target, String> {
     let child = ChildGuard::spawn("tollgate", cmd, &dir.path().join("tollgate.log"))?;
     let mut children = vec![child];
     wait_listening(&mut children, port)?;
+    let (kind, extra) = match metrics {
+        true => (TargetKind::TollgateMetrics, ", metrics on"),
+        false => (TargetKind::Tollgate, ""),
+    };
     Ok(Target {
-        kind: TargetKind::Tollgate,
-        label: format!("tollgate ({} shards)", ctx.shards),
+        kind,
+        label: format!("tollgate ({} shards{extra})", ctx.shards),
         endpoint: Endpoint {
             port,
             password: token,

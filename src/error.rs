@@ -144,6 +144,16 @@ impl ClientError {
         )
     }
 
+    /// A session ended through the admin API: Postgres's own words and
+    /// code for pg_terminate_backend.
+    pub fn admin_terminated() -> Self {
+        ClientError::new(
+            sqlstate::ADMIN_SHUTDOWN,
+            "admin_terminated",
+            "terminating connection due to administrator command",
+        )
+    }
+
     pub fn token_connection_limit() -> Self {
         ClientError::new(
             sqlstate::TOO_MANY_CONNECTIONS,

@@ -5,6 +5,8 @@
 //! See DESIGN.md in the shared folder for the data flow; each module's own
 //! documentation says what it owns.
 
+pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod cluster;
@@ -13,6 +15,7 @@ pub mod error;
 pub mod handshake;
 mod io_util;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod reload;
 pub mod secret;

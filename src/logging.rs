@@ -3,6 +3,11 @@
 //! The level comes from `RUST_LOG` when set, else from `[log] level`, else
 //! `info`. Secrets never reach these events: they are [`crate::secret::Secret`]s,
 //! which print as a redaction.
+//!
+//! JSON lines carry the event's fields at the top level and the innermost
+//! span's fields (session id, shard, client address) under `span`. Audit
+//! events (target `tollgate::audit`, see [`crate::audit`]) carry all their
+//! identifying fields themselves.
 
 use tracing_subscriber::EnvFilter;
 
@@ -22,6 +27,11 @@ pub fn init(level: Option<&str>, format: LogFormat) {
         .with_thread_names(true);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }

@@ -76,7 +76,8 @@ fn relaying_queries_allocates_nothing() {
         &config_path,
         format!(
             "listen = \"127.0.0.1:0\"\nworkers = 1\n[upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
-             [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n[tokens]\nfile = \"tokens.toml\"\n",
+             [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n[tokens]\nfile = \"tokens.toml\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n",
             cluster.port(),
             cluster.password()
         ),
@@ -84,7 +85,10 @@ fn relaying_queries_allocates_nothing() {
     .unwrap();
     let config = Config::load(&config_path).unwrap();
     let live = LiveStore::load(&config.tokens_file).unwrap();
-    let shared = Shared::new(config.workers, live, None, None, None);
+    // Latency histograms and per-token series on: timing must not
+    // allocate per message either.
+    assert!(config.admin.as_ref().is_some_and(|a| a.latency_histograms));
+    let shared = Shared::new(&config, live, None, None, None);
     let shards = tollgate::shard::start(Arc::new(config), Arc::new(shared)).unwrap();
 
     let mut s = TcpStream::connect(shards.local_addr).unwrap();

@@ -248,6 +248,6 @@ fn token_rules() {
             "{app}"
         );
     });
-    assert!(env.log().contains("not allowed from this address"));
+    assert!(env.log().contains("address_not_allowed"));
     env.assert_log_clean();
 }

@@ -283,12 +283,12 @@ fn bad_tokens_are_rejected_identically() {
     let log = env.log();
     for reason in [
         "malformed",
-        "unknown token",
-        "bad secret",
+        "unknown_token",
+        "bad_secret",
         "expired",
         "revoked",
-        "not allowed for database",
-        "not allowed for user",
+        "database_not_allowed",
+        "user_not_allowed",
     ] {
         assert!(log.contains(reason), "the log does not name \"{reason}\"");
     }

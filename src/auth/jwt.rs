@@ -985,17 +985,17 @@ impl JwtRejection {
     /// A stable, low-cardinality name for logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
-            JwtRejection::Malformed => "jwt malformed",
-            JwtRejection::UnsupportedAlg => "jwt alg not supported",
-            JwtRejection::AlgNone => "jwt alg none",
-            JwtRejection::UnknownKey => "jwt key unknown",
-            JwtRejection::BadSignature => "jwt bad signature",
-            JwtRejection::Expired => "jwt expired",
-            JwtRejection::NotYetValid => "jwt not yet valid",
-            JwtRejection::WrongIssuer => "jwt wrong issuer",
-            JwtRejection::WrongAudience => "jwt wrong audience",
-            JwtRejection::MissingClaim(_) => "jwt missing claim",
-            JwtRejection::BadClaim(_) => "jwt bad claim",
+            JwtRejection::Malformed => "jwt_malformed",
+            JwtRejection::UnsupportedAlg => "jwt_alg_not_supported",
+            JwtRejection::AlgNone => "jwt_alg_none",
+            JwtRejection::UnknownKey => "jwt_key_unknown",
+            JwtRejection::BadSignature => "jwt_bad_signature",
+            JwtRejection::Expired => "jwt_expired",
+            JwtRejection::NotYetValid => "jwt_not_yet_valid",
+            JwtRejection::WrongIssuer => "jwt_wrong_issuer",
+            JwtRejection::WrongAudience => "jwt_wrong_audience",
+            JwtRejection::MissingClaim(_) => "jwt_missing_claim",
+            JwtRejection::BadClaim(_) => "jwt_bad_claim",
         }
     }
 }
@@ -2842,10 +2842,10 @@ file = "es256.pub.pem"
 
     #[test]
     fn rejections_have_stable_names() {
-        assert_eq!(JwtRejection::AlgNone.as_str(), "jwt alg none");
+        assert_eq!(JwtRejection::AlgNone.as_str(), "jwt_alg_none");
         assert_eq!(
             JwtRejection::MissingClaim("role").to_string(),
-            "jwt missing claim role"
+            "jwt_missing_claim role"
         );
         fn shareable<T: Send + Sync + Clone>() {}
         shareable::<JwtVerifier>();

@@ -181,7 +181,7 @@ impl TokenRecord {
         } else if self.expires_at.is_some_and(|t| t <= now) {
             "expired"
         } else if self.not_before.is_some_and(|t| t > now) {
-            "not yet valid"
+            "not_yet_valid"
         } else {
             "active"
         }
@@ -208,18 +208,18 @@ pub enum Rejection {
 }
 
 impl Rejection {
-    /// A stable name for logs and metric labels.
+    /// A stable name for logs, audit events and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Rejection::Malformed => "malformed",
-            Rejection::UnknownId => "unknown token",
-            Rejection::BadSecret => "bad secret",
-            Rejection::NotYetValid => "not yet valid",
+            Rejection::UnknownId => "unknown_token",
+            Rejection::BadSecret => "bad_secret",
+            Rejection::NotYetValid => "not_yet_valid",
             Rejection::Expired => "expired",
             Rejection::Revoked => "revoked",
-            Rejection::WrongUser => "not allowed for user",
-            Rejection::WrongDatabase => "not allowed for database",
-            Rejection::AddressNotAllowed => "not allowed from this address",
+            Rejection::WrongUser => "user_not_allowed",
+            Rejection::WrongDatabase => "database_not_allowed",
+            Rejection::AddressNotAllowed => "address_not_allowed",
             Rejection::Rotated => "rotated",
             Rejection::Deleted => "deleted",
         }

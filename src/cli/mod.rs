@@ -104,7 +104,22 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
     if let Some(j) = &jwt {
         j.watch();
     }
-    let shared = crate::session::Shared::new(config.workers, store, jwt, server_tls, upstream_tls);
+    let shared = crate::session::Shared::new(&config, store, jwt, server_tls, upstream_tls);
+    let admin = config.admin.clone();
+    let (bus, store) = (shared.admin.clone(), shared.store.clone());
+    let started = std::time::Instant::now();
     let shards = crate::shard::start(Arc::new(config), Arc::new(shared))?;
+    if let Some(a) = admin {
+        crate::admin::start(
+            a.listen,
+            crate::admin::AdminState {
+                bus,
+                store,
+                started,
+                io_uring: shards.io_uring,
+                bearer: a.token,
+            },
+        )?;
+    }
     Ok(shards)
 }

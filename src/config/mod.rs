@@ -42,6 +42,28 @@ struct RawConfig {
     log: RawLog,
     tls: Option<RawTls>,
     jwt: Option<crate::auth::jwt::JwtConfigRaw>,
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: String,
+    token: Option<String>,
+    token_file: Option<String>,
+    token_env: Option<String>,
+    latency_histograms: Option<bool>,
+    per_token_metrics: Option<bool>,
+    max_token_series: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    queries: Option<bool>,
+    max_query_length: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +163,48 @@ pub struct Config {
     pub tls: Option<ClientTlsConfig>,
     /// JWT verification, when configured.
     pub jwt: Option<crate::auth::jwt::JwtVerifier>,
+    /// The admin listener, when configured.
+    pub admin: Option<AdminConfig>,
+    pub audit: AuditConfig,
+}
+
+/// The admin listener (`[admin]`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// Bearer token for `/sessions`; required unless `listen` is loopback.
+    pub token: Option<Secret>,
+    /// Time every query cycle and transaction into histograms (default on).
+    pub latency_histograms: bool,
+    /// Latency series per token, at most this many tokens (the rest share
+    /// one `_other` series); `None` when off (default).
+    pub per_token_series: Option<usize>,
+}
+
+/// Default and ceiling for `[admin] max_token_series`: each series costs
+/// two histograms per shard (about 44 KiB) and a scrape's size.
+pub const DEFAULT_TOKEN_SERIES: usize = 100;
+const MAX_TOKEN_SERIES: usize = 10_000;
+
+/// Query audit (`[audit]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Log the SQL of every Query and Parse message (never Bind values).
+    pub queries: bool,
+    /// Bytes of SQL kept per message; longer text is cut and marked.
+    pub max_query_length: usize,
+}
+
+pub const DEFAULT_MAX_QUERY_LENGTH: usize = 1024;
+const MAX_QUERY_LENGTH_CEILING: usize = 1024 * 1024;
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            queries: false,
+            max_query_length: DEFAULT_MAX_QUERY_LENGTH,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -271,7 +335,23 @@ impl Config {
             .map(|j| crate::auth::jwt::JwtVerifier::from_raw(j, base))
             .transpose()
             .map_err(|e| e.to_string())?;
+        let admin = raw.admin.map(|a| admin_config(a, base)).transpose()?;
+        let audit = AuditConfig {
+            queries: raw.audit.queries.unwrap_or(false),
+            max_query_length: raw
+                .audit
+                .max_query_length
+                .unwrap_or(DEFAULT_MAX_QUERY_LENGTH),
+        };
+        if !(1..=MAX_QUERY_LENGTH_CEILING).contains(&audit.max_query_length) {
+            return Err(format!(
+                "[audit] max_query_length = {} must be between 1 and {MAX_QUERY_LENGTH_CEILING}",
+                audit.max_query_length
+            ));
+        }
         Ok(Config {
+            admin,
+            audit,
             jwt,
             tls,
             listen,
@@ -309,16 +389,65 @@ impl Config {
     }
 }
 
+fn admin_config(a: RawAdmin, base: &Path) -> Result<AdminConfig, String> {
+    let listen = a
+        .listen
+        .to_socket_addrs()
+        .map_err(|e| format!("[admin] listen = \"{}\": {e}", a.listen))?
+        .next()
+        .ok_or_else(|| format!("[admin] listen = \"{}\" resolves to no address", a.listen))?;
+    let token = read_secret("[admin] token", &a.token, &a.token_file, &a.token_env, base)?;
+    if token.is_none() && !listen.ip().is_loopback() {
+        return Err(format!(
+            "[admin] listen = \"{listen}\" is not loopback: set token, token_file or token_env \
+             so that /sessions needs a bearer token"
+        ));
+    }
+    if token.as_ref().is_some_and(|t| t.expose().len() < 16) {
+        return Err("[admin] token: use at least 16 characters".into());
+    }
+    let per_token_series = match a.per_token_metrics.unwrap_or(false) {
+        false => None,
+        true => {
+            let max = a.max_token_series.unwrap_or(DEFAULT_TOKEN_SERIES);
+            if !(1..=MAX_TOKEN_SERIES).contains(&max) {
+                return Err(format!(
+                    "[admin] max_token_series = {max} must be between 1 and {MAX_TOKEN_SERIES}"
+                ));
+            }
+            Some(max)
+        }
+    };
+    Ok(AdminConfig {
+        listen,
+        token,
+        latency_histograms: a.latency_histograms.unwrap_or(true),
+        per_token_series,
+    })
+}
+
 /// Reads a credential's password from exactly one of its three sources.
 fn read_password(c: &RawCredential, base: &Path) -> Result<Option<Secret>, String> {
     let who = format!("[[upstream.credentials]] user \"{}\"", c.user);
-    match (&c.password, &c.password_file, &c.password_env) {
+    read_secret(&who, &c.password, &c.password_file, &c.password_env, base)
+}
+
+/// Reads a secret given inline, in a file, or in an environment variable
+/// (at most one of them).
+fn read_secret(
+    who: &str,
+    inline: &Option<String>,
+    file: &Option<String>,
+    env: &Option<String>,
+    base: &Path,
+) -> Result<Option<Secret>, String> {
+    match (inline, file, env) {
         (None, None, None) => Ok(None),
         (Some(p), None, None) => Ok(Some(Secret::new(p.as_bytes().to_vec()))),
         (None, Some(f), None) => {
             let path = base.join(f);
             let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("{who}: password_file {}: {e}", path.display()))?;
+                .map_err(|e| format!("{who}: file {}: {e}", path.display()))?;
             // Files usually end with a newline that is not part of the password.
             let p = text.strip_suffix('\n').unwrap_or(&text);
             let p = p.strip_suffix('\r').unwrap_or(p);
@@ -328,7 +457,7 @@ fn read_password(c: &RawCredential, base: &Path) -> Result<Option<Secret>, Strin
             .map(|p| Some(Secret::from(p)))
             .map_err(|_| format!("{who}: environment variable {var} is not set")),
         _ => Err(format!(
-            "{who}: give only one of password, password_file and password_env"
+            "{who}: give only one of the value, a file and an environment variable"
         )),
     }
 }
@@ -385,6 +514,42 @@ file = "tokens.toml"
         assert!(e.message.contains("only one of"), "{e}");
         // No secret in the error text.
         assert!(!e.to_string().contains("\"p\""));
+    }
+
+    #[test]
+    fn admin_and_audit_are_off_by_default_and_validated() {
+        let c = load(MINIMAL).unwrap();
+        assert!(c.admin.is_none());
+        assert_eq!(c.audit, AuditConfig::default());
+
+        let c = load(&format!(
+            "{MINIMAL}[admin]\nlisten = \"127.0.0.1:9187\"\nper_token_metrics = true\n\
+             [audit]\nqueries = true\nmax_query_length = 200\n"
+        ))
+        .unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(a.listen.port(), 9187);
+        assert!(a.latency_histograms && a.token.is_none());
+        assert_eq!(a.per_token_series, Some(DEFAULT_TOKEN_SERIES));
+        assert!(c.audit.queries);
+        assert_eq!(c.audit.max_query_length, 200);
+
+        // Off loopback, /sessions must not be open to anyone.
+        let e = load(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9187\"\n")).unwrap_err();
+        assert!(e.message.contains("not loopback"), "{e}");
+        let c = load(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9187\"\ntoken_file = \"pw\"\ntoken = \"x\"\n"
+        ))
+        .unwrap_err();
+        assert!(c.message.contains("only one of"), "{c}");
+        let e = load(&format!(
+            "{MINIMAL}[admin]\nlisten = \"0.0.0.0:9187\"\ntoken = \"short-admin\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("16 characters"), "{e}");
+        assert!(!e.to_string().contains("short-admin"));
+        let e = load(&format!("{MINIMAL}[audit]\nmax_query_length = 0\n")).unwrap_err();
+        assert!(e.message.contains("max_query_length"), "{e}");
     }
 
     #[test]

@@ -192,17 +192,32 @@ impl Framer {
     /// connection must be closed; the framer is then unusable.
     #[inline]
     pub fn scan(&mut self, chunk: &[u8]) -> Result<Scan, FrameError> {
-        let mut scan = Scan::default();
+        let mut counter = Counter {
+            mask: self.count_mask,
+            scan: Scan::default(),
+        };
+        self.scan_with(chunk, &mut counter)?;
+        Ok(counter.scan)
+    }
+
+    /// Advances over `chunk`, telling `visitor` about each message header,
+    /// each piece of payload and each message end, in stream order.
+    #[inline]
+    pub fn scan_with<V: FrameVisitor>(
+        &mut self,
+        chunk: &[u8],
+        visitor: &mut V,
+    ) -> Result<(), FrameError> {
         let mut pos = 0usize;
         while pos < chunk.len() {
             if self.remaining > 0 {
                 let skip = self.remaining.min(chunk.len() - pos);
+                visitor.payload(self.tag, &chunk[pos..pos + skip]);
                 self.remaining -= skip;
                 pos += skip;
                 if self.remaining == 0 {
-                    scan.completed += 1;
-                    scan.last_completed_tag = Some(self.tag);
                     self.last_tag = self.tag;
+                    visitor.end(self.tag, chunk[pos - 1]);
                 }
                 continue;
             }
@@ -228,31 +243,69 @@ impl Framer {
             if len < 4 {
                 return Err(FrameError::InvalidLength { tag, len });
             }
-            if tag < 128 && (self.count_mask >> tag) & 1 == 1 {
-                scan.tagged += 1;
-            }
+            visitor.start(tag);
             self.tag = tag;
             self.remaining = len as usize - 4;
             if self.remaining == 0 {
-                scan.completed += 1;
-                scan.last_completed_tag = Some(tag);
                 self.last_tag = tag;
+                // An empty payload: the last byte is the length's.
+                visitor.end(tag, len as u8);
             }
         }
-        Ok(scan)
+        Ok(())
     }
+}
+
+/// What [`Framer::scan_with`] reports, message by message. Every method
+/// defaults to nothing, so a visitor pays only for what it listens to.
+pub trait FrameVisitor {
+    /// A message with `tag` starts (its header was read).
+    #[inline]
+    fn start(&mut self, _tag: u8) {}
+    /// Payload bytes of the message in progress, in order, as they pass.
+    #[inline]
+    fn payload(&mut self, _tag: u8, _bytes: &[u8]) {}
+    /// A message with `tag` ended; `last_byte` is its final byte, which for
+    /// a one-byte payload (ReadyForQuery's status) is the whole payload.
+    #[inline]
+    fn end(&mut self, _tag: u8, _last_byte: u8) {}
+}
+
+/// The visitor behind [`Framer::scan`].
+struct Counter {
+    mask: u128,
+    scan: Scan,
+}
+
+impl FrameVisitor for Counter {
+    #[inline]
+    fn start(&mut self, tag: u8) {
+        if tag < 128 && (self.mask >> tag) & 1 == 1 {
+            self.scan.tagged += 1;
+        }
+    }
+
+    #[inline]
+    fn end(&mut self, tag: u8, _last_byte: u8) {
+        self.scan.completed += 1;
+        self.scan.last_completed_tag = Some(tag);
+    }
+}
+
+/// One message on the wire: tag, Int32 length (counting itself), payload.
+/// For unit tests here and in the relay.
+#[cfg(test)]
+pub(crate) fn test_message(tag: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_message as msg;
     use super::*;
-
-    fn msg(tag: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![tag];
-        v.extend_from_slice(&((payload.len() + 4) as i32).to_be_bytes());
-        v.extend_from_slice(payload);
-        v
-    }
 
     fn stream() -> Vec<u8> {
         let mut s = Vec::new();
@@ -323,6 +376,48 @@ mod tests {
         // High (non-ASCII) tags are framed, never counted.
         let mut f = Framer::counting(b'Z');
         assert_eq!(f.scan(&msg(0xff, b"x")).unwrap().tagged, 0);
+    }
+
+    /// Records what a visitor hears, to compare across chunkings.
+    #[derive(Default, Debug, PartialEq)]
+    struct Log {
+        events: Vec<(char, u8, Vec<u8>)>,
+    }
+
+    impl FrameVisitor for Log {
+        fn start(&mut self, tag: u8) {
+            self.events.push(('s', tag, vec![]));
+        }
+        fn payload(&mut self, tag: u8, bytes: &[u8]) {
+            // Pieces of one payload merge, so chunking cannot show.
+            match self.events.last_mut() {
+                Some(('p', t, b)) if *t == tag => b.extend_from_slice(bytes),
+                _ => self.events.push(('p', tag, bytes.to_vec())),
+            }
+        }
+        fn end(&mut self, tag: u8, last_byte: u8) {
+            self.events.push(('e', tag, vec![last_byte]));
+        }
+    }
+
+    #[test]
+    fn visitor_hears_the_same_stream_however_it_is_split() {
+        let s = stream();
+        let mut whole = Log::default();
+        Framer::new().scan_with(&s, &mut whole).unwrap();
+        // ReadyForQuery's last byte is its status.
+        assert_eq!(whole.events.last(), Some(&('e', b'Z', vec![b'I'])));
+        assert!(whole.events.contains(&('p', b'C', b"SELECT 1\0".to_vec())));
+        // EmptyQueryResponse has no payload: its last byte is the length's.
+        assert!(whole.events.contains(&('e', b'I', vec![4])));
+        for size in 1..s.len() {
+            let mut split = Log::default();
+            let mut f = Framer::new();
+            for c in s.chunks(size) {
+                f.scan_with(c, &mut split).unwrap();
+            }
+            assert_eq!(split, whole, "chunks of {size}");
+        }
     }
 
     #[test]

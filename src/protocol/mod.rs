@@ -13,4 +13,4 @@ pub mod frontend;
 pub mod sqlstate;
 pub mod startup;
 
-pub use frame::{FrameError, Framer};
+pub use frame::{FrameError, FrameVisitor, Framer};

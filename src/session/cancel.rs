@@ -32,6 +32,8 @@ use crate::upstream::login::ISSUED_KEY_LEN;
 pub struct CancelRequest {
     pub process_id: u32,
     pub secret_key: Box<[u8]>,
+    /// Who sent it, for the audit log.
+    pub client: std::net::SocketAddr,
 }
 
 /// Cancels waiting for their owner shard; beyond this, guesses are dropped.
@@ -234,6 +236,7 @@ mod tests {
             keys.upstream_key(&CancelRequest {
                 process_id: r.process_id,
                 secret_key: secret.into(),
+                client: ([127, 0, 0, 1], 1).into(),
             })
         };
         // Before the login completes nothing matches, not even empty.
@@ -250,6 +253,7 @@ mod tests {
             .upstream_key(&CancelRequest {
                 process_id: r.process_id ^ 2,
                 secret_key: r.secret[..4].into(),
+                client: ([127, 0, 0, 1], 1).into(),
             })
             .is_none());
         let pid = r.process_id;
@@ -258,6 +262,7 @@ mod tests {
             .upstream_key(&CancelRequest {
                 process_id: pid,
                 secret_key: issued.secret_key.clone(),
+                client: ([127, 0, 0, 1], 1).into(),
             })
             .is_none());
     }
@@ -269,6 +274,7 @@ mod tests {
             router.route(CancelRequest {
                 process_id: 1,
                 secret_key: Box::new([0; 4]),
+                client: ([127, 0, 0, 1], 1).into(),
             });
         }
         let inbox = router.take_inbox(1).unwrap();

@@ -1,6 +1,7 @@
 //! Ending a session from outside its task: the shard's watcher fires a
 //! session's [`KillSwitch`] when its token is revoked, expires or is
-//! rotated out; the relay notices at its next message boundary.
+//! rotated out, and the admin API when an operator ends the session; the
+//! relay notices at its next message boundary.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -9,25 +10,50 @@ use std::task::{Context, Poll, Waker};
 
 use crate::auth::Rejection;
 
+/// Why a session is being ended from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KillReason {
+    /// Its token no longer allows it.
+    Token(Rejection),
+    /// An operator ended it through the admin API.
+    Admin,
+}
+
+impl KillReason {
+    /// A stable name for logs, audit events and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillReason::Token(r) => r.as_str(),
+            KillReason::Admin => "admin_terminated",
+        }
+    }
+}
+
+impl From<Rejection> for KillReason {
+    fn from(r: Rejection) -> Self {
+        KillReason::Token(r)
+    }
+}
+
 /// Shard-local (`!Send`): only the owning shard fires it.
 #[derive(Default)]
 pub struct KillSwitch {
-    reason: Cell<Option<Rejection>>,
+    reason: Cell<Option<KillReason>>,
     waker: Cell<Option<Waker>>,
 }
 
 impl KillSwitch {
     /// Asks the session to end; the first reason wins.
-    pub fn fire(&self, reason: Rejection) {
+    pub fn fire(&self, reason: impl Into<KillReason>) {
         if self.reason.get().is_none() {
-            self.reason.set(Some(reason));
+            self.reason.set(Some(reason.into()));
         }
         if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
 
-    pub fn fired(&self) -> Option<Rejection> {
+    pub fn fired(&self) -> Option<KillReason> {
         self.reason.get()
     }
 
@@ -40,9 +66,9 @@ impl KillSwitch {
 pub struct Wait<'a>(&'a KillSwitch);
 
 impl Future for Wait<'_> {
-    type Output = Rejection;
+    type Output = KillReason;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Rejection> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<KillReason> {
         match self.0.reason.get() {
             Some(r) => Poll::Ready(r),
             None => {
@@ -75,7 +101,7 @@ mod tests {
         k.fire(Rejection::Expired);
         assert_eq!(
             Pin::new(&mut w).poll(&mut cx),
-            Poll::Ready(Rejection::Revoked)
+            Poll::Ready(KillReason::Token(Rejection::Revoked))
         );
     }
 }

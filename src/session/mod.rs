@@ -22,11 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, PrefixedReadIo};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio::time::timeout_at;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
+use crate::admin::bus::{Bus, Request as AdminRequest};
+use crate::audit::{self, Attempt, SessionId};
 use crate::auth::jwt::{JwtRejection, JwtVerifier, VerifiedJwt};
 use crate::auth::live::{LiveJwt, LiveStore};
 use crate::auth::{Grant, Presenter, TokenStore};
@@ -34,6 +36,7 @@ use crate::config::{ClientTlsMode, Config};
 use crate::error::ClientError;
 use crate::handshake::{self, AwaitStartup, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
+use crate::metrics::{ShardMetrics, TokenSeriesLimit};
 use crate::protocol::sqlstate;
 use crate::reload::ShardCopy;
 use crate::secret::Secret;
@@ -42,10 +45,8 @@ use crate::upstream::login::LoginError;
 use crate::upstream::scram::KeyCache;
 use crate::upstream::{self, Upstream, UpstreamError, UpstreamStream};
 
-/// The client stream once TLS is up. The prefix carries bytes read before
-/// the handshake started (a direct-TLS ClientHello); empty after SSLRequest.
-type ClientTls =
-    monoio_rustls::ServerTlsStream<PrefixedReadIo<TcpStream, std::io::Cursor<Vec<u8>>>>;
+/// The client stream once TLS is up.
+type ClientTls = crate::tls::accept::ServerTlsStream<TcpStream>;
 
 /// What a shard's sessions share: read-only configuration and tokens, and
 /// shard-local caches (`!Send`, never touched by another thread).
@@ -68,6 +69,10 @@ pub struct ShardContext {
     /// Cancel keys of this shard's sessions, and the way to other shards'.
     cancel_keys: Rc<cancel::Keys>,
     cancels: Arc<cancel::Router>,
+    /// This shard's counters and histograms.
+    pub metrics: Rc<ShardMetrics>,
+    /// Requests from the admin thread.
+    admin: Arc<Bus>,
     server_tls: Option<Arc<ServerTls>>,
     upstream_tls: Option<Arc<UpstreamTls>>,
     /// The live JWT verifier and this shard's copy of it.
@@ -76,13 +81,14 @@ pub struct ShardContext {
     /// ~100 µs for RSA) run once per token per shard. Time claims and the
     /// deny-list are still checked on every use.
     jwt_cache: RefCell<HashMap<[u8; 32], VerifiedJwt>>,
-    /// This shard's copy of the TLS acceptor and the generation it came from.
-    acceptor: RefCell<(u64, Option<monoio_rustls::TlsAcceptor>)>,
+    /// This shard's copy of the TLS config and the generation it came from.
+    acceptor: RefCell<(u64, Option<Arc<rustls::ServerConfig>>)>,
     next_session: Cell<u64>,
 }
 
 impl ShardContext {
     pub fn new(shard: usize, config: Arc<Config>, shared: &Shared) -> Self {
+        let timing = config.admin.as_ref().is_some_and(|a| a.latency_histograms);
         ShardContext {
             shard,
             relay_buffers: Rc::new(relay::BufferPool::new(config.buffer_size)),
@@ -97,6 +103,12 @@ impl ShardContext {
             scram_keys: RefCell::new(KeyCache::new()),
             cancel_keys: Rc::new(cancel::Keys::new(shard, shared.cancels.shards())),
             cancels: shared.cancels.clone(),
+            metrics: Rc::new(ShardMetrics::new(
+                shard,
+                timing,
+                shared.token_series.clone(),
+            )),
+            admin: shared.admin.clone(),
             acceptor: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
             jwt: shared
@@ -108,19 +120,22 @@ impl ShardContext {
     }
 
     /// Session ids are unique per process: shard number, then a counter.
-    fn next_session_id(&self) -> String {
+    fn next_session_id(&self) -> SessionId {
         let n = self.next_session.get() + 1;
         self.next_session.set(n);
-        format!("{}-{}", self.shard, n)
+        SessionId {
+            shard: self.shard,
+            number: n,
+        }
     }
 
-    /// The acceptor for the current certificate; refreshed only when the
+    /// The config for the current certificate; refreshed only when the
     /// certificate changed (one atomic load otherwise).
-    fn tls_acceptor(&self) -> Option<monoio_rustls::TlsAcceptor> {
+    fn tls_acceptor(&self) -> Option<Arc<rustls::ServerConfig>> {
         let tls = self.server_tls.as_ref()?;
         let mut slot = self.acceptor.borrow_mut();
         if let Some((generation, config)) = tls.refresh(slot.0) {
-            *slot = (generation, Some(monoio_rustls::TlsAcceptor::from(config)));
+            *slot = (generation, Some(config));
         }
         slot.1.clone()
     }
@@ -196,16 +211,21 @@ pub struct Shared {
     pub server_tls: Option<Arc<ServerTls>>,
     pub upstream_tls: Option<Arc<UpstreamTls>>,
     pub cancels: Arc<cancel::Router>,
+    /// The admin thread's way to the shards.
+    pub admin: Arc<Bus>,
+    /// Bounds per-token latency series across shards, when they are on.
+    pub token_series: Option<Arc<TokenSeriesLimit>>,
 }
 
 impl Shared {
     pub fn new(
-        shards: usize,
+        config: &Config,
         store: Arc<LiveStore>,
         jwt: Option<Arc<LiveJwt>>,
         server_tls: Option<Arc<ServerTls>>,
         upstream_tls: Option<Arc<UpstreamTls>>,
     ) -> Self {
+        let shards = config.workers;
         Shared {
             store,
             jwt,
@@ -214,6 +234,12 @@ impl Shared {
             server_tls,
             upstream_tls,
             cancels: Arc::new(cancel::Router::new(shards)),
+            admin: Arc::new(Bus::new(shards)),
+            token_series: config
+                .admin
+                .as_ref()
+                .and_then(|a| a.per_token_series)
+                .map(|max| Arc::new(TokenSeriesLimit::new(max))),
         }
     }
 }
@@ -221,28 +247,55 @@ impl Shared {
 /// Verified JWTs kept per shard; the cache is emptied when full.
 const JWT_CACHE_ENTRIES: usize = 4096;
 
-/// Holds one slot of `max_connections` until dropped.
-struct ConnectionSlot(Arc<AtomicUsize>);
+/// Holds one slot of `max_connections` until dropped, and counts the
+/// connection as open in the shard's metrics meanwhile.
+struct ConnectionSlot(Arc<AtomicUsize>, Rc<ShardMetrics>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.connection_closed();
     }
 }
 
 /// How a start-up ended when it did not produce a session.
-enum Refusal {
-    /// A tollgate error for the client.
+struct Refusal {
+    /// The real reason: the audit event's and the metric's label.
+    reason: &'static str,
+    reply: Reply,
+    /// More for the operator's log (an upstream error's text), never for
+    /// the client.
+    detail: Option<String>,
+}
+
+/// What a refused client is sent before the connection closes.
+enum Reply {
+    /// A tollgate error.
     Client(ClientError),
     /// The server's own ErrorResponse, relayed verbatim.
     Relay(Vec<u8>),
-    /// The client went away; nothing to send.
-    Gone,
+    /// Nothing: the client went away, or TLS failed.
+    Nothing,
 }
 
+impl Refusal {
+    fn new(reason: &'static str, reply: Reply) -> Self {
+        Refusal {
+            reason,
+            reply,
+            detail: None,
+        }
+    }
+
+    fn gone() -> Self {
+        Refusal::new("client_left", Reply::Nothing)
+    }
+}
+
+/// A tollgate error names its own reason (its `kind`).
 impl From<ClientError> for Refusal {
     fn from(e: ClientError) -> Self {
-        Refusal::Client(e)
+        Refusal::new(e.kind, Reply::Client(e))
     }
 }
 
@@ -268,9 +321,12 @@ enum StartupOutcome {
 
 /// Per-connection facts the start-up needs.
 struct Start {
+    id: SessionId,
+    peer: SocketAddr,
     deadline: monoio::time::Instant,
     over_limit: bool,
     started: Instant,
+    started_at: SystemTime,
 }
 
 /// The relay phase of a session, boxed so that it runs outside the
@@ -279,77 +335,96 @@ struct Start {
 type RelayTask = Pin<Box<dyn Future<Output = ()>>>;
 
 /// Runs a client connection to completion. Never panics on client input;
-/// every refusal is logged here with its real reason.
+/// every attempt leaves one audit event with its real outcome.
 pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     let open = ctx.connections.fetch_add(1, Ordering::Relaxed);
-    let _slot = ConnectionSlot(ctx.connections.clone());
+    ctx.metrics.connection_opened();
+    let _slot = ConnectionSlot(ctx.connections.clone(), ctx.metrics.clone());
     let id = ctx.next_session_id();
     let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
     let start = Start {
+        id,
+        peer,
         deadline: monoio::time::Instant::now() + ctx.config.startup_timeout,
         over_limit: open >= ctx.config.max_connections,
         started: Instant::now(),
+        started_at: SystemTime::now(),
     };
     // Boxed so that its memory is returned once the start-up is over: a
     // future is as large as its largest state, and the start-up's (TLS
     // handshake, login) would otherwise stay allocated for the whole life
     // of an idle session.
-    let startup = Box::pin(serve(ctx, client, peer, start).instrument(span));
+    let startup = Box::pin(serve(ctx, client, start).instrument(span));
     if let Some(relay) = startup.await {
         relay.await;
     }
 }
 
-async fn serve(
-    ctx: Rc<ShardContext>,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    start: Start,
-) -> Option<RelayTask> {
+async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Option<RelayTask> {
     let _ = client.set_nodelay(true);
     let mut input = BytesMut::with_capacity(1024);
-    let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&peer)));
-    let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, peer).await;
+    let mut attempt = Attempt::default();
+    let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&start.peer)));
+    let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, &mut attempt).await;
     let Ok(StartupOutcome::StartTls { next, direct }) = outcome else {
-        return finish(&ctx, client, input, outcome, &start, false).await;
+        return finish(&ctx, client, input, outcome, &start, attempt).await;
     };
 
     let Some(acceptor) = ctx.tls_acceptor() else {
         warn!("TLS requested but no acceptor is configured");
+        refused(&ctx, &start, &attempt, &ClientError::internal().into());
         return None;
     };
     // For direct TLS the ClientHello is already in `input`: hand it to rustls.
     let prefix = std::mem::take(&mut input).to_vec();
-    let io = PrefixedReadIo::new(client, std::io::Cursor::new(prefix));
-    let mut tls: ClientTls = match timeout_at(start.deadline, acceptor.accept(io)).await {
-        Ok(Ok(s)) => s,
+    let handshake_started = Instant::now();
+    let accept = crate::tls::accept::accept(acceptor, client, prefix);
+    let handshake = timeout_at(start.deadline, accept).await;
+    let took = handshake_started.elapsed();
+    let mut tls: ClientTls = match handshake {
+        Ok(Ok((s, version))) => {
+            ctx.metrics.tls_handshake(true, took);
+            attempt.tls = version;
+            s
+        }
         Ok(Err(e)) => {
-            let error = crate::tls::describe_error(e);
-            info!(reason = "tls_handshake", %error, "start-up refused");
+            ctx.metrics.tls_handshake(false, took);
+            let mut refusal = Refusal::new("tls_handshake", Reply::Nothing);
+            refusal.detail = Some(crate::tls::describe_error(e));
+            refused(&ctx, &start, &attempt, &refusal);
             return None;
         }
         Err(_) => {
-            info!(
-                reason = "startup_timeout",
-                "start-up refused during TLS handshake"
-            );
+            ctx.metrics.tls_handshake(false, took);
+            let refusal = Refusal::new("startup_timeout", Reply::Nothing);
+            refused(&ctx, &start, &attempt, &refusal);
             return None;
         }
     };
     if direct && tls.alpn_protocol().as_deref() != Some(ALPN_POSTGRESQL) {
         // PostgreSQL requires ALPN on direct TLS, so that a TLS connection
         // meant for another protocol cannot be replayed into this one.
-        info!(reason = "direct_tls_without_alpn", "start-up refused");
         let e = ClientError::new(
             sqlstate::PROTOCOL_VIOLATION,
             "direct_tls_without_alpn",
             "direct TLS connection without ALPN protocol \"postgresql\"",
         );
-        close_with(tls, encode(&e)).await;
-        return None;
+        return finish(&ctx, tls, input, Err(e.into()), &start, attempt).await;
     }
-    let outcome = start_up(&ctx, &mut tls, &mut input, next, &start, peer).await;
-    finish(&ctx, tls, input, outcome, &start, true).await
+    let outcome = start_up(&ctx, &mut tls, &mut input, next, &start, &mut attempt).await;
+    finish(&ctx, tls, input, outcome, &start, attempt).await
+}
+
+/// Records a refused attempt: its audit event and its metric.
+fn refused(ctx: &ShardContext, start: &Start, attempt: &Attempt, refusal: &Refusal) {
+    ctx.metrics.rejected(refusal.reason);
+    audit::rejected(
+        start.id,
+        start.peer,
+        attempt,
+        refusal.reason,
+        refusal.detail.as_deref(),
+    );
 }
 
 /// Ends a start-up: returns the relay of an established session, or
@@ -360,97 +435,11 @@ async fn finish<C: relay::ClientSide + 'static>(
     input: BytesMut,
     outcome: Result<StartupOutcome, Refusal>,
     start: &Start,
-    tls: bool,
+    attempt: Attempt,
 ) -> Option<RelayTask> {
-    match outcome {
+    let refusal = match outcome {
         Ok(StartupOutcome::Session(est)) => {
-            let est = *est;
-            let upstream_tls = matches!(est.upstream.stream, UpstreamStream::Tls(_));
-            info!(
-                token_id = %est.token_id,
-                user = %est.startup.user,
-                database = %est.startup.database,
-                tls,
-                upstream_tls,
-                upstream_auth = est.upstream.ready.auth_method,
-                protocol = %format_args!("3.{}", est.upstream.ready.minor),
-                setup_us = start.started.elapsed().as_micros() as u64,
-                "session started"
-            );
-            let Upstream {
-                stream,
-                for_client,
-                leftover,
-                ready,
-            } = est.upstream;
-            let cancel_key = est.cancel_key;
-            // A client that vanishes mid-query leaves a cancel behind it.
-            let abandon = {
-                let ctx = ctx.clone();
-                let key = ready.upstream_key;
-                move || async move {
-                    let Some(key) = key else { return };
-                    let tls = ctx.upstream_tls.as_deref();
-                    match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
-                        Ok(()) => debug!("query of a departed client cancelled"),
-                        Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
-                    }
-                }
-            };
-            let span = tracing::Span::current();
-            let started = start.started;
-            let token_id = est.token_id;
-            let on_expiry = est.grant.on_expiry.unwrap_or(ctx.config.on_expiry);
-            // A JWT ends at `exp` plus the leeway it was accepted with.
-            let jwt_end = est.grant.expires_at.map(|t| {
-                t + ctx
-                    .config
-                    .jwt
-                    .as_ref()
-                    .map_or(Duration::ZERO, |j| j.leeway())
-            });
-            let watched = watch::Watched {
-                token_id: token_id.clone(),
-                secret_sha256: est.grant.secret_sha256,
-                on_expiry,
-                jwt: est
-                    .jwt_id
-                    .map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
-                kill: Default::default(),
-            };
-            let registration = ctx.tokens.with(&ctx.store.published, |store| {
-                ctx.registry.register(watched, store, SystemTime::now())
-            });
-            let token_slot = est.token_slot;
-            let server = match stream {
-                UpstreamStream::Plain(s) => relay::ServerSide::Plain(s),
-                UpstreamStream::Tls(s) => relay::ServerSide::Tls(s),
-            };
-            let opening = relay::Opening {
-                for_client,
-                leftover,
-                client_pending: input,
-            };
-            let pool = ctx.relay_buffers.clone();
-            let kill = registration.watched.kill.clone();
-            let relay = relay::run(client, server, opening, pool, kill, abandon);
-            return Some(Box::pin(async move {
-                let stats = relay.await;
-                drop(registration);
-                drop(cancel_key);
-                drop(token_slot);
-                info!(
-                    parent: &span,
-                    token_id = %token_id,
-                    duration_ms = started.elapsed().as_millis() as u64,
-                    bytes_from_client = stats.bytes_from_client,
-                    bytes_from_server = stats.bytes_from_server,
-                    query_cycles = stats.ready_for_query,
-                    query_cycles_asked = stats.query_cycles_asked,
-                    ended_by = stats.ended_by.as_str(),
-                    "session ended"
-                );
-            }));
+            return Some(established(ctx, client, input, *est, start, attempt.tls))
         }
         Ok(StartupOutcome::Cancel(request)) => {
             // Postgres answers a CancelRequest with nothing, right or wrong.
@@ -462,32 +451,165 @@ async fn finish<C: relay::ClientSide + 'static>(
                 debug!(owner, "cancel request routed to its shard");
                 ctx.cancels.route(request);
             }
+            return None;
         }
-        Ok(StartupOutcome::StartTls { .. }) => {
-            // The state machine never asks twice; treat it as a violation.
-            close_with(client, encode(&ClientError::internal())).await
-        }
-        Err(Refusal::Gone) => debug!("client left during start-up"),
-        Err(Refusal::Client(e)) => close_with(client, encode(&e)).await,
-        Err(Refusal::Relay(bytes)) => close_with(client, BytesMut::from(&bytes[..])).await,
+        // The state machine never asks twice; treat it as a violation.
+        Ok(StartupOutcome::StartTls { .. }) => ClientError::internal().into(),
+        Err(refusal) => refusal,
+    };
+    refused(ctx, start, &attempt, &refusal);
+    match refusal.reply {
+        Reply::Nothing => {}
+        Reply::Client(e) => close_with(client, encode(&e)).await,
+        Reply::Relay(bytes) => close_with(client, BytesMut::from(&bytes[..])).await,
     }
     None
+}
+
+/// Starts relaying for a logged-in session: registers it with the shard
+/// (for the watcher, `/sessions` and scrapes), and returns the relay task,
+/// which logs the session's end.
+fn established<C: relay::ClientSide + 'static>(
+    ctx: &Rc<ShardContext>,
+    client: C,
+    input: BytesMut,
+    est: Established,
+    start: &Start,
+    tls: Option<&'static str>,
+) -> RelayTask {
+    ctx.metrics.accepted();
+    audit::accepted(
+        start.id,
+        start.peer,
+        tls,
+        &audit::Accepted {
+            token_id: &est.token_id,
+            user: &est.startup.user,
+            database: &est.startup.database,
+            upstream_tls: matches!(est.upstream.stream, UpstreamStream::Tls(_)),
+            upstream_auth: est.upstream.ready.auth_method,
+            protocol_minor: est.upstream.ready.minor,
+            setup: start.started.elapsed(),
+        },
+    );
+    let Upstream {
+        stream,
+        for_client,
+        leftover,
+        ready,
+    } = est.upstream;
+    let cancel_key = est.cancel_key;
+    // A client that vanishes mid-query leaves a cancel behind it.
+    let abandon = {
+        let ctx = ctx.clone();
+        let key = ready.upstream_key;
+        move || async move {
+            let Some(key) = key else { return };
+            let tls = ctx.upstream_tls.as_deref();
+            match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
+                Ok(()) => debug!("query of a departed client cancelled"),
+                Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
+            }
+        }
+    };
+    let on_expiry = est.grant.on_expiry.unwrap_or(ctx.config.on_expiry);
+    // A JWT ends at `exp` plus the leeway it was accepted with.
+    let jwt_end = est.grant.expires_at.map(|t| {
+        t + ctx
+            .config
+            .jwt
+            .as_ref()
+            .map_or(Duration::ZERO, |j| j.leeway())
+    });
+    let stats = Rc::new(relay::SessionStats::default());
+    let timing = ctx
+        .metrics
+        .timing()
+        .then(|| relay::Timing::new(ctx.metrics.clone(), ctx.metrics.token_series(&est.token_id)));
+    let audit_queries = ctx.config.audit.queries.then(|| {
+        Box::new(relay::QueryAudit::new(
+            start.id.to_string(),
+            est.token_id.clone(),
+            ctx.config.audit.max_query_length,
+        ))
+    });
+    let tracks = relay::Tracks::new(stats.clone(), timing, audit_queries);
+    let watched = watch::Watched {
+        id: start.id,
+        user: est.startup.user,
+        database: est.startup.database,
+        client: start.peer,
+        tls,
+        started_at: start.started_at,
+        started: start.started,
+        stats,
+        token_id: est.token_id,
+        secret_sha256: est.grant.secret_sha256,
+        on_expiry,
+        jwt: est
+            .jwt_id
+            .map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
+        kill: Default::default(),
+    };
+    let registration = ctx.tokens.with(&ctx.store.published, |store| {
+        ctx.registry.register(watched, store, SystemTime::now())
+    });
+    let token_slot = est.token_slot;
+    let server = match stream {
+        UpstreamStream::Plain(s) => relay::ServerSide::Plain(s),
+        UpstreamStream::Tls(s) => relay::ServerSide::Tls(s),
+    };
+    let opening = relay::Opening {
+        for_client,
+        leftover,
+        client_pending: input,
+    };
+    let pool = ctx.relay_buffers.clone();
+    let kill = registration.watched.kill.clone();
+    let relay = relay::run(client, server, opening, tracks, pool, kill, abandon);
+    let metrics = ctx.metrics.clone();
+    Box::pin(async move {
+        let ended_by = relay.await;
+        drop(cancel_key);
+        drop(token_slot);
+        let w = &registration.watched;
+        let totals = w.stats.totals();
+        metrics.session_ended(ended_by.as_str(), &totals);
+        audit::ended(
+            w.id,
+            w.client,
+            &audit::Ended {
+                token_id: &w.token_id,
+                user: &w.user,
+                database: &w.database,
+                duration: w.started.elapsed(),
+                totals,
+                ended_by: ended_by.as_str(),
+            },
+        );
+        // Last: until here the session's bytes count as live in a scrape.
+        drop(registration);
+    })
 }
 
 /// Acts on a cancel for a session of this shard: a matching key sends the
 /// server's real key to the server; anything else is dropped unanswered.
 async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
-    let Some(key) = ctx.cancel_keys.upstream_key(request) else {
-        debug!(
-            process_id = request.process_id,
-            "cancel request with an unknown key dropped"
-        );
-        return;
+    let result = match ctx.cancel_keys.upstream_key(request) {
+        None => "unknown_key",
+        Some(key) => {
+            let tls = ctx.upstream_tls.as_deref();
+            match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
+                Ok(()) => "forwarded",
+                Err(e) => {
+                    warn!(error = %e, "cancel request not forwarded");
+                    "upstream_failed"
+                }
+            }
+        }
     };
-    match upstream::send_cancel(&ctx.config.upstream, ctx.upstream_tls.as_deref(), &key).await {
-        Ok(()) => debug!(process_id = request.process_id, "cancel request forwarded"),
-        Err(e) => warn!(error = %e, "cancel request not forwarded"),
-    }
+    ctx.metrics.cancel(result);
+    audit::cancel(request.client, request.process_id, result);
 }
 
 /// Serves cancels routed here by other shards, for as long as the shard
@@ -503,6 +625,33 @@ pub async fn serve_routed_cancels(ctx: Rc<ShardContext>) {
     }
 }
 
+/// Answers the admin thread, for as long as the shard runs. Everything it
+/// reads is this shard's own; answers are built here and sent whole.
+pub async fn serve_admin(ctx: Rc<ShardContext>) {
+    let Some(inbox) = ctx.admin.take_inbox(ctx.shard) else {
+        return;
+    };
+    while let Ok(request) = inbox.recv_async().await {
+        // A requester that gave up has dropped its receiver; nothing to do.
+        match request {
+            AdminRequest::Ping(reply) => {
+                let _ = reply.try_send(());
+            }
+            AdminRequest::Metrics(reply) => {
+                let live = ctx.registry.live_totals();
+                let active = ctx.registry.len() as u64;
+                let _ = reply.try_send(ctx.metrics.snapshot(live, active));
+            }
+            AdminRequest::Sessions(reply) => {
+                let _ = reply.try_send(ctx.registry.views());
+            }
+            AdminRequest::Terminate { number, reply } => {
+                let _ = reply.try_send(ctx.registry.terminate(number));
+            }
+        }
+    }
+}
+
 fn encode(e: &ClientError) -> BytesMut {
     let mut out = BytesMut::with_capacity(256);
     e.encode(&mut out);
@@ -510,27 +659,25 @@ fn encode(e: &ClientError) -> BytesMut {
 }
 
 /// Reads the client's start-up and token, checks it, and logs in upstream,
-/// all before `start.deadline`. Stops early when TLS must start.
+/// all before `start.deadline`. Stops early when TLS must start. Fills in
+/// `attempt` as it learns who the client is.
 async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     ctx: &ShardContext,
     client: &mut C,
     input: &mut BytesMut,
     mut phase: Phase,
     start: &Start,
-    peer: SocketAddr,
+    attempt: &mut Attempt,
 ) -> Result<StartupOutcome, Refusal> {
     let mut output = BytesMut::with_capacity(256);
-    let timed_out = || {
-        info!(reason = "startup_timeout", "start-up refused");
-        Refusal::Client(ClientError::startup_timeout())
-    };
+    let timed_out = || Refusal::from(ClientError::startup_timeout());
     let (startup, token) = loop {
         let progress = if input.is_empty() {
             Ok(Progress::NeedMore(phase))
         } else {
             handshake::advance(phase, input, &mut output)
         };
-        let progress = progress.inspect_err(|e| info!(reason = e.kind, "start-up refused"))?;
+        let progress = progress?;
         if start.over_limit
             && matches!(
                 progress,
@@ -539,7 +686,6 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         {
             // Refuse once the client has said who it is, so that it reads
             // our error rather than a reset.
-            info!(reason = "too_many_connections", "start-up refused");
             return Err(ClientError::too_many_connections().into());
         }
         if !output.is_empty() {
@@ -547,7 +693,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             output = buf;
             output.clear();
             if res.is_err() {
-                return Err(Refusal::Gone);
+                return Err(Refusal::gone());
             }
         }
         match progress {
@@ -559,6 +705,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
                 return Ok(StartupOutcome::Cancel(cancel::CancelRequest {
                     process_id,
                     secret_key: secret_key.into(),
+                    client: start.peer,
                 }))
             }
             Progress::StartTls { next, direct } => {
@@ -572,25 +719,26 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             .map_err(|_| timed_out())?;
         *input = buf;
         match res {
-            Ok(0) | Err(_) => return Err(Refusal::Gone),
+            Ok(0) | Err(_) => return Err(Refusal::gone()),
             Ok(_) => {}
         }
     };
+    attempt.user = Some(startup.user.clone());
+    attempt.database = Some(startup.database.clone());
 
-    let (token_id, grant, jwt_id) = check_token(ctx, &startup, &token, peer)?;
+    let checking = Instant::now();
+    let checked = check_token(ctx, &startup, &token, start.peer, attempt);
+    ctx.metrics.token_checked(checking.elapsed());
+    let (token_id, grant, jwt_id) = checked?;
     drop(token);
     if startup.is_replication() && !grant.replication {
-        info!(token_id = %token_id, reason = "replication_not_allowed", "start-up refused");
         return Err(ClientError::replication_not_allowed().into());
     }
     let token_slot = match grant.max_connections {
         None => None,
         Some(max) => match ctx.token_limits.acquire(&token_id, max) {
             Some(slot) => Some(slot),
-            None => {
-                info!(token_id = %token_id, reason = "token_connection_limit", "start-up refused");
-                return Err(ClientError::token_connection_limit().into());
-            }
+            None => return Err(ClientError::token_connection_limit().into()),
         },
     };
     let params = upstream_params(&startup, &grant, &token_id);
@@ -600,8 +748,8 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         None => {
             // A token for a role tollgate has no login for is a config gap;
             // the client gets the upstream-login error, the log the reason.
-            warn!(token_id = %token_id, user = %startup.user, "no upstream credentials for this role");
-            return Err(ClientError::upstream_login_failed().into());
+            let e = ClientError::upstream_login_failed();
+            return Err(Refusal::new("no_upstream_credentials", Reply::Client(e)));
         }
     };
     let cancel_key = ctx.cancel_keys.reserve();
@@ -617,10 +765,13 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         },
         &ctx.scram_keys,
     );
+    let connecting = Instant::now();
     let upstream = timeout_at(start.deadline, login)
         .await
         .map_err(|_| timed_out())?
         .map_err(|e| {
+            // Beside the audit event: a failing upstream is the operator's
+            // problem, not the client's, so it is a warning.
             warn!(
                 token_id = %token_id,
                 user = %startup.user,
@@ -630,6 +781,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             );
             upstream_refusal(e)
         })?;
+    ctx.metrics.upstream_connected(connecting.elapsed());
 
     if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
         cancel_key.activate(issued, real.clone());
@@ -686,33 +838,40 @@ fn upstream_params(
 }
 
 /// What the client sees for an upstream failure: server errors verbatim,
-/// tollgate's own failures as generic messages (the log has the details).
+/// tollgate's own failures as generic messages (the audit log has the
+/// details).
 fn upstream_refusal(e: UpstreamError) -> Refusal {
-    match e {
+    let reason = e.kind();
+    let detail = Some(e.to_string());
+    let reply = match e {
         UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
-            Refusal::Client(ClientError::upstream_unavailable())
+            Reply::Client(ClientError::upstream_unavailable())
         }
         UpstreamError::TlsRefused | UpstreamError::Tls(_) => {
-            Refusal::Client(ClientError::upstream_tls())
+            Reply::Client(ClientError::upstream_tls())
         }
-        UpstreamError::Io(_) | UpstreamError::Closed => {
-            Refusal::Client(ClientError::upstream_lost())
-        }
+        UpstreamError::Io(_) | UpstreamError::Closed => Reply::Client(ClientError::upstream_lost()),
         UpstreamError::Frame(_) | UpstreamError::Login(LoginError::Protocol { .. }) => {
-            Refusal::Client(ClientError::upstream_protocol())
+            Reply::Client(ClientError::upstream_protocol())
         }
-        UpstreamError::Login(LoginError::ServerError { response, .. }) => Refusal::Relay(response),
-        UpstreamError::Login(_) => Refusal::Client(ClientError::upstream_login_failed()),
+        UpstreamError::Login(LoginError::ServerError { response, .. }) => Reply::Relay(response),
+        UpstreamError::Login(_) => Reply::Client(ClientError::upstream_login_failed()),
+    };
+    Refusal {
+        reason,
+        reply,
+        detail,
     }
 }
 
 /// Checks the token; every rejection reaches the client as the same bytes
-/// and the log with its real reason.
+/// and the audit log with its real reason.
 fn check_token(
     ctx: &ShardContext,
     startup: &ClientStartup,
     token: &Secret,
     peer: SocketAddr,
+    attempt: &mut Attempt,
 ) -> Result<(String, Grant, Option<Option<String>>), Refusal> {
     let who = Presenter {
         user: &startup.user,
@@ -720,6 +879,12 @@ fn check_token(
         address: peer.ip(),
     };
     let now = SystemTime::now();
+    let rejected = |reason: &'static str| {
+        Refusal::new(
+            reason,
+            Reply::Client(ClientError::token_rejected(&startup.user)),
+        )
+    };
     let (token_id, outcome, jwt_id) = match &ctx.jwt {
         Some(_) if crate::auth::jwt::looks_like_jwt(token.expose()) => {
             match ctx.verify_jwt(token.expose(), now) {
@@ -729,15 +894,7 @@ fn check_token(
                         .with(&ctx.store.published, |s| s.check_jwt(&v, &who, now));
                     (v.log_id, outcome, Some(v.jti))
                 }
-                Err(e) => {
-                    info!(
-                        user = %startup.user,
-                        database = %startup.database,
-                        reason = e.as_str(),
-                        "token rejected"
-                    );
-                    return Err(ClientError::token_rejected(&startup.user).into());
-                }
+                Err(e) => return Err(rejected(e.as_str())),
             }
         }
         _ => {
@@ -748,18 +905,10 @@ fn check_token(
             (id, verdict.outcome, None)
         }
     };
+    attempt.token_id = (token_id != "-").then(|| token_id.clone());
     match outcome {
         Ok(grant) => Ok((token_id, grant, jwt_id)),
-        Err(reason) => {
-            info!(
-                token_id = %token_id,
-                user = %startup.user,
-                database = %startup.database,
-                reason = reason.as_str(),
-                "token rejected"
-            );
-            Err(ClientError::token_rejected(&startup.user).into())
-        }
+        Err(reason) => Err(rejected(reason.as_str())),
     }
 }
 

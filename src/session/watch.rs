@@ -1,23 +1,39 @@
-//! The shard's watcher: keeps the shard's token snapshot current and ends
-//! the sessions whose token no longer allows them (revoked, expired,
-//! rotated out, deleted), within one tick of the change reaching the shard.
+//! The shard's open sessions, and its watcher: keeps the shard's token
+//! snapshot current and ends the sessions whose token no longer allows
+//! them (revoked, expired, rotated out, deleted), within one tick of the
+//! change reaching the shard. The admin API reads and ends sessions here
+//! too, by asking the shard (see `crate::admin::bus`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::info;
 
-use super::kill::KillSwitch;
+use super::kill::{KillReason, KillSwitch};
+use super::relay::SessionStats;
 use super::ShardContext;
+use crate::admin::SessionView;
+use crate::audit::SessionId;
 use crate::auth::{OnExpiry, Rejection, TokenStore};
+use crate::metrics::Totals;
 
 /// How often each shard looks for a new token snapshot and due expiries.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
-/// A session the watcher keeps an eye on.
+/// An open session: who it is (for `/sessions` and the audit log), its
+/// live numbers, and what the watcher checks it against.
 pub struct Watched {
+    pub id: SessionId,
+    pub user: String,
+    pub database: String,
+    pub client: SocketAddr,
+    pub tls: Option<&'static str>,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    pub stats: Rc<SessionStats>,
     pub token_id: String,
     /// The hash of the secret the session logged in with.
     pub secret_sha256: [u8; 32],
@@ -27,6 +43,31 @@ pub struct Watched {
     pub jwt: Option<(Option<String>, SystemTime)>,
     /// Shared with the session's relay, which waits on it.
     pub kill: Rc<KillSwitch>,
+}
+
+impl Watched {
+    fn view(&self) -> SessionView {
+        let stats = &self.stats;
+        SessionView {
+            id: self.id.to_string(),
+            shard: self.id.shard,
+            token_id: self.token_id.clone(),
+            user: self.user.clone(),
+            database: self.database.clone(),
+            client_addr: self.client.to_string(),
+            tls: self.tls,
+            started_at: self
+                .started_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+            age_seconds: self.started.elapsed().as_secs_f64(),
+            state: stats.state(),
+            bytes_from_client: stats.bytes_from_client.get(),
+            bytes_from_server: stats.bytes_from_server.get(),
+            queries: stats.queries.get(),
+            transactions: stats.transactions.get(),
+        }
+    }
 }
 
 impl Watched {
@@ -61,11 +102,10 @@ impl Watched {
     }
 }
 
-/// The shard's open sessions, by a shard-local number.
+/// The shard's open sessions, by session number.
 #[derive(Default)]
 pub struct Registry {
     sessions: RefCell<HashMap<u64, Rc<Watched>>>,
-    next: Cell<u64>,
     /// The earliest time a session's token expires or its secret's grace
     /// ends; nothing needs checking before it unless the store changes.
     next_deadline: Cell<Option<SystemTime>>,
@@ -94,8 +134,7 @@ impl Registry {
         store: &TokenStore,
         now: SystemTime,
     ) -> Registration {
-        let key = self.next.get() + 1;
-        self.next.set(key);
+        let key = watched.id.number;
         let (verdict, deadline) = watched.check(store, now);
         if let Err(reason) = verdict {
             info!(token_id = %watched.token_id, reason = reason.as_str(), "ending session");
@@ -121,6 +160,31 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every open session, as `/sessions` shows it.
+    pub fn views(&self) -> Vec<SessionView> {
+        self.sessions.borrow().values().map(|w| w.view()).collect()
+    }
+
+    /// What the open sessions moved so far.
+    pub fn live_totals(&self) -> Totals {
+        let mut t = Totals::default();
+        for w in self.sessions.borrow().values() {
+            t.add(&w.stats.totals());
+        }
+        t
+    }
+
+    /// Ends session `number` as an operator asked; false if it is not open.
+    pub fn terminate(&self, number: u64) -> bool {
+        match self.sessions.borrow().get(&number) {
+            Some(w) => {
+                w.kill.fire(KillReason::Admin);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Re-checks every session against `store` at `now`, fires the kill

@@ -135,6 +135,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     let ctx = Rc::new(ctx);
     monoio::spawn(session::watch::run(ctx.clone()));
     monoio::spawn(session::serve_routed_cancels(ctx.clone()));
+    monoio::spawn(session::serve_admin(ctx.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -12,6 +12,7 @@
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>
 
+pub mod accept;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -284,7 +285,7 @@ impl UpstreamTls {
 
 /// The real reason behind a TLS failure: monoio-rustls's own `Display`
 /// says only "io error", hiding e.g. an untrusted certificate.
-pub fn describe_error(e: monoio_rustls::TlsError) -> String {
+pub fn describe_error(e: impl Into<std::io::Error>) -> String {
     let e: std::io::Error = e.into();
     match e.get_ref() {
         Some(inner) => inner.to_string(),

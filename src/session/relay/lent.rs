@@ -19,10 +19,7 @@ use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 
-use super::{
-    open, session_ended, BufferPool, Counters, EndAction, EndedBy, Pump, RelayStats, Tracks,
-};
-use crate::protocol::Framer;
+use super::{open, session_ended, BufferPool, EndAction, EndedBy, Pump, Tracks};
 use crate::session::kill::KillSwitch;
 
 /// Reads in a row that found data before a pump lets other sessions of the
@@ -34,7 +31,7 @@ pub(super) async fn run<A, F>(
     mut client: TcpStream,
     mut server: TcpStream,
     pump: Pump<A>,
-) -> RelayStats
+) -> EndedBy
 where
     A: FnOnce() -> F,
     F: Future<Output = ()>,
@@ -42,37 +39,32 @@ where
     let Pump {
         for_client,
         client_pending,
-        mut tracks,
+        tracks,
         pool,
         kill,
         abandon,
     } = pump;
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return tracks.stats(e);
+        return e;
     }
     let client = match client.try_into_poll_io() {
         Ok(c) => RefCell::new(c),
-        Err(_) => return tracks.stats(EndedBy::ClientIo),
+        Err(_) => return EndedBy::ClientIo,
     };
     let server = match server.try_into_poll_io() {
         Ok(s) => RefCell::new(s),
-        Err(_) => return tracks.stats(EndedBy::ServerIo),
+        Err(_) => return EndedBy::ServerIo,
     };
     let ended_by = {
-        let Tracks {
-            client: client_framer,
-            server: server_framer,
-            c2s,
-            s2c,
-        } = &mut tracks;
-        let up = client_to_server(&client, &server, &pool, client_framer, c2s);
-        let down = server_to_client(&server, &client, &pool, server_framer, s2c, &kill);
+        let up = client_to_server(&client, &server, &pool, &tracks);
+        let down = server_to_client(&server, &client, &pool, &tracks, &kill);
         monoio::select! {
             e = up => e,
             e = down => e,
         }
     };
-    match tracks.end_action(ended_by) {
+    let action = tracks.borrow().end_action(ended_by);
+    match action {
         EndAction::Nothing => {}
         EndAction::TellServer(bytes) => {
             let _ = write_all(&server, &bytes).await;
@@ -84,7 +76,7 @@ where
         // pump would otherwise carry for the whole session.
         EndAction::Abandon => Box::pin(abandon()).await,
     }
-    tracks.stats(ended_by)
+    ended_by
 }
 
 /// Waits until `from` has bytes, then reads them into a lent buffer.
@@ -138,8 +130,7 @@ async fn client_to_server(
     from: &RefCell<TcpStreamPoll>,
     to: &RefCell<TcpStreamPoll>,
     pool: &BufferPool,
-    framer: &mut Framer,
-    counters: &Counters,
+    tracks: &RefCell<Tracks>,
 ) -> EndedBy {
     let mut turn = 0;
     loop {
@@ -148,7 +139,7 @@ async fn client_to_server(
             Ok(None) => return EndedBy::ClientClosed,
             Err(_) => return EndedBy::ClientIo,
         };
-        if counters.account(framer, &buf[..n]).is_err() {
+        if tracks.borrow_mut().saw_client(&buf[..n]).is_err() {
             pool.put(buf);
             return EndedBy::ClientProtocol;
         }
@@ -168,17 +159,17 @@ async fn server_to_client(
     from: &RefCell<TcpStreamPoll>,
     to: &RefCell<TcpStreamPoll>,
     pool: &BufferPool,
-    framer: &mut Framer,
-    counters: &Counters,
+    tracks: &RefCell<Tracks>,
     kill: &KillSwitch,
 ) -> EndedBy {
     let mut turn = 0;
+    let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
-        if let Some(reason) = kill.fired().filter(|_| framer.at_boundary()) {
+        if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
         let read = read_lent(from, pool);
-        let res = if framer.at_boundary() {
+        let res = if at_boundary() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {
                 r = read => r,
@@ -193,11 +184,15 @@ async fn server_to_client(
             Err(_) => return EndedBy::ServerIo,
         };
         // After a kill, forward only up to the end of the message in flight.
-        let n = match kill.fired() {
-            Some(_) => framer.bytes_to_boundary(&buf[..n]).unwrap_or(n),
-            None => n,
+        let (n, scanned) = {
+            let mut tracks = tracks.borrow_mut();
+            let n = match kill.fired() {
+                Some(_) => tracks.server.bytes_to_boundary(&buf[..n]).unwrap_or(n),
+                None => n,
+            };
+            (n, tracks.saw_server(&buf[..n]))
         };
-        if counters.account(framer, &buf[..n]).is_err() {
+        if scanned.is_err() {
             pool.put(buf);
             return EndedBy::ServerProtocol;
         }
@@ -209,7 +204,7 @@ async fn server_to_client(
         take_turns(&mut turn).await;
     };
     let _ = write_all(to, &session_ended(reason)).await;
-    EndedBy::Token(reason)
+    EndedBy::Killed(reason)
 }
 
 /// Yields to the shard's other tasks every [`READS_PER_TURN`] reads.

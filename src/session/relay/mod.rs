@@ -26,8 +26,9 @@
 mod lent;
 mod owned;
 pub mod pool;
+mod tracks;
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -36,12 +37,12 @@ use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split};
 use monoio::net::TcpStream;
 
-use super::kill::KillSwitch;
-use crate::auth::Rejection;
+use super::kill::{KillReason, KillSwitch};
 use crate::error::ClientError;
-use crate::protocol::backend::{TAG_ERROR_RESPONSE, TAG_READY_FOR_QUERY};
+use crate::protocol::backend::TAG_ERROR_RESPONSE;
 use crate::protocol::Framer;
 pub use pool::BufferPool;
+pub use tracks::{QueryAudit, SessionStats, Timing, Tracks};
 
 /// How a relayed session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +53,9 @@ pub enum EndedBy {
     ServerIo,
     ClientProtocol,
     ServerProtocol,
-    /// Ended by tollgate because the token no longer allows it.
-    Token(Rejection),
+    /// Ended by tollgate: the token no longer allows it, or an operator
+    /// ended it.
+    Killed(KillReason),
 }
 
 impl EndedBy {
@@ -65,72 +67,19 @@ impl EndedBy {
             EndedBy::ServerIo => "server_io_error",
             EndedBy::ClientProtocol => "client_protocol_error",
             EndedBy::ServerProtocol => "server_protocol_error",
-            EndedBy::Token(r) => r.as_str(),
+            EndedBy::Killed(r) => r.as_str(),
         }
     }
 }
 
-/// Counters for the session-end log line.
-#[derive(Debug)]
-pub struct RelayStats {
-    pub bytes_from_client: u64,
-    pub bytes_from_server: u64,
-    /// ReadyForQuery messages relayed: one per completed query cycle.
-    pub ready_for_query: u64,
-    /// Query, Sync and FunctionCall messages relayed: each asks for one
-    /// ReadyForQuery, so more of these than of those means work in flight.
-    pub query_cycles_asked: u64,
-    pub ended_by: EndedBy,
-}
-
-/// Client messages that each end in exactly one ReadyForQuery.
-const CYCLE_TAGS: [u8; 3] = [b'Q', b'S', b'F'];
 /// Terminate: the client closed the session itself.
 const TAG_TERMINATE: u8 = b'X';
 
-#[derive(Default)]
-struct Counters {
-    bytes: Cell<u64>,
-    tagged: Cell<u64>,
-}
-
-impl Counters {
-    /// Follows one chunk through `framer` and counts it. An error means a
-    /// corrupt stream: the session must end.
-    #[inline]
-    fn account(&self, framer: &mut Framer, chunk: &[u8]) -> Result<(), ()> {
-        let scan = framer.scan(chunk).map_err(|_| ())?;
-        if scan.tagged > 0 {
-            self.tagged.set(self.tagged.get() + scan.tagged as u64);
-        }
-        self.bytes.set(self.bytes.get() + chunk.len() as u64);
-        Ok(())
-    }
-}
-
-/// What both pumps track of a session.
-struct Tracks {
-    client: Framer,
-    server: Framer,
-    c2s: Counters,
-    s2c: Counters,
-}
-
 impl Tracks {
-    fn stats(&self, ended_by: EndedBy) -> RelayStats {
-        RelayStats {
-            bytes_from_client: self.c2s.bytes.get(),
-            bytes_from_server: self.s2c.bytes.get(),
-            ready_for_query: self.s2c.tagged.get(),
-            query_cycles_asked: self.c2s.tagged.get(),
-            ended_by,
-        }
-    }
-
     /// What to do once a pump stopped, before both sockets close.
     fn end_action(&self, ended_by: EndedBy) -> EndAction {
         match ended_by {
-            EndedBy::Token(_) if self.client.at_boundary() => {
+            EndedBy::Killed(_) if self.client.at_boundary() => {
                 // Close the server side cleanly, as a client would.
                 let mut terminate = BytesMut::with_capacity(5);
                 postgres_protocol::message::frontend::terminate(&mut terminate);
@@ -142,7 +91,11 @@ impl Tracks {
                 EndAction::TellClient(out)
             }
             EndedBy::ClientClosed | EndedBy::ClientIo
-                if query_in_flight(&self.client, self.c2s.tagged.get(), self.s2c.tagged.get()) =>
+                if query_in_flight(
+                    &self.client,
+                    self.stats.cycles_asked.get(),
+                    self.stats.queries.get(),
+                ) =>
             {
                 // Cancel before closing: a server only notices a closed
                 // socket when it next reads or writes, which a long query
@@ -209,6 +162,7 @@ pub fn run<C, A, F>(
     client: C,
     server: ServerSide,
     opening: Opening,
+    mut tracks: Tracks,
     pool: Rc<BufferPool>,
     kill: Rc<KillSwitch>,
     abandon: A,
@@ -223,30 +177,20 @@ where
         leftover,
         client_pending,
     } = opening;
-    let mut tracks = Tracks {
-        client: Framer::counting_any(&CYCLE_TAGS),
-        server: Framer::counting(TAG_READY_FOR_QUERY),
-        c2s: Counters::default(),
-        s2c: Counters::default(),
-    };
     // Both framers must start with what was already sent, so the early
     // bytes go through them too.
-    if tracks
-        .c2s
-        .account(&mut tracks.client, &client_pending)
-        .is_err()
-    {
-        return ended(tracks, EndedBy::ClientProtocol);
+    if tracks.saw_client(&client_pending).is_err() {
+        return ended(EndedBy::ClientProtocol);
     }
-    if tracks.s2c.account(&mut tracks.server, &leftover).is_err() {
-        return ended(tracks, EndedBy::ServerProtocol);
+    if tracks.saw_server(&leftover).is_err() {
+        return ended(EndedBy::ServerProtocol);
     }
     for_client.extend_from_slice(&leftover);
     drop(leftover);
     let pump = Pump {
         for_client,
         client_pending,
-        tracks,
+        tracks: RefCell::new(tracks),
         pool,
         kill,
         abandon,
@@ -260,11 +204,12 @@ where
     }
 }
 
-/// A relay in progress; resolves to the session's counters.
-pub type RelayFuture = Pin<Box<dyn Future<Output = RelayStats>>>;
+/// A relay in progress; resolves to how it ended. The session's numbers
+/// are in the [`SessionStats`] its [`Tracks`] were made with.
+pub type RelayFuture = Pin<Box<dyn Future<Output = EndedBy>>>;
 
-fn ended(tracks: Tracks, ended_by: EndedBy) -> RelayFuture {
-    Box::pin(std::future::ready(tracks.stats(ended_by)))
+fn ended(ended_by: EndedBy) -> RelayFuture {
+    Box::pin(std::future::ready(ended_by))
 }
 
 /// What either pump gets besides the two sockets.
@@ -272,7 +217,9 @@ struct Pump<A> {
     /// Still to write when the pump starts.
     for_client: BytesMut,
     client_pending: BytesMut,
-    tracks: Tracks,
+    /// Shared by both directions of the pump, borrowed per chunk and never
+    /// across an await.
+    tracks: RefCell<Tracks>,
     pool: Rc<BufferPool>,
     kill: Rc<KillSwitch>,
     /// Cancels the running query; see [`run`].
@@ -292,10 +239,14 @@ fn query_in_flight(client: &Framer, asked: u64, finished: u64) -> bool {
     asked > finished && client.last_tag() != TAG_TERMINATE
 }
 
-/// The FATAL error that ends a session whose token no longer allows it.
-fn session_ended(reason: Rejection) -> BytesMut {
+/// The FATAL error that ends a session from outside.
+fn session_ended(reason: KillReason) -> BytesMut {
     let mut out = BytesMut::with_capacity(128);
-    ClientError::session_ended(reason).encode(&mut out);
+    match reason {
+        KillReason::Token(r) => ClientError::session_ended(r),
+        KillReason::Admin => ClientError::admin_terminated(),
+    }
+    .encode(&mut out);
     out
 }
 

@@ -3,13 +3,14 @@
 //! with monoio's rent API. Socket readiness says nothing about plaintext
 //! rustls may already hold, so these reads cannot wait buffer-less.
 
+use std::cell::RefCell;
+
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
-use super::{open, session_ended, Counters, EndAction, EndedBy, Pump, RelayStats, Tracks};
-use crate::protocol::Framer;
+use super::{open, session_ended, EndAction, EndedBy, Pump, Tracks};
 use crate::session::kill::KillSwitch;
 
-pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> RelayStats
+pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> EndedBy
 where
     C: Split + AsyncReadRent + AsyncWriteRent,
     S: Split + AsyncReadRent + AsyncWriteRent,
@@ -19,36 +20,28 @@ where
     let Pump {
         for_client,
         client_pending,
-        mut tracks,
+        tracks,
         pool,
         kill,
         abandon,
     } = pump;
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return tracks.stats(e);
+        return e;
     }
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
     let ended_by = {
-        let Tracks {
-            client,
-            server,
-            c2s,
-            s2c,
-        } = &mut tracks;
         let up = client_to_server(
             &mut client_r,
             &mut server_w,
             Vec::with_capacity(pool.buffer_size()),
-            client,
-            c2s,
+            &tracks,
         );
         let down = server_to_client(
             &mut server_r,
             &mut client_w,
             Vec::with_capacity(pool.buffer_size()),
-            server,
-            s2c,
+            &tracks,
             &kill,
         );
         // Whichever direction ends first ends the session; dropping the
@@ -58,7 +51,8 @@ where
             e = down => e,
         }
     };
-    match tracks.end_action(ended_by) {
+    let action = tracks.borrow().end_action(ended_by);
+    match action {
         EndAction::Nothing => {}
         EndAction::TellServer(bytes) => {
             let _ = server_w.write_all(bytes).await;
@@ -70,7 +64,7 @@ where
         // pump would otherwise carry for the whole session.
         EndAction::Abandon => Box::pin(abandon()).await,
     }
-    tracks.stats(ended_by)
+    ended_by
 }
 
 /// Copies client bytes to the server until the client closes or fails.
@@ -78,8 +72,7 @@ async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
     from: &mut R,
     to: &mut W,
     mut buf: Vec<u8>,
-    framer: &mut Framer,
-    counters: &Counters,
+    tracks: &RefCell<Tracks>,
 ) -> EndedBy {
     loop {
         // monoio reads into the buffer's whole capacity from the start and
@@ -91,7 +84,7 @@ async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(_) => {}
             Err(_) => return EndedBy::ClientIo,
         };
-        if counters.account(framer, &buf).is_err() {
+        if tracks.borrow_mut().saw_client(&buf).is_err() {
             return EndedBy::ClientProtocol;
         }
         let (res, b) = to.write_all(buf).await;
@@ -109,16 +102,16 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
     from: &mut R,
     to: &mut W,
     mut buf: Vec<u8>,
-    framer: &mut Framer,
-    counters: &Counters,
+    tracks: &RefCell<Tracks>,
     kill: &KillSwitch,
 ) -> EndedBy {
+    let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
-        if let Some(reason) = kill.fired().filter(|_| framer.at_boundary()) {
+        if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
         let read = from.read(buf);
-        let (res, b) = if framer.at_boundary() {
+        let (res, b) = if at_boundary() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {
                 r = read => r,
@@ -134,10 +127,14 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
             Err(_) => return EndedBy::ServerIo,
         };
         // After a kill, forward only up to the end of the message in flight.
-        if kill.fired().is_some() {
-            buf.truncate(framer.bytes_to_boundary(&buf).unwrap_or(n));
-        }
-        if counters.account(framer, &buf).is_err() {
+        let scanned = {
+            let mut t = tracks.borrow_mut();
+            if kill.fired().is_some() {
+                buf.truncate(t.server.bytes_to_boundary(&buf).unwrap_or(n));
+            }
+            t.saw_server(&buf)
+        };
+        if scanned.is_err() {
             return EndedBy::ServerProtocol;
         }
         let (res, b) = to.write_all(buf).await;
@@ -147,5 +144,5 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
         }
     };
     let _ = to.write_all(session_ended(reason)).await;
-    EndedBy::Token(reason)
+    EndedBy::Killed(reason)
 }

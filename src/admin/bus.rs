@@ -1,0 +1,87 @@
+//! How the admin thread talks to the shards: a bounded inbox per shard,
+//! answered by a task on that shard (which alone may read its `!Send`
+//! state), each request carrying its own reply channel.
+
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::metrics::ShardSnapshot;
+
+/// Requests a shard may get from the admin thread.
+pub enum Request {
+    /// Are you there? (For /healthz: a shard that answers is running its
+    /// event loop.)
+    Ping(flume::Sender<()>),
+    Metrics(flume::Sender<ShardSnapshot>),
+    Sessions(flume::Sender<Vec<SessionView>>),
+    /// End session `number` of this shard; answers whether it was open.
+    Terminate {
+        number: u64,
+        reply: flume::Sender<bool>,
+    },
+}
+
+/// One open session as /sessions shows it. Never a secret: the token is
+/// named by its id only.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    pub id: String,
+    pub shard: usize,
+    pub token_id: String,
+    pub user: String,
+    pub database: String,
+    pub client_addr: String,
+    /// `TLSv1_3`, `TLSv1_2`, or none for plaintext.
+    pub tls: Option<&'static str>,
+    /// Seconds since the Unix epoch when the client connected.
+    pub started_at: f64,
+    pub age_seconds: f64,
+    /// As pg_stat_activity names them: `active`, `idle`,
+    /// `idle in transaction`, `idle in transaction (aborted)`.
+    pub state: &'static str,
+    pub bytes_from_client: u64,
+    pub bytes_from_server: u64,
+    pub queries: u64,
+    pub transactions: u64,
+}
+
+/// Requests waiting per shard before the admin side is told it is busy.
+const INBOX: usize = 64;
+
+pub struct Bus {
+    senders: Vec<flume::Sender<Request>>,
+    inboxes: Mutex<Vec<Option<flume::Receiver<Request>>>>,
+}
+
+impl Bus {
+    pub fn new(shards: usize) -> Self {
+        let (senders, inboxes) = (0..shards)
+            .map(|_| {
+                let (tx, rx) = flume::bounded(INBOX);
+                (tx, Some(rx))
+            })
+            .unzip();
+        Bus {
+            senders,
+            inboxes: Mutex::new(inboxes),
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.senders.len()
+    }
+
+    /// The inbox of `shard`, once: the shard's admin task takes it at start.
+    pub fn take_inbox(&self, shard: usize) -> Option<flume::Receiver<Request>> {
+        let mut inboxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
+        inboxes.get_mut(shard).and_then(Option::take)
+    }
+
+    /// Sends a request to `shard`; false if its inbox is full or gone.
+    pub fn send(&self, shard: usize, request: Request) -> bool {
+        self.senders
+            .get(shard)
+            .is_some_and(|s| s.try_send(request).is_ok())
+    }
+}
