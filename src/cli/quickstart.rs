@@ -76,8 +76,9 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
 
     let dir = TempDir(make_temp_dir()?);
     let listen = pick_listen(&args.listen)?;
+    let admin = pick_listen(DEFAULT_ADMIN_LISTEN)?;
     let config_path = dir.0.join("tollgate.toml");
-    write_config(&config_path, &listen, args.workers, &target)?;
+    write_config(&config_path, &listen, &admin, args.workers, &target)?;
     let token = super::token::create(
         &dir.0.join("tokens.toml"),
         &target.user,
@@ -111,6 +112,7 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
         String::from_utf8_lossy(token.token.expose())
     );
     println!();
+    println!("Metrics: http://{admin}/metrics   Open sessions: http://{admin}/sessions");
     println!("Config and token store: {}", dir.0.display());
     println!(
         "More tokens: cargo run --release -- token create --config {} --user {}",
@@ -125,6 +127,10 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
     // threads end with the process.
     Ok(())
 }
+
+/// Where quickstart serves the admin API (loopback only, so no bearer
+/// token is needed), unless the port is taken.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
 
 fn make_temp_dir() -> Result<PathBuf, CliError> {
     use std::os::unix::fs::DirBuilderExt;
@@ -153,7 +159,13 @@ fn toml_str(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
 }
 
-fn write_config(path: &Path, listen: &str, workers: usize, t: &Target) -> Result<(), CliError> {
+fn write_config(
+    path: &Path,
+    listen: &str,
+    admin: &str,
+    workers: usize,
+    t: &Target,
+) -> Result<(), CliError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     // The upstream password goes into a file readable by its owner only.
@@ -168,8 +180,11 @@ fn write_config(path: &Path, listen: &str, workers: usize, t: &Target) -> Result
          user = {user}\n\
          password = {password}\n\n\
          [tokens]\n\
-         file = \"tokens.toml\"\n",
+         file = \"tokens.toml\"\n\n\
+         [admin]\n\
+         listen = {admin}\n",
         listen = toml_str(listen),
+        admin = toml_str(admin),
         host = toml_str(&t.host),
         port = t.port,
         user = toml_str(&t.user),
