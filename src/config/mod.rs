@@ -261,7 +261,8 @@ impl Config {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let raw: RawConfig =
+            toml::from_str(&text).map_err(|e| err(describe_toml_error(&e, &text)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_raw(raw, base).map_err(err)
     }
@@ -426,6 +427,21 @@ fn admin_config(a: RawAdmin, base: &Path) -> Result<AdminConfig, String> {
     })
 }
 
+/// A TOML error as "line L, column C: what is wrong". Never the toml
+/// crate's own rendering: it quotes the offending line, which may hold a
+/// password or a token.
+pub fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
 /// Reads a credential's password from exactly one of its three sources.
 fn read_password(c: &RawCredential, base: &Path) -> Result<Option<Secret>, String> {
     let who = format!("[[upstream.credentials]] user \"{}\"", c.user);
@@ -514,6 +530,17 @@ file = "tokens.toml"
         assert!(e.message.contains("only one of"), "{e}");
         // No secret in the error text.
         assert!(!e.to_string().contains("\"p\""));
+        // A syntax error or a misspelt key must not quote the line either:
+        // it may hold a password.
+        for bad in [
+            "pasword = \"S3cret-upstream-PW\"",
+            "password = \"S3cret-upstream-PW",
+            "password = S3cret-upstream-PW",
+        ] {
+            let e = load(&MINIMAL.replace("password = \"p\"", bad)).unwrap_err();
+            assert!(!e.to_string().contains("S3cret"), "{e}");
+            assert!(e.message.starts_with("line "), "{e}");
+        }
     }
 
     #[test]

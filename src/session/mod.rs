@@ -11,6 +11,9 @@ mod limits;
 mod relay;
 pub mod watch;
 
+/// The relay's per-session tracking, public for `bench/tracks.rs`.
+pub use relay::{SessionStats, Timing, Tracks};
+
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;

@@ -206,7 +206,7 @@ impl Env {
     }
 
     /// Asserts the log holds no token secret and no upstream password, in
-    /// plain text, hex or base64.
+    /// any of the [`secret_encodings`] (plain, hex, base64 variants).
     pub fn assert_log_clean(&self) {
         let log = self.log();
         assert!(!log.is_empty(), "the proxy log is empty");
@@ -222,13 +222,9 @@ impl Env {
         }
         let mut forms = Vec::new();
         for (what, n) in &needles {
-            forms.push((what.clone(), n.clone()));
-            forms.push((format!("{what} (hex)"), hex::encode(n)));
-            use base64::Engine;
-            forms.push((
-                format!("{what} (base64)"),
-                base64::engine::general_purpose::STANDARD.encode(n),
-            ));
+            for (encoding, form) in secret_encodings(n.as_bytes()) {
+                forms.push((format!("{what} ({encoding})"), form));
+            }
         }
         for (what, form) in forms {
             assert!(!log.contains(&form), "the log contains the {what}");
@@ -381,4 +377,199 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+// --- admin API helpers ---
+
+/// A response from the admin listener.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`) to the admin listener, with
+/// an optional bearer token. Retries the connect for a few seconds, since
+/// the admin listener comes up just after the shards. Checks that the body
+/// is exactly as long as `Content-Length` says.
+pub fn http(addr: SocketAddr, method: &str, path: &str, bearer: Option<&str>) -> HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "admin listener {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let auth = bearer
+        .map(|b| format!("Authorization: Bearer {b}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let raw = String::from_utf8(raw).expect("an admin response is UTF-8");
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{method} {path}: no end of head in {raw:?}"));
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|s| s.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad header {l:?}"));
+            (n.trim().to_ascii_lowercase(), v.trim().to_owned())
+        })
+        .collect();
+    let response = HttpResponse {
+        status,
+        headers,
+        body: body.to_owned(),
+    };
+    if let Some(len) = response.header("content-length") {
+        assert_eq!(
+            len.parse::<usize>().unwrap(),
+            response.body.len(),
+            "{method} {path}: Content-Length does not match the body"
+        );
+    }
+    response
+}
+
+// --- no-secrets helpers ---
+
+/// Every encoding a secret is scanned for: plain, hex in both cases, and
+/// base64 in its four alphabets/padding variants. `plain` is `None` for
+/// bytes that are not UTF-8 (they cannot appear verbatim in a text log).
+pub fn secret_encodings(secret: &[u8]) -> Vec<(&'static str, String)> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let mut forms = Vec::new();
+    if let Ok(s) = std::str::from_utf8(secret) {
+        forms.push(("plain", s.to_owned()));
+    }
+    forms.push(("hex", hex::encode(secret)));
+    forms.push(("HEX", hex::encode_upper(secret)));
+    forms.push(("base64", STANDARD.encode(secret)));
+    forms.push(("base64 (no padding)", STANDARD_NO_PAD.encode(secret)));
+    forms.push(("base64url", URL_SAFE.encode(secret)));
+    forms.push(("base64url (no padding)", URL_SAFE_NO_PAD.encode(secret)));
+    forms.sort_by(|a, b| a.1.cmp(&b.1));
+    forms.dedup_by(|a, b| a.1 == b.1);
+    forms
+}
+
+/// Shortest secret [`find_secrets`] accepts: anything shorter could match
+/// by chance, so a test that registers one is wrong, not lucky.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Scans every haystack (name, text) for every secret (what, bytes) in every
+/// [`secret_encodings`] form; returns one description per hit, naming the
+/// haystack, the line number, the line's `target` and `level` when it is a
+/// JSON log line, and the line itself (cut to 600 characters).
+pub fn find_secrets(haystacks: &[(&str, &str)], secrets: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (what, secret) in secrets {
+        assert!(
+            secret.len() >= MIN_SECRET_LEN,
+            "secret {what:?} is {} bytes, shorter than {MIN_SECRET_LEN}: scanning for it \
+             would risk false positives",
+            secret.len()
+        );
+        for (encoding, form) in secret_encodings(secret) {
+            for (name, text) in haystacks {
+                for (n, line) in text.lines().enumerate() {
+                    if !line.contains(&form) {
+                        continue;
+                    }
+                    let json: Option<serde_json::Value> = serde_json::from_str(line).ok();
+                    let field = |k: &str| {
+                        json.as_ref()
+                            .and_then(|j| j.get(k))
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("?")
+                            .to_owned()
+                    };
+                    let cut: String = line.chars().take(600).collect();
+                    found.push(format!(
+                        "{what} ({encoding}) in {name} line {}: target={} level={}: {cut}",
+                        n + 1,
+                        field("target"),
+                        field("level"),
+                    ));
+                }
+            }
+        }
+    }
+    found
+}
+
+// --- TLS helpers ---
+
+/// A test certificate authority.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        Ca {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `names` (DNS names or IP addresses).
+    pub fn leaf(&self, names: &[&str]) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        roots
+    }
 }

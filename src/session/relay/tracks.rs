@@ -22,7 +22,7 @@ use tracing::info;
 
 use crate::metrics::{ShardMetrics, TokenLatency, Totals};
 use crate::protocol::backend::TAG_READY_FOR_QUERY;
-use crate::protocol::{FrameVisitor, Framer};
+use crate::protocol::{FrameError, FrameVisitor, Framer};
 
 /// Client messages that belong to a query cycle (and start one when none
 /// is open).
@@ -256,7 +256,8 @@ impl QueryAudit {
             return;
         }
         self.state = Capture::Off;
-        let message = if tag == b'Q' { "Query" } else { "Parse" };
+        // Not `message`: tracing reserves that name for the event's text.
+        let message_type = if tag == b'Q' { "Query" } else { "Parse" };
         let sql = utf8_prefix(&self.sql);
         info!(
             target: crate::audit::TARGET,
@@ -264,7 +265,7 @@ impl QueryAudit {
             event = "query",
             session = %self.session,
             token_id = %self.token_id,
-            message,
+            message_type,
             sql = %sql,
             truncated = self.truncated,
             "query"
@@ -311,14 +312,14 @@ impl Tracks {
     /// Follows a chunk of client bytes. An error means a corrupt stream:
     /// the session must end.
     #[inline]
-    pub fn saw_client(&mut self, chunk: &[u8]) -> Result<(), ()> {
+    pub fn saw_client(&mut self, chunk: &[u8]) -> Result<(), FrameError> {
         let mut v = ClientVisitor {
             cycle_open: &mut self.cycle_open,
             opened: 0,
             ended: 0,
             audit: self.audit.as_deref_mut(),
         };
-        self.client.scan_with(chunk, &mut v).map_err(|_| ())?;
+        self.client.scan_with(chunk, &mut v)?;
         let (opened, ended) = (v.opened, v.ended);
         bump(&self.stats.bytes_from_client, chunk.len() as u64);
         if ended > 0 {
@@ -334,13 +335,13 @@ impl Tracks {
 
     /// Follows a chunk of server bytes, likewise.
     #[inline]
-    pub fn saw_server(&mut self, chunk: &[u8]) -> Result<(), ()> {
+    pub fn saw_server(&mut self, chunk: &[u8]) -> Result<(), FrameError> {
         let mut v = ServerVisitor {
             stats: &self.stats,
             timing: self.timing.as_mut(),
             now: None,
         };
-        self.server.scan_with(chunk, &mut v).map_err(|_| ())?;
+        self.server.scan_with(chunk, &mut v)?;
         bump(&self.stats.bytes_from_server, chunk.len() as u64);
         Ok(())
     }
