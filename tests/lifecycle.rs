@@ -7,40 +7,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::sync::oneshot;
-
-/// A connection whose background task reports how the connection ended.
-async fn connect_watched(
-    conn: &str,
-) -> (
-    tokio_postgres::Client,
-    oneshot::Receiver<Result<(), tokio_postgres::Error>>,
-) {
-    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
-        .await
-        .expect("connect through tollgate");
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let _ = tx.send(connection.await);
-    });
-    (client, rx)
-}
-
-/// Waits for a watched connection to end and returns its (code, message).
-async fn ended(
-    rx: oneshot::Receiver<Result<(), tokio_postgres::Error>>,
-    within: Duration,
-) -> (String, String) {
-    let result = tokio::time::timeout(within, rx)
-        .await
-        .expect("the session was not ended in time")
-        .expect("connection task gone");
-    let e = result.expect_err("the connection ended without an error");
-    let db = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("not a server error: {e}"));
-    (db.code().code().to_owned(), db.message().to_owned())
-}
 
 /// Shards that logged a started session.
 fn shards_with_sessions(log: &str) -> Vec<String> {

@@ -20,6 +20,13 @@ pub enum Request {
         number: u64,
         reply: flume::Sender<bool>,
     },
+    /// Stop accepting, let open sessions finish until `deadline`, then end
+    /// the rest; answers, once the shard has no session left, how many it
+    /// had to end.
+    Drain {
+        deadline: std::time::Instant,
+        reply: flume::Sender<usize>,
+    },
 }
 
 /// One open session as /sessions shows it. Never a secret: the token is

@@ -59,11 +59,67 @@ pub fn main() -> ExitCode {
 fn serve(config_path: &std::path::Path) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
     crate::logging::init(config.log_level.as_deref(), config.log_format);
+    // Before the shards start, so that no signal finds the default action.
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    let shutdown_timeout = config.shutdown_timeout;
     let shards = start(config)?;
-    // Shards run until the process is stopped; the default SIGINT/SIGTERM
-    // action ends the process (graceful drain is a later addition).
-    shards.join();
+    wait_and_drain(signals, &shards, shutdown_timeout);
     Ok(())
+}
+
+/// What ends `serve`.
+enum Stop {
+    Signal(i32),
+    Drained(usize),
+}
+
+/// Runs until SIGTERM or SIGINT, then drains: listeners close at once,
+/// open sessions get `timeout` to finish, the rest are ended with FATAL
+/// 57P01, and `serve` returns (exit status 0). A second signal during the
+/// drain returns at once.
+fn wait_and_drain(
+    mut signals: signal_hook::iterator::Signals,
+    shards: &crate::shard::Shards,
+    timeout: std::time::Duration,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for s in signals.forever() {
+                if tx.send(Stop::Signal(s)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let Ok(Stop::Signal(signal)) = rx.recv() else {
+        return;
+    };
+    tracing::info!(
+        signal,
+        timeout = %humantime::format_duration(timeout),
+        "shutting down: no new connections; open sessions may finish"
+    );
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let _ = tx.send(Stop::Drained(shards.drain(timeout)));
+        });
+        match rx.recv() {
+            Ok(Stop::Drained(ended)) => {
+                tracing::info!(ended, "drained; exiting");
+                // Not waiting for the scope: the drain thread is done.
+            }
+            Ok(Stop::Signal(signal)) => {
+                tracing::warn!(signal, "second signal: exiting now");
+                std::process::exit(0);
+            }
+            Err(_) => {}
+        }
+    });
 }
 
 /// Loads the token store and starts the shards.

@@ -19,6 +19,8 @@ use crate::secret::Secret;
 /// that holds a socket per pending login wants a tighter bound.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long SIGTERM lets open sessions finish before ending them.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Per-direction relay buffer. Big enough that a typical OLTP exchange is one
 /// read and one write; small enough that 10 000 sessions fit in 320 MiB.
@@ -34,6 +36,7 @@ struct RawConfig {
     workers: usize,
     pin_cpus: Option<bool>,
     startup_timeout: Option<String>,
+    shutdown_timeout: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
     upstream: RawUpstream,
@@ -151,6 +154,8 @@ pub struct Config {
     /// shards can cut tail latency; measure both.
     pub pin_cpus: bool,
     pub startup_timeout: Duration,
+    /// On SIGTERM: how long open sessions may go on before they are ended.
+    pub shutdown_timeout: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
     pub upstream: UpstreamConfig,
@@ -358,6 +363,11 @@ impl Config {
             listen,
             workers,
             pin_cpus: raw.pin_cpus.unwrap_or(true),
+            shutdown_timeout: duration(
+                "shutdown_timeout",
+                raw.shutdown_timeout,
+                DEFAULT_SHUTDOWN_TIMEOUT,
+            )?,
             startup_timeout: duration(
                 "startup_timeout",
                 raw.startup_timeout,

@@ -17,6 +17,8 @@ pub enum KillReason {
     Token(Rejection),
     /// An operator ended it through the admin API.
     Admin,
+    /// tollgate is shutting down and the drain time is over.
+    Shutdown,
 }
 
 impl KillReason {
@@ -25,6 +27,7 @@ impl KillReason {
         match self {
             KillReason::Token(r) => r.as_str(),
             KillReason::Admin => "admin_terminated",
+            KillReason::Shutdown => "shutdown",
         }
     }
 }

@@ -85,8 +85,10 @@ pub struct ShardContext {
     /// deny-list are still checked on every use.
     jwt_cache: RefCell<HashMap<[u8; 32], VerifiedJwt>>,
     /// This shard's copy of the TLS config and the generation it came from.
-    acceptor: RefCell<(u64, Option<Arc<rustls::ServerConfig>>)>,
+    tls_config: RefCell<(u64, Option<Arc<rustls::ServerConfig>>)>,
     next_session: Cell<u64>,
+    /// Fires when the shard starts draining: the accept loop stops.
+    pub draining: kill::KillSwitch,
 }
 
 impl ShardContext {
@@ -112,13 +114,14 @@ impl ShardContext {
                 shared.token_series.clone(),
             )),
             admin: shared.admin.clone(),
-            acceptor: RefCell::new((0, None)),
+            tls_config: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
             jwt: shared
                 .jwt
                 .as_ref()
                 .map(|j| (j.clone(), ShardCopy::new(&j.published))),
             next_session: Cell::new(0),
+            draining: kill::KillSwitch::default(),
         }
     }
 
@@ -134,9 +137,9 @@ impl ShardContext {
 
     /// The config for the current certificate; refreshed only when the
     /// certificate changed (one atomic load otherwise).
-    fn tls_acceptor(&self) -> Option<Arc<rustls::ServerConfig>> {
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
         let tls = self.server_tls.as_ref()?;
-        let mut slot = self.acceptor.borrow_mut();
+        let mut slot = self.tls_config.borrow_mut();
         if let Some((generation, config)) = tls.refresh(slot.0) {
             *slot = (generation, Some(config));
         }
@@ -373,7 +376,7 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
         return finish(&ctx, client, input, outcome, &start, attempt).await;
     };
 
-    let Some(acceptor) = ctx.tls_acceptor() else {
+    let Some(tls_config) = ctx.tls_config() else {
         warn!("TLS requested but no acceptor is configured");
         refused(&ctx, &start, &attempt, &ClientError::internal().into());
         return None;
@@ -381,7 +384,7 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
     // For direct TLS the ClientHello is already in `input`: hand it to rustls.
     let prefix = std::mem::take(&mut input).to_vec();
     let handshake_started = Instant::now();
-    let accept = crate::tls::accept::accept(acceptor, client, prefix);
+    let accept = crate::tls::accept::accept(tls_config, client, prefix);
     let handshake = timeout_at(start.deadline, accept).await;
     let took = handshake_started.elapsed();
     let mut tls: ClientTls = match handshake {
@@ -651,8 +654,33 @@ pub async fn serve_admin(ctx: Rc<ShardContext>) {
             AdminRequest::Terminate { number, reply } => {
                 let _ = reply.try_send(ctx.registry.terminate(number));
             }
+            AdminRequest::Drain { deadline, reply } => {
+                monoio::spawn(drain(ctx.clone(), deadline, reply));
+            }
         }
     }
+}
+
+/// How often a draining shard looks whether its sessions are gone.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// After the drain deadline, how long ended sessions get to say goodbye
+/// (the FATAL message, the server's Terminate) before the shard reports.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops accepting, waits for the shard's sessions to end on their own
+/// until `deadline`, then ends the rest with 57P01, and reports how many
+/// it ended once none is left (or the grace time is over).
+async fn drain(ctx: Rc<ShardContext>, deadline: std::time::Instant, reply: flume::Sender<usize>) {
+    ctx.draining.fire(kill::KillReason::Shutdown);
+    while !ctx.registry.is_empty() && std::time::Instant::now() < deadline {
+        monoio::time::sleep(DRAIN_POLL).await;
+    }
+    let ended = ctx.registry.end_all(kill::KillReason::Shutdown);
+    let grace = std::time::Instant::now() + DRAIN_GRACE;
+    while !ctx.registry.is_empty() && std::time::Instant::now() < grace {
+        monoio::time::sleep(DRAIN_POLL).await;
+    }
+    let _ = reply.try_send(ended);
 }
 
 fn encode(e: &ClientError) -> BytesMut {

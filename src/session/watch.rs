@@ -187,6 +187,15 @@ impl Registry {
         }
     }
 
+    /// Ends every open session for `reason`; returns how many.
+    pub fn end_all(&self, reason: KillReason) -> usize {
+        let sessions = self.sessions.borrow();
+        for w in sessions.values() {
+            w.kill.fire(reason);
+        }
+        sessions.len()
+    }
+
     /// Re-checks every session against `store` at `now`, fires the kill
     /// switch of those that must end, and recomputes the next deadline.
     pub fn sweep(&self, store: &TokenStore, now: SystemTime) {

@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use monoio::net::TcpListener;
@@ -24,15 +23,38 @@ const URING_ENTRIES: u32 = 1024;
 pub struct Shards {
     pub local_addr: SocketAddr,
     pub io_uring: bool,
-    handles: Vec<JoinHandle<()>>,
+    bus: Arc<crate::admin::Bus>,
 }
 
 impl Shards {
-    /// Waits for every shard thread (they run until the process exits).
-    pub fn join(self) {
-        for h in self.handles {
-            let _ = h.join();
+    /// Drains every shard: each stops accepting at once, lets its sessions
+    /// finish until `timeout` has passed, then ends the rest with FATAL
+    /// 57P01. Returns, once every shard answered (or gave no answer in
+    /// time), how many sessions had to be ended.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut replies = Vec::new();
+        for shard in 0..self.bus.shards() {
+            let (tx, rx) = flume::bounded(1);
+            let request = crate::admin::bus::Request::Drain {
+                deadline,
+                reply: tx,
+            };
+            if self.bus.send(shard, request) {
+                replies.push(rx);
+            } else {
+                warn!(shard, "shard did not take the drain request");
+            }
         }
+        // The shards' own grace after the deadline, and a margin.
+        let wait_until = deadline + Duration::from_secs(5);
+        replies
+            .into_iter()
+            .map(|rx| {
+                let left = wait_until.saturating_duration_since(std::time::Instant::now());
+                rx.recv_timeout(left).unwrap_or(0)
+            })
+            .sum()
     }
 }
 
@@ -53,11 +75,12 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
         warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut handles = Vec::with_capacity(listeners.len());
+    let mut threads = 0;
     for (shard, listener) in listeners.into_iter().enumerate() {
         let config = config.clone();
         let shared = shared.clone();
-        let handle = std::thread::Builder::new()
+        // Detached: shards run until the process exits.
+        std::thread::Builder::new()
             // Thread names (comm) are cut at 15 bytes: keep them short.
             .name(format!("tg-shard-{shard}"))
             .spawn(move || {
@@ -85,13 +108,13 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
                     Err(e) => error!(shard, error = %e, "shard runtime failed to start"),
                 }
             })?;
-        handles.push(handle);
+        threads += 1;
     }
-    info!(addr = %addr, shards = handles.len(), io_uring, "tollgate listening");
+    info!(addr = %addr, shards = threads, io_uring, "tollgate listening");
     Ok(Shards {
         local_addr: addr,
         io_uring,
-        handles,
+        bus: shared.admin.clone(),
     })
 }
 
@@ -137,7 +160,11 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     monoio::spawn(session::serve_routed_cancels(ctx.clone()));
     monoio::spawn(session::serve_admin(ctx.clone()));
     loop {
-        match listener.accept().await {
+        let accepted = monoio::select! {
+            a = listener.accept() => a,
+            _ = ctx.draining.wait() => break,
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 let session =
                     crate::io_util::CatchUnwind(Box::pin(session::run(ctx.clone(), stream, peer)));
@@ -157,4 +184,10 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
             }
         }
     }
+    // Draining: close the listener so new connections go elsewhere (another
+    // process on the same port) or are refused, and keep the runtime alive
+    // for the sessions still open; the process exits when the drain is done.
+    drop(listener);
+    info!(shard, "listener closed; draining");
+    std::future::pending::<()>().await
 }

@@ -174,6 +174,29 @@ impl Env {
     }
 
     /// The proxy's process id.
+    /// Sends `signal` to the running proxy.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we started and a signal number.
+        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits up to `within` for the proxy to exit; its status, or `None`
+    /// if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let proxy = self.proxy.as_mut().expect("proxy started");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = proxy.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.proxy.as_ref().expect("proxy started").child.id()
     }
@@ -342,6 +365,39 @@ pub async fn pg_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_post
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// A connection whose background task reports how the connection ended.
+pub async fn connect_watched(
+    conn: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::oneshot::Receiver<Result<(), tokio_postgres::Error>>,
+) {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+        .await
+        .expect("connect through tollgate");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _ = tx.send(connection.await);
+    });
+    (client, rx)
+}
+
+/// Waits for a watched connection to end and returns its (code, message).
+pub async fn ended(
+    rx: tokio::sync::oneshot::Receiver<Result<(), tokio_postgres::Error>>,
+    within: Duration,
+) -> (String, String) {
+    let result = tokio::time::timeout(within, rx)
+        .await
+        .expect("the session was not ended in time")
+        .expect("connection task gone");
+    let e = result.expect_err("the connection ended without an error");
+    let db = e
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a server error: {e}"));
+    (db.code().code().to_owned(), db.message().to_owned())
 }
 
 /// The SQLSTATE and message of a failed connection attempt.

@@ -244,7 +244,8 @@ fn session_ended(reason: KillReason) -> BytesMut {
     let mut out = BytesMut::with_capacity(128);
     match reason {
         KillReason::Token(r) => ClientError::session_ended(r),
-        KillReason::Admin => ClientError::admin_terminated(),
+        // Postgres says the same for a fast shutdown.
+        KillReason::Admin | KillReason::Shutdown => ClientError::admin_terminated(),
     }
     .encode(&mut out);
     out
