@@ -17,6 +17,27 @@ pub async fn read_append<S: AsyncReadRent>(
     (res, slice.into_inner())
 }
 
+/// Keepalive probes after the idle time, and the time between them: a peer
+/// that vanished without a FIN or RST (powered off, NAT entry dropped) is
+/// noticed `idle` + 6 × 10 s after its last byte, instead of never.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 6;
+
+/// Turns on TCP keepalive for `stream`, probing after `idle` of silence.
+/// Best effort: a socket that refuses keeps working without it.
+pub fn set_keepalive(stream: &impl std::os::fd::AsRawFd, idle: std::time::Duration) {
+    // SAFETY: the descriptor belongs to `stream`, which outlives this
+    // borrow; socket2 only calls setsockopt on it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(&fd).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
 /// Runs a future, turning a panic inside it into `Err` instead of letting it
 /// unwind through the shard's runtime (which would take every session on
 /// the shard down with it).

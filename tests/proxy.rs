@@ -457,3 +457,59 @@ fn too_many_connections_is_53300() {
         b.simple_query("select 1").await.unwrap();
     });
 }
+
+/// Both of tollgate's sockets of a session probe a silent peer with TCP
+/// keepalive, after `tcp_keepalive` of silence.
+#[test]
+fn tcp_keepalive_on_both_sides() {
+    let mut env = Env::with(
+        tollgate::cluster::HbaAuth::ScramSha256,
+        "tcp_keepalive = \"45s\"",
+    );
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    let proxy_port = env.addr().port();
+    let pg_port = env.cluster.port();
+    runtime().block_on(async {
+        let client = pg_connect(&env.conn_str("app", "appdb", &token))
+            .await
+            .unwrap();
+        client.simple_query("select 1").await.unwrap();
+        // `ss -o` shows a keepalive timer on sockets that have one.
+        let sockets = |filter: &str| {
+            let out = std::process::Command::new("ss")
+                .args(["-tonH", "state", "established", filter])
+                .output()
+                .expect("ss (iproute2) is installed");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        // While bytes are unacknowledged, ss shows the retransmit timer
+        // instead: wait for both sides to be quiet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let (client_side, server_side) = loop {
+            let c = sockets(&format!("( sport = :{proxy_port} )"));
+            let s = sockets(&format!("( dport = :{pg_port} )"));
+            let quiet = !c.contains("timer:(on") && !s.contains("timer:(on");
+            if quiet || std::time::Instant::now() > deadline {
+                break (c, s);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for (side, lines) in [("client", &client_side), ("server", &server_side)] {
+            assert!(!lines.trim().is_empty(), "no {side}-side socket found");
+            for line in lines.lines() {
+                let timer = line
+                    .split("timer:(keepalive,")
+                    .nth(1)
+                    .unwrap_or_else(|| panic!("{side} side without keepalive: {line}"));
+                let secs: u64 = timer
+                    .split("sec")
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("unreadable timer: {line}"));
+                assert!(secs <= 45, "{side} keepalive in {secs}s: {line}");
+            }
+        }
+        drop(client);
+    });
+}

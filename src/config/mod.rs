@@ -19,6 +19,8 @@ use crate::secret::Secret;
 /// that holds a socket per pending login wants a tighter bound.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Silence after which TCP keepalive probes a peer (both sides).
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long SIGTERM lets open sessions finish before ending them.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
@@ -37,6 +39,7 @@ struct RawConfig {
     pin_cpus: Option<bool>,
     startup_timeout: Option<String>,
     shutdown_timeout: Option<String>,
+    tcp_keepalive: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
     upstream: RawUpstream,
@@ -156,6 +159,8 @@ pub struct Config {
     pub startup_timeout: Duration,
     /// On SIGTERM: how long open sessions may go on before they are ended.
     pub shutdown_timeout: Duration,
+    /// Silence after which TCP keepalive probes a client.
+    pub tcp_keepalive: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
     pub upstream: UpstreamConfig,
@@ -228,6 +233,9 @@ pub struct UpstreamConfig {
     /// the shard. Tried in order, as libpq does.
     pub addrs: Vec<SocketAddr>,
     pub connect_timeout: Duration,
+    /// Silence after which TCP keepalive probes the server (the top-level
+    /// `tcp_keepalive`).
+    pub keepalive: Duration,
     /// Password per role. A role listed without a password logs in with
     /// none (trust); a role not listed cannot log in.
     pub credentials: HashMap<String, Option<Secret>>,
@@ -355,7 +363,9 @@ impl Config {
                 audit.max_query_length
             ));
         }
+        let tcp_keepalive = duration("tcp_keepalive", raw.tcp_keepalive, DEFAULT_TCP_KEEPALIVE)?;
         Ok(Config {
+            tcp_keepalive,
             admin,
             audit,
             jwt,
@@ -384,6 +394,7 @@ impl Config {
                     raw.upstream.connect_timeout,
                     DEFAULT_CONNECT_TIMEOUT,
                 )?,
+                keepalive: tcp_keepalive,
                 credentials,
                 tls: raw
                     .upstream

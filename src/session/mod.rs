@@ -368,6 +368,7 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
 
 async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Option<RelayTask> {
     let _ = client.set_nodelay(true);
+    crate::io_util::set_keepalive(&client, ctx.config.tcp_keepalive);
     let mut input = BytesMut::with_capacity(1024);
     let mut attempt = Attempt::default();
     let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&start.peer)));

@@ -94,6 +94,7 @@ async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
                 // Postgres messages are small and latency-bound; never wait
                 // to coalesce.
                 let _ = stream.set_nodelay(true);
+                crate::io_util::set_keepalive(&stream, cfg.keepalive);
                 return Ok(stream);
             }
             Err(e) => last = Some(e),
