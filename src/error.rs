@@ -154,6 +154,16 @@ impl ClientError {
         )
     }
 
+    /// A source that failed to authenticate too often lately; refused
+    /// before anything it sends is read.
+    pub fn too_many_auth_failures() -> Self {
+        ClientError::new(
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "auth_failure_limit",
+            "too many failed authentication attempts from this address; try again later",
+        )
+    }
+
     pub fn token_connection_limit() -> Self {
         ClientError::new(
             sqlstate::TOO_MANY_CONNECTIONS,

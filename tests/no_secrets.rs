@@ -13,7 +13,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -316,7 +315,8 @@ fn no_secret_in_log_or_admin_api_on_any_auth_path() {
             .await
             .unwrap();
         jwt.simple_query("select 2").await.unwrap();
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(ca_client_config(&ca));
+        let tls =
+            tokio_postgres_rustls::MakeRustlsConnect::new((*rustls_client(&ca, None)).clone());
         let (tls_client, connection) = tokio_postgres::connect(
             &format!(
                 "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb \
@@ -333,7 +333,8 @@ fn no_secret_in_log_or_admin_api_on_any_auth_path() {
             .unwrap();
         assert_eq!(r.get::<_, String>(0), "ok");
         // A refusal over TLS too.
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(ca_client_config(&ca));
+        let tls =
+            tokio_postgres_rustls::MakeRustlsConnect::new((*rustls_client(&ca, None)).clone());
         let refused = tokio_postgres::connect(
             &format!(
                 "host=localhost hostaddr=127.0.0.1 port={port} user=app dbname=appdb \
@@ -603,13 +604,4 @@ fn scanner_finds_every_encoding() {
 fn scanner_refuses_short_secrets() {
     let short = vec![("short".to_owned(), b"0123456789".to_vec())];
     find_secrets(&[("log", "")], &short);
-}
-
-/// A client TLS config that trusts `ca`.
-fn ca_client_config(ca: &Ca) -> rustls::ClientConfig {
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(ca.roots())
-        .with_no_client_auth()
 }

@@ -7,7 +7,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -74,20 +73,6 @@ fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
         cert.display(),
         key.display()
     )
-}
-
-fn rustls_client(ca: &Ca, alpn: Option<&[u8]>) -> Arc<rustls::ClientConfig> {
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(ca.roots())
-    .with_no_client_auth();
-    if let Some(a) = alpn {
-        c.alpn_protocols = vec![a.to_vec()];
-    }
-    Arc::new(c)
 }
 
 fn psql(conn: &str, sql: &str) -> std::process::Output {

@@ -19,6 +19,10 @@ use crate::secret::Secret;
 /// that holds a socket per pending login wants a tighter bound.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Failed authentications a source may have per window before it is
+/// refused outright for the rest of the window.
+pub const DEFAULT_AUTH_FAILURE_LIMIT: u32 = 100;
+pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Silence after which TCP keepalive probes a peer (both sides).
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long SIGTERM lets open sessions finish before ending them.
@@ -40,6 +44,8 @@ struct RawConfig {
     startup_timeout: Option<String>,
     shutdown_timeout: Option<String>,
     tcp_keepalive: Option<String>,
+    auth_failure_limit: Option<u32>,
+    auth_failure_window: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
     upstream: RawUpstream,
@@ -161,6 +167,12 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Silence after which TCP keepalive probes a client.
     pub tcp_keepalive: Duration,
+    /// Failed authentications per source (IPv4 address, IPv6 /64) within
+    /// `auth_failure_window`, beyond which the source is refused; 0 turns
+    /// the limit off (for clients that all arrive through one proxy
+    /// address, until PROXY protocol support).
+    pub auth_failure_limit: u32,
+    pub auth_failure_window: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
     pub upstream: UpstreamConfig,
@@ -364,7 +376,14 @@ impl Config {
             ));
         }
         let tcp_keepalive = duration("tcp_keepalive", raw.tcp_keepalive, DEFAULT_TCP_KEEPALIVE)?;
+        let auth_failure_limit = raw.auth_failure_limit.unwrap_or(DEFAULT_AUTH_FAILURE_LIMIT);
         Ok(Config {
+            auth_failure_limit,
+            auth_failure_window: duration(
+                "auth_failure_window",
+                raw.auth_failure_window,
+                DEFAULT_AUTH_FAILURE_WINDOW,
+            )?,
             tcp_keepalive,
             admin,
             audit,
@@ -596,6 +615,8 @@ file = "tokens.toml"
         .unwrap_err();
         assert!(e.message.contains("16 characters"), "{e}");
         assert!(!e.to_string().contains("short-admin"));
+        let e = load(&format!("auth_failure_window = \"0s\"\n{MINIMAL}")).unwrap_err();
+        assert!(e.message.contains("auth_failure_window"), "{e}");
         let e = load(&format!("{MINIMAL}[audit]\nmax_query_length = 0\n")).unwrap_err();
         assert!(e.message.contains("max_query_length"), "{e}");
     }

@@ -281,6 +281,13 @@ impl AwaitPassword {
     }
 
     pub fn on_input(self, input: &mut BytesMut) -> Result<PasswordStep, ClientError> {
+        // The type first, as Postgres does: a second StartupMessage or a
+        // CancelRequest here has no type byte, and its length read one
+        // byte off would be blamed as "too long".
+        if let Some(&tag) = input.first().filter(|&&t| t != b'p') {
+            let e = PasswordError::UnexpectedMessage(tag);
+            return Err(protocol_violation("password_unexpected", e.to_string()));
+        }
         let Some(frame) = peek_frame(input, self.max_len).map_err(|e| match e {
             // A token never needs this much; say so rather than "invalid length".
             FrameError::TooLong { .. } => {

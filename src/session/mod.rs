@@ -6,6 +6,7 @@
 //! accepted it.
 
 pub mod cancel;
+pub mod failures;
 mod kill;
 mod limits;
 mod relay;
@@ -41,6 +42,7 @@ use crate::handshake::{self, AwaitStartup, ClientStartup, Phase, Progress, Start
 use crate::io_util::read_append;
 use crate::metrics::{ShardMetrics, TokenSeriesLimit};
 use crate::protocol::sqlstate;
+use crate::protocol::startup::MAX_STARTUP_PACKET_LENGTH;
 use crate::reload::ShardCopy;
 use crate::secret::Secret;
 use crate::tls::{ServerTls, UpstreamTls, ALPN_POSTGRESQL};
@@ -76,6 +78,8 @@ pub struct ShardContext {
     pub metrics: Rc<ShardMetrics>,
     /// Requests from the admin thread.
     admin: Arc<Bus>,
+    /// Failed authentications per source, across shards.
+    failures: Arc<failures::FailureLimiter>,
     server_tls: Option<Arc<ServerTls>>,
     upstream_tls: Option<Arc<UpstreamTls>>,
     /// The live JWT verifier and this shard's copy of it.
@@ -114,6 +118,7 @@ impl ShardContext {
                 shared.token_series.clone(),
             )),
             admin: shared.admin.clone(),
+            failures: shared.failures.clone(),
             tls_config: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
             jwt: shared
@@ -221,6 +226,7 @@ pub struct Shared {
     pub admin: Arc<Bus>,
     /// Bounds per-token latency series across shards, when they are on.
     pub token_series: Option<Arc<TokenSeriesLimit>>,
+    pub failures: Arc<failures::FailureLimiter>,
 }
 
 impl Shared {
@@ -241,6 +247,10 @@ impl Shared {
             upstream_tls,
             cancels: Arc::new(cancel::Router::new(shards)),
             admin: Arc::new(Bus::new(shards)),
+            failures: Arc::new(failures::FailureLimiter::new(
+                config.auth_failure_limit,
+                config.auth_failure_window,
+            )),
             token_series: config
                 .admin
                 .as_ref()
@@ -371,6 +381,12 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
     crate::io_util::set_keepalive(&client, ctx.config.tcp_keepalive);
     let mut input = BytesMut::with_capacity(1024);
     let mut attempt = Attempt::default();
+    if ctx.failures.is_blocked(start.peer.ip(), Instant::now()) {
+        // Refused before reading anything: a flood of bad tokens costs one
+        // lookup per connection, no parsing, no TLS, no hashing.
+        let refusal = ClientError::too_many_auth_failures().into();
+        return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
+    }
     let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&start.peer)));
     let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, &mut attempt).await;
     let Ok(StartupOutcome::StartTls { next, direct }) = outcome else {
@@ -603,7 +619,11 @@ fn established<C: relay::ClientSide + 'static>(
 /// server's real key to the server; anything else is dropped unanswered.
 async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
     let result = match ctx.cancel_keys.upstream_key(request) {
-        None => "unknown_key",
+        None => {
+            // Guessing keys counts against the source like guessing tokens.
+            ctx.failures.failed(request.client.ip(), Instant::now());
+            "unknown_key"
+        }
         Some(key) => {
             let tls = ctx.upstream_tls.as_deref();
             match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
@@ -774,6 +794,16 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         },
     };
     let params = upstream_params(&startup, &grant, &token_id);
+    if upstream_startup_len(&startup.user, &params) > MAX_STARTUP_PACKET_LENGTH {
+        // The server would drop it without a word, and the client would
+        // hear of a lost server instead of its own oversized start-up.
+        return Err(ClientError::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            "startup_too_long",
+            "startup packet too long once tollgate's own parameters are added",
+        )
+        .into());
+    }
 
     let password = match ctx.config.upstream.credentials.get(&startup.user) {
         Some(p) => p.clone(),
@@ -829,6 +859,19 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         cancel_key,
         upstream,
     })))
+}
+
+/// The size of the StartupMessage tollgate sends upstream for `params`
+/// (as `upstream::login` encodes it: `user` first, no other `user`).
+fn upstream_startup_len(user: &str, params: &[(String, String)]) -> usize {
+    let pair = |k: &str, v: &str| k.len() + 1 + v.len() + 1;
+    let rest: usize = params
+        .iter()
+        .filter(|(k, _)| k != "user")
+        .map(|(k, v)| pair(k, v))
+        .sum();
+    // Length and version words, the pairs, the final terminator.
+    8 + pair("user", user) + rest + 1
 }
 
 /// Longest application_name Postgres keeps (NAMEDATALEN - 1).
@@ -912,6 +955,7 @@ fn check_token(
     };
     let now = SystemTime::now();
     let rejected = |reason: &'static str| {
+        ctx.failures.failed(peer.ip(), Instant::now());
         Refusal::new(
             reason,
             Reply::Client(ClientError::token_rejected(&startup.user)),
@@ -966,4 +1010,35 @@ async fn close_with<C: AsyncReadRent + AsyncWriteRent>(mut client: C, out: Bytes
         }
     };
     let _ = monoio::time::timeout(std::time::Duration::from_millis(500), drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_startup_len_matches_the_encoding() {
+        let params: Vec<(String, String)> = [
+            ("database", "appdb"),
+            ("user", "ignored"),
+            ("application_name", "psql [tg:abc]"),
+            ("options", "-c x.y=é"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut out = BytesMut::new();
+        let sent = std::iter::once(("user", "app")).chain(
+            params
+                .iter()
+                .filter(|(k, _)| k != "user")
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        crate::protocol::startup::encode_startup_message(
+            &mut out,
+            crate::protocol::startup::ProtocolVersion::V3_0,
+            sent,
+        );
+        assert_eq!(upstream_startup_len("app", &params), out.len());
+    }
 }

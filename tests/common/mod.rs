@@ -629,3 +629,234 @@ impl Ca {
         roots
     }
 }
+
+// --- hostile-client helpers ---
+
+/// How a connection ended when read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// An orderly close (EOF).
+    Closed,
+    /// A reset (ECONNRESET or EPIPE).
+    Reset,
+    /// Still open when the wait was over.
+    StillOpen,
+}
+
+impl Raw {
+    /// Reads everything until the peer closes, waiting at most `within`
+    /// in all; says how the connection ended.
+    pub fn read_until_end(&mut self, within: Duration) -> (Vec<u8>, Ending) {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (out, Ending::StillOpen);
+            }
+            self.0.set_read_timeout(Some(left)).unwrap();
+            match self.0.read(&mut buf) {
+                Ok(0) => return (out, Ending::Closed),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return (out, Ending::StillOpen)
+                }
+                Err(_) => return (out, Ending::Reset),
+            }
+        }
+    }
+
+    /// Reads backend messages up to and including the first ReadyForQuery
+    /// or ErrorResponse.
+    pub fn read_until_ready_or_error(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut got = Vec::new();
+        loop {
+            let (tag, body) = self.read_message();
+            let end = tag == b'Z' || tag == b'E';
+            got.push((tag, body));
+            if end {
+                return got;
+            }
+        }
+    }
+}
+
+/// Splits a byte stream into backend messages (tag, body); the second part
+/// is whatever is left that does not form a whole message.
+pub fn split_messages(mut bytes: &[u8]) -> (Vec<(u8, Vec<u8>)>, Vec<u8>) {
+    let mut out = Vec::new();
+    while bytes.len() >= 5 {
+        let len = i32::from_be_bytes(bytes[1..5].try_into().unwrap());
+        if len < 4 || bytes.len() < 1 + len as usize {
+            break;
+        }
+        let total = 1 + len as usize;
+        out.push((bytes[0], bytes[5..total].to_vec()));
+        bytes = &bytes[total..];
+    }
+    (out, bytes.to_vec())
+}
+
+/// The fields of an ErrorResponse body, by field type.
+pub fn error_field(body: &[u8], field: u8) -> Option<String> {
+    let mut rest = body;
+    while let Some((&kind, tail)) = rest.split_first() {
+        if kind == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if kind == field {
+            return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}
+
+/// Asserts that `got` is exactly one FATAL ErrorResponse with SQLSTATE
+/// `code`, and nothing else, and that the connection then closed in an
+/// orderly way. Returns the message text.
+pub fn assert_fatal(what: &str, got: &[u8], ending: Ending, code: &str) -> String {
+    let (messages, rest) = split_messages(got);
+    assert!(
+        messages.len() == 1 && rest.is_empty() && messages[0].0 == b'E',
+        "{what}: expected exactly one ErrorResponse, got {got:?}"
+    );
+    let body = &messages[0].1;
+    let severity = error_field(body, b'V').or_else(|| error_field(body, b'S'));
+    assert_eq!(severity.as_deref(), Some("FATAL"), "{what}: severity");
+    let (got_code, message) = error_fields(body);
+    assert_eq!(got_code, code, "{what}: SQLSTATE (message {message:?})");
+    assert_eq!(
+        ending,
+        Ending::Closed,
+        "{what}: the connection was not closed cleanly after the error"
+    );
+    message
+}
+
+/// A field of `/proc/<pid>/status` in KiB (e.g. `VmPeak:`, `VmHWM:`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A logged-in raw session, or the (SQLSTATE, message) of the FATAL error
+/// that refused it. Connects, sends the StartupMessage with `params`, answers
+/// the password request with `token`, and reads up to ReadyForQuery.
+pub fn raw_login(
+    addr: SocketAddr,
+    params: &[(&str, &str)],
+    token: &str,
+) -> Result<Raw, (String, String)> {
+    let mut raw = Raw::connect(addr);
+    raw.0.set_nodelay(true).unwrap();
+    raw.send(&startup_message(params));
+    let (tag, body) = raw.read_message();
+    if tag == b'E' {
+        return Err(refused_then_closed(&mut raw, &body));
+    }
+    assert_eq!(
+        (tag, &body[..]),
+        (b'R', &3i32.to_be_bytes()[..]),
+        "password request"
+    );
+    raw.send(&password_message(token));
+    let got = raw.read_until_ready_or_error();
+    let (tag, body) = got.last().unwrap();
+    if *tag == b'E' {
+        return Err(refused_then_closed(&mut raw, body));
+    }
+    assert!(
+        got.iter().any(|(t, b)| *t == b'R' && b[..] == [0, 0, 0, 0]),
+        "no AuthenticationOk in {got:?}"
+    );
+    Ok(raw)
+}
+
+/// Checks that a login's ErrorResponse is FATAL and the last thing sent
+/// before an orderly close; its (SQLSTATE, message).
+fn refused_then_closed(raw: &mut Raw, body: &[u8]) -> (String, String) {
+    let fields = error_fields(body);
+    let severity = error_field(body, b'V').or_else(|| error_field(body, b'S'));
+    assert_eq!(severity.as_deref(), Some("FATAL"), "{fields:?}");
+    let (rest, ending) = raw.read_until_end(Duration::from_secs(5));
+    assert!(
+        rest.is_empty() && ending == Ending::Closed,
+        "after {fields:?}: {rest:?}, {ending:?}"
+    );
+    fields
+}
+
+/// Runs one simple query on a raw session: the rows as text, or the
+/// (SQLSTATE, message) of its error.
+pub fn raw_query(raw: &mut Raw, sql: &str) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
+    let mut q = vec![b'Q'];
+    q.extend_from_slice(&((4 + sql.len() + 1) as i32).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.push(0);
+    raw.send(&q);
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let (tag, body) = raw.read_message();
+        match tag {
+            b'D' => rows.push(data_row(&body)),
+            b'E' => error = Some(error_fields(&body)),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(rows),
+    }
+}
+
+/// The text columns of a DataRow body.
+pub fn data_row(body: &[u8]) -> Vec<Option<String>> {
+    let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut at = 2;
+    let mut cols = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = i32::from_be_bytes(body[at..at + 4].try_into().unwrap());
+        at += 4;
+        if len < 0 {
+            cols.push(None);
+        } else {
+            let len = len as usize;
+            cols.push(Some(
+                String::from_utf8_lossy(&body[at..at + len]).into_owned(),
+            ));
+            at += len;
+        }
+    }
+    cols
+}
+
+/// A client TLS config trusting `ca`, offering `alpn` if given.
+pub fn rustls_client(ca: &Ca, alpn: Option<&[u8]>) -> std::sync::Arc<rustls::ClientConfig> {
+    let mut c = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(ca.roots())
+    .with_no_client_auth();
+    if let Some(a) = alpn {
+        c.alpn_protocols = vec![a.to_vec()];
+    }
+    std::sync::Arc::new(c)
+}
