@@ -63,8 +63,17 @@ pub async fn accept<IO: AsyncReadRent + AsyncWriteRent>(
 fn feed(conn: &mut ServerConnection, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         // `read_tls` takes what fits in its buffer; processing frees room.
-        conn.read_tls(&mut bytes)?;
+        let taken = conn.read_tls(&mut bytes)?;
         conn.process_new_packets().map_err(invalid)?;
+        if taken == 0 {
+            // rustls takes nothing more once an authenticated close_notify
+            // arrived (possible right after the client's Finished): bytes
+            // after it must end the handshake, not spin here forever.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed TLS during the handshake",
+            ));
+        }
     }
     Ok(())
 }
@@ -87,4 +96,34 @@ async fn flush<IO: AsyncWriteRent>(
 
 fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Arc<ServerConfig> {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.cert.der().clone()], key)
+                .unwrap();
+        Arc::new(config)
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_hang() {
+        let mut conn = ServerConnection::new(config()).unwrap();
+        assert!(feed(&mut conn, &[0xff; 300]).is_err());
+        // A record header announcing a 16 KiB record, then nothing: rustls
+        // waits for the rest, and so does the handshake (bounded by the
+        // start-up deadline), without error or spin.
+        let mut conn = ServerConnection::new(config()).unwrap();
+        assert!(feed(&mut conn, &[0x16, 0x03, 0x01, 0x40, 0x00]).is_ok());
+        assert!(conn.is_handshaking());
+    }
 }
