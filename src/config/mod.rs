@@ -476,10 +476,28 @@ pub fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", e.message())
+            format!("line {line}, column {column}: {}", hide_values(e.message()))
         }
-        None => e.message().to_owned(),
+        None => hide_values(e.message()),
     }
+}
+
+/// serde names a mistyped value in backticks ("invalid type: integer
+/// `12345`, expected a string"), and that value may be a password. Keys
+/// ("unknown field `pasword`") are kept: they are what the reader must fix.
+fn hide_values(message: &str) -> String {
+    if !message.starts_with("invalid") {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    for (i, part) in message.split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        // Odd parts are the quoted ones.
+        out.push_str(if i % 2 == 1 { "…" } else { part });
+    }
+    out
 }
 
 /// Reads a credential's password from exactly one of its three sources.
@@ -576,9 +594,11 @@ file = "tokens.toml"
             "pasword = \"S3cret-upstream-PW\"",
             "password = \"S3cret-upstream-PW",
             "password = S3cret-upstream-PW",
+            "password = 53125312",
         ] {
             let e = load(&MINIMAL.replace("password = \"p\"", bad)).unwrap_err();
             assert!(!e.to_string().contains("S3cret"), "{e}");
+            assert!(!e.to_string().contains("53125312"), "{e}");
             assert!(e.message.starts_with("line "), "{e}");
         }
     }
