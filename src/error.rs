@@ -99,6 +99,18 @@ impl ClientError {
         )
     }
 
+    /// A token with `lock_session` and a start-up that sets `name` (one of
+    /// the token's parameters, or `options`).
+    pub fn session_locked(name: &str) -> Self {
+        ClientError::new(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            "session_locked",
+            format!(
+                "this token sets the session's parameters; the start-up may not set \"{name}\""
+            ),
+        )
+    }
+
     /// The server connection ended with no error of the server's to relay
     /// (killed, crashed, network lost): what libpq reports in that case.
     pub fn server_closed() -> Self {

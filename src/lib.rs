@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod handshake;
 mod io_util;

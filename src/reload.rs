@@ -86,6 +86,12 @@ impl<T> ShardCopy<T> {
         }
     }
 
+    /// The current snapshot (after a refresh).
+    pub fn current(&self, published: &Published<T>) -> Arc<T> {
+        self.refresh(published);
+        self.value.borrow().clone()
+    }
+
     /// Runs `f` on the current snapshot (after a refresh).
     pub fn with<R>(&self, published: &Published<T>, f: impl FnOnce(&T) -> R) -> R {
         self.refresh(published);

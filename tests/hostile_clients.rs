@@ -795,6 +795,15 @@ fn identity_changing_start_up_parameters_cannot_escalate() {
         "--set",
         "role=none",
     ]);
+    let locked = env.create_token(&[
+        "--user",
+        "app",
+        "--database",
+        "appdb",
+        "--set",
+        "search_path=token_path",
+        "--lock-session",
+    ]);
     env.start_proxy();
     let addr = env.addr();
     let base = [("user", "app"), ("database", "appdb")];
@@ -942,6 +951,32 @@ fn identity_changing_start_up_parameters_cannot_escalate() {
         session(&[("replication", "off")], &token),
         Ok(row("app", default_path, "0"))
     );
+
+    // A token with --lock-session refuses, after checking the token, any
+    // start-up that tries to set its parameters or sends `options`.
+    let locked_out = |name: &str| {
+        Err((
+            "42501".to_owned(),
+            format!(
+                "this token sets the session's parameters; the start-up may not set \"{name}\""
+            ),
+        ))
+    };
+    for (extra, name) in [
+        (vec![("search_path", "evil")], "search_path"),
+        (vec![("SEARCH_PATH", "evil")], "search_path"),
+        (vec![("options", "-c search_path=evil")], "options"),
+        (vec![("options", "-c statement_timeout=0")], "options"),
+    ] {
+        assert_eq!(session(&extra, &locked), locked_out(name), "{extra:?}");
+    }
+    assert_eq!(session(&[], &locked), Ok(row("app", "token_path", "0")));
+    // Parameters the token does not set are the client's to choose.
+    assert_eq!(
+        session(&[("statement_timeout", "7s"), ("options", " ")], &locked),
+        Ok(row("app", "token_path", "7s"))
+    );
+    assert!(env.log().contains("reason=\"session_locked\""));
     assert_good_login(&env, &token);
 }
 

@@ -14,7 +14,7 @@ use tollgate::auth::{token, TokenRecord, TokenStore};
 use tollgate::cluster::{Cluster, ClusterOptions};
 use tollgate::config::Config;
 use tollgate::protocol::Framer;
-use tollgate::session::Shared;
+use tollgate::session::{Settings, Shared};
 
 struct Counting;
 
@@ -88,8 +88,12 @@ fn relaying_queries_allocates_nothing() {
     // Latency histograms and per-token series on: timing must not
     // allocate per message either.
     assert!(config.admin.as_ref().is_some_and(|a| a.latency_histograms));
-    let shared = Shared::new(&config, live, None, None, None);
-    let shards = tollgate::shard::start(Arc::new(config), Arc::new(shared)).unwrap();
+    let settings = Settings {
+        config,
+        upstream_tls: None,
+    };
+    let shared = Shared::new(settings, live, None, None);
+    let shards = tollgate::shard::start(Arc::new(shared)).unwrap();
 
     let mut s = TcpStream::connect(shards.local_addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -44,6 +44,8 @@ pub struct AdminState {
     /// Required for `/sessions` when set (always set off loopback; the
     /// configuration refuses otherwise).
     pub bearer: Option<Secret>,
+    /// Reloads, and whether the process is draining.
+    pub control: Arc<crate::control::Control>,
 }
 
 /// The running listener.
@@ -119,13 +121,15 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/metrics") => metrics(state).await,
         (&Method::GET, "/healthz") => healthz(state).await,
         (&Method::GET, "/sessions") if authorized(state, &req) => sessions(state).await,
+        (&Method::POST, "/reload") if authorized(state, &req) => reload(state).await,
+        (&Method::POST, "/reload") => unauthorized(),
         (&Method::DELETE, p) if p.starts_with("/sessions/") && authorized(state, &req) => {
             terminate(state, &p["/sessions/".len()..]).await
         }
         (&Method::GET, "/sessions") | (&Method::DELETE, _) if path.starts_with("/sessions") => {
             unauthorized()
         }
-        (_, "/metrics" | "/healthz" | "/sessions") => {
+        (_, "/metrics" | "/healthz" | "/sessions" | "/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -187,6 +191,8 @@ async fn metrics(state: &AdminState) -> Reply {
         tokens_loaded: state.store.published.get().len() as u64,
         uptime: state.started.elapsed(),
         io_uring: state.io_uring,
+        reloads: state.control.reloads(),
+        draining: state.control.is_draining(),
     };
     let body = metrics::render(&snapshots, &facts);
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -197,14 +203,48 @@ async fn metrics(state: &AdminState) -> Reply {
     r
 }
 
-/// Ready when every shard answers and the token store is loaded (it is
-/// loaded before the shards start; a later store backend may lose it).
+/// `POST /reload`: the same as SIGHUP. 200 with what needs a restart, or
+/// 422 with why the file was refused (the running config stays).
+async fn reload(state: &AdminState) -> Reply {
+    let control = state.control.clone();
+    // Reading files and building TLS configs blocks; keep it off the
+    // admin runtime's only thread.
+    let result = tokio::task::spawn_blocking(move || control.reload()).await;
+    let (status, body) = match result {
+        Ok(Ok(r)) => (
+            StatusCode::OK,
+            serde_json::json!({ "reloaded": true, "restart_required": r.restart_required }),
+        ),
+        Ok(Err(e)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            serde_json::json!({ "reloaded": false, "error": e }),
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({ "reloaded": false, "error": "reload did not finish" }),
+        ),
+    };
+    json(status, &body)
+}
+
+/// Ready when every shard answers, the token store is loaded (it is
+/// loaded before the shards start; a later store backend may lose it), and
+/// the process is not draining: a load balancer's readiness probe then
+/// stops sending new clients before the listeners close.
 async fn healthz(state: &AdminState) -> Reply {
     let up = ask_all(&state.bus, bus::Request::Ping).await.len();
     let shards = state.bus.shards();
-    let ready = up == shards;
+    let draining = state.control.is_draining();
+    let ready = up == shards && !draining;
+    let status_word = if draining {
+        "draining"
+    } else if ready {
+        "ok"
+    } else {
+        "unavailable"
+    };
     let body = serde_json::json!({
-        "status": if ready { "ok" } else { "unavailable" },
+        "status": status_word,
         "shards": shards,
         "shards_up": up,
         "tokens_loaded": state.store.published.get().len(),

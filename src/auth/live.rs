@@ -110,18 +110,16 @@ impl LiveJwt {
         }
     }
 
-    /// Starts the control thread, if there is any JWKS file to watch.
+    /// Replaces the verifier (a config reload) and publishes it.
+    pub fn replace(&self, verifier: JwtVerifier) {
+        let mut working = self.working.lock().unwrap_or_else(|e| e.into_inner());
+        *working = verifier;
+        self.published.publish(working.clone());
+    }
+
+    /// Starts the control thread that re-reads JWKS files. It runs even
+    /// with none to watch, as a reload may name some.
     pub fn watch(self: &Arc<Self>) {
-        let has_files = self
-            .working
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .jwks_files()
-            .next()
-            .is_some();
-        if !has_files {
-            return;
-        }
         let me = Arc::downgrade(self);
         let _ = std::thread::Builder::new()
             .name("tg-jwks-watch".into())

@@ -46,6 +46,10 @@ struct RawRecord {
     /// Allows `replication=true|database` start-ups.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     replication: bool,
+    /// The client may not set start-up parameters the token sets, nor send
+    /// `options`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    lock_session: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     on_expiry: Option<OnExpiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,6 +135,9 @@ pub struct TokenRecord {
     pub replication: bool,
     /// Parameters injected into the upstream start-up packet.
     pub session: Vec<(String, String)>,
+    /// Refuse a start-up that sets any of `session`'s parameters, or sends
+    /// `options` (where `-c name=value` could set them).
+    pub lock_session: bool,
     /// `None` follows the global `[tokens] on_expiry`.
     pub on_expiry: Option<OnExpiry>,
     pub previous: Option<PreviousSecret>,
@@ -159,6 +166,7 @@ impl TokenRecord {
             max_connections: None,
             replication: false,
             session: Vec::new(),
+            lock_session: false,
             on_expiry: None,
             previous: None,
         }
@@ -250,6 +258,7 @@ pub struct Grant {
     pub max_connections: Option<u32>,
     pub replication: bool,
     pub session: Vec<(String, String)>,
+    pub lock_session: bool,
     pub expires_at: Option<SystemTime>,
     pub on_expiry: Option<OnExpiry>,
 }
@@ -520,6 +529,7 @@ impl TokenStore {
                     max_connections: r.max_connections,
                     replication: r.replication,
                     session: r.session.clone(),
+                    lock_session: r.lock_session,
                     expires_at: r.expires_at,
                     on_expiry: r.on_expiry,
                 })
@@ -568,6 +578,10 @@ impl TokenStore {
             // token whose rule an operator set explicitly.
             replication: false,
             session: jwt.session.clone(),
+            // The issuer decides what a JWT sets; the client's same-named
+            // parameters are dropped (see `upstream_params`), but it may
+            // send others.
+            lock_session: false,
             expires_at: Some(jwt.expires_at),
             on_expiry: None,
         })
@@ -692,6 +706,7 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
         cidrs,
         max_connections: r.max_connections,
         replication: r.replication,
+        lock_session: r.lock_session,
         session: r.session.into_iter().collect(),
         on_expiry: r.on_expiry,
         previous,
@@ -715,6 +730,7 @@ fn to_raw(r: &TokenRecord) -> RawRecord {
         cidrs: r.cidrs.iter().map(Cidr::to_string).collect(),
         max_connections: r.max_connections,
         replication: r.replication,
+        lock_session: r.lock_session,
         on_expiry: r.on_expiry,
         previous_secret_sha256: r.previous.map(|p| hex::encode(p.sha256)),
         previous_valid_until: r.previous.map(|p| t(p.valid_until)),

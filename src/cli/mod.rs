@@ -59,14 +59,15 @@ pub fn main() -> ExitCode {
 fn serve(config_path: &std::path::Path) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
     crate::logging::init(config.log_level.as_deref(), config.log_format);
-    // Before the shards start, so that no signal finds the default action.
+    // Before the shards start, so that no signal finds the default action
+    // (which for SIGHUP is to exit).
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])?;
-    let shutdown_timeout = config.shutdown_timeout;
-    let shards = start(config)?;
-    wait_and_drain(signals, &shards, shutdown_timeout);
+    let (shards, control) = start(config, config_path)?;
+    wait_and_drain(signals, &shards, &control);
     Ok(())
 }
 
@@ -76,29 +77,40 @@ enum Stop {
     Drained(usize),
 }
 
-/// Runs until SIGTERM or SIGINT, then drains: listeners close at once,
-/// open sessions get `timeout` to finish, the rest are ended with FATAL
-/// 57P01, and `serve` returns (exit status 0). A second signal during the
-/// drain returns at once.
+/// Runs until SIGTERM or SIGINT, reloading the config on SIGHUP, then
+/// drains: listeners close at once, open sessions get `shutdown_timeout`
+/// to finish, the rest are ended with FATAL 57P01, and `serve` returns
+/// (exit status 0). A second SIGTERM or SIGINT during the drain returns at
+/// once.
 fn wait_and_drain(
     mut signals: signal_hook::iterator::Signals,
     shards: &crate::shard::Shards,
-    timeout: std::time::Duration,
+    control: &Arc<crate::control::Control>,
 ) {
     let (tx, rx) = std::sync::mpsc::channel();
     {
         let tx = tx.clone();
-        std::thread::spawn(move || {
-            for s in signals.forever() {
-                if tx.send(Stop::Signal(s)).is_err() {
-                    break;
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("tg-signals".into())
+            .spawn(move || {
+                for s in signals.forever() {
+                    if s == signal_hook::consts::SIGHUP {
+                        // Logged by `reload`, success or not.
+                        let _ = control.reload();
+                    } else if tx.send(Stop::Signal(s)).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            })
+            .expect("spawning the signal thread");
     }
     let Ok(Stop::Signal(signal)) = rx.recv() else {
         return;
     };
+    control.start_draining();
+    // Read now: a reload may have changed it.
+    let timeout = control.shutdown_timeout();
     tracing::info!(
         signal,
         timeout = %humantime::format_duration(timeout),
@@ -122,8 +134,11 @@ fn wait_and_drain(
     });
 }
 
-/// Loads the token store and starts the shards.
-fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
+/// Loads the token store and starts the shards and the admin listener.
+fn start(
+    config: Config,
+    config_path: &std::path::Path,
+) -> Result<(crate::shard::Shards, Arc<crate::control::Control>), CliError> {
     let store = crate::auth::live::LiveStore::load(&config.tokens_file)?;
     store.watch();
     tracing::info!(
@@ -160,11 +175,18 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
     if let Some(j) = &jwt {
         j.watch();
     }
-    let shared = crate::session::Shared::new(&config, store, jwt, server_tls, upstream_tls);
     let admin = config.admin.clone();
+    let settings = crate::session::Settings {
+        config,
+        upstream_tls,
+    };
+    let shared = Arc::new(crate::session::Shared::new(
+        settings, store, jwt, server_tls,
+    ));
     let (bus, store) = (shared.admin.clone(), shared.store.clone());
     let started = std::time::Instant::now();
-    let shards = crate::shard::start(Arc::new(config), Arc::new(shared))?;
+    let control = crate::control::Control::new(config_path, shared.clone());
+    let shards = crate::shard::start(shared)?;
     if let Some(a) = admin {
         crate::admin::start(
             a.listen,
@@ -174,8 +196,9 @@ fn start(config: Config) -> Result<crate::shard::Shards, CliError> {
                 started,
                 io_uring: shards.io_uring,
                 bearer: a.token,
+                control: control.clone(),
             },
         )?;
     }
-    Ok(shards)
+    Ok((shards, control))
 }

@@ -90,7 +90,7 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
         },
     )?;
     let config = Config::load(&config_path)?;
-    let shards = super::start(config)?;
+    let (shards, _control) = super::start(config, &config_path)?;
     let addr = shards.local_addr;
 
     println!();

@@ -42,6 +42,11 @@ pub struct RuleArgs {
     /// default_transaction_read_only=on (repeat for more).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_setting)]
     pub session: Vec<(String, String)>,
+    /// Refuse logins whose start-up sets any parameter this token sets
+    /// (with --set), or sends `options`, instead of letting the token's
+    /// values win.
+    #[arg(long)]
+    pub lock_session: bool,
     /// What expiry does to open sessions: terminate (default) or keep.
     #[arg(long, value_name = "terminate|keep")]
     pub on_expiry: Option<OnExpiry>,
@@ -209,6 +214,7 @@ pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToke
         record.max_connections = rules.max_connections;
         record.replication = rules.allow_replication;
         record.session = rules.session;
+        record.lock_session = rules.lock_session;
         record.on_expiry = rules.on_expiry;
         record.comment = rules.comment;
         store.insert(record);
@@ -280,6 +286,9 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
         }
         for (k, v) in &r.session {
             rules.push(format!("{k}={v}"));
+        }
+        if r.lock_session {
+            rules.push("lock_session".into());
         }
         if r.on_expiry == Some(OnExpiry::Keep) {
             rules.push("on_expiry=keep".into());

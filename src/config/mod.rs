@@ -326,6 +326,11 @@ impl Config {
         if max_connections == 0 {
             return Err("max_connections must be at least 1".into());
         }
+        if let Some(level) = &raw.log.level {
+            // Checked here so that a reload with a bad level fails whole.
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| format!("[log] level: {e}"))?;
+        }
         if raw.upstream.host.is_empty() {
             return Err("[upstream] host is empty".into());
         }

@@ -284,6 +284,9 @@ pub struct ProcessFacts {
     pub tokens_loaded: u64,
     pub uptime: Duration,
     pub io_uring: bool,
+    /// Config reloads since start: successful, failed.
+    pub reloads: (u64, u64),
+    pub draining: bool,
 }
 
 /// Renders the merged exposition.
@@ -320,6 +323,27 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
         "Tokens in the current token store snapshot.",
     );
     e.sample("tollgate_tokens_loaded", &[], facts.tokens_loaded as f64);
+    e.family(
+        "tollgate_config_reloads_total",
+        "counter",
+        "Config reloads (SIGHUP or POST /reload) by result; a failed one changes nothing.",
+    );
+    e.sample(
+        "tollgate_config_reloads_total",
+        &[("result", "ok")],
+        facts.reloads.0 as f64,
+    );
+    e.sample(
+        "tollgate_config_reloads_total",
+        &[("result", "error")],
+        facts.reloads.1 as f64,
+    );
+    e.family(
+        "tollgate_draining",
+        "gauge",
+        "1 once shutdown started: listeners closed, open sessions finishing.",
+    );
+    e.sample("tollgate_draining", &[], u8::from(facts.draining) as f64);
 
     let shard_labels: Vec<String> = shards.iter().map(|s| s.shard.to_string()).collect();
     let per_shard = |e: &mut Exposition,
@@ -548,6 +572,8 @@ mod tests {
             tokens_loaded: 4,
             uptime: Duration::from_secs(1),
             io_uring: true,
+            reloads: (2, 1),
+            draining: false,
         };
         let text = render(&snaps, &facts);
         assert!(text.contains(

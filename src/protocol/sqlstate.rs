@@ -29,6 +29,8 @@ pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
 pub const INVALID_AUTHORIZATION_SPECIFICATION: SqlState = SqlState("28000");
 /// 28P01: the token (password) was rejected.
 pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+/// 42501: the token does not allow what the start-up asks for.
+pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
 /// 53300: tollgate's connection limit is reached.
 pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
 /// 57P01: tollgate is shutting down.

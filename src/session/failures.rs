@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -52,8 +53,9 @@ struct Window {
 }
 
 pub struct FailureLimiter {
-    limit: u32,
-    window: Duration,
+    /// Both reloadable; read once per check.
+    limit: AtomicU32,
+    window_ms: AtomicU64,
     parts: Vec<Mutex<HashMap<Source, Window>>>,
     hasher: std::collections::hash_map::RandomState,
 }
@@ -61,11 +63,26 @@ pub struct FailureLimiter {
 impl FailureLimiter {
     pub fn new(limit: u32, window: Duration) -> Self {
         FailureLimiter {
-            limit,
-            window,
+            limit: AtomicU32::new(limit),
+            window_ms: AtomicU64::new(window.as_millis().try_into().unwrap_or(u64::MAX)),
             parts: (0..PARTS).map(|_| Mutex::default()).collect(),
             hasher: Default::default(),
         }
+    }
+
+    /// New limits, from a reload. Windows already running keep their start
+    /// and are judged by the new numbers.
+    pub fn set_limits(&self, limit: u32, window: Duration) {
+        self.limit.store(limit, Ordering::Relaxed);
+        let ms = window.as_millis().try_into().unwrap_or(u64::MAX);
+        self.window_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn limits(&self) -> (u32, Duration) {
+        (
+            self.limit.load(Ordering::Relaxed),
+            Duration::from_millis(self.window_ms.load(Ordering::Relaxed)),
+        )
     }
 
     fn part(&self, source: &Source) -> &Mutex<HashMap<Source, Window>> {
@@ -74,24 +91,26 @@ impl FailureLimiter {
 
     /// Whether `ip` is refused right now.
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
-        if self.limit == 0 {
+        let (limit, window) = self.limits();
+        if limit == 0 {
             return false;
         }
         let source = Source::from(ip);
         let part = self.part(&source).lock().unwrap_or_else(|e| e.into_inner());
         part.get(&source)
-            .is_some_and(|w| w.failures >= self.limit && now < w.started + self.window)
+            .is_some_and(|w| w.failures >= limit && now < w.started + window)
     }
 
     /// Counts a failed authentication from `ip`.
     pub fn failed(&self, ip: IpAddr, now: Instant) {
-        if self.limit == 0 {
+        let (limit, window) = self.limits();
+        if limit == 0 {
             return;
         }
         let source = Source::from(ip);
         let mut part = self.part(&source).lock().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = part.get_mut(&source) {
-            if now >= w.started + self.window {
+            if now >= w.started + window {
                 *w = Window {
                     started: now,
                     failures: 1,
@@ -102,7 +121,6 @@ impl FailureLimiter {
             return;
         }
         if part.len() >= MAX_SOURCES / PARTS {
-            let window = self.window;
             part.retain(|_, w| now < w.started + window);
             if part.len() >= MAX_SOURCES / PARTS {
                 return;

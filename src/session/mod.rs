@@ -43,7 +43,7 @@ use crate::io_util::read_append;
 use crate::metrics::{ShardMetrics, TokenSeriesLimit};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::MAX_STARTUP_PACKET_LENGTH;
-use crate::reload::ShardCopy;
+use crate::reload::{Published, ShardCopy};
 use crate::secret::Secret;
 use crate::tls::{ServerTls, UpstreamTls, ALPN_POSTGRESQL};
 use crate::upstream::login::LoginError;
@@ -57,7 +57,9 @@ type ClientTls = crate::tls::accept::ServerTlsStream<TcpStream>;
 /// shard-local caches (`!Send`, never touched by another thread).
 pub struct ShardContext {
     pub shard: usize,
-    pub config: Arc<Config>,
+    /// What a reload can change, and this shard's copy of it.
+    published: Arc<Published<Settings>>,
+    settings: ShardCopy<Settings>,
     /// The live store, and this shard's copy of its current snapshot.
     pub store: Arc<LiveStore>,
     pub tokens: ShardCopy<TokenStore>,
@@ -81,7 +83,6 @@ pub struct ShardContext {
     /// Failed authentications per source, across shards.
     failures: Arc<failures::FailureLimiter>,
     server_tls: Option<Arc<ServerTls>>,
-    upstream_tls: Option<Arc<UpstreamTls>>,
     /// The live JWT verifier and this shard's copy of it.
     jwt: Option<(Arc<LiveJwt>, ShardCopy<JwtVerifier>)>,
     /// Verified JWTs by SHA-256 of the token: signature checks (up to
@@ -96,19 +97,21 @@ pub struct ShardContext {
 }
 
 impl ShardContext {
-    pub fn new(shard: usize, config: Arc<Config>, shared: &Shared) -> Self {
+    pub fn new(shard: usize, shared: &Shared) -> Self {
+        let settings = shared.settings.get();
+        let config = &settings.config;
         let timing = config.admin.as_ref().is_some_and(|a| a.latency_histograms);
         ShardContext {
             shard,
             relay_buffers: Rc::new(relay::BufferPool::new(config.buffer_size)),
-            config,
+            settings: ShardCopy::new(&shared.settings),
+            published: shared.settings.clone(),
             tokens: ShardCopy::new(&shared.store.published),
             store: shared.store.clone(),
             token_limits: shared.token_limits.clone(),
             registry: Rc::default(),
             connections: shared.connections.clone(),
             server_tls: shared.server_tls.clone(),
-            upstream_tls: shared.upstream_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
             cancel_keys: Rc::new(cancel::Keys::new(shard, shared.cancels.shards())),
             cancels: shared.cancels.clone(),
@@ -128,6 +131,14 @@ impl ShardContext {
             next_session: Cell::new(0),
             draining: kill::KillSwitch::default(),
         }
+    }
+
+    /// The current settings. A session takes them once, when it connects,
+    /// and keeps them to its end: a reload changes what new sessions get.
+    /// One atomic load when nothing was reloaded, and one reference count
+    /// per connection, never per message.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.current(&self.published)
     }
 
     /// Session ids are unique per process: shard number, then a counter.
@@ -196,8 +207,8 @@ impl ShardContext {
 
     /// What this client may do before TLS: tokens travel in the clear only
     /// from loopback, unless TLS is not configured at all.
-    fn policy(&self, peer: &SocketAddr) -> StartupPolicy {
-        let mut policy = match &self.config.tls {
+    fn policy(config: &Config, peer: &SocketAddr) -> StartupPolicy {
+        let mut policy = match &config.tls {
             None => StartupPolicy::default(),
             Some(t) => StartupPolicy {
                 tls_available: true,
@@ -205,7 +216,7 @@ impl ShardContext {
                 ..StartupPolicy::default()
             },
         };
-        if let Some(jwt) = &self.config.jwt {
+        if let Some(jwt) = &config.jwt {
             // PasswordMessage framing: tag, length, the token, its NUL.
             policy.max_password_message = policy.max_password_message.max(jwt.max_token_len() + 6);
         }
@@ -213,14 +224,23 @@ impl ShardContext {
     }
 }
 
+/// What a reload can change, published as one snapshot (see
+/// [`ShardContext::settings`]). Keeping the upstream TLS config beside the
+/// config it was built from means a session never pairs one with the
+/// other's predecessor.
+pub struct Settings {
+    pub config: Config,
+    pub upstream_tls: Option<Arc<UpstreamTls>>,
+}
+
 /// What all shards share, built once at start.
 pub struct Shared {
+    pub settings: Arc<Published<Settings>>,
     pub store: Arc<LiveStore>,
     pub jwt: Option<Arc<LiveJwt>>,
     pub connections: Arc<AtomicUsize>,
     pub token_limits: Arc<limits::TokenLimits>,
     pub server_tls: Option<Arc<ServerTls>>,
-    pub upstream_tls: Option<Arc<UpstreamTls>>,
     pub cancels: Arc<cancel::Router>,
     /// The admin thread's way to the shards.
     pub admin: Arc<Bus>,
@@ -231,12 +251,12 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        config: &Config,
+        settings: Settings,
         store: Arc<LiveStore>,
         jwt: Option<Arc<LiveJwt>>,
         server_tls: Option<Arc<ServerTls>>,
-        upstream_tls: Option<Arc<UpstreamTls>>,
     ) -> Self {
+        let config = &settings.config;
         let shards = config.workers;
         Shared {
             store,
@@ -244,7 +264,6 @@ impl Shared {
             connections: Arc::default(),
             token_limits: Arc::default(),
             server_tls,
-            upstream_tls,
             cancels: Arc::new(cancel::Router::new(shards)),
             admin: Arc::new(Bus::new(shards)),
             failures: Arc::new(failures::FailureLimiter::new(
@@ -256,6 +275,7 @@ impl Shared {
                 .as_ref()
                 .and_then(|a| a.per_token_series)
                 .map(|max| Arc::new(TokenSeriesLimit::new(max))),
+            settings: Arc::new(Published::new(settings)),
         }
     }
 }
@@ -338,6 +358,8 @@ enum StartupOutcome {
 /// Per-connection facts the start-up needs.
 struct Start {
     id: SessionId,
+    /// The settings this session runs under, from connect to close.
+    settings: Arc<Settings>,
     peer: SocketAddr,
     deadline: monoio::time::Instant,
     over_limit: bool,
@@ -358,13 +380,16 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     let _slot = ConnectionSlot(ctx.connections.clone(), ctx.metrics.clone());
     let id = ctx.next_session_id();
     let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
+    let settings = ctx.settings();
+    let config = &settings.config;
     let start = Start {
         id,
         peer,
-        deadline: monoio::time::Instant::now() + ctx.config.startup_timeout,
-        over_limit: open >= ctx.config.max_connections,
+        deadline: monoio::time::Instant::now() + config.startup_timeout,
+        over_limit: open >= config.max_connections,
         started: Instant::now(),
         started_at: SystemTime::now(),
+        settings,
     };
     // Boxed so that its memory is returned once the start-up is over: a
     // future is as large as its largest state, and the start-up's (TLS
@@ -378,7 +403,8 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
 
 async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Option<RelayTask> {
     let _ = client.set_nodelay(true);
-    crate::io_util::set_keepalive(&client, ctx.config.tcp_keepalive);
+    let config = &start.settings.config;
+    crate::io_util::set_keepalive(&client, config.tcp_keepalive);
     let mut input = BytesMut::with_capacity(1024);
     let mut attempt = Attempt::default();
     if ctx.failures.is_blocked(start.peer.ip(), Instant::now()) {
@@ -387,7 +413,8 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
         let refusal = ClientError::too_many_auth_failures().into();
         return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
     }
-    let phase = Phase::Startup(AwaitStartup::with_policy(ctx.policy(&start.peer)));
+    let policy = ShardContext::policy(config, &start.peer);
+    let phase = Phase::Startup(AwaitStartup::with_policy(policy));
     let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, &mut attempt).await;
     let Ok(StartupOutcome::StartTls { next, direct }) = outcome else {
         return finish(&ctx, client, input, outcome, &start, attempt).await;
@@ -524,36 +551,35 @@ fn established<C: relay::ClientSide + 'static>(
     let cancel_key = est.cancel_key;
     // A client that vanishes mid-query leaves a cancel behind it.
     let abandon = {
-        let ctx = ctx.clone();
+        // The upstream this session logged in to, even after a reload.
+        let settings = start.settings.clone();
         let key = ready.upstream_key;
         move || async move {
             let Some(key) = key else { return };
-            let tls = ctx.upstream_tls.as_deref();
-            match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
+            let tls = settings.upstream_tls.as_deref();
+            match upstream::send_cancel(&settings.config.upstream, tls, &key).await {
                 Ok(()) => debug!("query of a departed client cancelled"),
                 Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
             }
         }
     };
-    let on_expiry = est.grant.on_expiry.unwrap_or(ctx.config.on_expiry);
+    let config = &start.settings.config;
+    let on_expiry = est.grant.on_expiry.unwrap_or(config.on_expiry);
     // A JWT ends at `exp` plus the leeway it was accepted with.
-    let jwt_end = est.grant.expires_at.map(|t| {
-        t + ctx
-            .config
-            .jwt
-            .as_ref()
-            .map_or(Duration::ZERO, |j| j.leeway())
-    });
+    let jwt_end = est
+        .grant
+        .expires_at
+        .map(|t| t + config.jwt.as_ref().map_or(Duration::ZERO, |j| j.leeway()));
     let stats = Rc::new(relay::SessionStats::default());
     let timing = ctx
         .metrics
         .timing()
         .then(|| relay::Timing::new(ctx.metrics.clone(), ctx.metrics.token_series(&est.token_id)));
-    let audit_queries = ctx.config.audit.queries.then(|| {
+    let audit_queries = config.audit.queries.then(|| {
         Box::new(relay::QueryAudit::new(
             start.id.to_string(),
             est.token_id.clone(),
-            ctx.config.audit.max_query_length,
+            config.audit.max_query_length,
         ))
     });
     let tracks = relay::Tracks::new(stats.clone(), timing, audit_queries);
@@ -625,8 +651,11 @@ async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
             "unknown_key"
         }
         Some(key) => {
-            let tls = ctx.upstream_tls.as_deref();
-            match upstream::send_cancel(&ctx.config.upstream, tls, &key).await {
+            // The current upstream: the key does not say which settings
+            // its session started under (a reload rarely moves the server).
+            let settings = ctx.settings();
+            let tls = settings.upstream_tls.as_deref();
+            match upstream::send_cancel(&settings.config.upstream, tls, &key).await {
                 Ok(()) => "forwarded",
                 Err(e) => {
                     warn!(error = %e, "cancel request not forwarded");
@@ -786,6 +815,9 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     if startup.is_replication() && !grant.replication {
         return Err(ClientError::replication_not_allowed().into());
     }
+    if let Some(name) = locked_parameter(&startup, &grant) {
+        return Err(ClientError::session_locked(name).into());
+    }
     let token_slot = match grant.max_connections {
         None => None,
         Some(max) => match ctx.token_limits.acquire(&token_id, max) {
@@ -805,7 +837,8 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         .into());
     }
 
-    let password = match ctx.config.upstream.credentials.get(&startup.user) {
+    let settings = &start.settings;
+    let password = match settings.config.upstream.credentials.get(&startup.user) {
         Some(p) => p.clone(),
         None => {
             // A token for a role tollgate has no login for is a config gap;
@@ -816,8 +849,8 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     };
     let cancel_key = ctx.cancel_keys.reserve();
     let login = upstream::connect_and_login(
-        &ctx.config.upstream,
-        ctx.upstream_tls.as_deref(),
+        &settings.config.upstream,
+        settings.upstream_tls.as_deref(),
         upstream::LoginParams {
             user: &startup.user,
             password,
@@ -882,12 +915,46 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// whatever the client asks at start-up), and `application_name` suffixed
 /// with the token id, so pg_stat_activity shows which token each backend
 /// belongs to.
+/// With `lock_session`, the first start-up parameter the client may not
+/// send: one the token sets, or `options` (whose `-c name=value` switches
+/// could set anything, and which Postgres reads before the key/value
+/// parameters, so they could not win anyway; the rule makes the attempt an
+/// error rather than silently ignored).
+fn locked_parameter<'a>(startup: &ClientStartup, grant: &'a Grant) -> Option<&'a str> {
+    if !grant.lock_session {
+        return None;
+    }
+    if startup
+        .params
+        .get("options")
+        .is_some_and(|o| !o.trim().is_empty())
+    {
+        return Some("options");
+    }
+    // GUC names are case-insensitive: `SEARCH_PATH` sets search_path.
+    grant
+        .session
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .find(|name| {
+            startup
+                .params
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        })
+}
+
 fn upstream_params(
     startup: &ClientStartup,
     grant: &Grant,
     token_id: &str,
 ) -> Vec<(String, String)> {
-    let overridden = |k: &str| k == "application_name" || grant.session.iter().any(|(g, _)| g == k);
+    // Case-insensitive, as GUC names are; the token's value would win
+    // anyway (it comes last), but the server need not see the client's.
+    let overridden = |k: &str| {
+        k.eq_ignore_ascii_case("application_name")
+            || grant.session.iter().any(|(g, _)| g.eq_ignore_ascii_case(k))
+    };
     let mut params: Vec<(String, String)> = startup
         .params
         .iter()

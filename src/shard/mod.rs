@@ -11,7 +11,6 @@ use std::time::Duration;
 use monoio::net::TcpListener;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
 use crate::session::{self, ShardContext, Shared};
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
@@ -61,7 +60,9 @@ impl Shards {
 /// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
 /// Binding happens here, before any thread starts, so that a port in use is
 /// reported at once and a port of 0 resolves to one port shared by all.
-pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards> {
+pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
+    let settings = shared.settings.get();
+    let config = &settings.config;
     let mut listeners = Vec::with_capacity(config.workers);
     let mut addr = config.listen;
     for _ in 0..config.workers {
@@ -77,19 +78,19 @@ pub fn start(config: Arc<Config>, shared: Arc<Shared>) -> std::io::Result<Shards
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut threads = 0;
     for (shard, listener) in listeners.into_iter().enumerate() {
-        let config = config.clone();
+        let pin_cpus = config.pin_cpus;
         let shared = shared.clone();
         // Detached: shards run until the process exits.
         std::thread::Builder::new()
             // Thread names (comm) are cut at 15 bytes: keep them short.
             .name(format!("tg-shard-{shard}"))
             .spawn(move || {
-                if !config.pin_cpus {
+                if !pin_cpus {
                     // Left to the scheduler.
                 } else if let Err(e) = monoio::utils::bind_to_cpu_set([shard % cpus]) {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");
                 }
-                let ctx = ShardContext::new(shard, config, &shared);
+                let ctx = ShardContext::new(shard, &shared);
                 if io_uring {
                     match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                         .with_entries(URING_ENTRIES)

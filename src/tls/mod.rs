@@ -78,15 +78,20 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
 
 /// The client-facing TLS configuration, reloadable.
 pub struct ServerTls {
-    cert: PathBuf,
-    key: PathBuf,
     /// Shared across reloads, so session tickets issued before a certificate
     /// change still resume after it.
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     session_cache: Arc<dyn rustls::server::StoresServerSessions>,
     config: Published<ServerConfig>,
-    /// Which versions of the two files are loaded (or failed to load).
-    stamps: Mutex<Stamps<(Option<FileStamp>, Option<FileStamp>)>>,
+    files: Mutex<Files>,
+}
+
+/// The certificate and key files, and which versions of them are loaded
+/// (or failed to load). A config reload may name other files.
+struct Files {
+    cert: PathBuf,
+    key: PathBuf,
+    stamps: Stamps<(Option<FileStamp>, Option<FileStamp>)>,
 }
 
 impl ServerTls {
@@ -98,12 +103,14 @@ impl ServerTls {
         let stamps = Stamps::new((FileStamp::of(cert), FileStamp::of(key)));
         let config = build_server_config(cert, key, &ticketer, &session_cache)?;
         Ok(Arc::new(ServerTls {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
             ticketer,
             session_cache,
             config: Published::new(config),
-            stamps: Mutex::new(stamps),
+            files: Mutex::new(Files {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                stamps,
+            }),
         }))
     }
 
@@ -116,23 +123,39 @@ impl ServerTls {
     /// Rebuilds the config if either file changed. A bad new pair is logged
     /// and the old config stays in force.
     pub fn reload_if_changed(&self) {
-        let now = (FileStamp::of(&self.cert), FileStamp::of(&self.key));
-        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
-        if !stamps.is_new(now) {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let now = (FileStamp::of(&files.cert), FileStamp::of(&files.key));
+        if !files.stamps.is_new(now) {
             return;
         }
-        match build_server_config(&self.cert, &self.key, &self.ticketer, &self.session_cache) {
+        match build_server_config(&files.cert, &files.key, &self.ticketer, &self.session_cache) {
             Ok(config) => {
                 self.config.publish(config);
-                stamps.loaded(now);
-                info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                files.stamps.loaded(now);
+                info!(cert = %files.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
                 // A fixed file changes the stamps again and is picked up then.
-                stamps.failed(now);
+                files.stamps.failed(now);
                 error!(error = %e, "new TLS certificate or key rejected; keeping the previous pair");
             }
         }
+    }
+
+    /// Loads `cert` and `key` now (a config reload), whether or not they
+    /// are the files already in use, and watches them from then on. An
+    /// error leaves the current pair in force.
+    pub fn use_files(&self, cert: &Path, key: &Path) -> Result<(), TlsConfigError> {
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let now = (FileStamp::of(cert), FileStamp::of(key));
+        let config = build_server_config(cert, key, &self.ticketer, &self.session_cache)?;
+        self.config.publish(config);
+        *files = Files {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            stamps: Stamps::new(now),
+        };
+        Ok(())
     }
 
     /// Starts the thread that polls the files for changes.

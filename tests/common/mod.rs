@@ -161,6 +161,15 @@ impl Env {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Starts the proxy without `RUST_LOG`, so the config's log level rules.
+    pub fn start_proxy_config_logging(&mut self) -> SocketAddr {
+        let log = self.dir.path().join("tollgate.log");
+        let proxy = spawn_proxy_logging(&self.config, &log, None);
+        let addr = proxy.addr;
+        self.proxy = Some(proxy);
+        addr
+    }
+
     /// Starts the proxy and waits until it accepts connections.
     pub fn start_proxy(&mut self) -> SocketAddr {
         let proxy = spawn_proxy(&self.config, &self.dir.path().join("tollgate.log"));
@@ -256,6 +265,12 @@ impl Env {
 }
 
 pub fn spawn_proxy(config: &Path, log: &Path) -> Proxy {
+    spawn_proxy_logging(config, log, Some("trace"))
+}
+
+/// [`spawn_proxy`] with `RUST_LOG` set to `rust_log`, or unset (the
+/// config's `[log] level` then rules).
+pub fn spawn_proxy_logging(config: &Path, log: &Path, rust_log: Option<&str>) -> Proxy {
     let text = std::fs::read_to_string(config).unwrap();
     let listen: SocketAddr = text
         .lines()
@@ -264,10 +279,13 @@ pub fn spawn_proxy(config: &Path, log: &Path) -> Proxy {
         .trim_matches('"')
         .parse()
         .unwrap();
-    let child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "trace")
+    let mut command = Command::new(BIN);
+    command.args(["serve", "--config"]).arg(config);
+    match rust_log {
+        Some(level) => command.env("RUST_LOG", level),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
