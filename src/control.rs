@@ -105,6 +105,7 @@ impl Control {
         self.shared
             .failures
             .set_limits(new.auth_failure_limit, new.auth_failure_window);
+        self.shared.pending.set_limit(new.max_pending_per_source);
         if let Err(e) = crate::logging::set_level(new.log_level.as_deref()) {
             // Checked when the file was loaded; only a logic slip gets here.
             warn!(error = %e, "log level not changed");

@@ -99,6 +99,16 @@ impl ClientError {
         )
     }
 
+    /// The client's address has `max_pending_per_source` connections that
+    /// have not logged in yet.
+    pub fn too_many_pending_from_source() -> Self {
+        ClientError::new(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "too_many_pending",
+            "too many connections from this address are still logging in",
+        )
+    }
+
     /// A token with `lock_session` and a start-up that sets `name` (one of
     /// the token's parameters, or `options`).
     pub fn session_locked(name: &str) -> Self {

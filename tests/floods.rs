@@ -103,3 +103,80 @@ fn bad_token_floods_and_cancel_key_guessing_are_refused_per_source() {
     assert!(log.contains("reason=\"auth_failure_limit\""), "{log}");
     env.assert_log_clean();
 }
+
+/// Slow or silent start-ups and stalled TLS handshakes from one source are
+/// capped (`max_pending_per_source`): past the cap that source is refused
+/// with 53300 before anything is read, other sources log in as usual, and
+/// the source gets its room back as its stalled connections go.
+#[test]
+fn stalled_start_ups_and_tls_handshakes_are_capped_per_source() {
+    let ca = Ca::new("floods CA");
+    let (cert, key) = ca.leaf(&["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_file, key_file) = (dir.path().join("tg.crt"), dir.path().join("tg.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let mut env = Env::build(EnvOptions {
+        top: "max_pending_per_source = 5".into(),
+        tables: format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"allow\"\n",
+            cert_file.display(),
+            key_file.display()
+        ),
+        ..EnvOptions::default()
+    });
+    let good = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    let addr = env.addr();
+
+    // 127.0.0.5 holds five start-ups: two silent, one half a start-up
+    // packet, two in the middle of a TLS handshake (SSLRequest answered,
+    // half a ClientHello sent).
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        stalled.push(raw_from("127.0.0.5", addr));
+    }
+    let mut half = raw_from("127.0.0.5", addr);
+    half.send(&startup_message(&[("user", "app")])[..6]);
+    stalled.push(half);
+    for _ in 0..2 {
+        let mut tls = raw_from("127.0.0.5", addr);
+        tls.send(&[0, 0, 0, 8, 4, 0xd2, 0x16, 0x2f]);
+        let mut s = [0u8; 1];
+        std::io::Read::read_exact(&mut tls.0, &mut s).unwrap();
+        assert_eq!(&s, b"S");
+        // A TLS record header announcing 512 bytes, then silence.
+        tls.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+        stalled.push(tls);
+    }
+    // Give the shards a moment to have accepted all five.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let (code, message) = login_from("127.0.0.5", addr, &good).unwrap_err();
+    assert_eq!(code, "53300", "{message}");
+    assert_eq!(
+        message,
+        "too many connections from this address are still logging in"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    login_from("127.0.0.6", addr, &good).expect("another source logs in");
+
+    // One stalled connection goes: the source has room for one again.
+    drop(stalled.pop());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while login_from("127.0.0.5", addr, &good).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the source never got its room back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = env.log();
+    assert!(log.contains("reason=\"too_many_pending\""), "{log}");
+    drop(stalled);
+}

@@ -23,6 +23,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// refused outright for the rest of the window.
 pub const DEFAULT_AUTH_FAILURE_LIMIT: u32 = 100;
 pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Connections one source may have between accept and login at once.
+/// Generous: a pool warming up opens many at once, and each holds its slot
+/// only for the few milliseconds of a login.
+pub const DEFAULT_MAX_PENDING_PER_SOURCE: u32 = 256;
 /// Silence after which TCP keepalive probes a peer (both sides).
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How long SIGTERM lets open sessions finish before ending them.
@@ -45,6 +49,7 @@ struct RawConfig {
     shutdown_timeout: Option<String>,
     tcp_keepalive: Option<String>,
     auth_failure_limit: Option<u32>,
+    max_pending_per_source: Option<u32>,
     auth_failure_window: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
@@ -172,6 +177,8 @@ pub struct Config {
     /// the limit off (for clients that all arrive through one proxy
     /// address, until PROXY protocol support).
     pub auth_failure_limit: u32,
+    /// Start-ups in progress per source (0 = no limit).
+    pub max_pending_per_source: u32,
     pub auth_failure_window: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
@@ -384,6 +391,9 @@ impl Config {
         let auth_failure_limit = raw.auth_failure_limit.unwrap_or(DEFAULT_AUTH_FAILURE_LIMIT);
         Ok(Config {
             auth_failure_limit,
+            max_pending_per_source: raw
+                .max_pending_per_source
+                .unwrap_or(DEFAULT_MAX_PENDING_PER_SOURCE),
             auth_failure_window: duration(
                 "auth_failure_window",
                 raw.auth_failure_window,

@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod failures;
 mod kill;
 mod limits;
+pub mod pending;
 mod relay;
 pub mod watch;
 
@@ -82,6 +83,8 @@ pub struct ShardContext {
     admin: Arc<Bus>,
     /// Failed authentications per source, across shards.
     failures: Arc<failures::FailureLimiter>,
+    /// Start-ups in progress per source, across shards.
+    pending: Arc<pending::PendingPerSource>,
     server_tls: Option<Arc<ServerTls>>,
     /// The live JWT verifier and this shard's copy of it.
     jwt: Option<(Arc<LiveJwt>, ShardCopy<JwtVerifier>)>,
@@ -122,6 +125,7 @@ impl ShardContext {
             )),
             admin: shared.admin.clone(),
             failures: shared.failures.clone(),
+            pending: shared.pending.clone(),
             tls_config: RefCell::new((0, None)),
             jwt_cache: RefCell::default(),
             jwt: shared
@@ -247,6 +251,7 @@ pub struct Shared {
     /// Bounds per-token latency series across shards, when they are on.
     pub token_series: Option<Arc<TokenSeriesLimit>>,
     pub failures: Arc<failures::FailureLimiter>,
+    pub pending: Arc<pending::PendingPerSource>,
 }
 
 impl Shared {
@@ -275,6 +280,9 @@ impl Shared {
                 .as_ref()
                 .and_then(|a| a.per_token_series)
                 .map(|max| Arc::new(TokenSeriesLimit::new(max))),
+            pending: Arc::new(pending::PendingPerSource::new(
+                config.max_pending_per_source,
+            )),
             settings: Arc::new(Published::new(settings)),
         }
     }
@@ -413,6 +421,12 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
         let refusal = ClientError::too_many_auth_failures().into();
         return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
     }
+    // Held until this function returns: the start-up is over then, and an
+    // established session's relay runs outside it.
+    let Some(_pending) = ctx.pending.enter(start.peer.ip()) else {
+        let refusal = ClientError::too_many_pending_from_source().into();
+        return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
+    };
     let policy = ShardContext::policy(config, &start.peer);
     let phase = Phase::Startup(AwaitStartup::with_policy(policy));
     let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, &mut attempt).await;
@@ -639,6 +653,17 @@ fn established<C: relay::ClientSide + 'static>(
         // Last: until here the session's bytes count as live in a scrape.
         drop(registration);
     })
+}
+
+/// Tells a client accepted while the process is out of file descriptors
+/// why it cannot be served, without reading anything.
+pub async fn refuse_out_of_fds(client: TcpStream) {
+    let e = ClientError::new(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "out_of_fds",
+        "tollgate is out of file descriptors; try again later",
+    );
+    close_with(client, encode(&e)).await;
 }
 
 /// Acts on a cancel for a session of this shard: a matching key sends the

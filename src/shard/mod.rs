@@ -134,6 +134,33 @@ fn small_pages_only() {
     }
 }
 
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// One file descriptor held back so that, when the process runs out, it
+/// can still accept a waiting client to send it an error.
+struct FdReserve(Option<std::fs::File>);
+
+impl FdReserve {
+    fn open() -> Self {
+        FdReserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    /// Frees the reserved fd; false if there was none.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    fn or_open(self) -> Self {
+        if self.0.is_some() {
+            self
+        } else {
+            Self::open()
+        }
+    }
+}
+
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -160,6 +187,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     monoio::spawn(session::watch::run(ctx.clone()));
     monoio::spawn(session::serve_routed_cancels(ctx.clone()));
     monoio::spawn(session::serve_admin(ctx.clone()));
+    let mut reserve = FdReserve::open();
     loop {
         let accepted = monoio::select! {
             a = listener.accept() => a,
@@ -177,11 +205,24 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
                     }
                 });
             }
+            Err(e) if out_of_fds(&e) && reserve.release() => {
+                // The kernel keeps the connection queued until it is
+                // accepted; left there, its client would wait in silence.
+                // With the reserve fd freed, take it and tell it why.
+                let refused = listener.accept().await;
+                if let Ok((stream, peer)) = refused {
+                    warn!(shard, %peer, "out of file descriptors: connection refused");
+                    ctx.metrics.rejected("out_of_fds");
+                    monoio::spawn(session::refuse_out_of_fds(stream));
+                }
+                reserve = FdReserve::open();
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning, and let
-                // open sessions finish.
+                // EMFILE without a reserve, and other errors: back off
+                // instead of spinning, and let open sessions finish.
                 warn!(shard, error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(50)).await;
+                reserve = reserve.or_open();
             }
         }
     }

@@ -170,6 +170,15 @@ impl Env {
         addr
     }
 
+    /// Starts the proxy with `configure` applied to its command.
+    pub fn start_proxy_with(&mut self, configure: impl FnOnce(&mut Command)) -> SocketAddr {
+        let log = self.dir.path().join("tollgate.log");
+        let proxy = spawn_proxy_with(&self.config, &log, Some("debug"), configure);
+        let addr = proxy.addr;
+        self.proxy = Some(proxy);
+        addr
+    }
+
     /// Starts the proxy and waits until it accepts connections.
     pub fn start_proxy(&mut self) -> SocketAddr {
         let proxy = spawn_proxy(&self.config, &self.dir.path().join("tollgate.log"));
@@ -271,6 +280,17 @@ pub fn spawn_proxy(config: &Path, log: &Path) -> Proxy {
 /// [`spawn_proxy`] with `RUST_LOG` set to `rust_log`, or unset (the
 /// config's `[log] level` then rules).
 pub fn spawn_proxy_logging(config: &Path, log: &Path, rust_log: Option<&str>) -> Proxy {
+    spawn_proxy_with(config, log, rust_log, |_| {})
+}
+
+/// [`spawn_proxy_logging`], with `configure` applied to the command last
+/// (resource limits, say).
+pub fn spawn_proxy_with(
+    config: &Path,
+    log: &Path,
+    rust_log: Option<&str>,
+    configure: impl FnOnce(&mut Command),
+) -> Proxy {
     let text = std::fs::read_to_string(config).unwrap();
     let listen: SocketAddr = text
         .lines()
@@ -285,6 +305,7 @@ pub fn spawn_proxy_logging(config: &Path, log: &Path, rust_log: Option<&str>) ->
         Some(level) => command.env("RUST_LOG", level),
         None => command.env_remove("RUST_LOG"),
     };
+    configure(&mut command);
     let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())

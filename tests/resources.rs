@@ -1,0 +1,198 @@
+//! Resources: out of file descriptors, new clients get an error and open
+//! sessions carry on; a churn of connect/login/close cycles leaves file
+//! descriptors, threads and sessions where they started.
+
+mod common;
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
+}
+
+/// One login, a query, Terminate, close.
+fn cycle(addr: SocketAddr, token: &str) {
+    let mut raw = raw_login(addr, &[("user", "app"), ("database", "appdb")], token)
+        .unwrap_or_else(|e| panic!("login: {e:?}"));
+    raw_query(&mut raw, "select 1").unwrap();
+    raw.send(b"X\0\0\0\x04");
+    let _ = raw.read_to_close();
+}
+
+/// Waits until `/proc` shows `want` fds for `pid` (sockets close a moment
+/// after their peers see the end).
+fn settle_fds(pid: u32, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = fd_count(pid);
+        if n <= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
+    let mut env = Env::new();
+    let token = env.create_token(&["--user", "app"]);
+    // Learn the idle fd count first, then run a second proxy with a limit
+    // a few sessions above it.
+    env.start_proxy();
+    cycle(env.addr(), &token);
+    let idle = fd_count(env.pid());
+    env.signal(libc::SIGKILL);
+    env.wait_exit(Duration::from_secs(5)).unwrap();
+    let limit = (idle + 9) as libc::rlim_t;
+    env.start_proxy_with(move |c| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            c.pre_exec(move || {
+                let l = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let addr = env.addr();
+
+    // Sessions (two fds each: client and server) until one is refused.
+    let mut open = Vec::new();
+    let refusal = loop {
+        assert!(open.len() < 20, "no refusal with {limit} fds");
+        let params = [("user", "app"), ("database", "appdb")];
+        let started = Instant::now();
+        match raw_login(addr, &params, &token) {
+            Ok(raw) => open.push(raw),
+            Err(e) => break (e, started.elapsed()),
+        }
+    };
+    let ((code, message), took) = refusal;
+    eprintln!(
+        "{} sessions open at {limit} fds ({idle} idle); next login: {code} {message:?} after {took:?}",
+        open.len()
+    );
+    assert!(
+        (code == "53300" && message.contains("out of file descriptors")) || code == "08001",
+        "{code} {message}"
+    );
+    assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+
+    // Silent clients take the last fds; then the accept itself fails, and
+    // the reserve fd lets the next one hear why instead of waiting.
+    let mut silent = Vec::new();
+    let told = loop {
+        assert!(silent.len() < 20, "never told about the fds");
+        let mut raw = Raw::connect(addr);
+        raw.0
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut head = [0u8; 1];
+        match raw.0.read(&mut head) {
+            Ok(1) => {
+                assert_eq!(head[0], b'E');
+                let mut rest = Vec::new();
+                raw.0
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                let _ = raw.0.read_to_end(&mut rest);
+                break String::from_utf8_lossy(&rest).into_owned();
+            }
+            // Accepted and waiting for its start-up: it holds an fd.
+            _ => silent.push(raw),
+        }
+    };
+    assert!(told.contains("53300"), "{told:?}");
+    assert!(told.contains("out of file descriptors"), "{told:?}");
+
+    // The open sessions are untouched.
+    for raw in &mut open {
+        assert_eq!(
+            raw_query(raw, "select 41 + 1").unwrap(),
+            vec![vec![Some("42".into())]]
+        );
+    }
+    // With room again, logins work.
+    drop(silent);
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match raw_login(addr, &[("user", "app"), ("database", "appdb")], &token) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no login after fds freed: {e:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(env
+        .log()
+        .contains("out of file descriptors: connection refused"));
+}
+
+/// `TOLLGATE_CHURN` cycles (default 2,000) of connect, login, one query,
+/// close, from 4 threads: afterwards the process has the fds, threads and
+/// sessions it had before. The closing note of #8 reports 100,000.
+#[test]
+fn connect_churn_returns_to_baseline() {
+    let cycles: usize = std::env::var("TOLLGATE_CHURN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000);
+    let mut env = Env::new();
+    let token = env.create_token(&["--user", "app"]);
+    env.start_proxy();
+    let addr = env.addr();
+    let pid = env.pid();
+    cycle(addr, &token);
+    let fds = settle_fds(pid, 0);
+    let threads = thread_count(pid);
+    let (rss_before, _) = rss_kib(pid);
+
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let token = &token;
+            s.spawn(move || {
+                for _ in (t..cycles).step_by(4) {
+                    cycle(addr, token);
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    let fds_after = settle_fds(pid, fds);
+    let (rss_after, hwm) = rss_kib(pid);
+    eprintln!(
+        "{cycles} cycles in {took:.1?} ({:.0}/s): fds {fds} -> {fds_after}, threads {threads} -> {}, \
+         VmRSS {rss_before} -> {rss_after} KiB (peak {hwm} KiB)",
+        cycles as f64 / took.as_secs_f64(),
+        thread_count(pid)
+    );
+    assert_eq!(fds_after, fds, "file descriptors leaked");
+    assert_eq!(thread_count(pid), threads, "threads leaked");
+    let log = env.log();
+    let ended = log.matches("session ended").count();
+    assert_eq!(ended, cycles + 1, "every session ended once");
+    // Memory: the allocator keeps some, but not per cycle.
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "VmRSS grew from {rss_before} to {rss_after} KiB"
+    );
+}
