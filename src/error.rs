@@ -99,6 +99,28 @@ impl ClientError {
         )
     }
 
+    /// The start-up time ran out while tollgate was logging in upstream.
+    pub fn upstream_login_timeout() -> Self {
+        ClientError::new(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "upstream_login_timeout",
+            "the database server did not complete the login in time",
+        )
+    }
+
+    /// The server's authentication did not pass tollgate's checks.
+    pub fn upstream_auth_refused() -> Self {
+        ClientError::new(
+            sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+            "upstream_auth",
+            "tollgate could not log in to the database server",
+        )
+        .with_hint(
+            "The server's authentication did not pass the proxy's checks (a method require_auth \
+             does not allow, or a SCRAM exchange that did not verify); its log has the details.",
+        )
+    }
+
     /// The client's address has `max_pending_per_source` connections that
     /// have not logged in yet.
     pub fn too_many_pending_from_source() -> Self {

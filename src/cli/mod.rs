@@ -109,6 +109,15 @@ fn wait_and_drain(
         return;
     };
     control.start_draining();
+    if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
+    {
+        // Matters only when another process listens on the same port (an
+        // in-place upgrade); README "Upgrading without downtime".
+        tracing::info!(
+            "net.ipv4.tcp_migrate_req is 0: connections already queued on the closing \
+             listeners are reset, not handed to another process on this port"
+        );
+    }
     // Read now: a reload may have changed it.
     let timeout = control.shutdown_timeout();
     tracing::info!(

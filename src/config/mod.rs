@@ -119,6 +119,7 @@ struct RawUpstream {
     ca_file: Option<String>,
     cert_file: Option<String>,
     key_file: Option<String>,
+    require_auth: Option<String>,
 }
 
 fn default_pg_port() -> u16 {
@@ -263,6 +264,8 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// Client certificate and key, for servers that use `cert` auth.
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// Authentication requests answered (libpq's `require_auth`).
+    pub require_auth: crate::upstream::login::AuthMethods,
 }
 
 /// A configuration problem, with enough context to fix it.
@@ -436,6 +439,11 @@ impl Config {
                     .unwrap_or(crate::tls::UpstreamTlsMode::Prefer),
                 ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
                 client_cert,
+                require_auth: match &raw.upstream.require_auth {
+                    None => crate::upstream::login::AuthMethods::ANY,
+                    Some(list) => crate::upstream::login::AuthMethods::parse(list)
+                        .map_err(|e| format!("[upstream] require_auth: {e}"))?,
+                },
             },
             tokens_file: base.join(raw.tokens.file),
             on_expiry: raw.tokens.on_expiry,

@@ -250,9 +250,27 @@ pub fn parse_login_message(msg: &[u8]) -> Result<BeLoginMessage<'_>, MalformedMe
                 code => BeLoginMessage::AuthenticationOther { code },
             }
         }
-        TAG_ERROR_RESPONSE => BeLoginMessage::ErrorResponse(parse_error_fields(body)),
-        TAG_NOTICE_RESPONSE => BeLoginMessage::NoticeResponse,
-        TAG_PARAMETER_STATUS => BeLoginMessage::ParameterStatus,
+        // Both are relayed verbatim to the client (an error before
+        // authentication, a notice after it), so they must be well formed:
+        // a client cannot parse a field without its terminator, and reports
+        // nothing useful for an error without a SQLSTATE.
+        TAG_ERROR_RESPONSE => {
+            BeLoginMessage::ErrorResponse(parse_error_response(body).ok_or_else(bad)?)
+        }
+        TAG_NOTICE_RESPONSE => {
+            parse_error_response(body).ok_or_else(bad)?;
+            BeLoginMessage::NoticeResponse
+        }
+        // Relayed verbatim too: exactly a name and a value, each
+        // NUL-terminated, as the message format says.
+        TAG_PARAMETER_STATUS => {
+            let name_end = memchr::memchr(0, body).ok_or_else(bad)?;
+            let value = &body[name_end + 1..];
+            if memchr::memchr(0, value) != Some(value.len().wrapping_sub(1)) {
+                return Err(bad());
+            }
+            BeLoginMessage::ParameterStatus
+        }
         TAG_BACKEND_KEY_DATA => {
             let process_id = read_i32(body).ok_or_else(bad)? as u32;
             let secret_key = &body[4..];
@@ -281,6 +299,43 @@ pub fn parse_login_message(msg: &[u8]) -> Result<BeLoginMessage<'_>, MalformedMe
         }
         tag => BeLoginMessage::Unexpected { tag },
     })
+}
+
+/// Strictly parses an ErrorResponse or NoticeResponse body, as PostgreSQL
+/// always sends one: NUL-terminated fields, a final NUL with nothing after
+/// it, a severity, a message, and a SQLSTATE of five digits or upper-case
+/// letters. `None` for anything else. Field types tollgate does not know
+/// are allowed, as the format says they may be added at any time.
+///
+/// <https://www.postgresql.org/docs/current/protocol-error-fields.html>
+pub fn parse_error_response(body: &[u8]) -> Option<ErrorFields<'_>> {
+    let mut rest = body;
+    let (mut severity, mut code, mut message) = (false, false, false);
+    loop {
+        let (&kind, tail) = rest.split_first()?;
+        if kind == 0 {
+            rest = tail;
+            break;
+        }
+        let end = memchr::memchr(0, tail)?;
+        let value = &tail[..end];
+        match kind {
+            b'S' => severity = true,
+            b'M' => message = true,
+            b'C' => {
+                code = value.len() == 5
+                    && value
+                        .iter()
+                        .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+            }
+            _ => {}
+        }
+        rest = &tail[end + 1..];
+    }
+    if !rest.is_empty() || !severity || !code || !message {
+        return None;
+    }
+    Some(parse_error_fields(body))
 }
 
 /// Reads the S/C/M fields of an ErrorResponse; tolerant of anything else, as
@@ -392,6 +447,74 @@ mod tests {
         // Error fields missing their terminators degrade to empty fields.
         let e = parse_error_fields(b"SFATAL");
         assert_eq!(e.severity, "");
+    }
+
+    /// A hostile or broken server's ErrorResponse or NoticeResponse must not
+    /// reach a client that cannot parse it (tests/hostile_servers.rs).
+    #[test]
+    fn broken_error_and_notice_responses_are_malformed() {
+        for body in [
+            &b""[..],
+            b"\0",
+            b"SFATAL\0MNo code\0\0",
+            b"SFATAL\0C\0Mempty code\0\0",
+            b"SFATAL\0C5330\0Mshort code\0\0",
+            b"SFATAL\0C533000\0Mlong code\0\0",
+            b"SFATAL\0Cab300\0Mlower case\0\0",
+            b"C53300\0Mno severity\0\0",
+            b"SFATAL\0C53300\0\0",
+            b"SFATAL\0C53300\0Mno final NUL\0",
+            b"SFATAL\0C53300\0Mno terminator",
+            b"SFATAL\0C53300\0Mtrailing\0\0junk",
+        ] {
+            for tag in [TAG_ERROR_RESPONSE, TAG_NOTICE_RESPONSE] {
+                let mut m = vec![tag];
+                m.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+                m.extend_from_slice(body);
+                assert_eq!(
+                    parse_login_message(&m),
+                    Err(MalformedMessage { tag }),
+                    "{:?}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+        // What Postgres sends, with a field type tollgate does not know.
+        let body = b"SFATAL\0VFATAL\0C53300\0Msorry, too many clients already\0Zfuture\0\0";
+        assert_eq!(
+            parse_error_response(body),
+            Some(ErrorFields {
+                severity: "FATAL",
+                code: "53300",
+                message: "sorry, too many clients already"
+            })
+        );
+    }
+
+    #[test]
+    fn parameter_status_is_a_name_and_a_value() {
+        let mut ok = BytesMut::new();
+        parameter_status(&mut ok, "server_version", "17.0");
+        assert_eq!(
+            parse_login_message(&ok),
+            Ok(BeLoginMessage::ParameterStatus)
+        );
+        let mut empty_value = BytesMut::new();
+        parameter_status(&mut empty_value, "search_path", "");
+        assert!(parse_login_message(&empty_value).is_ok());
+        for body in [
+            &b""[..],
+            b"server_version",
+            b"server_version\0",
+            b"server_version\x0017",
+            b"server_version\x0017\0junk",
+            b"server_version\x0017\0\0",
+        ] {
+            let mut m = vec![TAG_PARAMETER_STATUS];
+            m.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+            m.extend_from_slice(body);
+            assert!(parse_login_message(&m).is_err(), "{body:?}");
+        }
     }
 
     #[test]

@@ -95,6 +95,10 @@ pub struct ShardContext {
     /// This shard's copy of the TLS config and the generation it came from.
     tls_config: RefCell<(u64, Option<Arc<rustls::ServerConfig>>)>,
     next_session: Cell<u64>,
+    /// Connections accepted and not yet established or refused: a drain
+    /// waits for them as for sessions, or a client logging in at the
+    /// moment of SIGTERM would see the process vanish.
+    starting: Cell<usize>,
     /// Fires when the shard starts draining: the accept loop stops.
     pub draining: kill::KillSwitch,
 }
@@ -133,6 +137,7 @@ impl ShardContext {
                 .as_ref()
                 .map(|j| (j.clone(), ShardCopy::new(&j.published))),
             next_session: Cell::new(0),
+            starting: Cell::new(0),
             draining: kill::KillSwitch::default(),
         }
     }
@@ -291,6 +296,22 @@ impl Shared {
 /// Verified JWTs kept per shard; the cache is emptied when full.
 const JWT_CACHE_ENTRIES: usize = 4096;
 
+/// Counts a start-up in progress on its shard until dropped.
+struct Starting(Rc<ShardContext>);
+
+impl Starting {
+    fn enter(ctx: &Rc<ShardContext>) -> Starting {
+        ctx.starting.set(ctx.starting.get() + 1);
+        Starting(ctx.clone())
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.0.starting.set(self.0.starting.get() - 1);
+    }
+}
+
 /// Holds one slot of `max_connections` until dropped, and counts the
 /// connection as open in the shard's metrics meanwhile.
 struct ConnectionSlot(Arc<AtomicUsize>, Rc<ShardMetrics>);
@@ -403,8 +424,12 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     // future is as large as its largest state, and the start-up's (TLS
     // handshake, login) would otherwise stay allocated for the whole life
     // of an idle session.
+    let starting = Starting::enter(&ctx);
     let startup = Box::pin(serve(ctx, client, start).instrument(span));
-    if let Some(relay) = startup.await {
+    let relay = startup.await;
+    // An established session is in the registry by now.
+    drop(starting);
+    if let Some(relay) = relay {
         relay.await;
     }
 }
@@ -747,12 +772,13 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// it ended once none is left (or the grace time is over).
 async fn drain(ctx: Rc<ShardContext>, deadline: std::time::Instant, reply: flume::Sender<usize>) {
     ctx.draining.fire(kill::KillReason::Shutdown);
-    while !ctx.registry.is_empty() && std::time::Instant::now() < deadline {
+    let busy = || !ctx.registry.is_empty() || ctx.starting.get() > 0;
+    while busy() && std::time::Instant::now() < deadline {
         monoio::time::sleep(DRAIN_POLL).await;
     }
     let ended = ctx.registry.end_all(kill::KillReason::Shutdown);
     let grace = std::time::Instant::now() + DRAIN_GRACE;
-    while !ctx.registry.is_empty() && std::time::Instant::now() < grace {
+    while busy() && std::time::Instant::now() < grace {
         monoio::time::sleep(DRAIN_POLL).await;
     }
     let _ = reply.try_send(ended);
@@ -888,7 +914,21 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     let connecting = Instant::now();
     let upstream = timeout_at(start.deadline, login)
         .await
-        .map_err(|_| timed_out())?
+        .map_err(|_| {
+            // The client did its part; the server's login ran out the
+            // start-up time. Not the client's error (08P01) but the server's.
+            warn!(
+                token_id = %token_id,
+                user = %startup.user,
+                "upstream login did not finish within startup_timeout"
+            );
+            let mut refusal = Refusal::new(
+                "upstream_login_timeout",
+                Reply::Client(ClientError::upstream_login_timeout()),
+            );
+            refusal.detail = Some("the server did not complete the login in time".into());
+            refusal
+        })?
         .map_err(|e| {
             // Beside the audit event: a failing upstream is the operator's
             // problem, not the client's, so it is a warning.
@@ -1022,6 +1062,11 @@ fn upstream_refusal(e: UpstreamError) -> Refusal {
             Reply::Client(ClientError::upstream_protocol())
         }
         UpstreamError::Login(LoginError::ServerError { response, .. }) => Reply::Relay(response),
+        // The server's side of the authentication failed tollgate's checks:
+        // not a credentials problem, maybe not even the real server.
+        UpstreamError::Login(LoginError::Unsupported { .. } | LoginError::Scram(_)) => {
+            Reply::Client(ClientError::upstream_auth_refused())
+        }
         UpstreamError::Login(_) => Reply::Client(ClientError::upstream_login_failed()),
     };
     Refusal {

@@ -134,6 +134,18 @@ fn small_pages_only() {
     }
 }
 
+fn spawn_session(ctx: &Rc<ShardContext>, stream: monoio::net::TcpStream, peer: SocketAddr) {
+    let shard = ctx.shard;
+    let session = crate::io_util::CatchUnwind(Box::pin(session::run(ctx.clone(), stream, peer)));
+    monoio::spawn(async move {
+        if session.await.is_err() {
+            // A bug, not bad input: input errors are handled. Only this
+            // session is lost; the shard carries on.
+            error!(shard, %peer, "session panicked; connection closed");
+        }
+    });
+}
+
 fn out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
@@ -188,23 +200,31 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     monoio::spawn(session::serve_routed_cancels(ctx.clone()));
     monoio::spawn(session::serve_admin(ctx.clone()));
     let mut reserve = FdReserve::open();
+    // Draining shuts the listener down, which fails the accept in flight.
+    // Cancelling that accept instead would race with the kernel: a
+    // connection it completes just then would be lost, and its client
+    // would see a reset.
+    {
+        let ctx = ctx.clone();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        monoio::spawn(async move {
+            ctx.draining.wait().await;
+            // SAFETY: shutdown(2) on the listener's own fd, which stays
+            // open until the accept loop below ends; it touches no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        });
+    }
     loop {
-        let accepted = monoio::select! {
-            a = listener.accept() => a,
-            _ = ctx.draining.wait() => break,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let session =
-                    crate::io_util::CatchUnwind(Box::pin(session::run(ctx.clone(), stream, peer)));
-                monoio::spawn(async move {
-                    if session.await.is_err() {
-                        // A bug, not bad input: input errors are handled.
-                        // Only this session is lost; the shard carries on.
-                        error!(shard, %peer, "session panicked; connection closed");
-                    }
-                });
+        let accepted = listener.accept().await;
+        if ctx.draining.fired().is_some() {
+            // Accepted in the last moment before the shutdown: serve it.
+            if let Ok((stream, peer)) = accepted {
+                spawn_session(&ctx, stream, peer);
             }
+            break;
+        }
+        match accepted {
+            Ok((stream, peer)) => spawn_session(&ctx, stream, peer),
             Err(e) if out_of_fds(&e) && reserve.release() => {
                 // The kernel keeps the connection queued until it is
                 // accepted; left there, its client would wait in silence.

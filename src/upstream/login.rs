@@ -67,6 +67,62 @@ impl fmt::Display for LoginError {
 
 impl std::error::Error for LoginError {}
 
+/// The authentication methods tollgate will answer, as libpq's
+/// `require_auth`: a server that asks for another is refused before any
+/// password (or hash of one) is sent, and one that skips authentication is
+/// refused unless `none` is allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthMethods {
+    pub password: bool,
+    pub md5: bool,
+    pub scram: bool,
+    pub none: bool,
+}
+
+impl AuthMethods {
+    pub const ANY: AuthMethods = AuthMethods {
+        password: true,
+        md5: true,
+        scram: true,
+        none: true,
+    };
+
+    /// Parses a comma-separated list of `password`, `md5`,
+    /// `scram-sha-256` and `none`.
+    pub fn parse(list: &str) -> Result<AuthMethods, String> {
+        let mut m = AuthMethods {
+            password: false,
+            md5: false,
+            scram: false,
+            none: false,
+        };
+        for name in list.split(',').map(str::trim) {
+            match name {
+                "password" => m.password = true,
+                "md5" => m.md5 = true,
+                "scram-sha-256" => m.scram = true,
+                "none" => m.none = true,
+                other => {
+                    return Err(format!(
+                        "\"{}\" is not one of password, md5, scram-sha-256, none",
+                        other.escape_default()
+                    ))
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    fn check(&self, allowed: bool, asked: &str) -> Result<(), LoginError> {
+        if allowed {
+            return Ok(());
+        }
+        Err(LoginError::Unsupported {
+            detail: format!("the server asked for {asked}, which require_auth does not allow"),
+        })
+    }
+}
+
 /// Where the login stands; each state is named for what it waits for.
 #[allow(clippy::enum_variant_names)]
 enum Phase {
@@ -100,11 +156,22 @@ pub struct Login {
     issued: (u32, [u8; ISSUED_KEY_LEN]),
     /// The server's own key, kept for forwarding cancels.
     upstream_key: Option<BackendKey>,
+    /// Which authentication requests are answered.
+    allowed: AuthMethods,
 }
 
 /// Length of the cancel secret tollgate issues under protocol 3.2 (what
 /// PostgreSQL 18 issues); 3.0 keys are 4 bytes, the first 4 of these.
 pub const ISSUED_KEY_LEN: usize = 32;
+
+/// Most bytes collected for the client between AuthenticationOk and
+/// ReadyForQuery. They are held in memory until ReadyForQuery arrives, so a
+/// server that streamed ParameterStatus or NoticeResponse messages without
+/// end would otherwise grow one session's buffer until the connect timeout
+/// (gigabytes on a fast link). PostgreSQL sends about 1 KiB here (a dozen
+/// ParameterStatus messages and the key); the bound leaves room for notices
+/// from login event triggers.
+pub const MAX_LOGIN_RELAY_LEN: usize = 1024 * 1024;
 
 /// A logged-in upstream session, as the login leaves it.
 #[derive(Debug)]
@@ -160,7 +227,14 @@ impl Login {
             negotiated: false,
             issued,
             upstream_key: None,
+            allowed: AuthMethods::ANY,
         }
+    }
+
+    /// Answers only the authentication methods in `allowed`.
+    pub fn require(mut self, allowed: AuthMethods) -> Login {
+        self.allowed = allowed;
+        self
     }
 
     fn password(&self, method: &str) -> Result<&[u8], LoginError> {
@@ -187,6 +261,13 @@ impl Login {
         let parsed = parse_login_message(msg).map_err(|e| LoginError::Protocol {
             detail: e.to_string(),
         })?;
+        if to_client.len() + msg.len() > MAX_LOGIN_RELAY_LEN {
+            return Err(LoginError::Protocol {
+                detail: format!(
+                    "more than {MAX_LOGIN_RELAY_LEN} bytes of messages before ReadyForQuery"
+                ),
+            });
+        }
         let authenticated = matches!(self.phase, Phase::AwaitReady);
         match parsed {
             BeLoginMessage::ErrorResponse(fields) => {
@@ -268,6 +349,13 @@ impl Login {
                 to_client.extend_from_slice(msg);
                 Phase::AwaitAuthRequest
             }
+            (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationOk) if !self.allowed.none => {
+                return Err(LoginError::Unsupported {
+                    detail:
+                        "the server asked for no authentication, which require_auth does not allow"
+                            .into(),
+                });
+            }
             (Phase::AwaitAuthRequest | Phase::AwaitAuthOk, BeLoginMessage::AuthenticationOk) => {
                 if !self.negotiated && self.client_minor > self.asked_minor {
                     // The client asked for more than tollgate understands
@@ -283,12 +371,15 @@ impl Login {
                 Phase::AwaitReady
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationCleartextPassword) => {
+                self.allowed
+                    .check(self.allowed.password, "a cleartext password")?;
                 let password = self.password("cleartext")?;
                 frontend::password_message(password, to_server).map_err(protocol)?;
                 self.auth_method = "password";
                 Phase::AwaitAuthOk
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationMd5Password { salt }) => {
+                self.allowed.check(self.allowed.md5, "an md5 password")?;
                 let password = self.password("md5")?;
                 let hashed = super::md5::md5_password_message_payload(&self.user, password, salt);
                 frontend::password_message(hashed.as_bytes(), to_server).map_err(protocol)?;
@@ -296,6 +387,7 @@ impl Login {
                 Phase::AwaitAuthOk
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationSasl { mechanisms }) => {
+                self.allowed.check(self.allowed.scram, "SASL (SCRAM)")?;
                 let binding = match &self.channel_binding {
                     // Bind when the server offers it: a man in the middle
                     // between tollgate and Postgres cannot relay the login.
@@ -666,6 +758,35 @@ mod tests {
         }
     }
 
+    /// A server that never sends ReadyForQuery cannot make tollgate hold
+    /// more than MAX_LOGIN_RELAY_LEN bytes for the client.
+    #[test]
+    fn endless_parameter_status_is_bounded() {
+        let (mut login, _) = start(None);
+        let mut cache = KeyCache::new();
+        let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+        let mut ok = BytesMut::new();
+        backend::authentication_ok(&mut ok);
+        login = match login.on_message(&ok, &mut ts, &mut tc, &mut cache) {
+            Ok(LoginStep::Continue(l)) => l,
+            _ => panic!("AuthenticationOk"),
+        };
+        let mut status = BytesMut::new();
+        backend::parameter_status(&mut status, "x", &"v".repeat(60 * 1024));
+        for _ in 0..MAX_LOGIN_RELAY_LEN / status.len() + 1 {
+            match login.on_message(&status, &mut ts, &mut tc, &mut cache) {
+                Ok(LoginStep::Continue(l)) => login = l,
+                Ok(LoginStep::Ready(_)) => panic!("no ReadyForQuery was sent"),
+                Err(e) => {
+                    assert!(matches!(e, LoginError::Protocol { .. }), "{e}");
+                    assert!(tc.len() <= MAX_LOGIN_RELAY_LEN);
+                    return;
+                }
+            }
+        }
+        panic!("{} bytes collected without an error", tc.len());
+    }
+
     #[test]
     fn out_of_order_messages_are_protocol_errors() {
         let (login, _) = start(Some("x"));
@@ -693,5 +814,156 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, LoginError::Protocol { .. }));
+    }
+
+    #[test]
+    fn require_auth_lists_parse() {
+        let only = |password, md5, scram, none| AuthMethods {
+            password,
+            md5,
+            scram,
+            none,
+        };
+        for (list, want) in [
+            ("scram-sha-256", only(false, false, true, false)),
+            ("password", only(true, false, false, false)),
+            ("md5,password", only(true, true, false, false)),
+            ("none", only(false, false, false, true)),
+            (" scram-sha-256 ,\tnone ", only(false, false, true, true)),
+            (
+                "scram-sha-256,scram-sha-256",
+                only(false, false, true, false),
+            ),
+            ("password,md5,scram-sha-256,none", AuthMethods::ANY),
+        ] {
+            assert_eq!(AuthMethods::parse(list), Ok(want), "{list:?}");
+        }
+    }
+
+    #[test]
+    fn require_auth_lists_with_unknown_names_are_errors() {
+        for (list, named) in [
+            ("scram", "\"scram\""),
+            // Names are matched exactly, as libpq does.
+            ("SCRAM-SHA-256", "\"SCRAM-SHA-256\""),
+            ("gss", "\"gss\""),
+            // libpq's negation is not supported: refused, not ignored.
+            ("!password", "\"!password\""),
+            ("", "\"\""),
+            ("md5,", "\"\""),
+            ("md5,,none", "\"\""),
+            ("scram-sha-256 md5", "\"scram-sha-256 md5\""),
+            ("pass\nword", "\"pass\\nword\""),
+        ] {
+            let e = AuthMethods::parse(list).expect_err(list);
+            assert!(e.starts_with(named), "{list:?}: {e}");
+            assert!(
+                e.ends_with("is not one of password, md5, scram-sha-256, none"),
+                "{list:?}: {e}"
+            );
+            assert!(!e.contains('\n'), "{list:?}: {e:?}");
+        }
+    }
+
+    /// Hands one server message to a login started with the password
+    /// "secret" that answers only `allowed`; the result and what went to
+    /// the server and to the client.
+    fn first_answer(
+        allowed: &str,
+        msg: &[u8],
+    ) -> (Result<LoginStep, LoginError>, BytesMut, BytesMut) {
+        let (login, _) = start(Some("secret"));
+        let login = login.require(AuthMethods::parse(allowed).unwrap());
+        let (mut ts, mut tc) = (BytesMut::new(), BytesMut::new());
+        let step = login.on_message(msg, &mut ts, &mut tc, &mut KeyCache::new());
+        (step, ts, tc)
+    }
+
+    /// Each authentication request a server can make, with the method
+    /// that allows it and how the refusal names it.
+    fn requests() -> [(&'static str, BytesMut, &'static str, &'static str); 4] {
+        let mut ok = BytesMut::new();
+        backend::authentication_ok(&mut ok);
+        [
+            (
+                "cleartext",
+                BytesMut::from(&b"R\0\0\0\x08\0\0\0\x03"[..]),
+                "password",
+                "a cleartext password",
+            ),
+            (
+                "md5",
+                BytesMut::from(&b"R\0\0\0\x0c\0\0\0\x05salt"[..]),
+                "md5",
+                "an md5 password",
+            ),
+            (
+                "SASL",
+                BytesMut::from(&b"R\0\0\0\x17\0\0\0\x0aSCRAM-SHA-256\0\0"[..]),
+                "scram-sha-256",
+                "SASL (SCRAM)",
+            ),
+            ("AuthenticationOk at once", ok, "none", "no authentication"),
+        ]
+    }
+
+    /// A request for a method `require_auth` leaves out is refused as
+    /// Unsupported, naming the method, before anything is written: no
+    /// password, no hash of one, no SCRAM client-first-message, and nothing
+    /// for the client.
+    #[test]
+    fn require_refuses_other_methods_before_writing_anything() {
+        let all = ["password", "md5", "scram-sha-256", "none"];
+        for (what, msg, method, asked) in requests() {
+            let others: Vec<&str> = all.iter().copied().filter(|m| *m != method).collect();
+            let (step, ts, tc) = first_answer(&others.join(","), &msg);
+            match step {
+                Err(LoginError::Unsupported { detail }) => {
+                    assert!(detail.contains(asked), "{what}: {detail}");
+                    assert!(detail.contains("require_auth"), "{what}: {detail}");
+                    assert!(!detail.contains("secret"), "{what}: {detail}");
+                }
+                Err(e) => panic!("{what}: {e}"),
+                Ok(_) => panic!("{what}: answered although {method} is not allowed"),
+            }
+            assert!(ts.is_empty(), "{what}: {ts:?} went to the server");
+            assert!(tc.is_empty(), "{what}: {tc:?} went to the client");
+        }
+    }
+
+    /// Each method alone is enough for its own request.
+    #[test]
+    fn require_answers_the_methods_it_allows() {
+        for (what, msg, method, _) in requests() {
+            let (step, ts, tc) = first_answer(method, &msg);
+            assert!(
+                matches!(step, Ok(LoginStep::Continue(_))),
+                "{what}: {:?}",
+                step.err()
+            );
+            if method == "none" {
+                assert!(ts.is_empty(), "{what}");
+                assert_eq!(tc, msg, "{what}: AuthenticationOk for the client");
+            } else {
+                assert!(ts.starts_with(b"p"), "{what}: {ts:?}");
+            }
+        }
+    }
+
+    /// `none` left out refuses a server that skips authentication, not the
+    /// AuthenticationOk that ends one: a password login still completes.
+    #[test]
+    fn require_without_none_accepts_ok_after_credentials() {
+        let (login, _) = start(Some("secret"));
+        let login = login.require(AuthMethods::parse("password").unwrap());
+        let mut server = BytesMut::from(&b"R\0\0\0\x08\0\0\0\x03"[..]);
+        server.extend_from_slice(&trust_server(None, 4));
+        let (_, ready) = run(login, &server);
+        assert_eq!(ready.auth_method, "password");
+        // The same server without the password request is refused.
+        let (login, _) = start(Some("secret"));
+        let login = login.require(AuthMethods::parse("password").unwrap());
+        let e = try_run(login, &trust_server(None, 4)).err().unwrap();
+        assert!(matches!(e, LoginError::Unsupported { .. }), "{e}");
     }
 }

@@ -78,6 +78,9 @@ impl UpstreamError {
             UpstreamError::Frame(_) => "upstream_protocol",
             UpstreamError::Login(LoginError::ServerError { .. }) => "upstream_error",
             UpstreamError::Login(LoginError::Protocol { .. }) => "upstream_protocol",
+            UpstreamError::Login(LoginError::Unsupported { .. } | LoginError::Scram(_)) => {
+                "upstream_auth"
+            }
             UpstreamError::Login(_) => "upstream_login",
             UpstreamError::TlsRefused | UpstreamError::Tls(_) => "upstream_tls",
         }
@@ -163,10 +166,13 @@ pub async fn connect(
             return Ok((UpstreamStream::Plain(stream), None));
         }
         b'N' => return Err(UpstreamError::TlsRefused),
+        // An ErrorResponse ('E') or anything else: TLS was not negotiated.
+        // Whatever follows the byte is unauthenticated plaintext that a man
+        // in the middle may have written, so it is never read.
         other => {
-            return Err(UpstreamError::Login(LoginError::Protocol {
-                detail: format!("unexpected answer 0x{other:02x} to SSLRequest"),
-            }))
+            return Err(UpstreamError::Tls(format!(
+                "the server answered SSLRequest with 0x{other:02x}, not 'S' or 'N'"
+            )))
         }
     }
     let name = ServerName::try_from(cfg.host.clone()).map_err(|_| {
@@ -238,7 +244,8 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
         p.params,
         p.issued_key,
         &mut startup,
-    );
+    )
+    .require(cfg.require_auth);
     match stream {
         UpstreamStream::Plain(mut s) => {
             let (for_client, leftover, ready) = run_login(&mut s, (login, startup), cache).await?;
@@ -341,4 +348,74 @@ async fn write_and_await_close<S: AsyncReadRent + AsyncWriteRent>(
     res.map_err(UpstreamError::Io)?;
     let _ = stream.read(Vec::with_capacity(64)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-shot server that reads the SSLRequest, answers `answer` in one
+    /// write, and returns everything it read until the client closed.
+    fn answering(answer: &'static [u8]) -> (UpstreamConfig, std::thread::JoinHandle<Vec<u8>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut got = vec![0u8; 8];
+            s.read_exact(&mut got).unwrap();
+            s.write_all(answer).unwrap();
+            let _ = s.read_to_end(&mut got);
+            got
+        });
+        let cfg = UpstreamConfig {
+            host: "127.0.0.1".into(),
+            port: addr.port(),
+            addrs: vec![addr],
+            connect_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(60),
+            credentials: Default::default(),
+            tls: UpstreamTlsMode::Require,
+            ca_file: None,
+            client_cert: None,
+            require_auth: login::AuthMethods::ANY,
+        };
+        (cfg, server)
+    }
+
+    fn connect_with(cfg: &UpstreamConfig, mode: UpstreamTlsMode) -> Result<(), UpstreamError> {
+        let tls = UpstreamTls::new(mode, None, None).unwrap().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        rt.block_on(connect(cfg, Some(&tls))).map(|_| ())
+    }
+
+    /// An ErrorResponse in answer to SSLRequest is a TLS failure in every
+    /// mode, never a plaintext fallback, and its text is not read.
+    #[test]
+    fn error_answer_to_ssl_request_is_a_tls_failure() {
+        for mode in [UpstreamTlsMode::Prefer, UpstreamTlsMode::Require] {
+            let (cfg, server) = answering(b"E\0\0\0\x0bSFATAL\0\0");
+            let e = connect_with(&cfg, mode).err().unwrap();
+            assert!(matches!(e, UpstreamError::Tls(_)), "{mode:?}: {e}");
+            assert_eq!(e.kind(), "upstream_tls");
+            assert!(!e.to_string().contains("FATAL"), "{e}");
+            assert_eq!(server.join().unwrap().len(), 8, "only the SSLRequest");
+        }
+    }
+
+    /// CVE-2021-23222: bytes after the 'S' are handed to the TLS handshake,
+    /// never read as the server's plaintext.
+    #[test]
+    fn bytes_after_s_go_to_the_tls_handshake() {
+        // AuthenticationOk and ReadyForQuery, as an injector would send.
+        let (cfg, server) = answering(b"SR\0\0\0\x08\0\0\0\0Z\0\0\0\x05I");
+        let e = connect_with(&cfg, UpstreamTlsMode::Require).err().unwrap();
+        assert!(matches!(e, UpstreamError::Tls(_)), "{e}");
+        let got = server.join().unwrap();
+        assert_eq!(got.get(8), Some(&0x16), "a TLS handshake record follows");
+    }
 }
