@@ -225,8 +225,14 @@ pub fn parse_login_message(msg: &[u8]) -> Result<BeLoginMessage<'_>, MalformedMe
             let code = read_i32(body).ok_or_else(bad)?;
             let rest = &body[4..];
             match code {
-                AUTH_OK => BeLoginMessage::AuthenticationOk,
-                AUTH_CLEARTEXT_PASSWORD => BeLoginMessage::AuthenticationCleartextPassword,
+                // Exactly the code: AuthenticationOk is relayed verbatim to
+                // the client, which must not get bytes it cannot parse
+                // (found by fuzzing: fuzz/regressions/upstream_login).
+                AUTH_OK if rest.is_empty() => BeLoginMessage::AuthenticationOk,
+                AUTH_CLEARTEXT_PASSWORD if rest.is_empty() => {
+                    BeLoginMessage::AuthenticationCleartextPassword
+                }
+                AUTH_OK | AUTH_CLEARTEXT_PASSWORD => return Err(bad()),
                 AUTH_MD5_PASSWORD => {
                     let salt: [u8; 4] = rest.try_into().map_err(|_| bad())?;
                     BeLoginMessage::AuthenticationMd5Password { salt }
@@ -238,6 +244,9 @@ pub fn parse_login_message(msg: &[u8]) -> Result<BeLoginMessage<'_>, MalformedMe
                     loop {
                         let end = memchr::memchr(0, rest).ok_or_else(bad)?;
                         if end == 0 {
+                            if rest.len() != 1 {
+                                return Err(bad());
+                            }
                             break;
                         }
                         mechanisms.push(std::str::from_utf8(&rest[..end]).map_err(|_| bad())?);
@@ -488,6 +497,28 @@ mod tests {
                 code: "53300",
                 message: "sorry, too many clients already"
             })
+        );
+    }
+
+    #[test]
+    fn fixed_size_authentication_messages_have_nothing_after_them() {
+        for body in [
+            &[0u8, 0, 0, 0, 0][..],
+            &[0, 0, 0, 0, b'x', b'y'],
+            &[0, 0, 0, 3, 0],
+            &[0, 0, 0, 5, 1, 2, 3, 4, 5],
+            &[0, 0, 0, 10, b'S', 0, 0, b'x'],
+        ] {
+            let mut m = vec![TAG_AUTHENTICATION];
+            m.extend_from_slice(&(4 + body.len() as i32).to_be_bytes());
+            m.extend_from_slice(body);
+            assert!(parse_login_message(&m).is_err(), "{body:?}");
+        }
+        let mut ok = BytesMut::new();
+        authentication_ok(&mut ok);
+        assert_eq!(
+            parse_login_message(&ok),
+            Ok(BeLoginMessage::AuthenticationOk)
         );
     }
 
