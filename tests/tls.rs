@@ -6,66 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-
-/// A folder Postgres (running as `nobody` under root) can read, holding
-/// certificate files. Postgres insists its key be owned by its own user.
-struct Files(tempfile::TempDir);
-
-impl Files {
-    fn new() -> Files {
-        use std::os::unix::fs::PermissionsExt;
-        let d = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        Files(d)
-    }
-
-    fn write(&self, name: &str, text: &str, secret: bool) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
-        let p = self.0.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        let mode = if secret { 0o600 } else { 0o644 };
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-        p
-    }
-
-    /// A key file for Postgres: owned by the server's user when we are root.
-    fn write_server_key(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.write(name, text, true);
-        if running_as_root() {
-            let (uid, gid) = nobody();
-            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
-        }
-        p
-    }
-}
-
-fn running_as_root() -> bool {
-    let out = std::process::Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim() == "0"
-}
-
-fn nobody() -> (u32, u32) {
-    let id = |flag: &str| {
-        let out = std::process::Command::new("id")
-            .args([flag, "nobody"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    };
-    (id("-u"), id("-g"))
-}
-
-fn pg_ssl_conf(cert: &Path, key: &Path) -> Vec<(String, String)> {
-    vec![
-        ("ssl".into(), "on".into()),
-        ("ssl_cert_file".into(), cert.display().to_string()),
-        ("ssl_key_file".into(), key.display().to_string()),
-    ]
-}
 
 fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
     format!(

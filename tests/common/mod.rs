@@ -627,7 +627,66 @@ pub fn find_secrets(haystacks: &[(&str, &str)], secrets: &[(String, Vec<u8>)]) -
     found
 }
 
+// --- JWT helpers ---
+
+/// A JWT signed with HS256 under `secret`, carrying `claims`.
+pub fn hs256_jwt(secret: &str, claims: &serde_json::Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let b64 = |v: &serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let input = format!(
+        "{}.{}",
+        b64(&serde_json::json!({"alg": "HS256", "typ": "JWT"})),
+        b64(claims)
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let sig = ring::hmac::sign(&key, input.as_bytes());
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+}
+
 // --- TLS helpers ---
+
+/// A folder Postgres (running as `nobody` under root) can read, holding
+/// certificate files.
+pub struct Files(tempfile::TempDir);
+
+impl Files {
+    pub fn new() -> Files {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Files(d)
+    }
+
+    /// Writes `text` to `name`, readable by its owner only if `secret`.
+    pub fn write(&self, name: &str, text: &str, secret: bool) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.0.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let mode = if secret { 0o600 } else { 0o644 };
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    /// A key file for Postgres, which insists its key be owned by its own
+    /// user: `nobody` when the tests run as root.
+    pub fn write_server_key(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.write(name, text, true);
+        if let Some((uid, gid)) = tollgate::cluster::unprivileged_ids() {
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+        }
+        p
+    }
+}
+
+/// postgresql.conf settings that turn TLS on with `cert` and `key`.
+pub fn pg_ssl_conf(cert: &Path, key: &Path) -> Vec<(String, String)> {
+    vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), cert.display().to_string()),
+        ("ssl_key_file".into(), key.display().to_string()),
+    ]
+}
 
 /// A test certificate authority.
 pub struct Ca {
@@ -686,30 +745,9 @@ impl Raw {
     /// Reads everything until the peer closes, waiting at most `within`
     /// in all; says how the connection ended.
     pub fn read_until_end(&mut self, within: Duration) -> (Vec<u8>, Ending) {
-        let deadline = Instant::now() + within;
         let mut out = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return (out, Ending::StillOpen);
-            }
-            self.0.set_read_timeout(Some(left)).unwrap();
-            match self.0.read(&mut buf) {
-                Ok(0) => return (out, Ending::Closed),
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return (out, Ending::StillOpen)
-                }
-                Err(_) => return (out, Ending::Reset),
-            }
-        }
+        let ending = read_until_end(&mut self.0, &mut out, within);
+        (out, ending)
     }
 
     /// Reads backend messages up to and including the first ReadyForQuery
@@ -723,6 +761,34 @@ impl Raw {
             if end {
                 return got;
             }
+        }
+    }
+}
+
+/// Appends everything `s` yields to `out` until the peer closes, waiting at
+/// most `within` in all; says how the connection ended.
+pub fn read_until_end(s: &mut TcpStream, out: &mut Vec<u8>, within: Duration) -> Ending {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ending::StillOpen;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Ending::Closed,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ending::StillOpen
+            }
+            Err(_) => return Ending::Reset,
         }
     }
 }
