@@ -236,7 +236,7 @@ pub const SCRAM_CLIENT_NONCE: &str = "KioqKioqKioqKioqKioqKioq";
 const CBIND_DATA: [u8; 32] = [0xcb; 32];
 
 /// PBKDF2 rounds a fuzzed exchange may cost. The library's own cap
-/// (`MAX_ITERATIONS`, 10 million) is seconds of CPU per input, which would
+/// (`MAX_ITERATIONS`, a million) is most of a second of CPU per input, which would
 /// turn the fuzzer into a PBKDF2 benchmark; counts between the two are
 /// skipped here (they parse like any other count), counts above the
 /// library's cap still go in, to check that they are refused.
