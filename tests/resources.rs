@@ -73,6 +73,25 @@ fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
         }
     });
     let addr = env.addr();
+    // The first login right after start was reset (no event in tollgate's
+    // log) in 2 of 14 runs at this fd limit; not understood yet, and noted
+    // in issue 8's closing note. The test is about what happens once the
+    // fds run out, so it starts from a process that has served a login.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let params = [("user", "app"), ("database", "appdb")];
+        match std::panic::catch_unwind(|| raw_login(addr, &params, &token)) {
+            Ok(Ok(_)) => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no first login: {:?}",
+                    other.is_ok()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
 
     // Sessions (two fds each: client and server) until one is refused.
     let mut open = Vec::new();
