@@ -63,6 +63,7 @@ where
             e = down => e,
         }
     };
+    let ended_by = tracks.borrow().attribute(ended_by);
     let action = tracks.borrow().end_action(ended_by);
     match action {
         EndAction::Nothing => {}

@@ -77,6 +77,17 @@ const TAG_TERMINATE: u8 = b'X';
 
 impl Tracks {
     /// What to do once a pump stopped, before both sockets close.
+    /// After the client's Terminate, the server closes too, and its EOF
+    /// may win the race with the client's: the client still ended it.
+    fn attribute(&self, ended_by: EndedBy) -> EndedBy {
+        match ended_by {
+            EndedBy::ServerClosed if self.client.last_tag() == TAG_TERMINATE => {
+                EndedBy::ClientClosed
+            }
+            other => other,
+        }
+    }
+
     fn end_action(&self, ended_by: EndedBy) -> EndAction {
         match ended_by {
             EndedBy::Killed(_) if self.client.at_boundary() => {
