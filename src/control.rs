@@ -19,7 +19,6 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::session::{Settings, Shared};
-use crate::tls::UpstreamTls;
 
 /// Process-wide control state, shared by the signal thread and the admin
 /// listener.
@@ -85,16 +84,8 @@ impl Control {
         let restart_required = keep_fixed(&current.config, &mut new);
 
         // Everything that can fail comes first, so a failure changes nothing.
-        let up = &new.upstream;
-        let upstream_tls = UpstreamTls::new(
-            up.tls,
-            up.ca_file.as_deref(),
-            up.client_cert
-                .as_ref()
-                .map(|(c, k)| (c.as_path(), k.as_path())),
-        )
-        .map_err(|e| e.to_string())?
-        .map(Arc::new);
+        let settings = Settings::new(new).map_err(|e| e.to_string())?;
+        let new = &settings.config;
         if let (Some(tls), Some(t)) = (&self.shared.server_tls, &new.tls) {
             tls.use_files(&t.cert, &t.key).map_err(|e| e.to_string())?;
         }
@@ -115,10 +106,7 @@ impl Control {
         if let Some(live) = &self.shared.jwt {
             live.reload_if_changed();
         }
-        self.shared.settings.publish(Settings {
-            config: new,
-            upstream_tls,
-        });
+        self.shared.settings.publish(settings);
         Ok(Reloaded { restart_required })
     }
 
@@ -161,7 +149,8 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
     fixed!(workers, "workers");
     fixed!(pin_cpus, "pin_cpus");
     fixed!(buffer_size, "buffer_size");
-    fixed!(tokens_file, "tokens_file");
+    fixed!(tokens, "[tokens] file or postgres");
+    fixed!(fleet, "[fleet]");
     fixed!(log_format, "[log] format");
     if !same_admin(running.admin.as_ref(), new.admin.as_ref()) {
         changed.push("[admin]");

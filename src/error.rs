@@ -49,6 +49,28 @@ impl ClientError {
         )
     }
 
+    /// No `[[upstream]]` entry serves the database. Said only after the
+    /// token was accepted, so it reveals nothing to someone without one.
+    pub fn no_upstream_for_database(database: &str) -> Self {
+        ClientError::new(
+            sqlstate::INVALID_CATALOG_NAME,
+            "no_upstream_for_database",
+            format!("database \"{database}\" is not served by this proxy"),
+        )
+    }
+
+    /// The control database has been out of reach longer than
+    /// `max_staleness`: tokens cannot be checked against a current list, so
+    /// no login is accepted (the operator chose to fail closed).
+    pub fn token_store_stale() -> Self {
+        ClientError::new(
+            sqlstate::CANNOT_CONNECT_NOW,
+            "token_store_stale",
+            "tollgate cannot check tokens right now",
+        )
+        .with_hint("Its token store is out of date; try again later.")
+    }
+
     pub fn upstream_unavailable() -> Self {
         ClientError::new(
             sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,

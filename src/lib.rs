@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
+pub mod controldb;
 pub mod error;
 pub mod handshake;
 mod io_util;

@@ -84,15 +84,12 @@ fn relaying_queries_allocates_nothing() {
     )
     .unwrap();
     let config = Config::load(&config_path).unwrap();
-    let live = LiveStore::load(&config.tokens_file).unwrap();
+    let live = LiveStore::load(config.tokens_file().unwrap()).unwrap();
     // Latency histograms and per-token series on: timing must not
     // allocate per message either.
     assert!(config.admin.as_ref().is_some_and(|a| a.latency_histograms));
-    let settings = Settings {
-        config,
-        upstream_tls: None,
-    };
-    let shared = Shared::new(settings, live, None, None);
+    let settings = Settings::new(config).unwrap();
+    let shared = Shared::new(settings, live, None, None, None);
     let shards = tollgate::shard::start(Arc::new(shared)).unwrap();
 
     let mut s = TcpStream::connect(shards.local_addr).unwrap();

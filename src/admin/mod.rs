@@ -193,6 +193,10 @@ async fn metrics(state: &AdminState) -> Reply {
         io_uring: state.io_uring,
         reloads: state.control.reloads(),
         draining: state.control.is_draining(),
+        token_store: state
+            .store
+            .freshness()
+            .map(|f| (f.is_stale(), f.age(std::time::SystemTime::now()))),
     };
     let body = metrics::render(&snapshots, &facts);
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -227,28 +231,42 @@ async fn reload(state: &AdminState) -> Reply {
     json(status, &body)
 }
 
-/// Ready when every shard answers, the token store is loaded (it is
-/// loaded before the shards start; a later store backend may lose it), and
-/// the process is not draining: a load balancer's readiness probe then
-/// stops sending new clients before the listeners close.
+/// Ready when every shard answers, the token store is usable, and the
+/// process is not draining: a load balancer's readiness probe then stops
+/// sending new clients before the listeners close. A stale snapshot from
+/// the control database still serves (and says so) until it is older than
+/// `max_staleness`, when logins are refused and the instance is not ready.
 async fn healthz(state: &AdminState) -> Reply {
     let up = ask_all(&state.bus, bus::Request::Ping).await.len();
     let shards = state.bus.shards();
     let draining = state.control.is_draining();
-    let ready = up == shards && !draining;
+    let now = std::time::SystemTime::now();
+    let freshness = state.store.freshness();
+    let too_stale = freshness.is_some_and(|f| f.too_stale(now));
+    let ready = up == shards && !draining && !too_stale;
     let status_word = if draining {
         "draining"
+    } else if too_stale {
+        "token_store_stale"
     } else if ready {
         "ok"
     } else {
         "unavailable"
     };
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "status": status_word,
         "shards": shards,
         "shards_up": up,
         "tokens_loaded": state.store.published.get().len(),
     });
+    body["token_store"] = match freshness {
+        None => serde_json::json!({ "source": "file" }),
+        Some(f) => serde_json::json!({
+            "source": "postgres",
+            "stale": f.is_stale(),
+            "age_seconds": f.age(now).as_secs_f64(),
+        }),
+    };
     let status = if ready {
         StatusCode::OK
     } else {

@@ -4,11 +4,16 @@
 //!
 //! A version that fails to parse or validate is logged once and the last
 //! good snapshot stays in force: never fail open, never drop everything.
+//!
+//! With the control database (`crate::controldb`) as the source, the same
+//! snapshot is published by the control thread instead, and [`Freshness`]
+//! tracks how current it is.
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{error, info};
 
@@ -21,9 +26,61 @@ use crate::reload::{FileStamp, Published, Stamps};
 pub const STORE_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct LiveStore {
-    path: PathBuf,
+    source: Source,
     pub published: Published<TokenStore>,
-    stamps: Mutex<Stamps<Option<FileStamp>>>,
+}
+
+enum Source {
+    File {
+        path: PathBuf,
+        stamps: Mutex<Stamps<Option<FileStamp>>>,
+    },
+    Postgres(Freshness),
+}
+
+/// How current a snapshot from the control database is.
+pub struct Freshness {
+    /// Whether the control thread holds a live, listening connection.
+    connected: AtomicBool,
+    /// When the snapshot was last known current (ms since the epoch): the
+    /// last successful load or heartbeat.
+    confirmed_ms: AtomicU64,
+    /// Past this age while disconnected, logins are refused.
+    max_staleness: Option<Duration>,
+}
+
+fn epoch_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Freshness {
+    /// The snapshot was just confirmed current over a live connection.
+    pub fn confirmed(&self) {
+        self.confirmed_ms
+            .store(epoch_ms(SystemTime::now()), Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    /// The connection is lost: changes may be happening unseen.
+    pub fn lost(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    pub fn is_stale(&self) -> bool {
+        !self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Time since the snapshot was last known current.
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let confirmed = self.confirmed_ms.load(Ordering::Relaxed);
+        Duration::from_millis(epoch_ms(now).saturating_sub(confirmed))
+    }
+
+    /// Whether the operator's `max_staleness` is exceeded.
+    pub fn too_stale(&self, now: SystemTime) -> bool {
+        self.is_stale() && self.max_staleness.is_some_and(|max| self.age(now) > max)
+    }
 }
 
 impl LiveStore {
@@ -33,22 +90,57 @@ impl LiveStore {
         let stamp = FileStamp::of(path);
         let store = TokenStore::load(path)?;
         Ok(Arc::new(LiveStore {
-            path: path.to_owned(),
+            source: Source::File {
+                path: path.to_owned(),
+                stamps: Mutex::new(Stamps::new(stamp)),
+            },
             published: Published::new(store),
-            stamps: Mutex::new(Stamps::new(stamp)),
         }))
     }
 
-    /// Reloads if the file changed since the last attempt.
+    /// An empty store the control thread fills (see
+    /// `controldb::sync::start`); stale until its first load.
+    pub fn for_postgres(max_staleness: Option<Duration>) -> Arc<LiveStore> {
+        Arc::new(LiveStore {
+            source: Source::Postgres(Freshness {
+                connected: AtomicBool::new(false),
+                confirmed_ms: AtomicU64::new(0),
+                max_staleness,
+            }),
+            published: Published::new(TokenStore::default()),
+        })
+    }
+
+    /// How current the snapshot is; `None` for a file, which is always the
+    /// file's latest valid version.
+    pub fn freshness(&self) -> Option<&Freshness> {
+        match &self.source {
+            Source::File { .. } => None,
+            Source::Postgres(f) => Some(f),
+        }
+    }
+
+    /// Whether new logins must be refused because the snapshot is older
+    /// than `max_staleness` (checked once per login: two relaxed loads).
+    pub fn logins_refused(&self) -> bool {
+        self.freshness()
+            .is_some_and(|f| f.too_stale(SystemTime::now()))
+    }
+
+    /// Reloads if the file changed since the last attempt (a control
+    /// database pushes its changes instead).
     pub fn reload_if_changed(&self) {
-        let now = FileStamp::of(&self.path);
-        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        let Source::File { path, stamps } = &self.source else {
+            return;
+        };
+        let now = FileStamp::of(path);
+        let mut stamps = stamps.lock().unwrap_or_else(|e| e.into_inner());
         if !stamps.is_new(now) {
             return;
         }
-        match TokenStore::load(&self.path) {
+        match TokenStore::load(path) {
             Ok(store) => {
-                info!(tokens = store.len(), file = %self.path.display(), "token store reloaded");
+                info!(tokens = store.len(), file = %path.display(), "token store reloaded");
                 self.published.publish(store);
                 stamps.loaded(now);
             }
@@ -61,6 +153,9 @@ impl LiveStore {
 
     /// Starts the control thread that polls the file.
     pub fn watch(self: &Arc<Self>) {
+        if !matches!(self.source, Source::File { .. }) {
+            return;
+        }
         let me = Arc::downgrade(self);
         let _ = std::thread::Builder::new()
             .name("tg-store-watch".into())

@@ -56,6 +56,9 @@ struct RawRecord {
     previous_secret_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_valid_until: Option<String>,
+    /// Names of the `[[upstream]]` entries the token may reach; empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstreams: Vec<String>,
     // Tables last: TOML writes plain values before sub-tables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     session: BTreeMap<String, String>,
@@ -141,6 +144,9 @@ pub struct TokenRecord {
     /// `None` follows the global `[tokens] on_expiry`.
     pub on_expiry: Option<OnExpiry>,
     pub previous: Option<PreviousSecret>,
+    /// Names of the upstreams the token may reach (routing picks the first
+    /// that serves the database and is listed here); empty: any.
+    pub upstreams: Vec<String>,
 }
 
 impl TokenRecord {
@@ -169,6 +175,7 @@ impl TokenRecord {
             lock_session: false,
             on_expiry: None,
             previous: None,
+            upstreams: Vec::new(),
         }
     }
 
@@ -261,6 +268,8 @@ pub struct Grant {
     pub lock_session: bool,
     pub expires_at: Option<SystemTime>,
     pub on_expiry: Option<OnExpiry>,
+    /// Upstreams the session may be routed to; empty: any.
+    pub upstreams: Vec<String>,
 }
 
 /// The result of a token check: the token id when it could be read (for the
@@ -436,6 +445,47 @@ impl TokenStore {
         Ok(())
     }
 
+    /// Builds a store from rows in the file's field names, one JSON object
+    /// per token, as the Postgres backend reads them. Unlike a file, which
+    /// is taken whole or not at all, a row that does not validate is left
+    /// out (its token is refused) and described in the returned list: one
+    /// bad row written by hand must not hold back another token's
+    /// revocation.
+    pub fn from_rows(
+        tokens: &[String],
+        revoked_jwts: Vec<(String, SystemTime)>,
+    ) -> (TokenStore, Vec<String>) {
+        let mut problems = Vec::new();
+        let mut records = HashMap::with_capacity(tokens.len());
+        for row in tokens {
+            let record = serde_json::from_str::<RawRecord>(row)
+                .map_err(|e| format!("a token row is not in the expected form: {e}"))
+                .and_then(validate);
+            match record {
+                Ok(r) => {
+                    records.insert(r.id.clone(), r);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        let store = TokenStore {
+            records,
+            revoked_jwts: revoked_jwts.into_iter().collect(),
+        };
+        (store, problems)
+    }
+
+    /// A record in the file's field names, as JSON (the Postgres backend's
+    /// `tollgate.put_token` takes this form).
+    pub fn record_json(record: &TokenRecord) -> String {
+        serde_json::to_string(&to_raw(record)).expect("token record serializes")
+    }
+
+    /// Revoked JWT ids and when.
+    pub fn revoked_jwts(&self) -> impl Iterator<Item = (&str, SystemTime)> {
+        self.revoked_jwts.iter().map(|(j, t)| (j.as_str(), *t))
+    }
+
     pub fn get(&self, id: &str) -> Option<&TokenRecord> {
         self.records.get(id)
     }
@@ -532,6 +582,7 @@ impl TokenStore {
                     lock_session: r.lock_session,
                     expires_at: r.expires_at,
                     on_expiry: r.on_expiry,
+                    upstreams: r.upstreams.clone(),
                 })
             }
         });
@@ -584,6 +635,7 @@ impl TokenStore {
             lock_session: false,
             expires_at: Some(jwt.expires_at),
             on_expiry: None,
+            upstreams: Vec::new(),
         })
     }
 
@@ -710,6 +762,7 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
         session: r.session.into_iter().collect(),
         on_expiry: r.on_expiry,
         previous,
+        upstreams: r.upstreams,
         user: r.user,
         id: r.id,
     })
@@ -734,6 +787,7 @@ fn to_raw(r: &TokenRecord) -> RawRecord {
         on_expiry: r.on_expiry,
         previous_secret_sha256: r.previous.map(|p| hex::encode(p.sha256)),
         previous_valid_until: r.previous.map(|p| t(p.valid_until)),
+        upstreams: r.upstreams.clone(),
         session: r.session.iter().cloned().collect(),
     }
 }

@@ -148,13 +148,37 @@ fn start(
     config: Config,
     config_path: &std::path::Path,
 ) -> Result<(crate::shard::Shards, Arc<crate::control::Control>), CliError> {
-    let store = crate::auth::live::LiveStore::load(&config.tokens_file)?;
-    store.watch();
-    tracing::info!(
-        tokens = store.published.get().len(),
-        file = %config.tokens_file.display(),
-        "token store loaded"
-    );
+    let fleet = config.fleet.as_ref().map(|f| {
+        Arc::new(crate::session::cancel::Fleet::new(
+            f.cancel_key.expose(),
+            f.advertise.clone(),
+        ))
+    });
+    let store = match &config.tokens {
+        crate::config::TokenSource::File(path) => {
+            let store = crate::auth::live::LiveStore::load(path)?;
+            store.watch();
+            tracing::info!(
+                tokens = store.published.get().len(),
+                file = %path.display(),
+                "token store loaded"
+            );
+            store
+        }
+        crate::config::TokenSource::Postgres(db) => {
+            let store = crate::auth::live::LiveStore::for_postgres(db.max_staleness);
+            let fleet = fleet
+                .clone()
+                .map(|f| (f, config.fleet.as_ref().and_then(|c| c.instance_id)));
+            crate::controldb::sync::start(db.clone(), store.clone(), fleet)?;
+            tracing::info!(
+                tokens = store.published.get().len(),
+                control_database = %db.describe(),
+                "token store loaded; following changes"
+            );
+            store
+        }
+    };
     let server_tls = match &config.tls {
         Some(t) => {
             let tls = crate::tls::ServerTls::load(&t.cert, &t.key)?;
@@ -171,26 +195,14 @@ fn start(
             None
         }
     };
-    let up = &config.upstream;
-    let upstream_tls = crate::tls::UpstreamTls::new(
-        up.tls,
-        up.ca_file.as_deref(),
-        up.client_cert
-            .as_ref()
-            .map(|(c, k)| (c.as_path(), k.as_path())),
-    )?
-    .map(Arc::new);
     let jwt = config.jwt.clone().map(crate::auth::live::LiveJwt::new);
     if let Some(j) = &jwt {
         j.watch();
     }
     let admin = config.admin.clone();
-    let settings = crate::session::Settings {
-        config,
-        upstream_tls,
-    };
+    let settings = crate::session::Settings::new(config)?;
     let shared = Arc::new(crate::session::Shared::new(
-        settings, store, jwt, server_tls,
+        settings, store, jwt, server_tls, fleet,
     ));
     let (bus, store) = (shared.admin.clone(), shared.store.clone());
     let started = std::time::Instant::now();

@@ -80,7 +80,7 @@ pub fn run(args: QuickstartArgs) -> Result<(), CliError> {
     let config_path = dir.0.join("tollgate.toml");
     write_config(&config_path, &listen, &admin, args.workers, &target)?;
     let token = super::token::create(
-        &dir.0.join("tokens.toml"),
+        &crate::config::TokenSource::File(dir.0.join("tokens.toml")),
         &target.user,
         super::token::RuleArgs {
             databases: vec![target.database.clone()],

@@ -1,7 +1,10 @@
 //! `tollgate token ...`: manage the token store from the command line.
 //!
-//! Every change takes an exclusive lock beside the store, reads it, changes
-//! it and writes it atomically, so two commands at once cannot lose a token.
+//! Every change takes an exclusive lock, reads the store, changes it and
+//! writes it atomically, so two commands at once cannot lose a token: for a
+//! file, a lock file beside it and an atomic rename; for the control
+//! database, a table lock and one transaction, whose commit notifies every
+//! running instance.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,7 +19,7 @@ use crate::auth::cidr::Cidr;
 use crate::auth::store::{validate_session_parameter, PreviousSecret, ANY_DATABASE};
 use crate::auth::OnExpiry;
 use crate::auth::{token, TokenRecord, TokenStore};
-use crate::config::{parse_duration, Config};
+use crate::config::{parse_duration, Config, ControlDb, TokenSource};
 
 /// The rules a token carries, as command-line options.
 #[derive(Args, Debug, Default, Clone)]
@@ -56,6 +59,10 @@ pub struct RuleArgs {
     /// A note for `token list`, e.g. who or what uses the token.
     #[arg(long)]
     pub comment: Option<String>,
+    /// An `[[upstream]]` entry (by name) the token may reach (repeat for
+    /// more; default: any).
+    #[arg(long = "upstream", value_name = "NAME")]
+    pub upstreams: Vec<String>,
 }
 
 fn parse_cidr(s: &str) -> Result<Cidr, String> {
@@ -120,31 +127,27 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
             user,
             rules,
         } => {
-            let path = store_path(&config)?;
-            let t = create(&path, &user, rules)?;
+            let t = create(&source(&config)?, &user, rules)?;
             println!("{}", String::from_utf8_lossy(t.token.expose()));
             Ok(())
         }
         TokenCommand::List { config } => {
-            let store = TokenStore::load(&store_path(&config)?)?;
+            let store = read(&source(&config)?)?;
             print!("{}", render_list(&store, SystemTime::now()));
             Ok(())
         }
         TokenCommand::Revoke { config, id } => {
-            let path = store_path(&config)?;
-            revoke(&path, &id)?;
+            revoke(&source(&config)?, &id)?;
             eprintln!("revoked token {id}");
             Ok(())
         }
         TokenCommand::Rotate { config, id, grace } => {
-            let path = store_path(&config)?;
-            let t = rotate(&path, &id, grace)?;
+            let t = rotate(&source(&config)?, &id, grace)?;
             println!("{}", String::from_utf8_lossy(t.token.expose()));
             Ok(())
         }
         TokenCommand::RevokeJwt { config, jti } => {
-            let path = store_path(&config)?;
-            with_store(&path, |store| {
+            with_store(&source(&config)?, |store| {
                 store.revoke_jwt(&jti, SystemTime::now());
                 Ok(())
             })?;
@@ -154,12 +157,37 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
     }
 }
 
-fn store_path(config: &Path) -> Result<PathBuf, CliError> {
-    Ok(Config::load(config)?.tokens_file)
+fn source(config: &Path) -> Result<TokenSource, CliError> {
+    Ok(Config::load(config)?.tokens)
+}
+
+/// The store as it is now.
+fn read(source: &TokenSource) -> Result<TokenStore, CliError> {
+    match source {
+        TokenSource::File(path) => Ok(TokenStore::load(path)?),
+        TokenSource::Postgres(db) => {
+            let (rt, link) = control_db(db)?;
+            let (store, problems) = rt.block_on(crate::controldb::tokens::load(&link.client))?;
+            for p in problems {
+                eprintln!("warning: {p}");
+            }
+            Ok(store)
+        }
+    }
 }
 
 /// Runs `change` on the store under an exclusive lock and saves it.
 fn with_store<T>(
+    source: &TokenSource,
+    change: impl FnOnce(&mut TokenStore) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    match source {
+        TokenSource::File(path) => with_file(path, change),
+        TokenSource::Postgres(db) => with_control_db(db, change),
+    }
+}
+
+fn with_file<T>(
     path: &Path,
     change: impl FnOnce(&mut TokenStore) -> Result<T, CliError>,
 ) -> Result<T, CliError> {
@@ -183,8 +211,63 @@ fn with_store<T>(
     Ok(out)
 }
 
-/// Creates a token in the store at `path` and returns it.
-pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToken, CliError> {
+/// A runtime and a connection to the control database, migrated.
+fn control_db(
+    db: &ControlDb,
+) -> Result<(tokio::runtime::Runtime, crate::controldb::Link), CliError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let link = rt.block_on(async {
+        let mut link = crate::controldb::connect(db, Duration::from_secs(10)).await?;
+        crate::controldb::schema::migrate(&mut link.client).await?;
+        Ok::<_, String>(link)
+    })?;
+    Ok((rt, link))
+}
+
+/// The change in one transaction with the token tables locked against
+/// other writers (readers go on); only changed rows are written, and the
+/// commit notifies every instance.
+fn with_control_db<T>(
+    db: &ControlDb,
+    change: impl FnOnce(&mut TokenStore) -> Result<T, CliError>,
+) -> Result<T, CliError> {
+    let (rt, mut link) = control_db(db)?;
+    rt.block_on(async {
+        let err = |e: tokio_postgres::Error| crate::controldb::describe(&e);
+        let tx = link.client.transaction().await.map_err(err)?;
+        tx.batch_execute(
+            "LOCK TABLE tollgate.tokens, tollgate.revoked_jwts IN SHARE ROW EXCLUSIVE MODE",
+        )
+        .await
+        .map_err(err)?;
+        let (before, _) = crate::controldb::tokens::load(&tx).await?;
+        let mut after = before.clone();
+        // On an error the transaction is dropped, which rolls it back.
+        let out = change(&mut after)?;
+        for record in after.records() {
+            if before.get(&record.id) != Some(record) {
+                crate::controldb::tokens::put(&tx, record).await?;
+            }
+        }
+        for (jti, at) in after.revoked_jwts() {
+            if !before.revoked_jwts().any(|(j, _)| j == jti) {
+                crate::controldb::tokens::revoke_jwt(&tx, jti, at).await?;
+            }
+        }
+        tx.commit().await.map_err(err)?;
+        Ok(out)
+    })
+}
+
+/// Creates a token in the store and returns it.
+pub fn create(
+    source: &TokenSource,
+    user: &str,
+    rules: RuleArgs,
+) -> Result<token::NewToken, CliError> {
     if user.is_empty() {
         return Err("--user must not be empty".into());
     }
@@ -192,7 +275,7 @@ pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToke
     if databases.is_empty() {
         databases.push(ANY_DATABASE.to_owned());
     }
-    with_store(path, |store| {
+    with_store(source, |store| {
         // Ids are random; a clash is astronomically unlikely but cheap to rule out.
         let t = loop {
             let t = token::generate();
@@ -217,6 +300,7 @@ pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToke
         record.lock_session = rules.lock_session;
         record.on_expiry = rules.on_expiry;
         record.comment = rules.comment;
+        record.upstreams = rules.upstreams;
         store.insert(record);
         Ok(t)
     })
@@ -224,8 +308,8 @@ pub fn create(path: &Path, user: &str, rules: RuleArgs) -> Result<token::NewToke
 
 /// Gives `id` a new secret; the current one becomes the previous, valid
 /// for `grace`. The store holds at most these two.
-fn rotate(path: &Path, id: &str, grace: Duration) -> Result<token::NewToken, CliError> {
-    with_store(path, |store| {
+fn rotate(source: &TokenSource, id: &str, grace: Duration) -> Result<token::NewToken, CliError> {
+    with_store(source, |store| {
         let record = store
             .get_mut(id)
             .ok_or_else(|| format!("no token with id {id}"))?;
@@ -243,8 +327,8 @@ fn rotate(path: &Path, id: &str, grace: Duration) -> Result<token::NewToken, Cli
     })
 }
 
-fn revoke(path: &Path, id: &str) -> Result<(), CliError> {
-    with_store(path, |store| {
+fn revoke(source: &TokenSource, id: &str) -> Result<(), CliError> {
+    with_store(source, |store| {
         let record = store
             .get_mut(id)
             .ok_or_else(|| format!("no token with id {id}"))?;
@@ -337,8 +421,9 @@ mod tests {
     fn create_list_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.toml");
+        let source = TokenSource::File(path.clone());
         let t = create(
-            &path,
+            &source,
             "app",
             RuleArgs {
                 databases: vec!["appdb".into()],
@@ -350,7 +435,7 @@ mod tests {
         )
         .unwrap();
         let any = create(
-            &path,
+            &source,
             "ro",
             RuleArgs {
                 ttl: Some(Duration::from_secs(60)),
@@ -369,20 +454,20 @@ mod tests {
         );
         let secret = String::from_utf8_lossy(t.token.expose()).to_string();
         assert!(!listing.contains(&secret[16..]));
-        revoke(&path, &t.id).unwrap();
+        revoke(&source, &t.id).unwrap();
         let store = TokenStore::load(&path).unwrap();
         assert_eq!(
             store.get(&t.id).unwrap().status(SystemTime::now()),
             "revoked"
         );
-        assert!(revoke(&path, "nosuchtoken0").is_err());
+        assert!(revoke(&source, "nosuchtoken0").is_err());
         assert!(
-            rotate(&path, &t.id, Duration::ZERO).is_err(),
+            rotate(&source, &t.id, Duration::ZERO).is_err(),
             "revoked tokens stay revoked"
         );
 
         // Rotation keeps the id and rules; the old secret lasts the grace.
-        let new = rotate(&path, &any.id, Duration::from_secs(600)).unwrap();
+        let new = rotate(&source, &any.id, Duration::from_secs(600)).unwrap();
         assert_eq!(new.id, any.id);
         let store = TokenStore::load(&path).unwrap();
         let r = store.get(&any.id).unwrap();

@@ -53,8 +53,12 @@ struct RawConfig {
     auth_failure_window: Option<String>,
     max_connections: Option<usize>,
     buffer_size: Option<usize>,
-    upstream: RawUpstream,
+    proxy_protocol: Option<bool>,
+    #[serde(default)]
+    proxy_trusted: Vec<String>,
+    upstream: RawUpstreams,
     tokens: RawTokens,
+    fleet: Option<RawFleet>,
     #[serde(default)]
     log: RawLog,
     tls: Option<RawTls>,
@@ -106,9 +110,48 @@ pub enum ClientTlsMode {
     Require,
 }
 
+/// `[upstream]` (one server) or `[[upstream]]` (several, routed by
+/// database). Deserialized by hand: an untagged enum would buffer the
+/// input and turn a mistake inside into "matches no variant", losing the
+/// field name and line.
+#[derive(Debug)]
+enum RawUpstreams {
+    One(RawUpstream),
+    Many(Vec<RawUpstream>),
+}
+
+impl<'de> Deserialize<'de> for RawUpstreams {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawUpstreams;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an [upstream] table or [[upstream]] entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawUpstreams, A::Error> {
+                RawUpstream::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawUpstreams::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<RawUpstreams, A::Error> {
+                Vec::<RawUpstream>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(RawUpstreams::Many)
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUpstream {
+    name: Option<String>,
+    databases: Option<Vec<String>>,
     host: String,
     #[serde(default = "default_pg_port")]
     port: u16,
@@ -138,9 +181,26 @@ struct RawCredential {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTokens {
-    file: String,
+    file: Option<String>,
+    postgres: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    password_env: Option<String>,
+    ca_file: Option<String>,
+    max_staleness: Option<String>,
     #[serde(default)]
     on_expiry: crate::auth::OnExpiry,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    cancel_key: Option<String>,
+    cancel_key_file: Option<String>,
+    cancel_key_env: Option<String>,
+    advertise: Option<String>,
+    advertise_env: Option<String>,
+    instance_id: Option<u8>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,8 +243,15 @@ pub struct Config {
     pub auth_failure_window: Duration,
     pub max_connections: usize,
     pub buffer_size: usize,
-    pub upstream: UpstreamConfig,
-    pub tokens_file: PathBuf,
+    /// PROXY protocol headers are read from `proxy_trusted` peers.
+    pub proxy_protocol: bool,
+    pub proxy_trusted: Vec<crate::auth::cidr::Cidr>,
+    /// The servers, in the order routing tries them (at least one).
+    pub upstreams: Vec<UpstreamConfig>,
+    pub tokens: TokenSource,
+    /// Cross-instance cancel routing, when several instances share a
+    /// control database.
+    pub fleet: Option<FleetConfig>,
     /// What expiry does to open sessions, unless a token says otherwise.
     pub on_expiry: crate::auth::OnExpiry,
     pub log_level: Option<String>,
@@ -244,8 +311,86 @@ pub struct ClientTlsConfig {
     pub mode: ClientTlsMode,
 }
 
+/// Where tokens live.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSource {
+    File(PathBuf),
+    Postgres(ControlDb),
+}
+
+/// The control database (`[tokens] postgres`).
+#[derive(Clone, PartialEq)]
+pub struct ControlDb {
+    /// The connection URL or key=value string; may hold a password, so it is
+    /// never logged (see [`ControlDb::describe`]).
+    pub url: Secret,
+    pub password: Option<Secret>,
+    pub ca_file: Option<PathBuf>,
+    /// Past this long without the control database, logins are refused.
+    pub max_staleness: Option<Duration>,
+}
+
+impl ControlDb {
+    /// host:port/dbname for logs, without user or password.
+    pub fn describe(&self) -> String {
+        match String::from_utf8_lossy(self.url.expose()).parse::<tokio_postgres::Config>() {
+            Ok(c) => {
+                let host = c
+                    .get_hosts()
+                    .first()
+                    .map(|h| match h {
+                        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+                        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                    })
+                    .unwrap_or_default();
+                let port = c.get_ports().first().copied().unwrap_or(5432);
+                format!("{host}:{port}/{}", c.get_dbname().unwrap_or(""))
+            }
+            Err(_) => "(unparsable)".into(),
+        }
+    }
+}
+
+impl fmt::Debug for ControlDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlDb")
+            .field("at", &self.describe())
+            .field("ca_file", &self.ca_file)
+            .field("max_staleness", &self.max_staleness)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[fleet]`: how instances behind one load balancer forward cancels.
+#[derive(Clone, PartialEq)]
+pub struct FleetConfig {
+    /// Shared by every instance; keys the tag in issued cancel keys.
+    pub cancel_key: Secret,
+    /// host:port where peers reach this instance's listener.
+    pub advertise: String,
+    /// Fixed instance id; `None` claims a free one in the control database.
+    pub instance_id: Option<u8>,
+}
+
+impl fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("advertise", &self.advertise)
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shortest shared cancel key accepted.
+pub const MIN_CANCEL_KEY_LEN: usize = 32;
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
+    /// Names the entry for token rules and logs ("default" for a single
+    /// `[upstream]`).
+    pub name: String,
+    /// Databases routed here; `*` matches any.
+    pub databases: Vec<String>,
     /// The name as configured: used for TLS server-name checks.
     pub host: String,
     pub port: u16,
@@ -284,6 +429,26 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Parses `30s`, `10m`, `1h`, `30d` (and combinations such as `1h 30m`).
+/// A duration setting that must be more than zero; `default` when unset.
+fn positive_duration(
+    field: &str,
+    v: Option<String>,
+    default: Duration,
+) -> Result<Duration, String> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_duration(&s)
+            .and_then(|d| {
+                if d.is_zero() {
+                    Err("must be more than zero".into())
+                } else {
+                    Ok(d)
+                }
+            })
+            .map_err(|e| format!("{field}: {e}")),
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("\"{s}\" is not a duration like 30s, 10m, 1h or 30d ({e})"))
@@ -314,18 +479,7 @@ impl Config {
             n if n > 1024 => return Err(format!("workers = {n} is more than 1024")),
             n => n,
         };
-        let duration = |field: &str, v: Option<String>, default: Duration| match v {
-            None => Ok(default),
-            Some(s) => parse_duration(&s)
-                .and_then(|d| {
-                    if d.is_zero() {
-                        Err("must be more than zero".into())
-                    } else {
-                        Ok(d)
-                    }
-                })
-                .map_err(|e| format!("{field}: {e}")),
-        };
+        let duration = positive_duration;
         let buffer_size = raw.buffer_size.unwrap_or(DEFAULT_BUFFER_SIZE);
         if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&buffer_size) {
             return Err(format!(
@@ -341,23 +495,6 @@ impl Config {
             tracing_subscriber::EnvFilter::try_new(level)
                 .map_err(|e| format!("[log] level: {e}"))?;
         }
-        if raw.upstream.host.is_empty() {
-            return Err("[upstream] host is empty".into());
-        }
-        let addrs: Vec<SocketAddr> = (raw.upstream.host.as_str(), raw.upstream.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("[upstream] host \"{}\": {e}", raw.upstream.host))?
-            .collect();
-        let mut credentials = HashMap::new();
-        for c in raw.upstream.credentials {
-            let password = read_password(&c, base)?;
-            if credentials.insert(c.user.clone(), password).is_some() {
-                return Err(format!(
-                    "[[upstream.credentials]] lists user \"{}\" twice",
-                    c.user
-                ));
-            }
-        }
         let tls = match raw.tls {
             Some(t) if t.mode != ClientTlsMode::Disable => Some(ClientTlsConfig {
                 cert: base.join(t.cert),
@@ -365,11 +502,6 @@ impl Config {
                 mode: t.mode,
             }),
             _ => None,
-        };
-        let client_cert = match (raw.upstream.cert_file, raw.upstream.key_file) {
-            (None, None) => None,
-            (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
-            _ => return Err("[upstream] cert_file and key_file go together".into()),
         };
         let jwt = raw
             .jwt
@@ -392,6 +524,49 @@ impl Config {
         }
         let tcp_keepalive = duration("tcp_keepalive", raw.tcp_keepalive, DEFAULT_TCP_KEEPALIVE)?;
         let auth_failure_limit = raw.auth_failure_limit.unwrap_or(DEFAULT_AUTH_FAILURE_LIMIT);
+        let (single, raws) = match raw.upstream {
+            RawUpstreams::One(u) => (true, vec![u]),
+            RawUpstreams::Many(v) => (false, v),
+        };
+        if raws.is_empty() {
+            return Err("[[upstream]]: list at least one server".into());
+        }
+        let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raws.len());
+        for (i, u) in raws.into_iter().enumerate() {
+            let u = upstream_config(u, i, single, base, tcp_keepalive)?;
+            if upstreams.iter().any(|o| o.name == u.name) {
+                return Err(format!("[[upstream]] name \"{}\" appears twice", u.name));
+            }
+            upstreams.push(u);
+        }
+        let proxy_protocol = raw.proxy_protocol.unwrap_or(false);
+        let proxy_trusted = raw
+            .proxy_trusted
+            .iter()
+            .map(|c| {
+                c.parse::<crate::auth::cidr::Cidr>()
+                    .map_err(|e| format!("proxy_trusted: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if proxy_protocol && proxy_trusted.is_empty() {
+            return Err(
+                "proxy_protocol = true needs proxy_trusted: the load balancers' networks, \
+                 the only peers whose PROXY headers are believed"
+                    .into(),
+            );
+        }
+        let tokens = token_source(&raw.tokens, base)?;
+        let fleet = raw
+            .fleet
+            .map(|f| fleet_config(f, listen, base))
+            .transpose()?;
+        if fleet.is_some() && !matches!(tokens, TokenSource::Postgres(_)) {
+            return Err(
+                "[fleet] needs [tokens] postgres: instances find each other through the \
+                 control database"
+                    .into(),
+            );
+        }
         Ok(Config {
             auth_failure_limit,
             max_pending_per_source: raw
@@ -422,35 +597,221 @@ impl Config {
             )?,
             max_connections,
             buffer_size,
-            upstream: UpstreamConfig {
-                host: raw.upstream.host,
-                port: raw.upstream.port,
-                addrs,
-                connect_timeout: duration(
-                    "[upstream] connect_timeout",
-                    raw.upstream.connect_timeout,
-                    DEFAULT_CONNECT_TIMEOUT,
-                )?,
-                keepalive: tcp_keepalive,
-                credentials,
-                tls: raw
-                    .upstream
-                    .tls
-                    .unwrap_or(crate::tls::UpstreamTlsMode::Prefer),
-                ca_file: raw.upstream.ca_file.map(|f| base.join(f)),
-                client_cert,
-                require_auth: match &raw.upstream.require_auth {
-                    None => crate::upstream::login::AuthMethods::ANY,
-                    Some(list) => crate::upstream::login::AuthMethods::parse(list)
-                        .map_err(|e| format!("[upstream] require_auth: {e}"))?,
-                },
-            },
-            tokens_file: base.join(raw.tokens.file),
+            upstreams,
+            proxy_protocol,
+            proxy_trusted,
+            tokens,
+            fleet,
             on_expiry: raw.tokens.on_expiry,
             log_level: raw.log.level,
             log_format: raw.log.format.unwrap_or_default(),
         })
     }
+}
+
+fn upstream_config(
+    u: RawUpstream,
+    index: usize,
+    single: bool,
+    base: &Path,
+    keepalive: Duration,
+) -> Result<UpstreamConfig, String> {
+    let name = match (u.name, single) {
+        (Some(n), _) => n,
+        (None, true) => "default".to_owned(),
+        (None, false) => return Err(format!("[[upstream]] entry {} has no name", index + 1)),
+    };
+    let at = if single {
+        "[upstream]".to_owned()
+    } else {
+        format!("[[upstream]] \"{name}\"")
+    };
+    if name.is_empty() || name.len() > 63 || name.chars().any(|c| c.is_control()) {
+        return Err(format!("{at}: name must be 1 to 63 printable characters"));
+    }
+    let databases = u.databases.unwrap_or_else(|| vec!["*".to_owned()]);
+    if databases.is_empty() || databases.iter().any(|d| d.is_empty()) {
+        return Err(format!("{at}: databases must list names, or \"*\" for any"));
+    }
+    if u.host.is_empty() {
+        return Err(format!("{at}: host is empty"));
+    }
+    let addrs: Vec<SocketAddr> = (u.host.as_str(), u.port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{at}: host \"{}\": {e}", u.host))?
+        .collect();
+    let mut credentials = HashMap::new();
+    for c in u.credentials {
+        let password = read_password(&c, base)?;
+        if credentials.insert(c.user.clone(), password).is_some() {
+            return Err(format!("{at}: credentials list user \"{}\" twice", c.user));
+        }
+    }
+    let client_cert = match (u.cert_file, u.key_file) {
+        (None, None) => None,
+        (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
+        _ => return Err(format!("{at}: cert_file and key_file go together")),
+    };
+    let connect_timeout = positive_duration(
+        &format!("{at} connect_timeout"),
+        u.connect_timeout,
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    Ok(UpstreamConfig {
+        name,
+        databases,
+        host: u.host,
+        port: u.port,
+        addrs,
+        connect_timeout,
+        keepalive,
+        credentials,
+        tls: u.tls.unwrap_or(crate::tls::UpstreamTlsMode::Prefer),
+        ca_file: u.ca_file.map(|f| base.join(f)),
+        client_cert,
+        require_auth: match &u.require_auth {
+            None => crate::upstream::login::AuthMethods::ANY,
+            Some(list) => crate::upstream::login::AuthMethods::parse(list)
+                .map_err(|e| format!("{at} require_auth: {e}"))?,
+        },
+    })
+}
+
+impl UpstreamConfig {
+    pub fn serves(&self, database: &str) -> bool {
+        self.databases.iter().any(|d| d == "*" || d == database)
+    }
+}
+
+impl Config {
+    /// The upstream a session for `database` goes to: the first entry that
+    /// serves the database and that `allowed` (the token's list; empty:
+    /// any) names. `Err(true)` when some entry serves the database but the
+    /// token may reach none of them; `Err(false)` when none serves it.
+    pub fn route(&self, database: &str, allowed: &[String]) -> Result<usize, bool> {
+        let mut served = false;
+        for (i, u) in self.upstreams.iter().enumerate() {
+            if u.serves(database) {
+                served = true;
+                if allowed.is_empty() || allowed.iter().any(|a| a == &u.name) {
+                    return Ok(i);
+                }
+            }
+        }
+        Err(served)
+    }
+
+    /// The token file, when tokens live in one.
+    pub fn tokens_file(&self) -> Option<&Path> {
+        match &self.tokens {
+            TokenSource::File(p) => Some(p),
+            TokenSource::Postgres(_) => None,
+        }
+    }
+}
+
+fn token_source(t: &RawTokens, base: &Path) -> Result<TokenSource, String> {
+    match (&t.file, &t.postgres) {
+        (Some(f), None) => {
+            if t.password.is_some()
+                || t.password_file.is_some()
+                || t.password_env.is_some()
+                || t.ca_file.is_some()
+                || t.max_staleness.is_some()
+            {
+                return Err(
+                    "[tokens] password, ca_file and max_staleness go with postgres, not file"
+                        .into(),
+                );
+            }
+            Ok(TokenSource::File(base.join(f)))
+        }
+        (None, Some(url)) => {
+            let parsed = url
+                .parse::<tokio_postgres::Config>()
+                .map_err(|_| "[tokens] postgres is not a valid connection URL".to_owned())?;
+            if parsed.get_hosts().is_empty() {
+                return Err("[tokens] postgres names no host".into());
+            }
+            let password = read_secret(
+                "[tokens] password",
+                &t.password,
+                &t.password_file,
+                &t.password_env,
+                base,
+            )?;
+            let max_staleness = t
+                .max_staleness
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(|e| format!("[tokens] max_staleness: {e}"))?;
+            Ok(TokenSource::Postgres(ControlDb {
+                url: Secret::new(url.as_bytes().to_vec()),
+                password,
+                ca_file: t.ca_file.as_ref().map(|f| base.join(f)),
+                max_staleness,
+            }))
+        }
+        _ => Err("[tokens]: set either file or postgres".into()),
+    }
+}
+
+fn fleet_config(f: RawFleet, listen: SocketAddr, base: &Path) -> Result<FleetConfig, String> {
+    let cancel_key = read_secret(
+        "[fleet] cancel_key",
+        &f.cancel_key,
+        &f.cancel_key_file,
+        &f.cancel_key_env,
+        base,
+    )?
+    .ok_or(
+        "[fleet] needs cancel_key, cancel_key_file or cancel_key_env (the same on every instance)",
+    )?;
+    if cancel_key.expose().len() < MIN_CANCEL_KEY_LEN {
+        return Err(format!(
+            "[fleet] cancel_key: use at least {MIN_CANCEL_KEY_LEN} characters"
+        ));
+    }
+    let advertise = match (f.advertise, f.advertise_env) {
+        (Some(a), None) => a,
+        (None, Some(var)) => {
+            let v = std::env::var(&var)
+                .map_err(|_| format!("[fleet] advertise_env: {var} is not set"))?;
+            with_port(v.trim(), listen.port())
+        }
+        (None, None) if !listen.ip().is_unspecified() => listen.to_string(),
+        (None, None) => {
+            return Err(format!(
+                "[fleet]: listen = \"{listen}\" is not an address the other instances can \
+                 reach; set advertise or advertise_env"
+            ))
+        }
+        _ => return Err("[fleet]: give advertise or advertise_env, not both".into()),
+    };
+    if f.instance_id == Some(0) {
+        return Err("[fleet] instance_id must be between 1 and 255".into());
+    }
+    Ok(FleetConfig {
+        cancel_key,
+        advertise,
+        instance_id: f.instance_id,
+    })
+}
+
+/// `host` or `host:port` (IPv6 bare or bracketed) with `port` added when
+/// missing.
+fn with_port(host: &str, port: u16) -> String {
+    if host.parse::<SocketAddr>().is_ok() {
+        return host.to_owned();
+    }
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return SocketAddr::new(ip, port).to_string();
+    }
+    if host.contains(':') {
+        return host.to_owned();
+    }
+    format!("{host}:{port}")
 }
 
 fn admin_config(a: RawAdmin, base: &Path) -> Result<AdminConfig, String> {
@@ -525,7 +886,7 @@ fn hide_values(message: &str) -> String {
 
 /// Reads a credential's password from exactly one of its three sources.
 fn read_password(c: &RawCredential, base: &Path) -> Result<Option<Secret>, String> {
-    let who = format!("[[upstream.credentials]] user \"{}\"", c.user);
+    let who = format!("[upstream] credentials of user \"{}\"", c.user);
     read_secret(&who, &c.password, &c.password_file, &c.password_env, base)
 }
 
@@ -593,9 +954,9 @@ file = "tokens.toml"
         assert_eq!(c.workers, 2);
         assert_eq!(c.listen.port(), 6432);
         assert_eq!(c.startup_timeout, DEFAULT_STARTUP_TIMEOUT);
-        assert!(c.tokens_file.ends_with("tokens.toml"));
-        assert!(c.tokens_file.is_absolute());
-        let ro = c.upstream.credentials["ro"].as_ref().unwrap();
+        assert!(c.tokens_file().unwrap().ends_with("tokens.toml"));
+        assert!(c.tokens_file().unwrap().is_absolute());
+        let ro = c.upstreams[0].credentials["ro"].as_ref().unwrap();
         assert_eq!(ro.expose(), b"from-file");
     }
 
@@ -624,6 +985,105 @@ file = "tokens.toml"
             assert!(!e.to_string().contains("53125312"), "{e}");
             assert!(e.message.starts_with("line "), "{e}");
         }
+    }
+
+    #[test]
+    fn several_upstreams_route_by_database_and_token_rule() {
+        let text = r#"
+listen = "127.0.0.1:6432"
+[[upstream]]
+name = "main"
+databases = ["app", "billing"]
+host = "127.0.0.1"
+[[upstream.credentials]]
+user = "app"
+password = "p1"
+[[upstream]]
+name = "replica"
+databases = ["app"]
+host = "127.0.0.1"
+port = 5433
+[[upstream]]
+name = "rest"
+host = "127.0.0.1"
+port = 5434
+[tokens]
+file = "tokens.toml"
+"#;
+        let c = load(text).unwrap();
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["main", "replica", "rest"]);
+        // Credentials belong to the entry they follow.
+        assert!(c.upstreams[0].credentials.contains_key("app"));
+        assert!(c.upstreams[1].credentials.is_empty());
+        assert_eq!(c.route("app", &[]), Ok(0));
+        assert_eq!(c.route("app", &["replica".into()]), Ok(1));
+        assert_eq!(c.route("billing", &["replica".into()]), Err(true));
+        assert_eq!(c.route("other", &[]), Ok(2));
+        assert_eq!(c.route("other", &["main".into()]), Err(true));
+        let e = load(&text.replace("name = \"rest\"\n", "")).unwrap_err();
+        assert!(e.message.contains("entry 3 has no name"), "{e}");
+        let e = load(&text.replace("\"replica\"", "\"main\"")).unwrap_err();
+        assert!(e.message.contains("appears twice"), "{e}");
+        // A mistake inside an entry keeps its line and field name.
+        let e = load(&text.replace("port = 5433", "prot = 5433")).unwrap_err();
+        assert!(
+            e.message.starts_with("line ") && e.message.contains("prot"),
+            "{e}"
+        );
+        // The single-table form is named "default" and serves every database.
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.upstreams[0].name, "default");
+        assert_eq!(c.route("anything", &[]), Ok(0));
+    }
+
+    #[test]
+    fn control_database_and_fleet_are_validated_without_quoting_secrets() {
+        let pg = MINIMAL.replace(
+            "file = \"tokens.toml\"",
+            "postgres = \"postgres://ctl:Url-S3cret@db.internal:6543/control\"\n\
+             password_file = \"pw\"\nmax_staleness = \"5m\"",
+        );
+        let c = load(&pg).unwrap();
+        let TokenSource::Postgres(db) = &c.tokens else {
+            panic!("not postgres")
+        };
+        assert_eq!(db.describe(), "db.internal:6543/control");
+        assert_eq!(db.max_staleness, Some(Duration::from_secs(300)));
+        assert_eq!(db.password.as_ref().unwrap().expose(), b"from-file");
+        assert!(!format!("{c:?}").contains("S3cret"));
+        let e = load(&pg.replace("postgres = ", "file = \"t.toml\"\npostgres = ")).unwrap_err();
+        assert!(e.message.contains("either file or postgres"), "{e}");
+        let e = load(&pg.replace("postgres://", "nonsense Url-S3cret ")).unwrap_err();
+        assert!(!e.to_string().contains("S3cret"), "{e}");
+
+        let fleet = |body: &str| load(&format!("{pg}\n[fleet]\n{body}\n"));
+        let key = "cancel_key = \"0123456789abcdef0123456789abcdef\"";
+        let c = fleet(&format!("{key}\ninstance_id = 4")).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!(
+            (f.advertise.as_str(), f.instance_id),
+            ("127.0.0.1:6432", Some(4))
+        );
+        assert!(!format!("{f:?}").contains("0123456789abcdef"));
+        let e = fleet("cancel_key = \"short-Key-S3cret\"").unwrap_err();
+        assert!(
+            e.message.contains("at least 32") && !e.message.contains("S3cret"),
+            "{e}"
+        );
+        assert!(fleet(&format!("{key}\ninstance_id = 0")).is_err());
+        let e = load(&format!("{MINIMAL}\n[fleet]\n{key}\n")).unwrap_err();
+        assert!(e.message.contains("needs [tokens] postgres"), "{e}");
+        let e = load(&format!(
+            "{}\n[fleet]\n{key}\n",
+            pg.replace("127.0.0.1:6432", "0.0.0.0:6432")
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("advertise"), "{e}");
+        assert_eq!(with_port("10.1.2.3", 6432), "10.1.2.3:6432");
+        assert_eq!(with_port("fd00::7", 6432), "[fd00::7]:6432");
+        assert_eq!(with_port("pod.ns.svc:7000", 6432), "pod.ns.svc:7000");
+        assert_eq!(with_port("pod.ns.svc", 6432), "pod.ns.svc:6432");
     }
 
     #[test]

@@ -287,6 +287,9 @@ pub struct ProcessFacts {
     /// Config reloads since start: successful, failed.
     pub reloads: (u64, u64),
     pub draining: bool,
+    /// For a control-database store: whether the snapshot is stale, and
+    /// its age (time since last known current).
+    pub token_store: Option<(bool, Duration)>,
 }
 
 /// Renders the merged exposition.
@@ -323,6 +326,24 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
         "Tokens in the current token store snapshot.",
     );
     e.sample("tollgate_tokens_loaded", &[], facts.tokens_loaded as f64);
+    if let Some((stale, age)) = facts.token_store {
+        e.family(
+            "tollgate_token_store_stale",
+            "gauge",
+            "1 while the control database is out of reach and the last snapshot serves.",
+        );
+        e.sample(
+            "tollgate_token_store_stale",
+            &[],
+            f64::from(u8::from(stale)),
+        );
+        e.family(
+            "tollgate_token_store_age_seconds",
+            "gauge",
+            "Seconds since the token snapshot was last confirmed current (heartbeats confirm it every second).",
+        );
+        e.sample("tollgate_token_store_age_seconds", &[], age.as_secs_f64());
+    }
     e.family(
         "tollgate_config_reloads_total",
         "counter",
@@ -574,6 +595,7 @@ mod tests {
             io_uring: true,
             reloads: (2, 1),
             draining: false,
+            token_store: Some((true, Duration::from_millis(2500))),
         };
         let text = render(&snaps, &facts);
         assert!(text.contains(
@@ -585,5 +607,7 @@ mod tests {
         assert!(text.contains("tollgate_query_duration_seconds_count 2\n"));
         assert!(text.contains("tollgate_query_duration_seconds_bucket{le=\"0.00005\"} 1\n"));
         assert!(text.contains("tollgate_connections_active{shard=\"0\"} 1\n"));
+        assert!(text.contains("tollgate_token_store_stale 1\n"));
+        assert!(text.contains("tollgate_token_store_age_seconds 2.5\n"));
     }
 }

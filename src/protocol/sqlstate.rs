@@ -35,6 +35,10 @@ pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState("42501");
 pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
 /// 57P01: tollgate is shutting down.
 pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+/// 57P03: tollgate cannot accept logins for now.
+pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
+/// 3D000: no such database (as Postgres says it).
+pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
 /// 57P05: a client exceeded an idle or login timeout (idle_session_timeout's code).
 pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
 /// XX000: a failure inside tollgate.

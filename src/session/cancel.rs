@@ -14,18 +14,141 @@
 //! Postgres does; a flood of guesses costs an accept, a channel send and a
 //! hash lookup each, and a full channel drops the surplus.
 //!
+//! In a fleet (`[fleet]`), the load balancer may send the CancelRequest to
+//! another instance than the one serving the session. Keys then carry the
+//! owner's instance id in the process id, and a tag in the secret made with
+//! the fleet's shared cancel key ([`Fleet`]): any instance can tell a key
+//! some instance issued from a guess, and forwards only the former, as a
+//! plain CancelRequest, to the owner's advertised address. Nothing else is
+//! shared; the owner still checks the whole secret against its table.
+//!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 use tracing::debug;
 
+use super::Route;
 use crate::protocol::backend::BackendKey;
 use crate::upstream::login::ISSUED_KEY_LEN;
+
+/// Process-id bits for the instance id (bits 23..30; bit 31 stays clear
+/// for clients that read the id as a signed Int32).
+const INSTANCE_SHIFT: u32 = 23;
+/// The rest of a fleet process id: the shard and a random slot.
+const LOCAL_MASK: u32 = (1 << INSTANCE_SHIFT) - 1;
+/// Set on a CancelRequest one instance forwards to another: the receiver
+/// acts on it locally and never forwards it again, so no two instances with
+/// different views of the registry can pass a cancel back and forth.
+pub const FORWARDED: u32 = 1 << 31;
+
+/// Where a CancelRequest goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Destination {
+    /// A session of this instance (process id without the forward mark).
+    Here(u32),
+    /// Another instance, at this address.
+    Peer(String),
+    /// A key no instance of the fleet issued, or an owner not known.
+    Nowhere,
+}
+
+/// The fleet's shared cancel key and the instance registry's view.
+pub struct Fleet {
+    key: hmac::Key,
+    /// Claimed in the control database before the shards start; renewed
+    /// (possibly changed) after a reconnect.
+    instance_id: AtomicU8,
+    /// Other instances' advertised addresses, by id.
+    peers: Mutex<std::collections::HashMap<u8, String>>,
+    pub advertise: String,
+}
+
+impl Fleet {
+    pub fn new(cancel_key: &[u8], advertise: String) -> Self {
+        Fleet {
+            key: hmac::Key::new(hmac::HMAC_SHA256, cancel_key),
+            instance_id: AtomicU8::new(0),
+            peers: Mutex::default(),
+            advertise,
+        }
+    }
+
+    pub fn instance_id(&self) -> u8 {
+        self.instance_id.load(Ordering::Relaxed)
+    }
+
+    pub fn set_instance_id(&self, id: u8) {
+        self.instance_id.store(id, Ordering::Relaxed);
+    }
+
+    pub fn set_peers(&self, peers: std::collections::HashMap<u8, String>) {
+        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    /// The tag of a secret's random part. Two tags per secret, one for the
+    /// 4 bytes a protocol 3.0 client gets and one for the 32 of 3.2, as the
+    /// key is drawn before the server's protocol version is known.
+    fn tag(&self, process_id: u32, random: &[u8], out: &mut [u8]) {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        ctx.update(&[random.len() as u8]);
+        ctx.update(&process_id.to_be_bytes());
+        ctx.update(random);
+        let tag = ctx.sign();
+        out.copy_from_slice(&tag.as_ref()[..out.len()]);
+    }
+
+    /// Fills in the tags of a fresh secret whose other bytes are random.
+    fn seal(&self, process_id: u32, secret: &mut [u8; ISSUED_KEY_LEN]) {
+        let mut short = [0u8; 2];
+        self.tag(process_id, &secret[..2], &mut short);
+        secret[2..4].copy_from_slice(&short);
+        let mut long = [0u8; 8];
+        self.tag(process_id, &secret[..ISSUED_KEY_LEN - 8], &mut long);
+        secret[ISSUED_KEY_LEN - 8..].copy_from_slice(&long);
+    }
+
+    /// Whether `secret` carries a valid tag for `process_id`.
+    fn verify(&self, process_id: u32, secret: &[u8]) -> bool {
+        let (random, tag) = match secret.len() {
+            4 => secret.split_at(2),
+            ISSUED_KEY_LEN => secret.split_at(ISSUED_KEY_LEN - 8),
+            _ => return false,
+        };
+        let mut expected = [0u8; 8];
+        let expected = &mut expected[..tag.len()];
+        self.tag(process_id, random, expected);
+        bool::from(expected.ct_eq(tag))
+    }
+
+    /// Where a CancelRequest for `process_id` with `secret` goes.
+    pub fn destination(&self, process_id: u32, secret: &[u8]) -> Destination {
+        if process_id & FORWARDED != 0 {
+            return Destination::Here(process_id & !FORWARDED);
+        }
+        let owner = (process_id >> INSTANCE_SHIFT) as u8;
+        let own = self.instance_id();
+        if owner == own || owner == 0 {
+            return Destination::Here(process_id);
+        }
+        if !self.verify(process_id, secret) {
+            return Destination::Nowhere;
+        }
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        match peers.get(&owner) {
+            Some(addr) if *addr != self.advertise => Destination::Peer(addr.clone()),
+            _ => Destination::Nowhere,
+        }
+    }
+}
 
 /// A CancelRequest as the client sent it.
 #[derive(Clone)]
@@ -41,12 +164,15 @@ const INBOX_CAPACITY: usize = 1024;
 
 /// The channels between shards, built once before the shards start.
 pub struct Router {
+    /// The bits of a process id that name the shard (all of them unless
+    /// the instance is part of a fleet).
+    local_mask: u32,
     routes: Vec<flume::Sender<CancelRequest>>,
     inboxes: std::sync::Mutex<Vec<Option<flume::Receiver<CancelRequest>>>>,
 }
 
 impl Router {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, fleet: bool) -> Self {
         let (routes, inboxes) = (0..shards.max(1))
             .map(|_| {
                 let (tx, rx) = flume::bounded(INBOX_CAPACITY);
@@ -54,6 +180,7 @@ impl Router {
             })
             .unzip();
         Router {
+            local_mask: if fleet { LOCAL_MASK } else { u32::MAX },
             routes,
             inboxes: std::sync::Mutex::new(inboxes),
         }
@@ -65,7 +192,7 @@ impl Router {
 
     /// The shard whose session `process_id` names.
     pub fn owner(&self, process_id: u32) -> usize {
-        process_id as usize % self.routes.len()
+        (process_id & self.local_mask) as usize % self.routes.len()
     }
 
     /// Hands a cancel to its owner shard. Drops it when the owner's inbox is
@@ -88,23 +215,26 @@ impl Router {
 struct Entry {
     /// The key the client was given; empty until the login completes.
     issued: Box<[u8]>,
-    /// The server's real key.
-    upstream: Option<BackendKey>,
+    /// The server's real key, and the server: routing may have chosen one
+    /// of several, and a reload may have moved it since.
+    upstream: Option<(BackendKey, Arc<Route>)>,
 }
 
 /// One shard's key table. Shard-local: only the owner thread touches it.
 pub struct Keys {
     shard: u32,
     shards: u32,
+    fleet: Option<Arc<Fleet>>,
     table: RefCell<HashMap<u32, Entry>>,
     rng: SystemRandom,
 }
 
 impl Keys {
-    pub fn new(shard: usize, shards: usize) -> Self {
+    pub fn new(shard: usize, shards: usize, fleet: Option<Arc<Fleet>>) -> Self {
         Keys {
             shard: shard as u32,
             shards: shards.max(1) as u32,
+            fleet,
             table: RefCell::default(),
             rng: SystemRandom::new(),
         }
@@ -116,7 +246,13 @@ impl Keys {
         // Process ids stay positive as an Int32 (clients may read them
         // signed) and are random, so they reveal nothing about how many
         // sessions there are and add 31 bits an attacker must guess.
-        let slots = i32::MAX as u32 / self.shards;
+        let instance = self.fleet.as_ref().map_or(0, |f| f.instance_id());
+        let space = if instance == 0 {
+            i32::MAX as u32
+        } else {
+            LOCAL_MASK + 1
+        };
+        let slots = space / self.shards;
         let mut random = [0u8; 4 + ISSUED_KEY_LEN];
         let mut table = self.table.borrow_mut();
         let process_id = loop {
@@ -126,7 +262,8 @@ impl Keys {
                 random = [0; 4 + ISSUED_KEY_LEN];
             }
             let r = u32::from_be_bytes([random[0], random[1], random[2], random[3]]);
-            let pid = (r % slots) * self.shards + self.shard;
+            let pid =
+                ((r % slots) * self.shards + self.shard) | (u32::from(instance) << INSTANCE_SHIFT);
             if pid != 0 && !table.contains_key(&pid) {
                 break pid;
             }
@@ -140,6 +277,9 @@ impl Keys {
         );
         let mut secret = [0u8; ISSUED_KEY_LEN];
         secret.copy_from_slice(&random[4..]);
+        if let (Some(f), true) = (&self.fleet, instance != 0) {
+            f.seal(process_id, &mut secret);
+        }
         Reservation {
             keys: self.clone(),
             process_id,
@@ -149,7 +289,7 @@ impl Keys {
 
     /// The server's key for a cancel that names a session of this shard
     /// with the right secret; `None` otherwise.
-    pub fn upstream_key(&self, request: &CancelRequest) -> Option<BackendKey> {
+    pub fn upstream_key(&self, request: &CancelRequest) -> Option<(BackendKey, Arc<Route>)> {
         let table = self.table.borrow();
         let entry = table.get(&request.process_id)?;
         // Constant time: the comparison must not tell a guesser how much of
@@ -180,10 +320,10 @@ pub struct Reservation {
 impl Reservation {
     /// Records the keys once the login is done: the one the client was
     /// given and the server's, which a matching cancel will use.
-    pub fn activate(&self, issued: &BackendKey, upstream: BackendKey) {
+    pub fn activate(&self, issued: &BackendKey, upstream: BackendKey, server: Arc<Route>) {
         if let Some(e) = self.keys.table.borrow_mut().get_mut(&self.process_id) {
             e.issued = issued.secret_key.clone();
-            e.upstream = Some(upstream);
+            e.upstream = Some((upstream, server));
         }
     }
 }
@@ -211,11 +351,88 @@ mod tests {
         }
     }
 
+    fn route(name: &str) -> Arc<Route> {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\n[upstream]\nname = \"{name}\"\nhost = \"127.0.0.1\"\n\
+             [tokens]\nfile = \"t.toml\"\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let settings =
+            super::super::Settings::new(crate::config::Config::load(&p).unwrap()).unwrap();
+        settings.routes[0].clone()
+    }
+
+    fn fleet(id: u8, key: &[u8]) -> Arc<Fleet> {
+        let f = Arc::new(Fleet::new(key, format!("10.0.0.{id}:6432")));
+        f.set_instance_id(id);
+        f
+    }
+
+    const FLEET_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn fleet_keys_carry_the_instance_and_a_tag_any_member_can_check() {
+        let a = fleet(7, FLEET_KEY);
+        let b = fleet(9, FLEET_KEY);
+        b.set_peers([(7, "10.0.0.7:6432".to_owned())].into());
+        let outsider = fleet(9, b"another key, another fleet, 32+ bytes");
+        outsider.set_peers([(7, "10.0.0.7:6432".to_owned())].into());
+        for shard in 0..3 {
+            let keys = Rc::new(Keys::new(shard, 3, Some(a.clone())));
+            let router = Router::new(3, true);
+            for _ in 0..100 {
+                let r = keys.reserve();
+                let pid = r.process_id;
+                assert!(pid > 0 && pid <= i32::MAX as u32);
+                assert_eq!(pid >> INSTANCE_SHIFT, 7);
+                assert_eq!(router.owner(pid), shard);
+                // Both lengths a client may be given carry a valid tag.
+                for secret in [&r.secret[..4], &r.secret[..]] {
+                    assert_eq!(a.destination(pid, secret), Destination::Here(pid));
+                    assert_eq!(
+                        b.destination(pid, secret),
+                        Destination::Peer("10.0.0.7:6432".into())
+                    );
+                    assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
+                }
+                let mut wrong = r.secret;
+                wrong[3] ^= 1;
+                assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
+                wrong = r.secret;
+                wrong[31] ^= 1;
+                assert_eq!(b.destination(pid, &wrong[..]), Destination::Nowhere);
+                // Another process id, the same secret: the tag covers both.
+                assert_eq!(b.destination(pid ^ 1, &r.secret[..4]), Destination::Nowhere);
+                assert_eq!(b.destination(pid, &r.secret[..8]), Destination::Nowhere);
+                // Forwarded once, never again: the mark makes it local.
+                assert_eq!(
+                    b.destination(pid | FORWARDED, &r.secret[..4]),
+                    Destination::Here(pid)
+                );
+            }
+        }
+        // An owner not in the registry, or an instance's own address.
+        let lost = fleet(9, FLEET_KEY);
+        let keys = Rc::new(Keys::new(0, 1, Some(a.clone())));
+        let r = keys.reserve();
+        assert_eq!(
+            lost.destination(r.process_id, &r.secret[..4]),
+            Destination::Nowhere
+        );
+        lost.set_peers([(7, "10.0.0.9:6432".to_owned())].into());
+        assert_eq!(
+            lost.destination(r.process_id, &r.secret[..4]),
+            Destination::Nowhere
+        );
+    }
+
     #[test]
     fn process_ids_name_their_shard_and_stay_positive() {
         for shard in 0..3 {
-            let keys = Rc::new(Keys::new(shard, 3));
-            let router = Router::new(3);
+            let keys = Rc::new(Keys::new(shard, 3, None));
+            let router = Router::new(3, false);
             let held: Vec<_> = (0..200).map(|_| keys.reserve()).collect();
             for r in &held {
                 assert_eq!(router.owner(r.process_id), shard);
@@ -229,7 +446,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_issued_secret_finds_the_upstream_key() {
-        let keys = Rc::new(Keys::new(0, 1));
+        let keys = Rc::new(Keys::new(0, 1, None));
         let r = keys.reserve();
         let issued = key(r.process_id, &r.secret[..4]);
         let ask = |secret: &[u8]| {
@@ -242,8 +459,12 @@ mod tests {
         // Before the login completes nothing matches, not even empty.
         assert!(ask(&r.secret[..4]).is_none());
         assert!(ask(&[]).is_none());
-        r.activate(&issued, key(4242, &[9, 9, 9, 9]));
-        assert_eq!(ask(&r.secret[..4]), Some(key(4242, &[9, 9, 9, 9])));
+        let server = route("two");
+        r.activate(&issued, key(4242, &[9, 9, 9, 9]), server.clone());
+        let (found, found_route) = ask(&r.secret[..4]).unwrap();
+        assert_eq!(found, key(4242, &[9, 9, 9, 9]));
+        // The cancel goes to the server the session was routed to.
+        assert!(Arc::ptr_eq(&found_route, &server));
         let mut wrong = r.secret;
         wrong[3] ^= 1;
         assert!(ask(&wrong[..4]).is_none());
@@ -269,7 +490,7 @@ mod tests {
 
     #[test]
     fn a_full_inbox_drops_instead_of_growing() {
-        let router = Router::new(2);
+        let router = Router::new(2, false);
         for _ in 0..INBOX_CAPACITY + 10 {
             router.route(CancelRequest {
                 process_id: 1,

@@ -77,6 +77,7 @@ pub struct ShardContext {
     /// Cancel keys of this shard's sessions, and the way to other shards'.
     cancel_keys: Rc<cancel::Keys>,
     cancels: Arc<cancel::Router>,
+    fleet: Option<Arc<cancel::Fleet>>,
     /// This shard's counters and histograms.
     pub metrics: Rc<ShardMetrics>,
     /// Requests from the admin thread.
@@ -120,8 +121,13 @@ impl ShardContext {
             connections: shared.connections.clone(),
             server_tls: shared.server_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
-            cancel_keys: Rc::new(cancel::Keys::new(shard, shared.cancels.shards())),
+            cancel_keys: Rc::new(cancel::Keys::new(
+                shard,
+                shared.cancels.shards(),
+                shared.fleet.clone(),
+            )),
             cancels: shared.cancels.clone(),
+            fleet: shared.fleet.clone(),
             metrics: Rc::new(ShardMetrics::new(
                 shard,
                 timing,
@@ -239,7 +245,40 @@ impl ShardContext {
 /// other's predecessor.
 pub struct Settings {
     pub config: Config,
-    pub upstream_tls: Option<Arc<UpstreamTls>>,
+    /// One per `config.upstreams` entry, in the same order.
+    pub routes: Vec<Arc<Route>>,
+}
+
+/// An upstream server with the TLS settings built from its entry.
+pub struct Route {
+    pub config: crate::config::UpstreamConfig,
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+impl Settings {
+    /// Builds each upstream's TLS settings; fails on a bad certificate or
+    /// CA file.
+    pub fn new(config: Config) -> Result<Settings, crate::tls::TlsConfigError> {
+        let routes = config
+            .upstreams
+            .iter()
+            .map(|up| {
+                let tls = UpstreamTls::new(
+                    up.tls,
+                    up.ca_file.as_deref(),
+                    up.client_cert
+                        .as_ref()
+                        .map(|(c, k)| (c.as_path(), k.as_path())),
+                )?
+                .map(Arc::new);
+                Ok(Arc::new(Route {
+                    config: up.clone(),
+                    tls,
+                }))
+            })
+            .collect::<Result<_, crate::tls::TlsConfigError>>()?;
+        Ok(Settings { config, routes })
+    }
 }
 
 /// What all shards share, built once at start.
@@ -257,6 +296,8 @@ pub struct Shared {
     pub token_series: Option<Arc<TokenSeriesLimit>>,
     pub failures: Arc<failures::FailureLimiter>,
     pub pending: Arc<pending::PendingPerSource>,
+    /// Cross-instance cancel routing, in a fleet.
+    pub fleet: Option<Arc<cancel::Fleet>>,
 }
 
 impl Shared {
@@ -265,6 +306,7 @@ impl Shared {
         store: Arc<LiveStore>,
         jwt: Option<Arc<LiveJwt>>,
         server_tls: Option<Arc<ServerTls>>,
+        fleet: Option<Arc<cancel::Fleet>>,
     ) -> Self {
         let config = &settings.config;
         let shards = config.workers;
@@ -274,7 +316,8 @@ impl Shared {
             connections: Arc::default(),
             token_limits: Arc::default(),
             server_tls,
-            cancels: Arc::new(cancel::Router::new(shards)),
+            cancels: Arc::new(cancel::Router::new(shards, fleet.is_some())),
+            fleet,
             admin: Arc::new(Bus::new(shards)),
             failures: Arc::new(failures::FailureLimiter::new(
                 config.auth_failure_limit,
@@ -375,6 +418,8 @@ struct Established {
     token_slot: Option<limits::TokenSlot>,
     /// The client's cancel key; released when the session ends.
     cancel_key: cancel::Reservation,
+    /// The server routing chose.
+    route: Arc<Route>,
     upstream: Upstream,
 }
 
@@ -530,9 +575,26 @@ async fn finish<C: relay::ClientSide + 'static>(
         Ok(StartupOutcome::Session(est)) => {
             return Some(established(ctx, client, input, *est, start, attempt.tls))
         }
-        Ok(StartupOutcome::Cancel(request)) => {
+        Ok(StartupOutcome::Cancel(mut request)) => {
             // Postgres answers a CancelRequest with nothing, right or wrong.
             drop(client);
+            if let Some(fleet) = &ctx.fleet {
+                match fleet.destination(request.process_id, &request.secret_key) {
+                    cancel::Destination::Here(pid) => request.process_id = pid,
+                    cancel::Destination::Peer(addr) => {
+                        let result = forward_cancel(&addr, &request).await;
+                        ctx.metrics.cancel(result);
+                        audit::cancel(request.client, request.process_id, result);
+                        return None;
+                    }
+                    cancel::Destination::Nowhere => {
+                        ctx.failures.failed(request.client.ip(), Instant::now());
+                        ctx.metrics.cancel("unknown_key");
+                        audit::cancel(request.client, request.process_id, "unknown_key");
+                        return None;
+                    }
+                }
+            }
             let owner = ctx.cancels.owner(request.process_id);
             if owner == ctx.shard {
                 cancel_here(ctx, &request).await;
@@ -591,12 +653,12 @@ fn established<C: relay::ClientSide + 'static>(
     // A client that vanishes mid-query leaves a cancel behind it.
     let abandon = {
         // The upstream this session logged in to, even after a reload.
-        let settings = start.settings.clone();
+        let route = est.route.clone();
         let key = ready.upstream_key;
         move || async move {
             let Some(key) = key else { return };
-            let tls = settings.upstream_tls.as_deref();
-            match upstream::send_cancel(&settings.config.upstream, tls, &key).await {
+            let tls = route.tls.as_deref();
+            match upstream::send_cancel(&route.config, tls, &key).await {
                 Ok(()) => debug!("query of a departed client cancelled"),
                 Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
             }
@@ -700,12 +762,12 @@ async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
             ctx.failures.failed(request.client.ip(), Instant::now());
             "unknown_key"
         }
-        Some(key) => {
-            // The current upstream: the key does not say which settings
-            // its session started under (a reload rarely moves the server).
-            let settings = ctx.settings();
-            let tls = settings.upstream_tls.as_deref();
-            match upstream::send_cancel(&settings.config.upstream, tls, &key).await {
+        Some((key, route)) => {
+            // The server the session logged in to, with the settings it
+            // started under: routing may have picked any upstream, and a
+            // reload may have moved them since.
+            let tls = route.tls.as_deref();
+            match upstream::send_cancel(&route.config, tls, &key).await {
                 Ok(()) => "forwarded",
                 Err(e) => {
                     warn!(error = %e, "cancel request not forwarded");
@@ -716,6 +778,38 @@ async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
     };
     ctx.metrics.cancel(result);
     audit::cancel(request.client, request.process_id, result);
+}
+
+/// How long forwarding a cancel to another instance may take.
+const FORWARD_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends a CancelRequest on to the instance that owns its session, marked
+/// as forwarded, on a new connection, and waits for that instance to close
+/// it (it has acted on the request by then, as Postgres does).
+async fn forward_cancel(addr: &str, request: &cancel::CancelRequest) -> &'static str {
+    let mut msg = Vec::with_capacity(12 + request.secret_key.len());
+    msg.extend_from_slice(&((12 + request.secret_key.len()) as i32).to_be_bytes());
+    msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
+    msg.extend_from_slice(&(request.process_id | cancel::FORWARDED).to_be_bytes());
+    msg.extend_from_slice(&request.secret_key);
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let (res, _) = stream.write_all(msg).await;
+        res?;
+        let (res, _) = stream.read(vec![0u8; 64]).await;
+        res.map(|_| ())
+    };
+    match monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, attempt).await {
+        Ok(Ok(())) => "forwarded_to_peer",
+        Ok(Err(e)) => {
+            warn!(peer = %addr, error = %e, "cancel request not forwarded to its instance");
+            "peer_failed"
+        }
+        Err(_) => {
+            warn!(peer = %addr, "cancel request not forwarded: the instance did not answer in time");
+            "peer_failed"
+        }
+    }
 }
 
 /// Serves cancels routed here by other shards, for as long as the shard
@@ -889,7 +983,25 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     }
 
     let settings = &start.settings;
-    let password = match settings.config.upstream.credentials.get(&startup.user) {
+    let route = match settings.config.route(&startup.database, &grant.upstreams) {
+        Ok(i) => settings.routes[i].clone(),
+        Err(true) => {
+            // The token's rule, not the request: the same bytes as any other
+            // refused token, the reason only in the log.
+            ctx.failures.failed(start.peer.ip(), Instant::now());
+            return Err(Refusal::new(
+                "upstream_not_allowed",
+                Reply::Client(ClientError::token_rejected(&startup.user)),
+            ));
+        }
+        Err(false) => {
+            return Err(Refusal::new(
+                "no_upstream_for_database",
+                Reply::Client(ClientError::no_upstream_for_database(&startup.database)),
+            ))
+        }
+    };
+    let password = match route.config.credentials.get(&startup.user) {
         Some(p) => p.clone(),
         None => {
             // A token for a role tollgate has no login for is a config gap;
@@ -900,8 +1012,8 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     };
     let cancel_key = ctx.cancel_keys.reserve();
     let login = upstream::connect_and_login(
-        &settings.config.upstream,
-        settings.upstream_tls.as_deref(),
+        &route.config,
+        route.tls.as_deref(),
         upstream::LoginParams {
             user: &startup.user,
             password,
@@ -944,7 +1056,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     ctx.metrics.upstream_connected(connecting.elapsed());
 
     if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
-        cancel_key.activate(issued, real.clone());
+        cancel_key.activate(issued, real.clone(), route.clone());
     }
     // tollgate asked for the password, so the client is waiting for
     // AuthenticationOk: the server's, relayed with what follows it.
@@ -955,6 +1067,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         jwt_id,
         token_slot,
         cancel_key,
+        route,
         upstream,
     })))
 }
@@ -1090,6 +1203,12 @@ fn check_token(
         database: &startup.database,
         address: peer.ip(),
     };
+    if ctx.store.logins_refused() {
+        return Err(Refusal::new(
+            "token_store_stale",
+            Reply::Client(ClientError::token_store_stale()),
+        ));
+    }
     let now = SystemTime::now();
     let rejected = |reason: &'static str| {
         ctx.failures.failed(peer.ip(), Instant::now());

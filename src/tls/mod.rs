@@ -290,6 +290,12 @@ impl UpstreamTls {
         }))
     }
 
+    /// The config as built, for clients other than the upstream login
+    /// (the control database's connection).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
     /// A config for one connection whose verifier records the server's
     /// certificate in the returned slot. Costs a few `Arc` clones, once per
     /// upstream login.

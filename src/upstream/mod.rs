@@ -370,6 +370,8 @@ mod tests {
             got
         });
         let cfg = UpstreamConfig {
+            name: "default".into(),
+            databases: vec!["*".into()],
             host: "127.0.0.1".into(),
             port: addr.port(),
             addrs: vec![addr],

@@ -1,0 +1,264 @@
+//! The control thread: keeps the token snapshot in step with the control
+//! database, and this instance's entry in the registry alive.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tracing::{error, info, warn};
+
+use super::{connect, describe, instances, schema, tokens, Error, Link};
+use crate::auth::live::LiveStore;
+use crate::config::ControlDb;
+use crate::session::cancel::Fleet;
+
+/// The channels tollgate LISTENs on (the migration's triggers NOTIFY them).
+pub const TOKENS_CHANNEL: &str = "tollgate_tokens";
+pub const INSTANCES_CHANNEL: &str = "tollgate_instances";
+
+/// How long connecting may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A heartbeat both proves the connection alive (a dead peer behind a
+/// silent network would otherwise go unnoticed until TCP gives up) and
+/// renews the instance's registry lease.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Reconnect backoff.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Notifications arriving this close together are applied with one load.
+const COALESCE: Duration = Duration::from_millis(10);
+
+struct Plane {
+    db: ControlDb,
+    store: Arc<LiveStore>,
+    fleet: Option<Arc<Fleet>>,
+    /// The id to claim: configured, or the one held before a reconnect.
+    wanted_id: Option<u8>,
+    /// Invalid rows already reported, so each is logged once.
+    reported: BTreeSet<String>,
+}
+
+/// Starts the control thread and waits for its first full load (and, in a
+/// fleet, the instance id), so that the shards start with the real token
+/// list. An unreachable control database at start is an error.
+pub fn start(
+    db: ControlDb,
+    store: Arc<LiveStore>,
+    fleet: Option<(Arc<Fleet>, Option<u8>)>,
+) -> Result<(), Error> {
+    let (first_tx, first_rx) = std::sync::mpsc::sync_channel(1);
+    let (fleet, wanted_id) = match fleet {
+        Some((f, id)) => (Some(f), id),
+        None => (None, None),
+    };
+    let plane = Plane {
+        db,
+        store,
+        fleet,
+        wanted_id,
+        reported: BTreeSet::new(),
+    };
+    std::thread::Builder::new()
+        .name("tg-control-db".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = first_tx.send(Err(format!("control thread runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(run(plane, first_tx));
+        })
+        .map_err(|e| format!("control thread: {e}"))?;
+    first_rx
+        .recv_timeout(CONNECT_TIMEOUT * 3)
+        .map_err(|_| "the control database did not answer in time".to_owned())?
+}
+
+async fn run(mut plane: Plane, first: std::sync::mpsc::SyncSender<Result<(), Error>>) {
+    let mut first = Some(first);
+    let mut retry = FIRST_RETRY;
+    let mut attempts = 0u32;
+    loop {
+        let e = session(&mut plane, &mut first, &mut retry, &mut attempts).await;
+        if let Some(f) = plane.store.freshness() {
+            f.lost();
+        }
+        if let Some(first) = first.take() {
+            let _ = first.send(Err(e));
+            return;
+        }
+        attempts += 1;
+        let age = plane
+            .store
+            .freshness()
+            .map_or(0.0, |f| f.age(std::time::SystemTime::now()).as_secs_f64());
+        // Every failure at first, then one in ten: an outage of hours must
+        // not flood the log.
+        if attempts <= 3 || attempts.is_multiple_of(10) {
+            warn!(
+                error = %e,
+                retry_in_ms = retry.as_millis() as u64,
+                snapshot_age_s = age,
+                "control database unreachable; serving the last token snapshot"
+            );
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(MAX_RETRY);
+    }
+}
+
+/// One connection's life: connect, migrate, listen, load everything, then
+/// apply notifications and send heartbeats until something fails.
+async fn session(
+    plane: &mut Plane,
+    first: &mut Option<std::sync::mpsc::SyncSender<Result<(), Error>>>,
+    retry: &mut Duration,
+    attempts: &mut u32,
+) -> Error {
+    let mut link = match connect(&plane.db, CONNECT_TIMEOUT).await {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    if let Err(e) = prepare(plane, &mut link).await {
+        return e;
+    }
+    if let Some(first) = first.take() {
+        let _ = first.send(Ok(()));
+    } else {
+        info!(
+            at = %plane.db.describe(),
+            after_attempts = *attempts,
+            "control database reachable again; token snapshot reloaded in full"
+        );
+    }
+    *retry = FIRST_RETRY;
+    *attempts = 0;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            n = link.notifications.recv() => {
+                let Some(n) = n else {
+                    return "the control database connection ended".into();
+                };
+                let (mut tokens, mut peers) = (false, false);
+                let mut note = |channel: &str| match channel {
+                    TOKENS_CHANNEL => tokens = true,
+                    INSTANCES_CHANNEL => peers = true,
+                    _ => {}
+                };
+                note(n.channel());
+                tokio::time::sleep(COALESCE).await;
+                while let Ok(n) = link.notifications.try_recv() {
+                    note(n.channel());
+                }
+                if tokens {
+                    if let Err(e) = reload(plane, &link.client).await {
+                        return e;
+                    }
+                }
+                if peers {
+                    if let Err(e) = refresh_peers(plane, &link.client).await {
+                        return e;
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                match tokio::time::timeout(HEARTBEAT_TIMEOUT, beat(plane, &mut link.client)).await {
+                    Ok(Ok(())) => {
+                        if let Some(f) = plane.store.freshness() {
+                            f.confirmed();
+                        }
+                    }
+                    Ok(Err(e)) => return e,
+                    Err(_) => return "the control database did not answer a heartbeat in time".into(),
+                }
+            }
+            _ = &mut link.closed => {
+                return "the control database closed the connection".into();
+            }
+        }
+    }
+}
+
+/// Migrates, listens, claims the instance id, and loads everything. LISTEN
+/// comes before the load, so no change committed in between is missed.
+async fn prepare(plane: &mut Plane, link: &mut Link) -> Result<(), Error> {
+    schema::migrate(&mut link.client).await?;
+    link.client
+        .batch_execute(&format!(
+            "LISTEN {TOKENS_CHANNEL}; LISTEN {INSTANCES_CHANNEL}"
+        ))
+        .await
+        .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
+    if let Some(fleet) = plane.fleet.clone() {
+        let id = instances::claim(&mut link.client, plane.wanted_id, &fleet.advertise).await?;
+        if plane.wanted_id.is_some_and(|w| w != id) {
+            warn!(
+                was = plane.wanted_id,
+                now = id,
+                "instance id changed; cancels for sessions opened before may not reach them"
+            );
+        }
+        if plane.wanted_id != Some(id) {
+            info!(instance_id = id, advertise = %fleet.advertise, "fleet instance id claimed");
+        }
+        plane.wanted_id = Some(id);
+        fleet.set_instance_id(id);
+        refresh_peers(plane, &link.client).await?;
+    }
+    reload(plane, &link.client).await
+}
+
+async fn reload(plane: &mut Plane, client: &Client) -> Result<(), Error> {
+    let (snapshot, problems) = tokens::load(client).await?;
+    for p in &problems {
+        if !plane.reported.contains(p) {
+            error!(problem = %p, "token row left out: that token is refused until the row is fixed");
+        }
+    }
+    plane.reported = problems.into_iter().collect();
+    info!(
+        tokens = snapshot.len(),
+        "token store loaded from the control database"
+    );
+    plane.store.published.publish(snapshot);
+    if let Some(f) = plane.store.freshness() {
+        f.confirmed();
+    }
+    Ok(())
+}
+
+async fn refresh_peers(plane: &Plane, client: &Client) -> Result<(), Error> {
+    if let Some(fleet) = &plane.fleet {
+        let peers = instances::peers(client, fleet.instance_id()).await?;
+        fleet.set_peers(peers);
+    }
+    Ok(())
+}
+
+async fn beat(plane: &mut Plane, client: &mut Client) -> Result<(), Error> {
+    match (&plane.fleet, plane.wanted_id) {
+        (Some(fleet), Some(id)) => {
+            if !instances::heartbeat(client, id).await? {
+                // Someone removed the row: claim it (or another) again.
+                let advertise = fleet.advertise.clone();
+                let id = instances::claim(client, Some(id), &advertise).await?;
+                fleet.set_instance_id(id);
+            }
+            Ok(())
+        }
+        _ => client
+            .simple_query("")
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("heartbeat: {}", describe(&e))),
+    }
+}
