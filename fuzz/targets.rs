@@ -36,6 +36,10 @@ use tollgate::protocol::backend::{
 };
 use tollgate::protocol::frame::{peek_frame, FrameVisitor, Framer, HEADER_LEN};
 use tollgate::protocol::frontend::{parse_password_message, PasswordError, TAG_PASSWORD_MESSAGE};
+use tollgate::protocol::proxy::{
+    detect as detect_proxy, encode_v1, encode_v2, parse as parse_proxy, ProxyError, ProxyHeader,
+    MAX_HEADER_LEN as MAX_PROXY_HEADER_LEN, V1_MAX_LEN,
+};
 use tollgate::protocol::startup::{
     encode_startup_message, parse_startup, FeStartupPacket, ProtocolVersion, CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE, MAX_CANCEL_KEY_LENGTH, MAX_STARTUP_PACKET_LENGTH,
@@ -1091,6 +1095,126 @@ fn check_run(policy: &StartupPolicy, stream: &[u8], run: &Run) {
 }
 
 // ---------------------------------------------------------------------------
+// proxy
+// ---------------------------------------------------------------------------
+
+/// `protocol::proxy::parse` (PROXY protocol v1 and v2, what a balancer sends
+/// before the client's first byte) on arbitrary bytes: `detect` agrees with
+/// it; a verdict depends neither on bytes after the header nor on where the
+/// header is cut (every shorter prefix is "need more" or the same refusal);
+/// "need more" never asks for more than the cap; what is consumed is exactly
+/// the header; an accepted header re-encodes (v1 and v2) to bytes that parse
+/// back to it, byte for byte where the encoding is canonical.
+///
+/// Layout: the bytes.
+pub fn proxy(data: &[u8]) -> Reached {
+    let result = parse_proxy(data);
+    match detect_proxy(data) {
+        None => assert_eq!(result, Ok(None), "undecided signature"),
+        Some(false) => assert_eq!(result, Err(ProxyError::BadSignature)),
+        Some(true) => assert_ne!(result, Err(ProxyError::BadSignature)),
+    }
+    // What comes after (here an SSLRequest) belongs to the client.
+    if !matches!(result, Ok(None)) {
+        let mut longer = data.to_vec();
+        longer.extend_from_slice(b"\0\0\0\x08\x04\xd2\x16\x2f\r\n");
+        assert_eq!(parse_proxy(&longer), result, "trailing bytes changed it");
+    }
+    // Cut anywhere before what decided it: "need more", or the same refusal
+    // (an accepted header's prefixes are all "need more").
+    let v1 = data.first() == Some(&b'P');
+    let decided_at = match result {
+        Ok(Some((_, used))) => used,
+        // A refusal is decided within 107 bytes (v1) or 16 plus the cap (v2).
+        _ => data.len().min(if v1 {
+            V1_MAX_LEN + 1
+        } else {
+            MAX_PROXY_HEADER_LEN + 1
+        }),
+    };
+    for n in 0..decided_at {
+        match parse_proxy(&data[..n]) {
+            Ok(None) => {}
+            Err(e) if result == Err(e) => {}
+            other => panic!("prefix {n}: {other:?}, whole input: {result:?}"),
+        }
+    }
+    match result {
+        Ok(None) => {
+            // Never waiting for more than a whole header could hold.
+            assert!(data.len() < if v1 { V1_MAX_LEN } else { MAX_PROXY_HEADER_LEN });
+            "incomplete".into()
+        }
+        Ok(Some((header, used))) => {
+            assert!(used <= data.len() && used <= MAX_PROXY_HEADER_LEN);
+            let bytes = &data[..used];
+            if v1 {
+                // Through the first CRLF, within 107 bytes.
+                assert!(used <= V1_MAX_LEN);
+                assert!(bytes.ends_with(b"\r\n"));
+                assert!(!bytes[..used - 2].windows(2).any(|w| w == b"\r\n"));
+            } else {
+                assert_eq!(
+                    used,
+                    16 + usize::from(u16::from_be_bytes([data[14], data[15]]))
+                );
+            }
+            let version = if v1 { "v1" } else { "v2" };
+            match header {
+                ProxyHeader::Local => {
+                    if v1 {
+                        assert!(bytes.starts_with(b"PROXY UNKNOWN"));
+                    } else {
+                        assert!(data[12] == 0x20 || data[13] == 0x00);
+                    }
+                    let again = encode_v2(&header);
+                    assert_eq!(parse_proxy(&again), Ok(Some((header, 16))));
+                    format!("{version}_local")
+                }
+                ProxyHeader::Proxied {
+                    source,
+                    destination,
+                } => {
+                    // One family, as announced.
+                    let ipv4 = source.is_ipv4();
+                    assert_eq!(destination.is_ipv4(), ipv4);
+                    if v1 {
+                        assert_eq!(&bytes[6..10], if ipv4 { b"TCP4" } else { b"TCP6" });
+                    } else {
+                        assert_eq!(data[12], 0x21);
+                        assert_eq!(data[13], if ipv4 { 0x11 } else { 0x21 });
+                    }
+                    let again_v1 = encode_v1(source, destination);
+                    assert!(again_v1.len() <= V1_MAX_LEN);
+                    assert_eq!(parse_proxy(&again_v1), Ok(Some((header, again_v1.len()))));
+                    let again_v2 = encode_v2(&header);
+                    assert_eq!(parse_proxy(&again_v2), Ok(Some((header, again_v2.len()))));
+                    // Canonical encodings come back byte for byte: IPv4 text
+                    // has one spelling; v2 without TLVs has one layout.
+                    if v1 && ipv4 {
+                        assert_eq!(again_v1, bytes, "v1 re-encoding differs");
+                    }
+                    let tlvs = !v1 && used > again_v2.len();
+                    if !v1 && !tlvs {
+                        assert_eq!(again_v2, bytes, "v2 re-encoding differs");
+                    }
+                    format!(
+                        "{version}_proxied{}{}",
+                        if ipv4 { 4 } else { 6 },
+                        if tlvs { "+tlv" } else { "" }
+                    )
+                }
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.len() < 200, "long error text: {text}");
+            e.as_str().into()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // helpers (std only)
 // ---------------------------------------------------------------------------
 
@@ -1168,4 +1292,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("token", token),
     ("framer", framer),
     ("handshake", handshake),
+    ("proxy", proxy),
 ];

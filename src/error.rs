@@ -71,6 +71,24 @@ impl ClientError {
         .with_hint("Its token store is out of date; try again later.")
     }
 
+    /// A PROXY protocol header from a trusted balancer that does not parse.
+    pub fn bad_proxy_header() -> Self {
+        ClientError::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            "proxy_header",
+            "invalid PROXY protocol header",
+        )
+    }
+
+    /// A PROXY protocol header from an address not in `proxy_trusted`.
+    pub fn untrusted_proxy_header() -> Self {
+        ClientError::new(
+            sqlstate::PROTOCOL_VIOLATION,
+            "proxy_untrusted",
+            "PROXY protocol header from an address that is not a trusted load balancer",
+        )
+    }
+
     pub fn upstream_unavailable() -> Self {
         ClientError::new(
             sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,

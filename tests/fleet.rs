@@ -114,9 +114,14 @@ impl Fleet {
 }
 
 fn token_command(via: &Instance, command: &str, args: &[&str]) -> String {
+    token_cli(&via.config, command, args)
+}
+
+/// `tollgate token <command> --config <config> <args>`; its stdout.
+fn token_cli(config: &std::path::Path, command: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(BIN)
         .args(["token", command, "--config"])
-        .arg(&via.config)
+        .arg(config)
         .args(args)
         .output()
         .unwrap();
@@ -235,6 +240,18 @@ fn tokens_made_on_one_instance_work_on_another_and_revocation_reaches_open_sessi
         login(a.proxy.addr, "appdb", &other) == Err("28P01".into())
     });
     eprintln!("revoked in SQL -> refused on A: {took:?}");
+
+    // A rotation through B: the new secret works on A, the old one stops.
+    let third = fleet.create_token(&a, &["--user", "app"]);
+    let rotated = token_command(&b, "rotate", &[token_id(&third)])
+        .trim()
+        .to_owned();
+    fleet.secrets.push(rotated.clone());
+    assert_eq!(token_id(&rotated), token_id(&third));
+    wait_for("the rotation on A", Duration::from_secs(1), || {
+        login(a.proxy.addr, "appdb", &rotated).is_ok()
+            && login(a.proxy.addr, "appdb", &third) == Err("28P01".into())
+    });
 
     for i in [&a, &b] {
         let log = std::fs::read_to_string(&i.proxy.log).unwrap();
@@ -477,20 +494,7 @@ fn databases_are_routed_to_their_upstreams_and_tokens_may_be_limited_to_some() {
         ),
         true,
     );
-    let create = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .args(["token", "create", "--config"])
-            .arg(&config)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    };
+    let create = |args: &[&str]| token_cli(&config, "create", args).trim().to_owned();
     let any = create(&["--user", "app"]);
     let only_one = create(&["--user", "app", "--upstream", "one"]);
     let proxy = spawn_proxy(&config, &files.write("tollgate.log", "", false));
@@ -526,4 +530,196 @@ fn databases_are_routed_to_their_upstreams_and_tokens_may_be_limited_to_some() {
         assert_eq!(e.as_db_error().unwrap().code().code(), "57014", "{e}");
     });
     drop(proxy);
+}
+
+#[test]
+fn the_control_database_can_be_reached_over_verified_tls() {
+    let files = Files::new();
+    let ca = Ca::new("control CA");
+    let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let cert = files.write("control.crt", &cert, false);
+    let key = files.write_server_key("control.key", &key);
+    let ca_file = files.write("ca.pem", &ca.pem(), false);
+    let other_ca = files.write("other.pem", &Ca::new("another CA").pem(), false);
+    let control = Cluster::start(&ClusterOptions {
+        password: "upstream-Pa55-word".into(),
+        database: "control".into(),
+        extra_conf: pg_ssl_conf(&cert, &key),
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let upstream = cluster("appdb");
+    let config = |ca: &std::path::Path| {
+        files.write(
+            "tollgate.toml",
+            &format!(
+                "listen = \"127.0.0.1:{}\"\nworkers = 1\n\
+                 [upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
+                 [[upstream.credentials]]\nuser = \"app\"\npassword = \"{pw}\"\n\
+                 [tokens]\npostgres = \"postgres://app@127.0.0.1:{}/control?sslmode=verify-full\"\n\
+                 password = \"{pw}\"\nca_file = \"{}\"\n",
+                free_port(),
+                upstream.port(),
+                control.port(),
+                ca.display(),
+                pw = control.password(),
+            ),
+            true,
+        )
+    };
+    let good = config(&ca_file);
+    let log = files.write("tollgate.log", "", false);
+    let proxy = spawn_proxy(&good, &log);
+    let token = token_cli(&good, "create", &["--user", "app"])
+        .trim()
+        .to_owned();
+    wait_for("the token", Duration::from_secs(1), || {
+        login(proxy.addr, "appdb", &token).is_ok()
+    });
+    // The control connection is TLS (Postgres says so for its backends).
+    assert_eq!(
+        control
+            .psql(
+                "control",
+                "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                 WHERE application_name = 'tollgate control'"
+            )
+            .unwrap(),
+        "t"
+    );
+    drop(proxy);
+    // A certificate from another CA: no start, and a reason without secrets.
+    let bad = config(&other_ca);
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("control database"), "{stderr}");
+    assert!(!stderr.contains(control.password()), "{stderr}");
+}
+
+/// A raw connection from `source` (a loopback address) to `addr`, with
+/// `prefix` sent first.
+fn raw_from(source: [u8; 4], addr: SocketAddr, prefix: &[u8]) -> Raw {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from((source, 0)).into()).unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut raw = Raw(stream);
+    if !prefix.is_empty() {
+        raw.send(prefix);
+    }
+    raw
+}
+
+fn login_from(
+    source: [u8; 4],
+    addr: SocketAddr,
+    prefix: &[u8],
+    token: &str,
+) -> Result<Raw, (String, String)> {
+    raw_login_on(
+        raw_from(source, addr, prefix),
+        &[
+            ("user", "app"),
+            ("database", "appdb"),
+            ("application_name", "lb-test"),
+        ],
+        token,
+    )
+}
+
+#[test]
+fn proxy_protocol_headers_are_believed_from_balancers_only() {
+    use tollgate::protocol::proxy::{encode_v1, encode_v2, ProxyHeader};
+    let mut env = Env::with(
+        tollgate::cluster::HbaAuth::ScramSha256,
+        "proxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\nauth_failure_limit = 3",
+    );
+    let token = env.create_token(&["--user", "app", "--cidr", "203.0.113.0/24"]);
+    let addr = env.start_proxy();
+    let ours: SocketAddr = addr;
+    let v2 = |ip: [u8; 4]| {
+        encode_v2(&ProxyHeader::Proxied {
+            source: SocketAddr::from((ip, 40001)),
+            destination: ours,
+        })
+    };
+
+    // From the balancer, a v2 header naming a client inside the token's
+    // network: the login works, and the server sees the real address.
+    let mut raw = login_from([127, 0, 0, 1], addr, &v2([203, 0, 113, 7]), &token).unwrap();
+    let rows = raw_query(&mut raw, "SELECT current_setting('application_name')").unwrap();
+    assert_eq!(
+        rows[0][0].as_deref(),
+        Some(format!("lb-test [tg:{}@203.0.113.7]", token_id(&token)).as_str())
+    );
+    drop(raw);
+    // v1 works the same.
+    let v1 = encode_v1(SocketAddr::from(([203, 0, 113, 8], 5000)), ours);
+    login_from([127, 0, 0, 1], addr, &v1, &token).unwrap();
+    // The CIDR rule applies to the real address.
+    assert_eq!(
+        login_from([127, 0, 0, 1], addr, &v2([198, 51, 100, 1]), &token)
+            .unwrap_err()
+            .0,
+        "28P01"
+    );
+    // No header (or LOCAL, a health check): the balancer's own address,
+    // which the token does not allow.
+    assert_eq!(
+        login_from([127, 0, 0, 1], addr, &[], &token).unwrap_err().0,
+        "28P01"
+    );
+    assert_eq!(
+        login_from(
+            [127, 0, 0, 1],
+            addr,
+            &encode_v2(&ProxyHeader::Local),
+            &token
+        )
+        .unwrap_err()
+        .0,
+        "28P01"
+    );
+    // A broken header from the balancer: a protocol violation.
+    let mut broken = v2([203, 0, 113, 7]);
+    broken[12] = 0x11; // version 1 in the v2 byte
+    let mut raw = raw_from([127, 0, 0, 1], addr, &broken);
+    let (got, ending) = raw.read_until_end(Duration::from_secs(5));
+    let message = assert_fatal("broken header", &got, ending, "08P01");
+    assert!(message.contains("PROXY"), "{message}");
+    // From anywhere else a header is refused, even a well-formed one.
+    let mut raw = raw_from([127, 0, 0, 2], addr, &v2([203, 0, 113, 7]));
+    let (got, ending) = raw.read_until_end(Duration::from_secs(5));
+    let message = assert_fatal("untrusted header", &got, ending, "08P01");
+    assert!(message.contains("trusted"), "{message}");
+
+    // Failure limits count per real client: one client behind the balancer
+    // using up its failures does not lock out another.
+    for _ in 0..3 {
+        assert_eq!(
+            login_from([127, 0, 0, 1], addr, &v2([198, 51, 100, 9]), "tg_wrong")
+                .unwrap_err()
+                .0,
+            "28P01"
+        );
+    }
+    assert_eq!(
+        login_from([127, 0, 0, 1], addr, &v2([198, 51, 100, 9]), &token)
+            .unwrap_err()
+            .0,
+        "28000"
+    );
+    login_from([127, 0, 0, 1], addr, &v2([203, 0, 113, 7]), &token).unwrap();
+
+    let log = env.log();
+    assert!(log.contains("client=203.0.113.7:40001"), "{log}");
+    assert!(log.contains("proxy_untrusted"), "{log}");
 }

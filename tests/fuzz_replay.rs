@@ -105,6 +105,16 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "password_unexpected",
     ),
     ("handshake", "hostile-password-513", "password_too_long"),
+    ("proxy", "seed-v1-tcp4", "v1_proxied4"),
+    ("proxy", "seed-v1-tcp6", "v1_proxied6"),
+    ("proxy", "seed-v1-unknown", "v1_local"),
+    ("proxy", "seed-v1-unknown-107", "v1_local"),
+    ("proxy", "seed-v2-tcp4", "v2_proxied4"),
+    ("proxy", "seed-v2-tcp6", "v2_proxied6"),
+    ("proxy", "seed-v2-tcp4-tlvs", "v2_proxied4+tlv"),
+    ("proxy", "seed-v2-tcp6-tlvs", "v2_proxied6+tlv"),
+    ("proxy", "seed-v2-local", "v2_local"),
+    ("proxy", "hostile-v2-udp4", "proxy_unsupported"),
 ];
 
 /// Runs every corpus and regression input of `name`; fails listing each
@@ -199,4 +209,9 @@ fn framer_corpus() {
 #[test]
 fn handshake_corpus() {
     replay("handshake");
+}
+
+#[test]
+fn proxy_corpus() {
+    replay("proxy");
 }

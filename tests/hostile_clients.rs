@@ -340,7 +340,7 @@ fn thousands_of_options_are_a_clean_error_or_a_clean_pass_through() {
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // 1000 unknown settings (7000 bytes): the server's FATAL, relayed.
-    let e = login(&"-c a=1 ".repeat(1000)).err().expect("refused");
+    let e = login(&"-c a=1 ".repeat(1000)).expect_err("refused");
     assert_eq!(
         e,
         (
@@ -350,7 +350,7 @@ fn thousands_of_options_are_a_clean_error_or_a_clean_pass_through() {
     );
 
     // `-c=`: a switch with an empty name and value.
-    let e = login("-c=").err().expect("refused");
+    let e = login("-c=").expect_err("refused");
     eprintln!("options=-c= -> {e:?}");
     assert_eq!(e.0, "42704", "{e:?}");
 
@@ -557,7 +557,7 @@ fn one_byte_at_a_time_logs_in_and_queries() {
     assert_eq!(
         rows,
         [[
-            Some(format!("trickle [tg:{}]", &token[3..15])),
+            Some(format!("trickle [tg:{}@127.0.0.1]", &token[3..15])),
             Some("42".to_owned())
         ]]
     );

@@ -210,7 +210,7 @@ fn token_rules() {
             .unwrap()
             .get(0);
         assert!(
-            app.ends_with(&format!("[tg:{}]", &read_only[3..15])),
+            app.ends_with(&format!("[tg:{}@127.0.0.1]", &read_only[3..15])),
             "{app}"
         );
     });

@@ -934,7 +934,7 @@ fn notices_and_parameter_status_match_direct() {
         // application_name with the token id; a SET is reported as is.
         let initial = via.param("application_name").unwrap_or_default();
         assert!(
-            initial.contains(&format!("[tg:{}]", &s.token[3..15])),
+            initial.contains(&format!("[tg:{}@", &s.token[3..15])),
             "{initial:?}"
         );
         for o in [&via, &direct] {

@@ -127,7 +127,7 @@ fn psql_and_pgbench_work_through_the_proxy() {
     // The client's application_name, suffixed with the token id for the DBA.
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        format!("tg-test [tg:{}]|app", &token[3..15])
+        format!("tg-test [tg:{}@127.0.0.1]|app", &token[3..15])
     );
 
     // `workers = 2` gives two shard threads (what `ps -T` shows).

@@ -1,11 +1,12 @@
-//! The admin listener: `/metrics` (Prometheus), `/healthz`, `/sessions`
+//! The admin listener: `/metrics` (Prometheus), `/healthz` (readiness),
+//! `/livez` (liveness), `/sessions`
 //! and `DELETE /sessions/{id}`, served by hyper on its own thread with a
 //! current-thread tokio runtime, so nothing it does competes with a shard
 //! for a core's event loop. It reads shard state only by asking the shards
 //! over the [`Bus`].
 //!
 //! Off unless `[admin] listen` is set. Off loopback, everything but
-//! `/metrics` and `/healthz` needs the configured bearer token.
+//! `/metrics`, `/healthz` and `/livez` needs the configured bearer token.
 
 pub mod bus;
 
@@ -120,6 +121,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Reply {
     match (req.method(), path) {
         (&Method::GET, "/metrics") => metrics(state).await,
         (&Method::GET, "/healthz") => healthz(state).await,
+        (&Method::GET, "/livez") => livez(state).await,
         (&Method::GET, "/sessions") if authorized(state, &req) => sessions(state).await,
         (&Method::POST, "/reload") if authorized(state, &req) => reload(state).await,
         (&Method::POST, "/reload") => unauthorized(),
@@ -129,7 +131,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/sessions") | (&Method::DELETE, _) if path.starts_with("/sessions") => {
             unauthorized()
         }
-        (_, "/metrics" | "/healthz" | "/sessions" | "/reload") => {
+        (_, "/metrics" | "/healthz" | "/livez" | "/sessions" | "/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -268,6 +270,22 @@ async fn healthz(state: &AdminState) -> Reply {
         }),
     };
     let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(status, &body)
+}
+
+/// Alive when every shard answers. Unlike `/healthz` it ignores draining
+/// and a stale token store: a liveness probe that restarted every instance
+/// of a fleet whose control database is down would end their open
+/// sessions, and the restarted ones could not start without it.
+async fn livez(state: &AdminState) -> Reply {
+    let up = ask_all(&state.bus, bus::Request::Ping).await.len();
+    let shards = state.bus.shards();
+    let body = serde_json::json!({ "shards": shards, "shards_up": up });
+    let status = if up == shards {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

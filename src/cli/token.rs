@@ -158,7 +158,7 @@ pub fn run(cmd: TokenCommand) -> Result<(), CliError> {
 }
 
 fn source(config: &Path) -> Result<TokenSource, CliError> {
-    Ok(Config::load(config)?.tokens)
+    Ok(Config::load_tokens(config)?)
 }
 
 /// The store as it is now.
@@ -361,6 +361,9 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
         if !r.cidrs.is_empty() {
             let nets: Vec<String> = r.cidrs.iter().map(|c| c.to_string()).collect();
             rules.push(format!("cidrs={}", nets.join(",")));
+        }
+        if !r.upstreams.is_empty() {
+            rules.push(format!("upstreams={}", r.upstreams.join(",")));
         }
         if let Some(m) = r.max_connections {
             rules.push(format!("max_connections={m}"));

@@ -326,6 +326,11 @@ pub struct ControlDb {
     pub url: Secret,
     pub password: Option<Secret>,
     pub ca_file: Option<PathBuf>,
+    /// libpq's sslmode from the URL (tokio-postgres itself knows only
+    /// disable, prefer and require, so verify-ca and verify-full are read
+    /// here and the URL is given `require`); `require` with a `ca_file`
+    /// verifies as verify-full does.
+    pub tls: crate::tls::UpstreamTlsMode,
     /// Past this long without the control database, logins are refused.
     pub max_staleness: Option<Duration>,
 }
@@ -465,6 +470,26 @@ impl Config {
             toml::from_str(&text).map_err(|e| err(describe_toml_error(&e, &text)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_raw(raw, base).map_err(err)
+    }
+
+    /// Only `[tokens]`, for `tollgate token ...`: an operator's shell need
+    /// not have the upstream passwords, the admin token or the fleet's
+    /// advertise variable that serving needs.
+    pub fn load_tokens(path: &Path) -> Result<TokenSource, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_owned(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| err(describe_toml_error(&e, &text)))?;
+        let tokens: RawTokens = table
+            .remove("tokens")
+            .ok_or_else(|| err("[tokens] is missing".into()))?
+            .try_into()
+            .map_err(|e: toml::de::Error| err(format!("[tokens]: {}", hide_values(e.message()))))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        token_source(&tokens, base).map_err(err)
     }
 
     fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, String> {
@@ -727,9 +752,36 @@ fn token_source(t: &RawTokens, base: &Path) -> Result<TokenSource, String> {
             Ok(TokenSource::File(base.join(f)))
         }
         (None, Some(url)) => {
+            use crate::tls::UpstreamTlsMode as Mode;
+            let mut url = url.clone();
+            let mut mode = None;
+            for (word, m) in [
+                ("verify-full", Mode::VerifyFull),
+                ("verify-ca", Mode::VerifyCa),
+            ] {
+                let given = format!("sslmode={word}");
+                if url.contains(&given) {
+                    url = url.replace(&given, "sslmode=require");
+                    mode = Some(m);
+                }
+            }
             let parsed = url
                 .parse::<tokio_postgres::Config>()
                 .map_err(|_| "[tokens] postgres is not a valid connection URL".to_owned())?;
+            let ca_file = t.ca_file.as_ref().map(|f| base.join(f));
+            let tls = match (mode, parsed.get_ssl_mode(), &ca_file) {
+                (Some(m), _, None) => {
+                    return Err(format!(
+                        "[tokens] postgres: sslmode={} needs ca_file",
+                        m.as_str()
+                    ))
+                }
+                (Some(m), _, Some(_)) => m,
+                (None, tokio_postgres::config::SslMode::Disable, _) => Mode::Disable,
+                (None, tokio_postgres::config::SslMode::Prefer, None) => Mode::Prefer,
+                (None, _, Some(_)) => Mode::VerifyFull,
+                (None, _, None) => Mode::Require,
+            };
             if parsed.get_hosts().is_empty() {
                 return Err("[tokens] postgres names no host".into());
             }
@@ -747,9 +799,10 @@ fn token_source(t: &RawTokens, base: &Path) -> Result<TokenSource, String> {
                 .transpose()
                 .map_err(|e| format!("[tokens] max_staleness: {e}"))?;
             Ok(TokenSource::Postgres(ControlDb {
-                url: Secret::new(url.as_bytes().to_vec()),
+                url: Secret::new(url.into_bytes()),
                 password,
-                ca_file: t.ca_file.as_ref().map(|f| base.join(f)),
+                ca_file,
+                tls,
                 max_staleness,
             }))
         }

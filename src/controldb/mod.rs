@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, Notification};
 
 use crate::config::ControlDb;
-use crate::tls::{UpstreamTls, UpstreamTlsMode};
+use crate::tls::UpstreamTls;
 
 /// A connection and the notifications it receives.
 pub struct Link {
@@ -59,12 +59,7 @@ pub async fn connect(db: &ControlDb, timeout: Duration) -> Result<Link, Error> {
         .keepalives_idle(Duration::from_secs(10))
         .application_name("tollgate control");
     let at = db.describe();
-    let tls_mode = match (config.get_ssl_mode(), &db.ca_file) {
-        (tokio_postgres::config::SslMode::Disable, _) => UpstreamTlsMode::Disable,
-        (_, Some(_)) => UpstreamTlsMode::VerifyFull,
-        _ => UpstreamTlsMode::Require,
-    };
-    let tls = UpstreamTls::new(tls_mode, db.ca_file.as_deref(), None)
+    let tls = UpstreamTls::new(db.tls, db.ca_file.as_deref(), None)
         .map_err(|e| format!("control database TLS: {e}"))?;
     let connecting = async {
         match tls {

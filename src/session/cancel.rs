@@ -90,6 +90,15 @@ impl Fleet {
         self.instance_id.store(id, Ordering::Relaxed);
     }
 
+    /// Whether `ip` is the advertised address of another instance.
+    pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.values().any(|a| {
+            a.parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip() == ip)
+        })
+    }
+
     pub fn set_peers(&self, peers: std::collections::HashMap<u8, String>) {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
     }
@@ -157,6 +166,11 @@ pub struct CancelRequest {
     pub secret_key: Box<[u8]>,
     /// Who sent it, for the audit log.
     pub client: std::net::SocketAddr,
+    /// Forwarded by another instance of the fleet: a wrong key is the
+    /// original sender's guess, not the peer's, so it does not count
+    /// against the peer's address (which would let a guesser get a peer's
+    /// forwards refused).
+    pub from_peer: bool,
 }
 
 /// Cancels waiting for their owner shard; beyond this, guesses are dropped.
@@ -454,6 +468,7 @@ mod tests {
                 process_id: r.process_id,
                 secret_key: secret.into(),
                 client: ([127, 0, 0, 1], 1).into(),
+                from_peer: false,
             })
         };
         // Before the login completes nothing matches, not even empty.
@@ -475,6 +490,7 @@ mod tests {
                 process_id: r.process_id ^ 2,
                 secret_key: r.secret[..4].into(),
                 client: ([127, 0, 0, 1], 1).into(),
+                from_peer: false,
             })
             .is_none());
         let pid = r.process_id;
@@ -484,6 +500,7 @@ mod tests {
                 process_id: pid,
                 secret_key: issued.secret_key.clone(),
                 client: ([127, 0, 0, 1], 1).into(),
+                from_peer: false,
             })
             .is_none());
     }
@@ -496,6 +513,7 @@ mod tests {
                 process_id: 1,
                 secret_key: Box::new([0; 4]),
                 client: ([127, 0, 0, 1], 1).into(),
+                from_peer: false,
             });
         }
         let inbox = router.take_inbox(1).unwrap();

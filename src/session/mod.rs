@@ -453,7 +453,6 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     ctx.metrics.connection_opened();
     let _slot = ConnectionSlot(ctx.connections.clone(), ctx.metrics.clone());
     let id = ctx.next_session_id();
-    let span = tracing::info_span!("session", id = %id, shard = ctx.shard, client = %peer);
     let settings = ctx.settings();
     let config = &settings.config;
     let start = Start {
@@ -470,7 +469,27 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     // handshake, login) would otherwise stay allocated for the whole life
     // of an idle session.
     let starting = Starting::enter(&ctx);
-    let startup = Box::pin(serve(ctx, client, start).instrument(span));
+    let startup = Box::pin(async move {
+        let mut start = start;
+        let mut client = client;
+        let mut input = BytesMut::with_capacity(1024);
+        let config = &start.settings.config;
+        if config.proxy_protocol && config.proxy_trusted.iter().any(|c| c.contains(peer.ip())) {
+            // Before anything else, so that every rule, limit and log line
+            // sees the real client.
+            match read_proxy_header(&mut client, &mut input, &start).await {
+                Ok(Some(real)) => start.peer = real,
+                Ok(None) => {}
+                Err(refusal) => {
+                    let attempt = Attempt::default();
+                    return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
+                }
+            }
+        }
+        let span =
+            tracing::info_span!("session", id = %id, shard = ctx.shard, client = %start.peer);
+        serve(ctx, client, start, input).instrument(span).await
+    });
     let relay = startup.await;
     // An established session is in the registry by now.
     drop(starting);
@@ -479,11 +498,59 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     }
 }
 
-async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Option<RelayTask> {
+/// Reads a PROXY protocol header from a trusted load balancer: the real
+/// client's address, or `None` when the connection has no header (a peer
+/// in the balancers' network connecting directly, such as another
+/// instance forwarding a cancel) or a LOCAL one (the balancer's health
+/// check). Bytes after the header stay in `input` for the start-up.
+async fn read_proxy_header(
+    client: &mut TcpStream,
+    input: &mut BytesMut,
+    start: &Start,
+) -> Result<Option<SocketAddr>, Refusal> {
+    use crate::protocol::proxy::{self, ProxyHeader};
+    loop {
+        match proxy::detect(input) {
+            Some(false) => return Ok(None),
+            Some(true) => match proxy::parse(input) {
+                Ok(Some((header, len))) => {
+                    let _ = input.split_to(len);
+                    return Ok(match header {
+                        ProxyHeader::Proxied { source, .. } => Some(source),
+                        ProxyHeader::Local => None,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let mut refusal =
+                        Refusal::new(e.as_str(), Reply::Client(ClientError::bad_proxy_header()));
+                    refusal.detail = Some(e.to_string());
+                    return Err(refusal);
+                }
+            },
+            None => {}
+        }
+        let read = read_append(client, std::mem::take(input), 256);
+        let (res, buf) = timeout_at(start.deadline, read)
+            .await
+            .map_err(|_| Refusal::from(ClientError::startup_timeout()))?;
+        *input = buf;
+        match res {
+            Ok(0) | Err(_) => return Err(Refusal::gone()),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn serve(
+    ctx: Rc<ShardContext>,
+    mut client: TcpStream,
+    start: Start,
+    mut input: BytesMut,
+) -> Option<RelayTask> {
     let _ = client.set_nodelay(true);
     let config = &start.settings.config;
     crate::io_util::set_keepalive(&client, config.tcp_keepalive);
-    let mut input = BytesMut::with_capacity(1024);
     let mut attempt = Attempt::default();
     if ctx.failures.is_blocked(start.peer.ip(), Instant::now()) {
         // Refused before reading anything: a flood of bad tokens costs one
@@ -497,6 +564,32 @@ async fn serve(ctx: Rc<ShardContext>, mut client: TcpStream, start: Start) -> Op
         let refusal = ClientError::too_many_pending_from_source().into();
         return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
     };
+    if config.proxy_protocol
+        && input.is_empty()
+        && !config
+            .proxy_trusted
+            .iter()
+            .any(|c| c.contains(start.peer.ip()))
+    {
+        // Only the balancers' headers are believed; anyone else sending one
+        // is told so, rather than getting a puzzling start-up error.
+        let read = read_append(&mut client, std::mem::take(&mut input), 1024);
+        let Ok((res, buf)) = timeout_at(start.deadline, read).await else {
+            let refusal = ClientError::startup_timeout().into();
+            return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
+        };
+        input = buf;
+        if !matches!(res, Ok(n) if n > 0) {
+            return finish(&ctx, client, input, Err(Refusal::gone()), &start, attempt).await;
+        }
+        if crate::protocol::proxy::detect(&input) == Some(true) {
+            let refusal = Refusal::new(
+                "proxy_untrusted",
+                Reply::Client(ClientError::untrusted_proxy_header()),
+            );
+            return finish(&ctx, client, input, Err(refusal), &start, attempt).await;
+        }
+    }
     let policy = ShardContext::policy(config, &start.peer);
     let phase = Phase::Startup(AwaitStartup::with_policy(policy));
     let outcome = start_up(&ctx, &mut client, &mut input, phase, &start, &mut attempt).await;
@@ -580,7 +673,11 @@ async fn finish<C: relay::ClientSide + 'static>(
             drop(client);
             if let Some(fleet) = &ctx.fleet {
                 match fleet.destination(request.process_id, &request.secret_key) {
-                    cancel::Destination::Here(pid) => request.process_id = pid,
+                    cancel::Destination::Here(pid) => {
+                        request.from_peer =
+                            pid != request.process_id && fleet.is_peer(request.client.ip());
+                        request.process_id = pid;
+                    }
                     cancel::Destination::Peer(addr) => {
                         let result = forward_cancel(&addr, &request).await;
                         ctx.metrics.cancel(result);
@@ -759,7 +856,9 @@ async fn cancel_here(ctx: &ShardContext, request: &cancel::CancelRequest) {
     let result = match ctx.cancel_keys.upstream_key(request) {
         None => {
             // Guessing keys counts against the source like guessing tokens.
-            ctx.failures.failed(request.client.ip(), Instant::now());
+            if !request.from_peer {
+                ctx.failures.failed(request.client.ip(), Instant::now());
+            }
             "unknown_key"
         }
         Some((key, route)) => {
@@ -932,6 +1031,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
                     process_id,
                     secret_key: secret_key.into(),
                     client: start.peer,
+                    from_peer: false,
                 }))
             }
             Progress::StartTls { next, direct } => {
@@ -970,7 +1070,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             None => return Err(ClientError::token_connection_limit().into()),
         },
     };
-    let params = upstream_params(&startup, &grant, &token_id);
+    let params = upstream_params(&startup, &grant, &token_id, start.peer.ip());
     if upstream_startup_len(&startup.user, &params) > MAX_STARTUP_PACKET_LENGTH {
         // The server would drop it without a word, and the client would
         // hear of a lost server instead of its own oversized start-up.
@@ -1091,8 +1191,8 @@ const MAX_APPLICATION_NAME: usize = 63;
 /// The start-up parameters sent upstream: the client's, then the token's
 /// `session` parameters (which win: a read-only token stays read-only
 /// whatever the client asks at start-up), and `application_name` suffixed
-/// with the token id, so pg_stat_activity shows which token each backend
-/// belongs to.
+/// with the token id and the client's address, so pg_stat_activity shows
+/// which token and which client each backend belongs to.
 /// With `lock_session`, the first start-up parameter the client may not
 /// send: one the token sets, or `options` (whose `-c name=value` switches
 /// could set anything, and which Postgres reads before the key/value
@@ -1126,6 +1226,7 @@ fn upstream_params(
     startup: &ClientStartup,
     grant: &Grant,
     token_id: &str,
+    client: std::net::IpAddr,
 ) -> Vec<(String, String)> {
     // Case-insensitive, as GUC names are; the token's value would win
     // anyway (it comes last), but the server need not see the client's.
@@ -1140,7 +1241,9 @@ fn upstream_params(
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     params.extend(grant.session.iter().cloned());
-    let suffix = format!("[tg:{token_id}]");
+    // The server's own client_addr is tollgate's; this is the real one
+    // (from a PROXY header when a load balancer sent one).
+    let suffix = format!("[tg:{token_id}@{client}]");
     let app = startup.params.get("application_name").unwrap_or("");
     let room = MAX_APPLICATION_NAME.saturating_sub(suffix.len() + 1);
     let mut cut = app.len().min(room);

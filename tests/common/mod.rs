@@ -337,6 +337,7 @@ pub fn spawn_proxy_with(
 }
 
 /// A raw protocol client for byte-level tests.
+#[derive(Debug)]
 pub struct Raw(pub TcpStream);
 
 impl Raw {
@@ -866,7 +867,16 @@ pub fn raw_login(
     params: &[(&str, &str)],
     token: &str,
 ) -> Result<Raw, (String, String)> {
-    let mut raw = Raw::connect(addr);
+    raw_login_on(Raw::connect(addr), params, token)
+}
+
+/// [`raw_login`] on a connection already made (and maybe already sent a
+/// prefix, such as a PROXY protocol header).
+pub fn raw_login_on(
+    mut raw: Raw,
+    params: &[(&str, &str)],
+    token: &str,
+) -> Result<Raw, (String, String)> {
     raw.0.set_nodelay(true).unwrap();
     raw.send(&startup_message(params));
     let (tag, body) = raw.read_message();
