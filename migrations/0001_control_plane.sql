@@ -1,6 +1,6 @@
 -- tollgate control plane, schema version 1.
 --
--- Applied by tollgate itself (src/auth/pgstore.rs) inside one transaction,
+-- Applied by tollgate itself (src/controldb/schema.rs) inside one transaction,
 -- under an advisory lock, when `[tokens] postgres` names this database.
 -- Never edit a released migration: add the next numbered file instead.
 
@@ -113,7 +113,9 @@ LANGUAGE sql AS $$
         created_at = EXCLUDED.created_at,
         not_before = EXCLUDED.not_before,
         expires_at = EXCLUDED.expires_at,
-        revoked_at = EXCLUDED.revoked_at,
+        -- Once revoked, always revoked: a document without revoked_at (a
+        -- tool updating the comment, or racing revoke_token) cannot revive it.
+        revoked_at = LEAST(t.revoked_at, EXCLUDED.revoked_at),  -- LEAST skips NULLs
         rules = EXCLUDED.rules,
         updated_at = now();
 $$;

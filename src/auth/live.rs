@@ -38,6 +38,10 @@ enum Source {
     Postgres(Freshness),
 }
 
+/// Heartbeats confirm the snapshot every second; this long without one
+/// makes it stale even if the connection has not failed yet.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
 /// How current a snapshot from the control database is.
 pub struct Freshness {
     /// Whether the control thread holds a live, listening connection.
@@ -67,8 +71,10 @@ impl Freshness {
         self.connected.store(false, Ordering::Relaxed);
     }
 
+    /// Disconnected, or connected but not heard from for [`STALE_AFTER`]
+    /// (a connection that hangs without failing).
     pub fn is_stale(&self) -> bool {
-        !self.connected.load(Ordering::Relaxed)
+        !self.connected.load(Ordering::Relaxed) || self.age(SystemTime::now()) > STALE_AFTER
     }
 
     /// Time since the snapshot was last known current.

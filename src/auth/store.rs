@@ -458,8 +458,19 @@ impl TokenStore {
         let mut problems = Vec::new();
         let mut records = HashMap::with_capacity(tokens.len());
         for row in tokens {
+            // serde's messages may quote a value; say only where and what kind.
             let record = serde_json::from_str::<RawRecord>(row)
-                .map_err(|e| format!("a token row is not in the expected form: {e}"))
+                .map_err(|e| {
+                    let id = serde_json::from_str::<serde_json::Value>(row)
+                        .ok()
+                        .and_then(|v| v.get("id")?.as_str().map(str::to_owned))
+                        .filter(|id| is_valid_id(id.as_bytes()))
+                        .unwrap_or_else(|| "?".into());
+                    format!(
+                        "token {id}: its row is not in the expected form ({:?} error in the rules)",
+                        e.classify()
+                    )
+                })
                 .and_then(validate);
             match record {
                 Ok(r) => {
@@ -516,6 +527,11 @@ impl TokenStore {
     /// Revokes a JWT by its `jti` (kept until removed by hand).
     pub fn revoke_jwt(&mut self, jti: &str, now: SystemTime) {
         self.revoked_jwts.entry(jti.to_owned()).or_insert(now);
+    }
+
+    /// When `jti` was (or is to be) revoked.
+    pub fn jwt_revoked_at(&self, jti: &str) -> Option<SystemTime> {
+        self.revoked_jwts.get(jti).copied()
     }
 
     pub fn is_jwt_revoked(&self, jti: &str, now: SystemTime) -> bool {
@@ -654,17 +670,19 @@ impl TokenStore {
     }
 
     /// The next time `recheck` may change its answer without the store
-    /// changing: expiry, or the end of a rotated secret's grace.
+    /// changing: expiry, the end of a rotated secret's grace, or a
+    /// revocation stamped later than this clock reads (by another machine
+    /// whose clock is ahead, or scheduled).
     pub fn deadline(&self, token_id: &str, secret_sha256: &[u8; 32]) -> Option<SystemTime> {
         let r = self.records.get(token_id)?;
         let grace = r
             .previous
             .filter(|p| &r.secret_sha256 != secret_sha256 && &p.sha256 == secret_sha256)
             .map(|p| p.valid_until);
-        match (r.expires_at, grace) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [r.expires_at, grace, r.revoked_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -968,6 +986,17 @@ mod tests {
         assert_eq!(store.recheck(&old.id, &old.secret_sha256, now()), Ok(()));
         assert_eq!(store.deadline(&old.id, &old.secret_sha256), Some(grace_end));
         assert_eq!(store.deadline(&old.id, &new.secret_sha256), None);
+        // A revocation stamped ahead of this clock comes due later: the
+        // watcher must look again then.
+        let ahead = now() + Duration::from_secs(2);
+        let mut revoked = store.clone();
+        revoked.get_mut(&old.id).unwrap().revoked_at = Some(ahead);
+        assert_eq!(revoked.recheck(&old.id, &new.secret_sha256, now()), Ok(()));
+        assert_eq!(revoked.deadline(&old.id, &new.secret_sha256), Some(ahead));
+        assert_eq!(
+            revoked.recheck(&old.id, &new.secret_sha256, ahead),
+            Err(Rejection::Revoked)
+        );
         let later = grace_end + Duration::from_secs(1);
         assert_eq!(
             check_from(&store, old.token.expose(), "app", "x", "127.0.0.1", later),

@@ -166,6 +166,18 @@ fn start(
             store
         }
         crate::config::TokenSource::Postgres(db) => {
+            use crate::tls::UpstreamTlsMode;
+            if matches!(
+                db.tls,
+                UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer | UpstreamTlsMode::Require
+            ) {
+                // The control database decides who logs in everywhere.
+                tracing::warn!(
+                    sslmode = db.tls.as_str(),
+                    "the control database's certificate is not verified: whoever can intercept \
+                     the connection could serve forged tokens; use sslmode=verify-full and ca_file"
+                );
+            }
             let store = crate::auth::live::LiveStore::for_postgres(db.max_staleness);
             let fleet = fleet
                 .clone()

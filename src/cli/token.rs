@@ -248,13 +248,22 @@ fn with_control_db<T>(
         // On an error the transaction is dropped, which rolls it back.
         let out = change(&mut after)?;
         for record in after.records() {
-            if before.get(&record.id) != Some(record) {
+            let old = before.get(&record.id);
+            if old == Some(record) {
+                continue;
+            }
+            if old.is_some_and(|o| o.revoked_at.is_none()) && record.revoked_at.is_some() {
+                // Stamped with the database's clock, not this machine's: an
+                // instance compares it with its own, and a clock ahead here
+                // would leave open sessions running until it caught up.
+                crate::controldb::tokens::revoke(&tx, &record.id).await?;
+            } else {
                 crate::controldb::tokens::put(&tx, record).await?;
             }
         }
-        for (jti, at) in after.revoked_jwts() {
+        for (jti, _) in after.revoked_jwts() {
             if !before.revoked_jwts().any(|(j, _)| j == jti) {
-                crate::controldb::tokens::revoke_jwt(&tx, jti, at).await?;
+                crate::controldb::tokens::revoke_jwt(&tx, jti).await?;
             }
         }
         tx.commit().await.map_err(err)?;

@@ -29,13 +29,23 @@ const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// Notifications arriving this close together are applied with one load.
 const COALESCE: Duration = Duration::from_millis(10);
+/// A load that takes longer (a lock queued behind an ALTER TABLE, a
+/// black-holed network mid-query) ends the connection, so the snapshot is
+/// reported stale and the next connection starts over.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A full reload now and then, though nothing was notified: the safety net
+/// for a LISTEN that cannot work (through a transaction-mode pooler, which
+/// delivers no notifications and gives no error).
+const RESYNC: Duration = Duration::from_secs(60);
 
 struct Plane {
     db: ControlDb,
     store: Arc<LiveStore>,
     fleet: Option<Arc<Fleet>>,
-    /// The id to claim: configured, or the one held before a reconnect.
-    wanted_id: Option<u8>,
+    /// The configured instance id, if any.
+    configured_id: Option<u8>,
+    /// The id held, once claimed.
+    held_id: Option<u8>,
     /// Invalid rows already reported, so each is logged once.
     reported: BTreeSet<String>,
 }
@@ -57,7 +67,8 @@ pub fn start(
         db,
         store,
         fleet,
-        wanted_id,
+        configured_id: wanted_id,
+        held_id: None,
         reported: BTreeSet::new(),
     };
     std::thread::Builder::new()
@@ -73,6 +84,17 @@ pub fn start(
                     return;
                 }
             };
+            // However the thread ends (a panic included), the snapshot stops
+            // being current: say so, so max_staleness and /healthz act.
+            struct Lost(Arc<LiveStore>);
+            impl Drop for Lost {
+                fn drop(&mut self) {
+                    if let Some(f) = self.0.freshness() {
+                        f.lost();
+                    }
+                }
+            }
+            let _lost = Lost(plane.store.clone());
             rt.block_on(run(plane, first_tx));
         })
         .map_err(|e| format!("control thread: {e}"))?;
@@ -142,6 +164,7 @@ async fn session(
     *attempts = 0;
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resync = tokio::time::interval_at(tokio::time::Instant::now() + RESYNC, RESYNC);
     loop {
         tokio::select! {
             n = link.notifications.recv() => {
@@ -160,14 +183,22 @@ async fn session(
                     note(n.channel());
                 }
                 if tokens {
-                    if let Err(e) = reload(plane, &link.client).await {
+                    if let Err(e) = bounded(reload(plane, &link.client)).await {
                         return e;
                     }
                 }
                 if peers {
-                    if let Err(e) = refresh_peers(plane, &link.client).await {
+                    if let Err(e) = bounded(refresh_peers(plane, &link.client)).await {
                         return e;
                     }
+                }
+            }
+            _ = resync.tick() => {
+                if let Err(e) = bounded(reload(plane, &link.client)).await {
+                    return e;
+                }
+                if let Err(e) = bounded(refresh_peers(plane, &link.client)).await {
+                    return e;
                 }
             }
             _ = heartbeat.tick() => {
@@ -188,9 +219,19 @@ async fn session(
     }
 }
 
+async fn bounded<T>(work: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    tokio::time::timeout(LOAD_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("the control database did not answer within {LOAD_TIMEOUT:?}"))?
+}
+
 /// Migrates, listens, claims the instance id, and loads everything. LISTEN
 /// comes before the load, so no change committed in between is missed.
 async fn prepare(plane: &mut Plane, link: &mut Link) -> Result<(), Error> {
+    bounded(prepare_now(plane, link)).await
+}
+
+async fn prepare_now(plane: &mut Plane, link: &mut Link) -> Result<(), Error> {
     schema::migrate(&mut link.client).await?;
     link.client
         .batch_execute(&format!(
@@ -199,19 +240,7 @@ async fn prepare(plane: &mut Plane, link: &mut Link) -> Result<(), Error> {
         .await
         .map_err(|e| format!("LISTEN: {}", describe(&e)))?;
     if let Some(fleet) = plane.fleet.clone() {
-        let id = instances::claim(&mut link.client, plane.wanted_id, &fleet.advertise).await?;
-        if plane.wanted_id.is_some_and(|w| w != id) {
-            warn!(
-                was = plane.wanted_id,
-                now = id,
-                "instance id changed; cancels for sessions opened before may not reach them"
-            );
-        }
-        if plane.wanted_id != Some(id) {
-            info!(instance_id = id, advertise = %fleet.advertise, "fleet instance id claimed");
-        }
-        plane.wanted_id = Some(id);
-        fleet.set_instance_id(id);
+        claim(plane, &fleet, &mut link.client).await?;
         refresh_peers(plane, &link.client).await?;
     }
     reload(plane, &link.client).await
@@ -244,14 +273,36 @@ async fn refresh_peers(plane: &Plane, client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// Claims the configured id, else the one held before, else a free one.
+async fn claim(plane: &mut Plane, fleet: &Fleet, client: &mut Client) -> Result<(), Error> {
+    let wanted = match (plane.configured_id, plane.held_id) {
+        (Some(id), _) => instances::Wanted::Fixed(id),
+        (None, Some(id)) => instances::Wanted::Previous(id),
+        (None, None) => instances::Wanted::Any,
+    };
+    let id = instances::claim(client, wanted, &fleet.advertise).await?;
+    if plane.held_id.is_some_and(|held| held != id) {
+        warn!(
+            was = plane.held_id,
+            now = id,
+            "instance id changed (another instance took it while this one was cut off); \
+             cancels for sessions opened before may not reach them"
+        );
+    }
+    if plane.held_id != Some(id) {
+        info!(instance_id = id, advertise = %fleet.advertise, "fleet instance id claimed");
+    }
+    plane.held_id = Some(id);
+    fleet.set_instance_id(id);
+    Ok(())
+}
+
 async fn beat(plane: &mut Plane, client: &mut Client) -> Result<(), Error> {
-    match (&plane.fleet, plane.wanted_id) {
+    match (plane.fleet.clone(), plane.held_id) {
         (Some(fleet), Some(id)) => {
-            if !instances::heartbeat(client, id).await? {
-                // Someone removed the row: claim it (or another) again.
-                let advertise = fleet.advertise.clone();
-                let id = instances::claim(client, Some(id), &advertise).await?;
-                fleet.set_instance_id(id);
+            if !instances::heartbeat(client, id, &fleet.advertise).await? {
+                // The row is gone, or another instance took the id over.
+                claim(plane, &fleet, client).await?;
             }
             Ok(())
         }

@@ -1,6 +1,6 @@
 //! Reading and writing tokens in the control database.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio_postgres::GenericClient;
 
@@ -8,12 +8,20 @@ use super::{describe, Error};
 use crate::auth::{TokenRecord, TokenStore};
 
 /// A timestamp column as RFC 3339 in UTC, to the second (as the file has it).
+/// `infinity` and `-infinity` come out as those words, which fail
+/// validation, so such a row is refused rather than read as "no time"
+/// (`to_char` gives NULL for them, which would fail open: a token revoked
+/// at -infinity would read as never revoked).
 macro_rules! ts {
     ($column:literal) => {
         concat!(
-            "to_char(timezone('UTC', ",
+            "CASE WHEN isfinite(",
             $column,
-            "), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')"
+            ") THEN to_char(timezone('UTC', ",
+            $column,
+            "), 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') ELSE ",
+            $column,
+            "::text END"
         )
     };
 }
@@ -49,12 +57,13 @@ pub async fn load(client: &impl GenericClient) -> Result<(TokenStore, Vec<String
         )
         .await
         .map_err(err)?;
+    // -infinity is "always" (the epoch); +infinity is "never": left out.
     let jwts = jwts
         .iter()
-        .map(|r| {
+        .filter_map(|r| {
             let secs: f64 = r.get(1);
-            let at = UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0));
-            (r.get::<_, String>(0), at)
+            let since = Duration::try_from_secs_f64(secs.max(0.0)).ok()?;
+            Some((r.get::<_, String>(0), UNIX_EPOCH + since))
         })
         .collect();
     Ok(TokenStore::from_rows(&tokens, jwts))
@@ -71,21 +80,19 @@ pub async fn put(client: &impl GenericClient, record: &TokenRecord) -> Result<()
     Ok(())
 }
 
-pub async fn revoke_jwt(
-    client: &impl GenericClient,
-    jti: &str,
-    at: SystemTime,
-) -> Result<(), Error> {
-    let secs = at
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+/// Revokes one token as of the database's clock (`tollgate.revoke_token`).
+pub async fn revoke(client: &impl GenericClient, id: &str) -> Result<(), Error> {
     client
-        .execute(
-            "INSERT INTO tollgate.revoked_jwts (jti, revoked_at)
-             VALUES ($1, to_timestamp($2)) ON CONFLICT (jti) DO NOTHING",
-            &[&jti, &secs],
-        )
+        .execute("SELECT tollgate.revoke_token($1)", &[&id])
+        .await
+        .map_err(|e| format!("revoking token {id}: {}", describe(&e)))?;
+    Ok(())
+}
+
+/// Revokes a JWT id as of the database's clock (`tollgate.revoke_jwt`).
+pub async fn revoke_jwt(client: &impl GenericClient, jti: &str) -> Result<(), Error> {
+    client
+        .execute("SELECT tollgate.revoke_jwt($1)", &[&jti])
         .await
         .map_err(|e| format!("revoking JWT: {}", describe(&e)))?;
     Ok(())

@@ -56,7 +56,7 @@ pub enum Destination {
     /// A session of this instance (process id without the forward mark).
     Here(u32),
     /// Another instance, at this address.
-    Peer(String),
+    Peer(std::net::SocketAddr),
     /// A key no instance of the fleet issued, or an owner not known.
     Nowhere,
 }
@@ -67,8 +67,9 @@ pub struct Fleet {
     /// Claimed in the control database before the shards start; renewed
     /// (possibly changed) after a reconnect.
     instance_id: AtomicU8,
-    /// Other instances' advertised addresses, by id.
-    peers: Mutex<std::collections::HashMap<u8, String>>,
+    /// Other instances' advertised addresses, by id, resolved by the
+    /// control thread.
+    peers: Mutex<std::collections::HashMap<u8, std::net::SocketAddr>>,
     pub advertise: String,
 }
 
@@ -93,13 +94,10 @@ impl Fleet {
     /// Whether `ip` is the advertised address of another instance.
     pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.values().any(|a| {
-            a.parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a.ip() == ip)
-        })
+        peers.values().any(|a| a.ip() == ip)
     }
 
-    pub fn set_peers(&self, peers: std::collections::HashMap<u8, String>) {
+    pub fn set_peers(&self, peers: std::collections::HashMap<u8, std::net::SocketAddr>) {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
@@ -153,7 +151,7 @@ impl Fleet {
         }
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         match peers.get(&owner) {
-            Some(addr) if *addr != self.advertise => Destination::Peer(addr.clone()),
+            Some(addr) if self.advertise.parse() != Ok(*addr) => Destination::Peer(*addr),
             _ => Destination::Nowhere,
         }
     }
@@ -171,6 +169,9 @@ pub struct CancelRequest {
     /// against the peer's address (which would let a guesser get a peer's
     /// forwards refused).
     pub from_peer: bool,
+    /// Dropped when the request has been acted on (or dropped), for the
+    /// shard holding the client's connection, which closes it then.
+    pub done: Option<flume::Sender<()>>,
 }
 
 /// Cancels waiting for their owner shard; beyond this, guesses are dropped.
@@ -390,9 +391,9 @@ mod tests {
     fn fleet_keys_carry_the_instance_and_a_tag_any_member_can_check() {
         let a = fleet(7, FLEET_KEY);
         let b = fleet(9, FLEET_KEY);
-        b.set_peers([(7, "10.0.0.7:6432".to_owned())].into());
+        b.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
         let outsider = fleet(9, b"another key, another fleet, 32+ bytes");
-        outsider.set_peers([(7, "10.0.0.7:6432".to_owned())].into());
+        outsider.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
         for shard in 0..3 {
             let keys = Rc::new(Keys::new(shard, 3, Some(a.clone())));
             let router = Router::new(3, true);
@@ -407,7 +408,7 @@ mod tests {
                     assert_eq!(a.destination(pid, secret), Destination::Here(pid));
                     assert_eq!(
                         b.destination(pid, secret),
-                        Destination::Peer("10.0.0.7:6432".into())
+                        Destination::Peer("10.0.0.7:6432".parse().unwrap())
                     );
                     assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
                 }
@@ -435,7 +436,7 @@ mod tests {
             lost.destination(r.process_id, &r.secret[..4]),
             Destination::Nowhere
         );
-        lost.set_peers([(7, "10.0.0.9:6432".to_owned())].into());
+        lost.set_peers([(7, "10.0.0.9:6432".parse().unwrap())].into());
         assert_eq!(
             lost.destination(r.process_id, &r.secret[..4]),
             Destination::Nowhere
@@ -469,6 +470,7 @@ mod tests {
                 secret_key: secret.into(),
                 client: ([127, 0, 0, 1], 1).into(),
                 from_peer: false,
+                done: None,
             })
         };
         // Before the login completes nothing matches, not even empty.
@@ -491,6 +493,7 @@ mod tests {
                 secret_key: r.secret[..4].into(),
                 client: ([127, 0, 0, 1], 1).into(),
                 from_peer: false,
+                done: None,
             })
             .is_none());
         let pid = r.process_id;
@@ -501,6 +504,7 @@ mod tests {
                 secret_key: issued.secret_key.clone(),
                 client: ([127, 0, 0, 1], 1).into(),
                 from_peer: false,
+                done: None,
             })
             .is_none());
     }
@@ -514,6 +518,7 @@ mod tests {
                 secret_key: Box::new([0; 4]),
                 client: ([127, 0, 0, 1], 1).into(),
                 from_peer: false,
+                done: None,
             });
         }
         let inbox = router.take_inbox(1).unwrap();

@@ -669,8 +669,12 @@ async fn finish<C: relay::ClientSide + 'static>(
             return Some(established(ctx, client, input, *est, start, attempt.tls))
         }
         Ok(StartupOutcome::Cancel(mut request)) => {
-            // Postgres answers a CancelRequest with nothing, right or wrong.
-            drop(client);
+            // Postgres answers a CancelRequest with nothing, right or wrong,
+            // and closes the connection once it has acted on it: clients
+            // (libpq's PQcancel, and other instances forwarding a cancel)
+            // wait for that close, so their next query cannot overtake the
+            // cancel. The connection is dropped on every path below, after
+            // the work.
             if let Some(fleet) = &ctx.fleet {
                 match fleet.destination(request.process_id, &request.secret_key) {
                     cancel::Destination::Here(pid) => {
@@ -679,7 +683,7 @@ async fn finish<C: relay::ClientSide + 'static>(
                         request.process_id = pid;
                     }
                     cancel::Destination::Peer(addr) => {
-                        let result = forward_cancel(&addr, &request).await;
+                        let result = forward_cancel(addr, &request).await;
                         ctx.metrics.cancel(result);
                         audit::cancel(request.client, request.process_id, result);
                         return None;
@@ -697,8 +701,14 @@ async fn finish<C: relay::ClientSide + 'static>(
                 cancel_here(ctx, &request).await;
             } else {
                 debug!(owner, "cancel request routed to its shard");
+                // The owner drops `done` when it is through (or the router
+                // drops the request when the inbox is full).
+                let (done, finished) = flume::bounded(1);
+                request.done = Some(done);
                 ctx.cancels.route(request);
+                let _ = monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, finished.recv_async()).await;
             }
+            drop(client);
             return None;
         }
         // The state machine never asks twice; treat it as a violation.
@@ -885,7 +895,7 @@ const FORWARD_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sends a CancelRequest on to the instance that owns its session, marked
 /// as forwarded, on a new connection, and waits for that instance to close
 /// it (it has acted on the request by then, as Postgres does).
-async fn forward_cancel(addr: &str, request: &cancel::CancelRequest) -> &'static str {
+async fn forward_cancel(addr: SocketAddr, request: &cancel::CancelRequest) -> &'static str {
     let mut msg = Vec::with_capacity(12 + request.secret_key.len());
     msg.extend_from_slice(&((12 + request.secret_key.len()) as i32).to_be_bytes());
     msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
@@ -1032,6 +1042,7 @@ async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
                     secret_key: secret_key.into(),
                     client: start.peer,
                     from_peer: false,
+                    done: None,
                 }))
             }
             Progress::StartTls { next, direct } => {

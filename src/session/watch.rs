@@ -87,7 +87,11 @@ impl Watched {
                 } else {
                     Ok(())
                 };
-                (verdict, Some(*expires_at))
+                // A revocation stamped ahead of this clock (another
+                // machine's) must still be acted on when it comes due.
+                let revoked_at = jti.as_deref().and_then(|j| store.jwt_revoked_at(j));
+                let deadline = revoked_at.map_or(*expires_at, |r| r.min(*expires_at));
+                (verdict, Some(deadline))
             }
             None => (
                 store.recheck(&self.token_id, &self.secret_sha256, now),
