@@ -172,10 +172,15 @@ fn start(
                 UpstreamTlsMode::Disable | UpstreamTlsMode::Prefer | UpstreamTlsMode::Require
             ) {
                 // The control database decides who logs in everywhere.
+                let what = if matches!(db.tls, UpstreamTlsMode::Disable) {
+                    "the control database connection is not encrypted"
+                } else {
+                    "the control database's certificate is not verified"
+                };
                 tracing::warn!(
                     sslmode = db.tls.as_str(),
-                    "the control database's certificate is not verified: whoever can intercept \
-                     the connection could serve forged tokens; use sslmode=verify-full and ca_file"
+                    "{what}: whoever can intercept the connection could serve forged tokens; \
+                     use sslmode=verify-full and ca_file"
                 );
             }
             let store = crate::auth::live::LiveStore::for_postgres(db.max_staleness);
