@@ -13,6 +13,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::session::{self, ShardContext, Shared};
 
+mod fds;
+
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
 /// io_uring submission queue entries per shard.
@@ -146,33 +148,6 @@ fn spawn_session(ctx: &Rc<ShardContext>, stream: monoio::net::TcpStream, peer: S
     });
 }
 
-fn out_of_fds(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
-}
-
-/// One file descriptor held back so that, when the process runs out, it
-/// can still accept a waiting client to send it an error.
-struct FdReserve(Option<std::fs::File>);
-
-impl FdReserve {
-    fn open() -> Self {
-        FdReserve(std::fs::File::open("/dev/null").ok())
-    }
-
-    /// Frees the reserved fd; false if there was none.
-    fn release(&mut self) -> bool {
-        self.0.take().is_some()
-    }
-
-    fn or_open(self) -> Self {
-        if self.0.is_some() {
-            self
-        } else {
-            Self::open()
-        }
-    }
-}
-
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -199,14 +174,16 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     monoio::spawn(session::watch::run(ctx.clone()));
     monoio::spawn(session::serve_routed_cancels(ctx.clone()));
     monoio::spawn(session::serve_admin(ctx.clone()));
-    let mut reserve = FdReserve::open();
+    let mut reserve = fds::Reserve::open();
+    // Out of fds since the last accept failed so; logged once each way.
+    let mut starved = false;
     // Draining shuts the listener down, which fails the accept in flight.
     // Cancelling that accept instead would race with the kernel: a
     // connection it completes just then would be lost, and its client
     // would see a reset.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     {
         let ctx = ctx.clone();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         monoio::spawn(async move {
             ctx.draining.wait().await;
             // SAFETY: shutdown(2) on the listener's own fd, which stays
@@ -215,6 +192,9 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
         });
     }
     loop {
+        // Kept full before each accept: it is what lets a client queued
+        // while the process is out of fds hear why (see fds.rs).
+        reserve.refill();
         let accepted = listener.accept().await;
         if ctx.draining.fired().is_some() {
             // Accepted in the last moment before the shutdown: serve it.
@@ -224,25 +204,34 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
             break;
         }
         match accepted {
-            Ok((stream, peer)) => spawn_session(&ctx, stream, peer),
-            Err(e) if out_of_fds(&e) && reserve.release() => {
-                // The kernel keeps the connection queued until it is
-                // accepted; left there, its client would wait in silence.
-                // With the reserve fd freed, take it and tell it why.
-                let refused = listener.accept().await;
-                if let Ok((stream, peer)) = refused {
+            Ok((stream, peer)) => {
+                if std::mem::take(&mut starved) {
+                    info!(shard, "file descriptors free again; accepting");
+                }
+                spawn_session(&ctx, stream, peer);
+            }
+            Err(e) if fds::out_of_fds(&e) => {
+                if !std::mem::replace(&mut starved, true) {
+                    warn!(shard, error = %e, "out of file descriptors: new clients are refused");
+                }
+                if let Some((stream, peer)) = reserve.accept_queued(fd) {
                     warn!(shard, %peer, "out of file descriptors: connection refused");
                     ctx.metrics.rejected("out_of_fds");
                     monoio::spawn(session::refuse_out_of_fds(stream));
                 }
-                reserve = FdReserve::open();
+                // The failed accept did not wait for a client: wait here
+                // instead of spinning, until fds are free or one queues.
+                monoio::time::sleep(fds::RETRY).await;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+                // The client gave up while queued; nothing to do.
+                debug!(shard, "queued connection aborted before accept");
             }
             Err(e) => {
-                // EMFILE without a reserve, and other errors: back off
-                // instead of spinning, and let open sessions finish.
+                // Anything else (ENOBUFS, ENOMEM): back off instead of
+                // spinning, and let open sessions finish.
                 warn!(shard, error = %e, "accept failed");
                 monoio::time::sleep(Duration::from_millis(50)).await;
-                reserve = reserve.or_open();
             }
         }
     }
