@@ -19,7 +19,11 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 /// How often a shard that is out of fds looks again at its queue and for
-/// free fds. A client queued meanwhile waits this long at most.
+/// free fds. A queued client waits this long when the shard has its
+/// reserve; the refusal that spent it holds the fd until that client has
+/// read the error and closed (a lingering close, up to 500 ms), and the next
+/// queued client waits for that. One reserve per shard refuses one client at
+/// a time: enough to tell a burst why, not to serve it.
 pub const RETRY: Duration = Duration::from_millis(10);
 
 pub fn out_of_fds(e: &std::io::Error) -> bool {
@@ -44,7 +48,9 @@ impl Reserve {
 
     /// Spends the reserve on one queued client: frees the fd and accepts at
     /// once. None if there was no reserve, no client queued, or another
-    /// thread took the fd first (the client stays queued for the next try).
+    /// thread took the fd in between (the client stays queued, and is
+    /// served or refused once some fd is free again and the shard's loop
+    /// refills the reserve or accepts).
     pub fn accept_queued(
         &mut self,
         listener: RawFd,

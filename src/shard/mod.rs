@@ -187,7 +187,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
         monoio::spawn(async move {
             ctx.draining.wait().await;
             // SAFETY: shutdown(2) on the listener's own fd, which stays
-            // open until the accept loop below ends; it touches no memory.
+            // open until the process exits; it touches no memory.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         });
     }
@@ -235,10 +235,16 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
             }
         }
     }
-    // Draining: close the listener so new connections go elsewhere (another
-    // process on the same port) or are refused, and keep the runtime alive
-    // for the sessions still open; the process exits when the drain is done.
-    drop(listener);
+    // Draining: shut the listener down so new connections go elsewhere
+    // (another process on the same port) or are refused, and keep the
+    // runtime alive for the sessions still open; the process exits when the
+    // drain is done. Shut down here as well as in the task above, which may
+    // not have run yet when an accept failed at once (out of fds). The fd
+    // stays open until the exit: closed, its number could go to another
+    // shard's new socket before that task's shutdown(2) runs.
+    // SAFETY: shutdown(2) on the listener's own open fd; no memory touched.
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     info!(shard, "listener closed; draining");
+    let _open_until_exit = listener;
     std::future::pending::<()>().await
 }
