@@ -182,7 +182,7 @@ fn tokens_made_on_one_instance_work_on_another_and_revocation_reaches_open_sessi
     // The schema was created once, and both instances registered.
     assert_eq!(
         fleet.control_sql("SELECT max(version) FROM tollgate.schema_migrations"),
-        "1"
+        tollgate::controldb::schema::current_version().to_string()
     );
     assert_eq!(
         fleet.control_sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM tollgate.instances"),
@@ -356,6 +356,116 @@ impl Relay {
     fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
+}
+
+#[test]
+fn changes_by_hand_reach_instances_row_by_row_or_in_bulk_after_a_schema_upgrade() {
+    let mut fleet = Fleet::new();
+    // The control database as a tollgate of schema version 1 left it: the
+    // instance brings it up to date at start.
+    let (version, v1) = tollgate::controldb::schema::MIGRATIONS[0];
+    assert_eq!(version, 1);
+    fleet.control_sql(&format!(
+        "SET ROLE app;\nCREATE SCHEMA tollgate;\n\
+         CREATE TABLE tollgate.schema_migrations (version integer PRIMARY KEY, \
+         applied_at timestamptz NOT NULL DEFAULT now());\n{v1}\n\
+         INSERT INTO tollgate.schema_migrations (version) VALUES (1);"
+    ));
+    // With JWTs, for the revoked_jwts table (a [jwt] table after [tokens]).
+    let jwt = format!(
+        "[jwt]\nissuer = \"https://auth.test\"\naudience = \"tollgate\"\n\
+         [[jwt.hmac]]\nsecret = \"{HMAC_SECRET}\""
+    );
+    let a = fleet.start(fleet.config("a", fleet.control.port(), &jwt));
+    assert_eq!(
+        fleet.control_sql("SELECT max(version) FROM tollgate.schema_migrations"),
+        tollgate::controldb::schema::current_version().to_string()
+    );
+    let tokens: Vec<String> = (0..4)
+        .map(|_| fleet.create_token(&a, &["--user", "app"]))
+        .collect();
+    wait_for("the tokens", Duration::from_secs(1), || {
+        tokens
+            .iter()
+            .all(|t| login(a.proxy.addr, "appdb", t).is_ok())
+    });
+    let refused = |t: &str| login(a.proxy.addr, "appdb", t) == Err("28P01".into());
+    let full_loads = || {
+        std::fs::read_to_string(&a.proxy.log)
+            .unwrap()
+            .matches("token store loaded")
+            .count()
+    };
+    let loads = full_loads();
+
+    // One row at a time: an UPDATE that renames a token (its old id must
+    // go), then a DELETE. Each is read back by id, not by a full load.
+    fleet.control_sql(&format!(
+        "UPDATE tollgate.tokens SET id = 'zzzzzzzzzzzz' WHERE id = '{}'",
+        token_id(&tokens[0])
+    ));
+    let took = wait_for("the renamed token refused", Duration::from_secs(1), || {
+        refused(&tokens[0])
+    });
+    eprintln!("renamed in SQL -> refused: {took:?}");
+    fleet.control_sql(&format!(
+        "DELETE FROM tollgate.tokens WHERE id = '{}'",
+        token_id(&tokens[1])
+    ));
+    wait_for("the deleted token refused", Duration::from_secs(1), || {
+        refused(&tokens[1])
+    });
+    assert_eq!(login(a.proxy.addr, "appdb", &tokens[2]), Ok(()));
+    assert_eq!(full_loads(), loads, "a one-row change loaded everything");
+    let log = std::fs::read_to_string(&a.proxy.log).unwrap();
+    assert!(log.contains("token store updated"), "{log}");
+
+    // Many rows in one statement (more than a notification names): one
+    // full load, with the same effect.
+    fleet.control_sql(
+        "INSERT INTO tollgate.tokens (id, role, secret_sha256, rules) \
+         SELECT lpad(g::text, 12, '0'), 'app', encode(sha256(g::text::bytea), 'hex'), \
+         '{\"databases\": [\"*\"]}' FROM generate_series(1, 600) g",
+    );
+    fleet.control_sql(&format!(
+        "UPDATE tollgate.tokens SET revoked_at = now() WHERE id <> '{}'",
+        token_id(&tokens[3])
+    ));
+    wait_for("the bulk revocation", Duration::from_secs(1), || {
+        refused(&tokens[2])
+    });
+    assert!(full_loads() > loads);
+    assert_eq!(login(a.proxy.addr, "appdb", &tokens[3]), Ok(()));
+
+    // A revoked JWT id ends its open session.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let jwt = hs256(&serde_json::json!({
+        "iss": "https://auth.test", "aud": "tollgate", "exp": exp, "jti": "job-7",
+        "role": "app", "databases": ["appdb"],
+    }));
+    runtime().block_on(async {
+        let (client, ended_rx) = connect_watched(&conn(a.proxy.addr, "appdb", &jwt)).await;
+        client.simple_query("SELECT 1").await.unwrap();
+        let revoked = Instant::now();
+        fleet.control_sql("SELECT tollgate.revoke_jwt('job-7')");
+        let (code, message) = ended(ended_rx, Duration::from_secs(1)).await;
+        eprintln!(
+            "jti revoked in SQL -> session ended in {:?}",
+            revoked.elapsed()
+        );
+        assert_eq!(code, "57P01", "{message}");
+    });
+    assert!(refused(&jwt));
+
+    // TRUNCATE names no row: everything is loaded again.
+    fleet.control_sql("TRUNCATE tollgate.tokens");
+    wait_for("the truncation", Duration::from_secs(1), || {
+        refused(&tokens[3])
+    });
 }
 
 #[test]

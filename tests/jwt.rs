@@ -11,12 +11,6 @@ use base64::Engine;
 use common::*;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
-const HMAC_SECRET: &str = "a-test-hmac-secret-of-at-least-32-bytes!!";
-
-fn b64(v: &serde_json::Value) -> String {
-    URL_SAFE_NO_PAD.encode(v.to_string())
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -35,17 +29,6 @@ fn claims(exp_in: i64, aud: &str, jti: &str) -> serde_json::Value {
         "databases": ["appdb"],
         "pg_session": {"statement_timeout": "4321ms"},
     })
-}
-
-fn hs256(payload: &serde_json::Value) -> String {
-    let input = format!(
-        "{}.{}",
-        b64(&serde_json::json!({"alg": "HS256", "typ": "JWT"})),
-        b64(payload)
-    );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_SECRET.as_bytes());
-    let sig = ring::hmac::sign(&key, input.as_bytes());
-    format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
 }
 
 fn eddsa(key: &Ed25519KeyPair, payload: &serde_json::Value) -> String {

@@ -455,9 +455,28 @@ impl TokenStore {
         tokens: &[String],
         revoked_jwts: Vec<(String, SystemTime)>,
     ) -> (TokenStore, Vec<String>) {
+        let mut store = TokenStore {
+            records: HashMap::with_capacity(tokens.len()),
+            revoked_jwts: revoked_jwts.into_iter().collect(),
+        };
+        let problems = store.insert_rows(tokens);
+        (store, problems)
+    }
+
+    /// Brings the tokens `ids` up to date from `rows`, their rows as they
+    /// are now (as [`from_rows`](Self::from_rows) takes them): a token with
+    /// no row, or with a row that does not validate, is removed. Returns
+    /// the invalid rows' descriptions.
+    pub fn apply_rows(&mut self, ids: &[&str], rows: &[String]) -> Vec<String> {
+        for id in ids {
+            self.records.remove(*id);
+        }
+        self.insert_rows(rows)
+    }
+
+    fn insert_rows(&mut self, rows: &[String]) -> Vec<String> {
         let mut problems = Vec::new();
-        let mut records = HashMap::with_capacity(tokens.len());
-        for row in tokens {
+        for row in rows {
             // serde's messages may quote a value; say only where and what kind.
             let record = serde_json::from_str::<RawRecord>(row)
                 .map_err(|e| {
@@ -474,16 +493,17 @@ impl TokenStore {
                 .and_then(validate);
             match record {
                 Ok(r) => {
-                    records.insert(r.id.clone(), r);
+                    self.records.insert(r.id.clone(), r);
                 }
                 Err(e) => problems.push(e),
             }
         }
-        let store = TokenStore {
-            records,
-            revoked_jwts: revoked_jwts.into_iter().collect(),
-        };
-        (store, problems)
+        problems
+    }
+
+    /// Replaces the revoked JWT ids.
+    pub fn set_revoked_jwts(&mut self, revoked_jwts: Vec<(String, SystemTime)>) {
+        self.revoked_jwts = revoked_jwts.into_iter().collect();
     }
 
     /// A record in the file's field names, as JSON (the Postgres backend's
@@ -1088,5 +1108,39 @@ mod tests {
         .unwrap();
         let e = TokenStore::load(&p).unwrap_err().to_string();
         assert!(e.contains("must be 12 characters"), "{e}");
+    }
+
+    #[test]
+    fn rows_applied_by_id_replace_remove_and_leave_the_rest() {
+        let (a, b, c) = (token::generate(), token::generate(), token::generate());
+        let row =
+            |t: &token::NewToken, user: &str| TokenStore::record_json(&record(t, user, &["*"]));
+        let (mut store, problems) =
+            TokenStore::from_rows(&[row(&a, "app"), row(&b, "app"), row(&c, "app")], vec![]);
+        assert!(problems.is_empty(), "{problems:?}");
+        // a changed, b deleted (no row comes back), c not named: untouched.
+        let problems = store.apply_rows(&[&a.id, &b.id], &[row(&a, "other")]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.get(&a.id).unwrap().user, "other");
+        assert!(store.get(&b.id).is_none());
+        assert_eq!(store.get(&c.id).unwrap().user, "app");
+        // A row broken by hand removes its token and is described, by id.
+        let broken = row(&c, "app").replace("\"databases\":[\"*\"]", "\"databases\":7");
+        let problems = store.apply_rows(&[&c.id], &[broken]);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with(&format!("token {}:", c.id)),
+            "{problems:?}"
+        );
+        assert!(store.get(&c.id).is_none());
+        assert_eq!(store.len(), 1);
+
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_750_000_000);
+        store.set_revoked_jwts(vec![("jti-1".into(), at)]);
+        assert_eq!(
+            store.revoked_jwts().collect::<Vec<_>>(),
+            vec![("jti-1", at)]
+        );
     }
 }

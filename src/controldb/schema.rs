@@ -9,8 +9,13 @@ use tracing::{info, warn};
 use super::{describe, Error};
 
 /// Every migration, in order; the number is the schema version it makes.
-pub const MIGRATIONS: &[(i32, &str)] =
-    &[(1, include_str!("../../migrations/0001_control_plane.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_control_plane.sql")),
+    (
+        2,
+        include_str!("../../migrations/0002_notify_token_ids.sql"),
+    ),
+];
 
 /// Serialises migrations across instances ("tollgate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x746f_6c6c_6761_7465;

@@ -171,23 +171,22 @@ async fn session(
                 let Some(n) = n else {
                     return "the control database connection ended".into();
                 };
-                let (mut tokens, mut peers) = (false, false);
-                let mut note = |channel: &str| match channel {
-                    TOKENS_CHANNEL => tokens = true,
-                    INSTANCES_CHANNEL => peers = true,
-                    _ => {}
-                };
-                note(n.channel());
+                let mut pending = Pending::default();
+                pending.note(n.channel(), n.payload());
                 tokio::time::sleep(COALESCE).await;
                 while let Ok(n) = link.notifications.try_recv() {
-                    note(n.channel());
+                    pending.note(n.channel(), n.payload());
                 }
-                if tokens {
+                if pending.everything {
                     if let Err(e) = bounded(reload(plane, &link.client)).await {
                         return e;
                     }
+                } else if !pending.ids.is_empty() || pending.jwts {
+                    if let Err(e) = bounded(patch(plane, &link.client, &pending)).await {
+                        return e;
+                    }
                 }
-                if peers {
+                if pending.peers {
                     if let Err(e) = bounded(refresh_peers(plane, &link.client)).await {
                         return e;
                     }
@@ -215,6 +214,52 @@ async fn session(
             _ = &mut link.closed => {
                 return "the control database closed the connection".into();
             }
+        }
+    }
+}
+
+/// What one batch of notifications asks to reload.
+#[derive(Default, Debug, PartialEq, Eq)]
+struct Pending {
+    /// The whole token store (a large or unknown change).
+    everything: bool,
+    /// These tokens only (schema version 2 names them).
+    ids: BTreeSet<String>,
+    /// The revoked JWT ids.
+    jwts: bool,
+    /// The registry of instances.
+    peers: bool,
+}
+
+/// Past this many tokens named in one batch, one full load is cheaper
+/// than the lookups.
+const MAX_PATCH: usize = 5_000;
+
+impl Pending {
+    /// Payloads (see migrations/0002): `tokens:<id>,<id>,...` names the
+    /// tokens changed, `revoked_jwts` the JWT list; anything else on the
+    /// tokens channel (`tokens`, a schema version 1 trigger's table name,
+    /// someone's hand-made NOTIFY) means everything.
+    fn note(&mut self, channel: &str, payload: &str) {
+        match channel {
+            TOKENS_CHANNEL => match payload.strip_prefix("tokens:") {
+                _ if self.everything => {}
+                Some(ids) => {
+                    for id in ids.split(',') {
+                        if !crate::auth::token::is_valid_id(id.as_bytes()) {
+                            self.everything = true;
+                        } else if self.ids.len() < MAX_PATCH {
+                            self.ids.insert(id.to_owned());
+                        } else if !self.ids.contains(id) {
+                            self.everything = true;
+                        }
+                    }
+                }
+                None if payload == "revoked_jwts" => self.jwts = true,
+                None => self.everything = true,
+            },
+            INSTANCES_CHANNEL => self.peers = true,
+            _ => {}
         }
     }
 }
@@ -250,7 +295,7 @@ async fn reload(plane: &mut Plane, client: &Client) -> Result<(), Error> {
     let (snapshot, problems) = tokens::load(client).await?;
     for p in &problems {
         if !plane.reported.contains(p) {
-            error!(problem = %p, "token row left out: that token is refused until the row is fixed");
+            report(p);
         }
     }
     plane.reported = problems.into_iter().collect();
@@ -258,11 +303,64 @@ async fn reload(plane: &mut Plane, client: &Client) -> Result<(), Error> {
         tokens = snapshot.len(),
         "token store loaded from the control database"
     );
+    publish(plane, snapshot);
+    Ok(())
+}
+
+/// Reads back only what the notifications named and publishes the current
+/// snapshot with those changes: a revocation costs a lookup by key, not a
+/// load of the whole table.
+async fn patch(plane: &mut Plane, client: &Client, pending: &Pending) -> Result<(), Error> {
+    let ids: Vec<&str> = pending.ids.iter().map(String::as_str).collect();
+    let rows = if ids.is_empty() {
+        Vec::new()
+    } else {
+        tokens::load_some(client, &ids).await?
+    };
+    let revoked_jwts = if pending.jwts {
+        Some(tokens::load_revoked_jwts(client).await?)
+    } else {
+        None
+    };
+    let mut snapshot = (*plane.store.published.get()).clone();
+    let problems = snapshot.apply_rows(&ids, &rows);
+    if let Some(r) = revoked_jwts {
+        snapshot.set_revoked_jwts(r);
+    }
+    // A row fixed since it was reported may go wrong again, and then it is
+    // reported again.
+    plane.reported.retain(|p| {
+        let about = |id: &&str| {
+            p.strip_prefix("token ")
+                .and_then(|r| r.strip_prefix(*id))
+                .is_some_and(|r| r.starts_with(':'))
+        };
+        !ids.iter().any(about)
+    });
+    for p in problems {
+        report(&p);
+        plane.reported.insert(p);
+    }
+    info!(
+        changed = ids.len(),
+        revoked_jwts = pending.jwts,
+        tokens = snapshot.len(),
+        "token store updated from the control database"
+    );
+    publish(plane, snapshot);
+    Ok(())
+}
+
+fn report(problem: &str) {
+    error!(problem = %problem, "token row left out: that token is refused until the row is fixed");
+}
+
+/// Hands the shards a new snapshot, which is as fresh as the database.
+fn publish(plane: &Plane, snapshot: crate::auth::TokenStore) {
     plane.store.published.publish(snapshot);
     if let Some(f) = plane.store.freshness() {
         f.confirmed();
     }
-    Ok(())
 }
 
 async fn refresh_peers(plane: &Plane, client: &Client) -> Result<(), Error> {
@@ -311,5 +409,57 @@ async fn beat(plane: &mut Plane, client: &mut Client) -> Result<(), Error> {
             .await
             .map(|_| ())
             .map_err(|e| format!("heartbeat: {}", describe(&e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(notes: &[(&str, &str)]) -> Pending {
+        let mut p = Pending::default();
+        for (channel, payload) in notes {
+            p.note(channel, payload);
+        }
+        p
+    }
+
+    #[test]
+    fn named_tokens_are_patched_and_anything_else_loads_everything() {
+        let p = batch(&[
+            (TOKENS_CHANNEL, "tokens:aaaaaaaaaaaa,bbbbbbbbbbbb"),
+            (TOKENS_CHANNEL, "tokens:bbbbbbbbbbbb"),
+            (TOKENS_CHANNEL, "revoked_jwts"),
+            (INSTANCES_CHANNEL, ""),
+        ]);
+        assert!(!p.everything);
+        assert_eq!(
+            p.ids.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+        );
+        assert!(p.jwts && p.peers);
+        // Schema version 2's bulk marker, version 1's table name, a
+        // hand-made NOTIFY, an id that is not one: all load everything.
+        for payload in [
+            "tokens",
+            "",
+            "hello",
+            "tokens:",
+            "tokens:AAAAAAAAAAAA",
+            "tokens:a,b",
+        ] {
+            assert!(
+                batch(&[(TOKENS_CHANNEL, payload)]).everything,
+                "{payload:?}"
+            );
+        }
+        assert!(!batch(&[(INSTANCES_CHANNEL, "tokens")]).everything);
+        // Too many names in one batch: one full load instead.
+        let many: Vec<String> = (0..MAX_PATCH + 1).map(|i| format!("{i:012}")).collect();
+        let mut p = Pending::default();
+        for chunk in many.chunks(500) {
+            p.note(TOKENS_CHANNEL, &format!("tokens:{}", chunk.join(",")));
+        }
+        assert!(p.everything);
     }
 }

@@ -975,3 +975,28 @@ pub fn rustls_client(ca: &Ca, alpn: Option<&[u8]>) -> std::sync::Arc<rustls::Cli
     }
     std::sync::Arc::new(c)
 }
+
+/// The HMAC secret of the JWTs [`hs256`] signs (`[[jwt.hmac]] secret`).
+pub const HMAC_SECRET: &str = "a-test-hmac-secret-of-at-least-32-bytes!!";
+
+/// A JSON value in unpadded base64url, as a JWT part.
+pub fn b64(v: &serde_json::Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+/// A JWT with `payload`, signed HS256 with [`HMAC_SECRET`].
+pub fn hs256(payload: &serde_json::Value) -> String {
+    use base64::Engine;
+    let input = format!(
+        "{}.{}",
+        b64(&serde_json::json!({"alg": "HS256", "typ": "JWT"})),
+        b64(payload)
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_SECRET.as_bytes());
+    let sig = ring::hmac::sign(&key, input.as_bytes());
+    format!(
+        "{input}.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref())
+    )
+}
