@@ -17,6 +17,22 @@ fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// What each fd of `pid` is, for a failure message. (An fd inherited
+/// from the test harness may sit above the limit: RLIMIT_NOFILE bounds fd
+/// numbers, not their count.)
+fn fd_links(pid: u32) -> Vec<String> {
+    let mut links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| {
+            let to = std::fs::read_link(e.path()).unwrap_or_default();
+            format!("{}: {}", e.file_name().to_string_lossy(), to.display())
+        })
+        .collect();
+    links.sort();
+    links
+}
+
 fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -33,7 +49,8 @@ fn cycle(addr: SocketAddr, token: &str) {
 }
 
 /// Waits until `/proc` shows `want` fds for `pid` (sockets close a moment
-/// after their peers see the end).
+/// after their peers see the end: a session's server socket after its
+/// client's, once the server has answered the Terminate).
 fn settle_fds(pid: u32, want: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -45,6 +62,21 @@ fn settle_fds(pid: u32, want: usize) -> usize {
     }
 }
 
+/// The fd count of an idle `pid` once it has held still for 300 ms.
+fn quiet_fds(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = (fd_count(pid), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let n = fd_count(pid);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() >= Duration::from_millis(300) || Instant::now() > deadline {
+            return n;
+        }
+    }
+}
+
 #[test]
 fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
     let mut env = Env::new();
@@ -53,7 +85,7 @@ fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
     // a few sessions above it.
     env.start_proxy();
     cycle(env.addr(), &token);
-    let idle = fd_count(env.pid());
+    let idle = quiet_fds(env.pid());
     // SIGTERM, not SIGKILL: a killed process's pending io_uring accept
     // keeps its listener alive for some milliseconds after the exit, the
     // next process on the port shares SO_REUSEPORT with that ghost, and
@@ -78,8 +110,11 @@ fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
         }
     });
     let addr = env.addr();
-    // From a process that has served a login, as in real life.
+    // From a process that has served a login, as in real life; and once
+    // that session's fds are closed, or one closing late would make room
+    // for a login below.
     cycle(addr, &token);
+    quiet_fds(env.pid());
 
     // Sessions (two fds each: client and server) until one is refused.
     let mut open = Vec::new();
@@ -117,7 +152,10 @@ fn out_of_file_descriptors_new_clients_get_an_error_open_sessions_go_on() {
         let took = started.elapsed();
         match refused {
             Ok(Err((code, _))) => assert!(code == "53300" || code == "08001", "{code}"),
-            Ok(Ok(_)) => panic!("a login got through with no fds left"),
+            Ok(Ok(_)) => panic!(
+                "a login got through with no fds left; the process holds {:?}",
+                fd_links(env.pid())
+            ),
             Err(_) => panic!("a client out of fds heard nothing for {took:?}"),
         }
         slowest = slowest.max(took);
@@ -189,7 +227,7 @@ fn connect_churn_returns_to_baseline() {
     let addr = env.addr();
     let pid = env.pid();
     cycle(addr, &token);
-    let fds = settle_fds(pid, 0);
+    let fds = quiet_fds(pid);
     let threads = thread_count(pid);
     let (rss_before, _) = rss_kib(pid);
 

@@ -40,10 +40,20 @@ impl Reserve {
     }
 
     /// Opens the reserve again if it was used (or could not be opened).
-    pub fn refill(&mut self) {
+    /// Err only when the process is out of fds: the shard must then not
+    /// wait for a client, since an fd freed between this call and the
+    /// accept would go to some session and the client after it would find
+    /// no reserve to be told with. Any other failure (no /dev/null in a
+    /// chroot) leaves the shard without a reserve, as before this existed.
+    pub fn refill(&mut self) -> Result<(), std::io::Error> {
         if self.0.is_none() {
-            *self = Self::open();
+            match std::fs::File::open("/dev/null") {
+                Ok(f) => self.0 = Some(f),
+                Err(e) if out_of_fds(&e) => return Err(e),
+                Err(_) => {}
+            }
         }
+        Ok(())
     }
 
     /// Spends the reserve on one queued client: frees the fd and accepts at
@@ -111,7 +121,7 @@ mod tests {
             let (_stream, peer) = reserve.accept_queued(fd).expect("accepted");
             assert_eq!(peer, client.local_addr().unwrap());
             assert!(reserve.0.is_none(), "the reserve was spent");
-            reserve.refill();
+            reserve.refill().unwrap();
             assert!(reserve.0.is_some());
         });
     }

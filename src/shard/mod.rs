@@ -193,8 +193,16 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     }
     loop {
         // Kept full before each accept: it is what lets a client queued
-        // while the process is out of fds hear why (see fds.rs).
-        reserve.refill();
+        // while the process is out of fds hear why (see fds.rs). Without
+        // it, wait for an fd rather than for a client.
+        if let Err(e) = reserve.refill() {
+            starving(shard, &mut starved, &e);
+            if ctx.draining.fired().is_some() {
+                break;
+            }
+            monoio::time::sleep(fds::RETRY).await;
+            continue;
+        }
         let accepted = listener.accept().await;
         if ctx.draining.fired().is_some() {
             // Accepted in the last moment before the shutdown: serve it.
@@ -211,9 +219,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
                 spawn_session(&ctx, stream, peer);
             }
             Err(e) if fds::out_of_fds(&e) => {
-                if !std::mem::replace(&mut starved, true) {
-                    warn!(shard, error = %e, "out of file descriptors: new clients are refused");
-                }
+                starving(shard, &mut starved, &e);
                 if let Some((stream, peer)) = reserve.accept_queued(fd) {
                     warn!(shard, %peer, "out of file descriptors: connection refused");
                     ctx.metrics.rejected("out_of_fds");
@@ -247,4 +253,11 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     info!(shard, "listener closed; draining");
     let _open_until_exit = listener;
     std::future::pending::<()>().await
+}
+
+/// Logs, once per episode, that the shard is out of fds.
+fn starving(shard: usize, starved: &mut bool, e: &std::io::Error) {
+    if !std::mem::replace(starved, true) {
+        warn!(shard, error = %e, "out of file descriptors: new clients are refused");
+    }
 }

@@ -916,7 +916,9 @@ fn refused_then_closed(raw: &mut Raw, body: &[u8]) -> (String, String) {
 }
 
 /// Runs one simple query on a raw session: the rows as text, or the
-/// (SQLSTATE, message) of its error.
+/// (SQLSTATE, message) of its error. A FATAL error is the session's last
+/// word (a token revoked while it logged in, say): no ReadyForQuery
+/// follows, and reading on could meet a reset.
 pub fn raw_query(raw: &mut Raw, sql: &str) -> Result<Vec<Vec<Option<String>>>, (String, String)> {
     let mut q = vec![b'Q'];
     q.extend_from_slice(&((4 + sql.len() + 1) as i32).to_be_bytes());
@@ -929,7 +931,13 @@ pub fn raw_query(raw: &mut Raw, sql: &str) -> Result<Vec<Vec<Option<String>>>, (
         let (tag, body) = raw.read_message();
         match tag {
             b'D' => rows.push(data_row(&body)),
-            b'E' => error = Some(error_fields(&body)),
+            b'E' => {
+                error = Some(error_fields(&body));
+                let f = tollgate::protocol::backend::parse_error_fields(&body);
+                if f.severity == "FATAL" {
+                    break;
+                }
+            }
             b'Z' => break,
             _ => {}
         }
