@@ -49,8 +49,7 @@ fn cycle(addr: SocketAddr, token: &str) {
 }
 
 /// Waits until `/proc` shows `want` fds for `pid` (sockets close a moment
-/// after their peers see the end: a session's server socket after its
-/// client's, once the server has answered the Terminate).
+/// after their peers see the end).
 fn settle_fds(pid: u32, want: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

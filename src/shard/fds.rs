@@ -36,7 +36,10 @@ pub struct Reserve(Option<std::fs::File>);
 
 impl Reserve {
     pub fn open() -> Self {
-        Reserve(std::fs::File::open("/dev/null").ok())
+        let mut reserve = Reserve(None);
+        // Out of fds at start: the accept loop tries again.
+        let _ = reserve.refill();
+        reserve
     }
 
     /// Opens the reserve again if it was used (or could not be opened).

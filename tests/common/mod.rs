@@ -932,8 +932,8 @@ pub fn raw_query(raw: &mut Raw, sql: &str) -> Result<Vec<Vec<Option<String>>>, (
         match tag {
             b'D' => rows.push(data_row(&body)),
             b'E' => {
-                error = Some(error_fields(&body));
                 let f = tollgate::protocol::backend::parse_error_fields(&body);
+                error = Some((f.code.to_owned(), f.message.to_owned()));
                 if f.severity == "FATAL" {
                     break;
                 }
