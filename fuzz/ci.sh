@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets and replays their corpora and regression inputs
 # under the fuzz build (ASan, debug assertions): seconds once built. Skipped
-# without a nightly toolchain; tests/fuzz_replay.rs replays the same inputs
+# without a nightly toolchain; tests/it/fuzz_replay.rs replays the same inputs
 # on stable in every `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "== fuzz: no nightly toolchain; skipped (tests/fuzz_replay.rs replays the corpora)"
+    echo "== fuzz: no nightly toolchain; skipped (tests/it/fuzz_replay.rs replays the corpora)"
     exit 0
 fi
 if ! cargo +nightly fuzz --version >/dev/null 2>&1; then

@@ -3,7 +3,7 @@
 //!
 //! Two builds share this file: the cargo-fuzz crate beside it (its library,
 //! which `fuzz_targets/<target>.rs` call under libFuzzer on nightly), and the
-//! main crate's `tests/fuzz_replay.rs` (`#[path]`-included), which runs every
+//! main crate's `tests/it/fuzz_replay.rs` (`#[path]`-included), which runs every
 //! file of `corpus/<target>/` and `regressions/<target>/` through the same
 //! function on stable, so the corpora are regression tests everywhere.
 //!
@@ -36,7 +36,7 @@ use tollgate::protocol::backend::{
 };
 use tollgate::protocol::frame::{peek_frame, FrameVisitor, Framer, HEADER_LEN};
 use tollgate::protocol::frontend::{parse_password_message, PasswordError, TAG_PASSWORD_MESSAGE};
-use tollgate::protocol::proxy::{
+use tollgate::protocol::proxy_header::{
     detect as detect_proxy, encode_v1, encode_v2, parse as parse_proxy, ProxyError, ProxyHeader,
     MAX_HEADER_LEN as MAX_PROXY_HEADER_LEN, V1_MAX_LEN,
 };
@@ -1098,7 +1098,7 @@ fn check_run(policy: &StartupPolicy, stream: &[u8], run: &Run) {
 // proxy
 // ---------------------------------------------------------------------------
 
-/// `protocol::proxy::parse` (PROXY protocol v1 and v2, what a balancer sends
+/// `protocol::proxy_header::parse` (PROXY protocol v1 and v2, what a balancer sends
 /// before the client's first byte) on arbitrary bytes: `detect` agrees with
 /// it; a verdict depends neither on bytes after the header nor on where the
 /// header is cut (every shorter prefix is "need more" or the same refusal);
@@ -1107,7 +1107,7 @@ fn check_run(policy: &StartupPolicy, stream: &[u8], run: &Run) {
 /// back to it, byte for byte where the encoding is canonical.
 ///
 /// Layout: the bytes.
-pub fn proxy(data: &[u8]) -> Reached {
+pub fn proxy_header(data: &[u8]) -> Reached {
     let result = parse_proxy(data);
     match detect_proxy(data) {
         None => assert_eq!(result, Ok(None), "undecided signature"),
@@ -1292,5 +1292,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("token", token),
     ("framer", framer),
     ("handshake", handshake),
-    ("proxy", proxy),
+    ("proxy_header", proxy_header),
 ];

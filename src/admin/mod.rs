@@ -8,8 +8,6 @@
 //! Off unless `[admin] listen` is set. Off loopback, everything but
 //! `/metrics`, `/healthz` and `/livez` needs the configured bearer token.
 
-pub mod bus;
-
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,11 +21,11 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tracing::{info, warn};
 
-pub use bus::{Bus, SessionView};
-
 use crate::auth::live::LiveStore;
 use crate::metrics::{self, ProcessFacts, ShardSnapshot};
 use crate::secret::Secret;
+use crate::session::watch::SessionView;
+use crate::shard::bus::{self, Bus};
 
 /// How long a scrape waits for a shard. A shard that cannot answer in this
 /// time is not healthy, and a scrape without it says so

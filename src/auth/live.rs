@@ -1,6 +1,6 @@
 //! The live token store: a control thread watches the store file and
 //! publishes each valid new version; shards pick it up through
-//! [`crate::reload::ShardCopy`].
+//! [`crate::snapshot::ShardCopy`].
 //!
 //! A version that fails to parse or validate is logged once and the last
 //! good snapshot stays in force: never fail open, never drop everything.
@@ -19,7 +19,7 @@ use tracing::{error, info};
 
 use super::jwt::JwtVerifier;
 use super::store::{StoreError, TokenStore};
-use crate::reload::{FileStamp, Published, Stamps};
+use crate::snapshot::{FileStamp, Published, Stamps};
 
 /// How often the store file is checked. A change is live on every shard
 /// within this plus the shards' own tick (see `shard::WATCH_INTERVAL`).

@@ -359,7 +359,7 @@ impl TokenStore {
 
     fn parse(text: &str) -> Result<TokenStore, ParseError> {
         let raw: RawStore = toml::from_str(text)
-            .map_err(|e| ParseError::Toml(crate::config::describe_toml_error(&e, text)))?;
+            .map_err(|e| ParseError::Toml(crate::toml_error::describe(&e, text)))?;
         let mut revoked_jwts = HashMap::with_capacity(raw.revoked_jwts.len());
         for r in raw.revoked_jwts {
             let at =

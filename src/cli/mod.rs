@@ -221,7 +221,7 @@ fn start(
     let shared = Arc::new(crate::session::Shared::new(
         settings, store, jwt, server_tls, fleet,
     ));
-    let (bus, store) = (shared.admin.clone(), shared.store.clone());
+    let store = shared.store.clone();
     let started = std::time::Instant::now();
     let control = crate::control::Control::new(config_path, shared.clone());
     let shards = crate::shard::start(shared)?;
@@ -229,7 +229,7 @@ fn start(
         crate::admin::start(
             a.listen,
             crate::admin::AdminState {
-                bus,
+                bus: shards.bus(),
                 store,
                 started,
                 io_uring: shards.io_uring,

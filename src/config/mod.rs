@@ -3,7 +3,10 @@
 //! one validation step into an immutable, typed [`Config`].
 #![forbid(unsafe_code)]
 
+mod auth_methods;
 pub mod pgurl;
+
+pub use auth_methods::AuthMethods;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::secret::Secret;
+use crate::toml_error;
 
 /// PostgreSQL's own default for `authentication_timeout` is 60 s; a proxy
 /// that holds a socket per pending login wants a tighter bound.
@@ -415,7 +419,7 @@ pub struct UpstreamConfig {
     /// Client certificate and key, for servers that use `cert` auth.
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Authentication requests answered (libpq's `require_auth`).
-    pub require_auth: crate::upstream::login::AuthMethods,
+    pub require_auth: AuthMethods,
 }
 
 /// A configuration problem, with enough context to fix it.
@@ -467,7 +471,7 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let raw: RawConfig =
-            toml::from_str(&text).map_err(|e| err(describe_toml_error(&e, &text)))?;
+            toml::from_str(&text).map_err(|e| err(toml_error::describe(&e, &text)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_raw(raw, base).map_err(err)
     }
@@ -482,12 +486,17 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let mut table: toml::Table =
-            toml::from_str(&text).map_err(|e| err(describe_toml_error(&e, &text)))?;
+            toml::from_str(&text).map_err(|e| err(toml_error::describe(&e, &text)))?;
         let tokens: RawTokens = table
             .remove("tokens")
             .ok_or_else(|| err("[tokens] is missing".into()))?
             .try_into()
-            .map_err(|e: toml::de::Error| err(format!("[tokens]: {}", hide_values(e.message()))))?;
+            .map_err(|e: toml::de::Error| {
+                err(format!(
+                    "[tokens]: {}",
+                    toml_error::hide_values(e.message())
+                ))
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         token_source(&tokens, base).map_err(err)
     }
@@ -695,9 +704,10 @@ fn upstream_config(
         ca_file: u.ca_file.map(|f| base.join(f)),
         client_cert,
         require_auth: match &u.require_auth {
-            None => crate::upstream::login::AuthMethods::ANY,
-            Some(list) => crate::upstream::login::AuthMethods::parse(list)
-                .map_err(|e| format!("{at} require_auth: {e}"))?,
+            None => AuthMethods::ANY,
+            Some(list) => {
+                AuthMethods::parse(list).map_err(|e| format!("{at} require_auth: {e}"))?
+            }
         },
     })
 }
@@ -902,39 +912,6 @@ fn admin_config(a: RawAdmin, base: &Path) -> Result<AdminConfig, String> {
         latency_histograms: a.latency_histograms.unwrap_or(true),
         per_token_series,
     })
-}
-
-/// A TOML error as "line L, column C: what is wrong". Never the toml
-/// crate's own rendering: it quotes the offending line, which may hold a
-/// password or a token.
-pub fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!("line {line}, column {column}: {}", hide_values(e.message()))
-        }
-        None => hide_values(e.message()),
-    }
-}
-
-/// serde names a mistyped value in backticks ("invalid type: integer
-/// `12345`, expected a string"), and that value may be a password. Keys
-/// ("unknown field `pasword`") are kept: they are what the reader must fix.
-fn hide_values(message: &str) -> String {
-    if !message.starts_with("invalid") {
-        return message.to_owned();
-    }
-    let mut out = String::with_capacity(message.len());
-    for (i, part) in message.split('`').enumerate() {
-        if i > 0 {
-            out.push('`');
-        }
-        // Odd parts are the quoted ones.
-        out.push_str(if i % 2 == 1 { "…" } else { part });
-    }
-    out
 }
 
 /// Reads a credential's password from exactly one of its three sources.

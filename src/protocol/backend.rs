@@ -459,7 +459,7 @@ mod tests {
     }
 
     /// A hostile or broken server's ErrorResponse or NoticeResponse must not
-    /// reach a client that cannot parse it (tests/hostile_servers.rs).
+    /// reach a client that cannot parse it (tests/it/hostile_servers.rs).
     #[test]
     fn broken_error_and_notice_responses_are_malformed() {
         for body in [

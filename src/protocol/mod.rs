@@ -10,7 +10,7 @@
 pub mod backend;
 pub mod frame;
 pub mod frontend;
-pub mod proxy;
+pub mod proxy_header;
 pub mod sqlstate;
 pub mod startup;
 

@@ -22,21 +22,29 @@
 //! plain CancelRequest, to the owner's advertised address. Nothing else is
 //! shared; the owner still checks the whole secret against its table.
 //!
+//! [`handle`] acts on a CancelRequest that arrived on this shard;
+//! [`serve_here`] is the owner's side, also run for requests routed from
+//! other shards (`crate::shard`).
+//!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::rc::Rc;
-
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::Route;
+use super::{Route, ShardContext};
+use crate::audit;
 use crate::protocol::backend::BackendKey;
 use crate::upstream::login::ISSUED_KEY_LEN;
 
@@ -352,6 +360,112 @@ impl Drop for Reservation {
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Reservation({})", self.process_id)
+    }
+}
+
+/// Acts on a CancelRequest that arrived on a connection of this shard: in
+/// a fleet, forwards it to the instance that owns the key (or drops a key
+/// no instance issued); here, hands it to the shard that owns the session
+/// and waits for it to act. Returns when the cancel has been acted on.
+///
+/// Postgres answers a CancelRequest with nothing, right or wrong, and
+/// closes the connection once it has acted on it: clients (libpq's
+/// PQcancel, and other instances forwarding a cancel) wait for that close,
+/// so their next query cannot overtake the cancel. The caller closes the
+/// connection after this returns.
+pub(super) async fn handle(ctx: &ShardContext, mut request: CancelRequest) {
+    if let Some(fleet) = &ctx.fleet {
+        match fleet.destination(request.process_id, &request.secret_key) {
+            Destination::Here(pid) => {
+                request.from_peer = pid != request.process_id && fleet.is_peer(request.client.ip());
+                request.process_id = pid;
+            }
+            Destination::Peer(addr) => {
+                let result = forward_to_peer(addr, &request).await;
+                ctx.metrics.cancel(result);
+                audit::cancel(request.client, request.process_id, result);
+                return;
+            }
+            Destination::Nowhere => {
+                ctx.failures.failed(request.client.ip(), Instant::now());
+                ctx.metrics.cancel("unknown_key");
+                audit::cancel(request.client, request.process_id, "unknown_key");
+                return;
+            }
+        }
+    }
+    let owner = ctx.cancels.owner(request.process_id);
+    if owner == ctx.shard {
+        serve_here(ctx, &request).await;
+    } else {
+        debug!(owner, "cancel request routed to its shard");
+        // The owner drops `done` when it is through (or the router drops
+        // the request when the inbox is full).
+        let (done, finished) = flume::bounded(1);
+        request.done = Some(done);
+        ctx.cancels.route(request);
+        let _ = monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, finished.recv_async()).await;
+    }
+}
+
+/// Acts on a cancel for a session of this shard: a matching key sends the
+/// server's real key to the server; anything else is dropped unanswered.
+pub async fn serve_here(ctx: &ShardContext, request: &CancelRequest) {
+    let result = match ctx.cancel_keys.upstream_key(request) {
+        None => {
+            // Guessing keys counts against the source like guessing tokens.
+            if !request.from_peer {
+                ctx.failures.failed(request.client.ip(), Instant::now());
+            }
+            "unknown_key"
+        }
+        Some((key, route)) => {
+            // The server the session logged in to, with the settings it
+            // started under: routing may have picked any upstream, and a
+            // reload may have moved them since.
+            let tls = route.tls.as_deref();
+            match crate::upstream::send_cancel(&route.config, tls, &key).await {
+                Ok(()) => "forwarded",
+                Err(e) => {
+                    warn!(error = %e, "cancel request not forwarded");
+                    "upstream_failed"
+                }
+            }
+        }
+    };
+    ctx.metrics.cancel(result);
+    audit::cancel(request.client, request.process_id, result);
+}
+
+/// How long forwarding a cancel to another instance may take.
+const FORWARD_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends a CancelRequest on to the instance that owns its session, marked
+/// as forwarded, on a new connection, and waits for that instance to close
+/// it (it has acted on the request by then, as Postgres does).
+async fn forward_to_peer(addr: SocketAddr, request: &CancelRequest) -> &'static str {
+    let mut msg = Vec::with_capacity(12 + request.secret_key.len());
+    msg.extend_from_slice(&((12 + request.secret_key.len()) as i32).to_be_bytes());
+    msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
+    msg.extend_from_slice(&(request.process_id | FORWARDED).to_be_bytes());
+    msg.extend_from_slice(&request.secret_key);
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let (res, _) = stream.write_all(msg).await;
+        res?;
+        let (res, _) = stream.read(vec![0u8; 64]).await;
+        res.map(|_| ())
+    };
+    match monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, attempt).await {
+        Ok(Ok(())) => "forwarded_to_peer",
+        Ok(Err(e)) => {
+            warn!(peer = %addr, error = %e, "cancel request not forwarded to its instance");
+            "peer_failed"
+        }
+        Err(_) => {
+            warn!(peer = %addr, "cancel request not forwarded: the instance did not answer in time");
+            "peer_failed"
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! snapshot current and ends the sessions whose token no longer allows
 //! them (revoked, expired, rotated out, deleted), within one tick of the
 //! change reaching the shard. The admin API reads and ends sessions here
-//! too, by asking the shard (see `crate::admin::bus`).
+//! too, by asking the shard (see `crate::shard::bus`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -10,15 +10,39 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
 use tracing::info;
 
 use super::kill::{KillReason, KillSwitch};
 use super::relay::SessionStats;
 use super::ShardContext;
-use crate::admin::SessionView;
 use crate::audit::SessionId;
 use crate::auth::{OnExpiry, Rejection, TokenStore};
 use crate::metrics::Totals;
+
+/// One open session as /sessions shows it. Never a secret: the token is
+/// named by its id only.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionView {
+    pub id: String,
+    pub shard: usize,
+    pub token_id: String,
+    pub user: String,
+    pub database: String,
+    pub client_addr: String,
+    /// `TLSv1_3`, `TLSv1_2`, or none for plaintext.
+    pub tls: Option<&'static str>,
+    /// Seconds since the Unix epoch when the client connected.
+    pub started_at: f64,
+    pub age_seconds: f64,
+    /// As pg_stat_activity names them: `active`, `idle`,
+    /// `idle in transaction`, `idle in transaction (aborted)`.
+    pub state: &'static str,
+    pub bytes_from_client: u64,
+    pub bytes_from_server: u64,
+    pub queries: u64,
+    pub transactions: u64,
+}
 
 /// How often each shard looks for a new token snapshot and due expiries.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(100);

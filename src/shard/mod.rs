@@ -2,6 +2,11 @@
 //! monoio runtime (io_uring, or epoll where io_uring is unavailable) with its
 //! own SO_REUSEPORT listener, so the kernel spreads connections across
 //! shards and a connection never leaves the shard that accepted it.
+//!
+//! Besides its clients, each shard serves what other threads ask of it over
+//! the [`bus`] (metrics, sessions, terminations, the drain) and the cancel
+//! requests other shards route to it ([`services`]); the life of one client
+//! connection is [`crate::session`].
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -13,7 +18,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::session::{self, ShardContext, Shared};
 
+pub mod bus;
 mod fds;
+mod services;
+
+use bus::Bus;
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -24,10 +33,15 @@ const URING_ENTRIES: u32 = 1024;
 pub struct Shards {
     pub local_addr: SocketAddr,
     pub io_uring: bool,
-    bus: Arc<crate::admin::Bus>,
+    bus: Arc<Bus>,
 }
 
 impl Shards {
+    /// The way to ask the shards for metrics and sessions (the admin API).
+    pub fn bus(&self) -> Arc<Bus> {
+        self.bus.clone()
+    }
+
     /// Drains every shard: each stops accepting at once, lets its sessions
     /// finish until `timeout` has passed, then ends the rest with FATAL
     /// 57P01. Returns, once every shard answered (or gave no answer in
@@ -37,7 +51,7 @@ impl Shards {
         let mut replies = Vec::new();
         for shard in 0..self.bus.shards() {
             let (tx, rx) = flume::bounded(1);
-            let request = crate::admin::bus::Request::Drain {
+            let request = bus::Request::Drain {
                 deadline,
                 reply: tx,
             };
@@ -78,10 +92,12 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
         warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let bus = Arc::new(Bus::new(config.workers));
     let mut threads = 0;
     for (shard, listener) in listeners.into_iter().enumerate() {
         let pin_cpus = config.pin_cpus;
         let shared = shared.clone();
+        let inbox = bus.take_inbox(shard);
         // Detached: shards run until the process exits.
         std::thread::Builder::new()
             // Thread names (comm) are cut at 15 bytes: keep them short.
@@ -99,7 +115,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                         .enable_timer()
                         .build()
                     {
-                        Ok(mut rt) => return rt.block_on(accept_loop(ctx, listener)),
+                        Ok(mut rt) => return rt.block_on(accept_loop(ctx, listener, inbox)),
                         Err(e) => warn!(shard, error = %e, "io_uring runtime failed; using epoll"),
                     }
                 }
@@ -107,7 +123,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                     .enable_timer()
                     .build()
                 {
-                    Ok(mut rt) => rt.block_on(accept_loop(ctx, listener)),
+                    Ok(mut rt) => rt.block_on(accept_loop(ctx, listener, inbox)),
                     Err(e) => error!(shard, error = %e, "shard runtime failed to start"),
                 }
             })?;
@@ -117,7 +133,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
     Ok(Shards {
         local_addr: addr,
         io_uring,
-        bus: shared.admin.clone(),
+        bus,
     })
 }
 
@@ -161,7 +177,11 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
+async fn accept_loop(
+    ctx: ShardContext,
+    listener: std::net::TcpListener,
+    inbox: Option<flume::Receiver<bus::Request>>,
+) {
     let shard = ctx.shard;
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -171,26 +191,11 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
         }
     };
     let ctx = Rc::new(ctx);
-    monoio::spawn(session::watch::run(ctx.clone()));
-    monoio::spawn(session::serve_routed_cancels(ctx.clone()));
-    monoio::spawn(session::serve_admin(ctx.clone()));
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    spawn_services(&ctx, inbox, fd);
     let mut reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
-    // Draining shuts the listener down, which fails the accept in flight.
-    // Cancelling that accept instead would race with the kernel: a
-    // connection it completes just then would be lost, and its client
-    // would see a reset.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-    {
-        let ctx = ctx.clone();
-        monoio::spawn(async move {
-            ctx.draining.wait().await;
-            // SAFETY: shutdown(2) on the listener's own fd, which stays
-            // open until the process exits; it touches no memory.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        });
-    }
     loop {
         // Kept full before each accept: it is what lets a client queued
         // while the process is out of fds hear why (see fds.rs). Without
@@ -218,27 +223,7 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
                 }
                 spawn_session(&ctx, stream, peer);
             }
-            Err(e) if fds::out_of_fds(&e) => {
-                starving(shard, &mut starved, &e);
-                if let Some((stream, peer)) = reserve.accept_queued(fd) {
-                    warn!(shard, %peer, "out of file descriptors: connection refused");
-                    ctx.metrics.rejected("out_of_fds");
-                    monoio::spawn(session::refuse_out_of_fds(stream));
-                }
-                // The failed accept did not wait for a client: wait here
-                // instead of spinning, until fds are free or one queues.
-                monoio::time::sleep(fds::RETRY).await;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
-                // The client gave up while queued; nothing to do.
-                debug!(shard, "queued connection aborted before accept");
-            }
-            Err(e) => {
-                // Anything else (ENOBUFS, ENOMEM): back off instead of
-                // spinning, and let open sessions finish.
-                warn!(shard, error = %e, "accept failed");
-                monoio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Err(e) => accept_failed(&ctx, e, &mut reserve, &mut starved, fd).await,
         }
     }
     // Draining: shut the listener down so new connections go elsewhere
@@ -253,6 +238,64 @@ async fn accept_loop(ctx: ShardContext, listener: std::net::TcpListener) {
     info!(shard, "listener closed; draining");
     let _open_until_exit = listener;
     std::future::pending::<()>().await
+}
+
+/// The shard's own tasks beside the accept loop: the token watcher, the
+/// cancels routed from other shards, the bus, and the listener's shutdown
+/// when draining starts.
+fn spawn_services(
+    ctx: &Rc<ShardContext>,
+    inbox: Option<flume::Receiver<bus::Request>>,
+    listener_fd: std::os::fd::RawFd,
+) {
+    monoio::spawn(session::watch::run(ctx.clone()));
+    monoio::spawn(services::serve_routed_cancels(ctx.clone()));
+    if let Some(inbox) = inbox {
+        monoio::spawn(services::serve_bus(ctx.clone(), inbox));
+    }
+    // Draining shuts the listener down, which fails the accept in flight.
+    // Cancelling that accept instead would race with the kernel: a
+    // connection it completes just then would be lost, and its client
+    // would see a reset.
+    let ctx = ctx.clone();
+    monoio::spawn(async move {
+        ctx.draining.wait().await;
+        // SAFETY: shutdown(2) on the listener's own fd, which stays
+        // open until the process exits; it touches no memory.
+        unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
+    });
+}
+
+/// A failed accept: out of fds, the reserve fd tells one queued client
+/// why; anything else is logged. Either way, waits a little rather than
+/// spinning on an accept that fails at once.
+async fn accept_failed(
+    ctx: &ShardContext,
+    e: std::io::Error,
+    reserve: &mut fds::Reserve,
+    starved: &mut bool,
+    listener_fd: std::os::fd::RawFd,
+) {
+    let shard = ctx.shard;
+    if fds::out_of_fds(&e) {
+        starving(shard, starved, &e);
+        if let Some((stream, peer)) = reserve.accept_queued(listener_fd) {
+            warn!(shard, %peer, "out of file descriptors: connection refused");
+            ctx.metrics.rejected("out_of_fds");
+            monoio::spawn(session::refuse_out_of_fds(stream));
+        }
+        // The failed accept did not wait for a client: wait here
+        // instead of spinning, until fds are free or one queues.
+        monoio::time::sleep(fds::RETRY).await;
+    } else if e.raw_os_error() == Some(libc::ECONNABORTED) {
+        // The client gave up while queued; nothing to do.
+        debug!(shard, "queued connection aborted before accept");
+    } else {
+        // Anything else (ENOBUFS, ENOMEM): back off instead of
+        // spinning, and let open sessions finish.
+        warn!(shard, error = %e, "accept failed");
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Logs, once per episode, that the shard is out of fds.

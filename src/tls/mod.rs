@@ -26,7 +26,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tracing::{error, info};
 
-use crate::reload::{FileStamp, Published, Stamps};
+use crate::snapshot::{FileStamp, Published, Stamps};
 
 /// The ALPN protocol name PostgreSQL 17 defined for direct TLS.
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";

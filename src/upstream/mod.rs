@@ -381,7 +381,7 @@ mod tests {
             tls: UpstreamTlsMode::Require,
             ca_file: None,
             client_cert: None,
-            require_auth: login::AuthMethods::ANY,
+            require_auth: crate::config::AuthMethods::ANY,
         };
         (cfg, server)
     }

@@ -2,11 +2,9 @@
 //! effect on a running proxy, including on sessions already open; and the
 //! rules a token carries (connection limit, networks, session parameters).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// Shards that logged a started session.
 fn shards_with_sessions(log: &str) -> Vec<String> {

@@ -2,14 +2,12 @@
 //! keys (routed across shards), protocol-version negotiation, replication
 //! start-ups, and what each side sees when the other fails.
 
-mod common;
-
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// A client logged in over the raw protocol, and the messages from
 /// AuthenticationOk to the first ReadyForQuery.

@@ -2,14 +2,12 @@
 //! sessions carry on; a churn of connect/login/close cycles leaves file
 //! descriptors, threads and sessions where they started.
 
-mod common;
-
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

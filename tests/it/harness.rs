@@ -2,7 +2,6 @@
 //! by `tollgate::cluster`, as `nobody` when the tests run as root), a config
 //! and token store in a temp folder, and the real `tollgate` binary started
 //! on a free port with its log captured at TRACE level.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -248,6 +247,21 @@ impl Env {
 
     /// Asserts the log holds no token secret and no upstream password, in
     /// any of the [`secret_encodings`] (plain, hex, base64 variants).
+    /// `pgbench -i -q -s 1` straight to the cluster: the tables a pgbench
+    /// run through tollgate then uses.
+    pub fn pgbench_init(&self) {
+        let init = pg_tool("pgbench")
+            .args(["-i", "-q", "-s", "1"])
+            .arg(self.direct_conn_str())
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+    }
+
     pub fn assert_log_clean(&self) {
         let log = self.log();
         assert!(!log.is_empty(), "the proxy log is empty");
@@ -458,6 +472,43 @@ pub fn pg_tool(name: &str) -> Command {
     let mut c = Command::new(tollgate::cluster::find_pg_bin(name).unwrap());
     c.env_remove("PGPASSWORD").env_remove("PGHOST");
     c
+}
+
+/// What a finished pgbench run reported.
+#[derive(Debug)]
+pub struct PgbenchSummary {
+    /// "number of transactions actually processed".
+    pub processed: u64,
+    /// "number of failed transactions" (pgbench 15 and later print it).
+    pub failed: u64,
+    /// stdout and stderr, for assertion messages.
+    pub output: String,
+}
+
+/// Reads pgbench's summary from its output: `Err` with everything it
+/// printed when it exited non-zero or printed no summary.
+pub fn pgbench_summary(out: &std::process::Output) -> Result<PgbenchSummary, String> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(output);
+    }
+    // "1000/1000" with -t, "1234" with -T; "0 (0.000%)" for failures.
+    let field = |prefix: &str| -> Option<u64> {
+        let value = stdout.lines().find_map(|l| l.strip_prefix(prefix))?;
+        value.split(['/', ' ']).next()?.trim().parse().ok()
+    };
+    match (
+        field("number of transactions actually processed: "),
+        field("number of failed transactions: "),
+    ) {
+        (Some(processed), Some(failed)) => Ok(PgbenchSummary {
+            processed,
+            failed,
+            output,
+        }),
+        _ => Err(output),
+    }
 }
 
 /// (VmRSS, VmHWM) of a process in KiB, from `/proc/<pid>/status`: its
@@ -678,6 +729,46 @@ impl Files {
         }
         p
     }
+}
+
+/// A certificate for tollgate's client side, signed by a CA of its own,
+/// in a folder of its own.
+pub struct ServingCert {
+    pub ca: Ca,
+    pub files: Files,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ServingCert {
+    /// A new CA named `ca_name` and a leaf for `names`.
+    pub fn new(ca_name: &str, names: &[&str]) -> ServingCert {
+        let ca = Ca::new(ca_name);
+        let files = Files::new();
+        let (cert, key) = ca.leaf(names);
+        let cert = files.write("tg.crt", &cert, false);
+        let key = files.write("tg.key", &key, true);
+        ServingCert {
+            ca,
+            files,
+            cert,
+            key,
+        }
+    }
+
+    /// The `[tls]` table that serves this certificate in `mode`.
+    pub fn table(&self, mode: &str) -> String {
+        tls_table(&self.cert, &self.key, mode)
+    }
+}
+
+/// A `[tls]` table for tollgate's client side.
+pub fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
+    format!(
+        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",
+        cert.display(),
+        key.display()
+    )
 }
 
 /// postgresql.conf settings that turn TLS on with `cert` and `key`.

@@ -4,12 +4,10 @@
 //! pgbench connecting for every transaction runs through the whole swap
 //! without a failed transaction.
 
-mod common;
-
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
@@ -62,16 +60,7 @@ fn pgbench_runs_through_an_in_place_upgrade() {
     let token = env.create_token(&["--user", "app"]);
     env.start_proxy();
     let addr = env.addr();
-    let init = pg_tool("pgbench")
-        .args(["-i", "-q", "-s", "1"])
-        .arg(env.direct_conn_str())
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    env.pgbench_init();
 
     // A new connection for every transaction, so connections keep arriving
     // throughout the swap; at a set rate, so the 2-core machine keeps CPU
@@ -107,26 +96,13 @@ fn pgbench_runs_through_an_in_place_upgrade() {
     let drained_in = signalled.elapsed();
 
     let out = bench.wait_with_output().unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "pgbench failed across the swap:\n{all}"
-    );
-    let processed: u64 = all
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next()?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no count in:\n{all}"));
-    let failed = all
-        .lines()
-        .find_map(|l| l.strip_prefix("number of failed transactions: "))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or("0");
-    assert_eq!(failed, "0", "{all}");
+    let PgbenchSummary {
+        processed,
+        failed,
+        output,
+    } = pgbench_summary(&out)
+        .unwrap_or_else(|all| panic!("pgbench failed across the swap:\n{all}"));
+    assert_eq!(failed, 0, "{output}");
 
     // Both processes served sessions; the new one served after the old left.
     let old_log = env.log();

@@ -10,14 +10,12 @@
 //! cases) and base64 (all four variants), and the log is checked to hold
 //! what it should, so the scan cannot pass on an empty or truncated log.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::harness::*;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use common::*;
 use ring::rand::SecureRandom;
 use serde_json::Value;
 use tollgate::cluster::HbaAuth;

@@ -4,8 +4,6 @@
 //! The bulk tests also check that tollgate's memory stays flat (it relays
 //! through fixed buffers and never holds a whole message).
 
-mod common;
-
 use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
@@ -19,7 +17,7 @@ use ring::digest;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::{AsyncMessage, Client, SimpleQueryMessage};
 
-use common::*;
+use crate::harness::*;
 
 /// tollgate's peak resident memory must stay below this, whatever the
 /// size of what it relays.
@@ -519,25 +517,6 @@ fn million_row_result_streams_like_direct() {
 // ---------------------------------------------------------------------------
 // 4. Pipeline mode.
 
-/// The summary figures of a pgbench run.
-fn pgbench_summary(out: &std::process::Output) -> (u64, u64, String) {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let all = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "pgbench failed:\n{all}");
-    let field = |prefix: &str| -> u64 {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.split(['/', ' ']).next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix:?} in pgbench output:\n{all}"))
-    };
-    (
-        field("number of transactions actually processed: "),
-        field("number of failed transactions: "),
-        all,
-    )
-}
-
 /// pgbench with `\startpipeline` / `\endpipeline` scripts (extended and
 /// prepared protocol) runs through tollgate with every transaction done and
 /// no errors, and leaves the same rows as the same run done directly.
@@ -588,7 +567,12 @@ fn pgbench_pipeline_mode_matches_direct() {
                     .env("PGSSLMODE", "disable")
                     .output()
                     .unwrap();
-                let (processed, failed, all) = pgbench_summary(&out);
+                let PgbenchSummary {
+                    processed,
+                    failed,
+                    output: all,
+                } = pgbench_summary(&out)
+                    .unwrap_or_else(|all| panic!("pgbench {target} {mode} failed:\n{all}"));
                 eprintln!(
                     "[pgbench pipeline {mode} {target}] {processed} transactions in {:.2?}",
                     started.elapsed()

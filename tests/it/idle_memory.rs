@@ -3,12 +3,10 @@
 //! session count is the per-session cost. The target is 4 KiB; the assertion
 //! is a looser regression guard.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// Idle sessions held open for the measurement.
 const SESSIONS: usize = 1_000;

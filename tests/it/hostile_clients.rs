@@ -3,19 +3,16 @@
 //! the exact outcome a user sees: one FATAL ErrorResponse with a specific
 //! SQLSTATE, then an orderly close, and a normal login still working after.
 //!
-//! `tests/proxy.rs` already covers start-up lengths 20000, -5 and 4, a body
+//! `clients.rs` already covers start-up lengths 20000, -5 and 4, a body
 //! with no NUL at all, protocol 2.0, a start-up without `user`, a query
 //! instead of the password, a three-byte start-up that times out, and the
 //! basic token rejections; these tests cover the rest of the hardening list.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// How long a refusal may take to arrive and the connection to close.
 const WAIT: Duration = Duration::from_secs(5);
@@ -661,28 +658,15 @@ fn tls_read_to_end(tls: &mut Tls) -> (Vec<u8>, String) {
     }
 }
 
-fn tls_env() -> (Env, String, Ca, tempfile::TempDir) {
-    let ca = Ca::new("hostile CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"]);
-    let write = |name: &str, text: &str| -> PathBuf {
-        let p = dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let cert = write("tg.crt", &cert);
-    let key = write("tg.key", &key);
+fn tls_env() -> (Env, String, Ca, Files) {
+    let serving = ServingCert::new("hostile CA", &["localhost", "127.0.0.1"]);
     let mut env = Env::build(EnvOptions {
-        tables: format!(
-            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"allow\"\n",
-            cert.display(),
-            key.display()
-        ),
+        tables: serving.table("allow"),
         ..EnvOptions::default()
     });
     let token = env.create_token(&["--user", "app", "--database", "appdb"]);
     env.start_proxy();
-    (env, token, ca, dir)
+    (env, token, serving.ca, serving.files)
 }
 
 /// Inside an established TLS session, a second SSLRequest (or a

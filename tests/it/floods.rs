@@ -2,12 +2,10 @@
 //! tokens, wrong cancel keys) is refused outright for the rest of its
 //! window, before anything it sends is read; other sources log in as usual.
 
-mod common;
-
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// A raw connection to `addr` from the loopback address `source`.
 fn raw_from(source: &str, addr: SocketAddr) -> Raw {
@@ -110,19 +108,10 @@ fn bad_token_floods_and_cancel_key_guessing_are_refused_per_source() {
 /// the source gets its room back as its stalled connections go.
 #[test]
 fn stalled_start_ups_and_tls_handshakes_are_capped_per_source() {
-    let ca = Ca::new("floods CA");
-    let (cert, key) = ca.leaf(&["localhost"]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert_file, key_file) = (dir.path().join("tg.crt"), dir.path().join("tg.key"));
-    std::fs::write(&cert_file, cert).unwrap();
-    std::fs::write(&key_file, key).unwrap();
+    let serving = ServingCert::new("floods CA", &["localhost"]);
     let mut env = Env::build(EnvOptions {
         top: "max_pending_per_source = 5".into(),
-        tables: format!(
-            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"allow\"\n",
-            cert_file.display(),
-            key_file.display()
-        ),
+        tables: serving.table("allow"),
         ..EnvOptions::default()
     });
     let good = env.create_token(&["--user", "app"]);

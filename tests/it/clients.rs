@@ -1,10 +1,8 @@
 //! End-to-end: real clients through the real binary to a real Postgres.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 /// tokio-postgres through tollgate returns what a direct connection returns,
 /// in simple and extended mode, text and binary.
@@ -160,7 +158,8 @@ fn psql_and_pgbench_work_through_the_proxy() {
     };
     assert!(a_out.trim().ends_with('a'));
 
-    // pgbench: initialise, then select-only over the extended protocol.
+    // pgbench: initialise (COPY included), then select-only over the
+    // extended protocol, all through tollgate.
     let addr = env.addr();
     let pgbench = |args: &[&str]| {
         pg_tool("pgbench")
@@ -186,21 +185,12 @@ fn psql_and_pgbench_work_through_the_proxy() {
         String::from_utf8_lossy(&init.stderr)
     );
     let run = pgbench(&["-S", "-M", "extended", "-c", "4", "-j", "2", "-T", "3"]);
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0 (0.000%)"),
-        "{stdout}"
-    );
-    let processed: u64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-        .and_then(|v| v.split('/').next()?.trim().parse().ok())
-        .expect("pgbench summary");
+    let PgbenchSummary {
+        processed,
+        failed,
+        output,
+    } = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+    assert_eq!(failed, 0, "{output}");
     assert!(processed > 100, "only {processed} transactions");
     env.assert_log_clean();
 }

@@ -5,11 +5,11 @@
 //! the same target body the fuzzer runs (`fuzz/targets.rs`), with its
 //! invariants. A failure names the file and prints the input in hex.
 //!
-//! `cargo test --release --test fuzz_replay` takes seconds; the fuzzing
+//! `cargo test --release -- fuzz_replay::` takes seconds; the fuzzing
 //! itself is `cargo +nightly fuzz run <target>` (fuzz/README.md).
 
 #[allow(dead_code)]
-#[path = "../fuzz/targets.rs"]
+#[path = "../../fuzz/targets.rs"]
 mod targets;
 
 use std::path::{Path, PathBuf};
@@ -105,16 +105,16 @@ const EXPECTED: &[(&str, &str, &str)] = &[
         "password_unexpected",
     ),
     ("handshake", "hostile-password-513", "password_too_long"),
-    ("proxy", "seed-v1-tcp4", "v1_proxied4"),
-    ("proxy", "seed-v1-tcp6", "v1_proxied6"),
-    ("proxy", "seed-v1-unknown", "v1_local"),
-    ("proxy", "seed-v1-unknown-107", "v1_local"),
-    ("proxy", "seed-v2-tcp4", "v2_proxied4"),
-    ("proxy", "seed-v2-tcp6", "v2_proxied6"),
-    ("proxy", "seed-v2-tcp4-tlvs", "v2_proxied4+tlv"),
-    ("proxy", "seed-v2-tcp6-tlvs", "v2_proxied6+tlv"),
-    ("proxy", "seed-v2-local", "v2_local"),
-    ("proxy", "hostile-v2-udp4", "proxy_unsupported"),
+    ("proxy_header", "seed-v1-tcp4", "v1_proxied4"),
+    ("proxy_header", "seed-v1-tcp6", "v1_proxied6"),
+    ("proxy_header", "seed-v1-unknown", "v1_local"),
+    ("proxy_header", "seed-v1-unknown-107", "v1_local"),
+    ("proxy_header", "seed-v2-tcp4", "v2_proxied4"),
+    ("proxy_header", "seed-v2-tcp6", "v2_proxied6"),
+    ("proxy_header", "seed-v2-tcp4-tlvs", "v2_proxied4+tlv"),
+    ("proxy_header", "seed-v2-tcp6-tlvs", "v2_proxied6+tlv"),
+    ("proxy_header", "seed-v2-local", "v2_local"),
+    ("proxy_header", "hostile-v2-udp4", "proxy_unsupported"),
 ];
 
 /// Runs every corpus and regression input of `name`; fails listing each
@@ -212,6 +212,6 @@ fn handshake_corpus() {
 }
 
 #[test]
-fn proxy_corpus() {
-    replay("proxy");
+fn proxy_header_corpus() {
+    replay("proxy_header");
 }

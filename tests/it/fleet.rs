@@ -4,8 +4,6 @@
 //! balancer. Every instance is the real binary; the control database and
 //! the upstreams are real throwaway clusters.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -13,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use tollgate::cluster::{Cluster, ClusterOptions};
 
 const CANCEL_KEY: &str = "fleet-cancel-key-0123456789abcdef-shared";
@@ -833,7 +831,7 @@ fn login_from(
 
 #[test]
 fn proxy_protocol_headers_are_believed_from_balancers_only() {
-    use tollgate::protocol::proxy::{encode_v1, encode_v2, ProxyHeader};
+    use tollgate::protocol::proxy_header::{encode_v1, encode_v2, ProxyHeader};
     let mut env = Env::with(
         tollgate::cluster::HbaAuth::ScramSha256,
         "proxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\nauth_failure_limit = 3",

@@ -14,8 +14,6 @@
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>,
 //! <https://www.postgresql.org/docs/current/sasl-authentication.html>
 
-mod common;
-
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,9 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::*;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use common::*;
 
 const SSL_REQUEST: u32 = (1234 << 16) | 5679;
 const AUTH_OK: i32 = 0;

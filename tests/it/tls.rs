@@ -2,22 +2,12 @@
 //! tollgate, direct TLS, plaintext injection, policy, upstream verification
 //! and channel binding, and certificate reload.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
-
-fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
-    format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",
-        cert.display(),
-        key.display()
-    )
-}
+use crate::harness::*;
 
 fn psql(conn: &str, sql: &str) -> std::process::Output {
     pg_tool("psql")
@@ -110,21 +100,18 @@ fn verified_tls_on_both_legs_with_channel_binding() {
 /// Direct TLS (no SSLRequest) works with ALPN `postgresql`, not without.
 #[test]
 fn direct_tls_requires_alpn() {
-    let ca = Ca::new("direct CA");
-    let files = Files::new();
-    let (cert, key) = ca.leaf(&["localhost"]);
-    let cert = files.write("tg.crt", &cert, false);
-    let key = files.write("tg.key", &key, true);
+    let serving = ServingCert::new("direct CA", &["localhost"]);
     let mut env = Env::build(EnvOptions {
-        tables: tls_table(&cert, &key, "require"),
+        tables: serving.table("require"),
         ..EnvOptions::default()
     });
+    let ca = &serving.ca;
     let token = env.create_token(&["--user", "app"]);
     env.start_proxy();
 
     let session = |alpn: Option<&[u8]>| -> Vec<u8> {
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(rustls_client(&ca, alpn), name).unwrap();
+        let conn = rustls::ClientConnection::new(rustls_client(ca, alpn), name).unwrap();
         let sock = TcpStream::connect(env.addr()).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -152,13 +139,9 @@ fn direct_tls_requires_alpn() {
 /// Bytes sent in the clear right after SSLRequest are refused, unprocessed.
 #[test]
 fn plaintext_injected_after_ssl_request_is_refused() {
-    let ca = Ca::new("inject CA");
-    let files = Files::new();
-    let (cert, key) = ca.leaf(&["localhost"]);
-    let cert = files.write("tg.crt", &cert, false);
-    let key = files.write("tg.key", &key, true);
+    let serving = ServingCert::new("inject CA", &["localhost"]);
     let mut env = Env::build(EnvOptions {
-        tables: tls_table(&cert, &key, "allow"),
+        tables: serving.table("allow"),
         ..EnvOptions::default()
     });
     let token = env.create_token(&["--user", "app"]);
@@ -184,13 +167,9 @@ fn plaintext_injected_after_ssl_request_is_refused() {
 /// client sends its token.
 #[test]
 fn plaintext_refused_when_tls_required() {
-    let ca = Ca::new("require CA");
-    let files = Files::new();
-    let (cert, key) = ca.leaf(&["localhost"]);
-    let cert = files.write("tg.crt", &cert, false);
-    let key = files.write("tg.key", &key, true);
+    let serving = ServingCert::new("require CA", &["localhost"]);
     let mut env = Env::build(EnvOptions {
-        tables: tls_table(&cert, &key, "require"),
+        tables: serving.table("require"),
         ..EnvOptions::default()
     });
     let token = env.create_token(&["--user", "app"]);
@@ -204,7 +183,10 @@ fn plaintext_refused_when_tls_required() {
     let conn = format!(
         "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=appdb password={token} sslmode=verify-full sslrootcert={}",
         env.addr().port(),
-        files.write("ca.crt", &ca.pem(), false).display()
+        serving
+            .files
+            .write("ca.crt", &serving.ca.pem(), false)
+            .display()
     );
     let out = psql(&conn, "select 1");
     assert!(

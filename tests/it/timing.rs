@@ -2,7 +2,7 @@
 //! tell "no such token id" from "wrong secret" by how fast the refusal
 //! comes could enumerate ids, and one who could tell a revoked, expired or
 //! misdirected token from a wrong secret would learn that a secret is
-//! right. The bytes are the same (`tests/hostile_clients.rs` checks them
+//! right. The bytes are the same (`tests/it/hostile_clients.rs` checks them
 //! for a dozen causes); this file measures the time from the password
 //! message to the ErrorResponse, many samples per cause, interleaved so
 //! that the machine's noise falls on all causes alike, and compares the
@@ -13,7 +13,7 @@
 //! CRC-32); well-formed ones cost a SHA-256 of the secret and two
 //! constant-time comparisons whether or not the id exists (a dummy hash
 //! stands in for an unknown id), then cheap field checks for a right
-//! secret; JWTs (src/auth/jwt.rs) cost a signature check. Everything else
+//! secret; JWTs (src/auth/jwt/) cost a signature check. Everything else
 //! on the path (the audit event, the failure counter, the reply) is the
 //! same for every cause.
 //!
@@ -25,13 +25,11 @@
 //! already know. Those are checked for identical bytes and their timing is
 //! printed, not judged.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::harness::*;
 
 const HMAC_SECRET: &str = "a-timing-test-hmac-secret-of-32-bytes-or-more";
 /// Samples per cause, after the warm-up. A refusal takes about 13 µs, so

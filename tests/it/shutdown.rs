@@ -3,12 +3,10 @@
 //! ends the rest with FATAL 57P01 and exits 0; a second SIGTERM exits at
 //! once.
 
-mod common;
-
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 /// Polls until nothing accepts connections on `addr`.
 fn wait_refused(addr: std::net::SocketAddr, within: Duration) -> Duration {

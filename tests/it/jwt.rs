@@ -2,13 +2,11 @@
 //! otherwise with the same bytes as any bad token, and revocable by `jti`
 //! with the same live effect as an opaque token.
 
-mod common;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::harness::*;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use common::*;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 fn now() -> u64 {

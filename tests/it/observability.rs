@@ -2,13 +2,11 @@
 //! and parses as Prometheus text, per-token series, `/sessions` and
 //! `DELETE /sessions/{id}`, `/healthz`, and the query audit.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use crate::harness::*;
 use prometheus_parse::{LineInfo, Scrape, Value};
 use tokio::task::JoinHandle;
 

@@ -1,14 +1,15 @@
-//! How the admin thread talks to the shards: a bounded inbox per shard,
-//! answered by a task on that shard (which alone may read its `!Send`
-//! state), each request carrying its own reply channel.
+//! How other threads talk to the shards: a bounded inbox per shard,
+//! answered by a task on that shard (`super::services`, which alone may
+//! read its `!Send` state), each request carrying its own reply channel.
+//! The admin thread asks for metrics and sessions; the main thread asks
+//! the shards to drain.
 
 use std::sync::Mutex;
 
-use serde::Serialize;
-
 use crate::metrics::ShardSnapshot;
+use crate::session::watch::SessionView;
 
-/// Requests a shard may get from the admin thread.
+/// Requests a shard may get from another thread.
 pub enum Request {
     /// Are you there? (For /healthz: a shard that answers is running its
     /// event loop.)
@@ -27,30 +28,6 @@ pub enum Request {
         deadline: std::time::Instant,
         reply: flume::Sender<usize>,
     },
-}
-
-/// One open session as /sessions shows it. Never a secret: the token is
-/// named by its id only.
-#[derive(Debug, Clone, Serialize)]
-pub struct SessionView {
-    pub id: String,
-    pub shard: usize,
-    pub token_id: String,
-    pub user: String,
-    pub database: String,
-    pub client_addr: String,
-    /// `TLSv1_3`, `TLSv1_2`, or none for plaintext.
-    pub tls: Option<&'static str>,
-    /// Seconds since the Unix epoch when the client connected.
-    pub started_at: f64,
-    pub age_seconds: f64,
-    /// As pg_stat_activity names them: `active`, `idle`,
-    /// `idle in transaction`, `idle in transaction (aborted)`.
-    pub state: &'static str,
-    pub bytes_from_client: u64,
-    pub bytes_from_server: u64,
-    pub queries: u64,
-    pub transactions: u64,
 }
 
 /// Requests waiting per shard before the admin side is told it is busy.

@@ -3,14 +3,12 @@
 //! sessions; open sessions carry on; a bad file changes nothing; and while
 //! the process drains, `/healthz` says so.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 const ADMIN_TOKEN: &str = "reload-admin-token-0123456789";
 
@@ -189,16 +187,7 @@ fn write_atomically(path: &Path, text: &str) {
 fn pgbench_runs_through_twenty_reloads_without_a_failed_transaction() {
     let mut s = Setup::new();
     s.env.start_proxy();
-    let init = pg_tool("pgbench")
-        .args(["-i", "-q", "-s", "1"])
-        .arg(s.env.direct_conn_str())
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    s.env.pgbench_init();
 
     // A new connection (and upstream login) per transaction, over TLS, so
     // every reload is crossed by logins under both the old and the new
@@ -239,12 +228,7 @@ fn pgbench_runs_through_twenty_reloads_without_a_failed_transaction() {
     }
     for (what, child) in [("-C", churn), ("persistent", steady)] {
         let out = child.wait_with_output().unwrap();
-        let all = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if !out.status.success() {
+        let summary = pgbench_summary(&out).unwrap_or_else(|all| {
             let log = s.env.log();
             let problems: Vec<&str> = log
                 .lines()
@@ -255,18 +239,10 @@ fn pgbench_runs_through_twenty_reloads_without_a_failed_transaction() {
                 "pgbench {what} failed:\n{all}\ntollgate:\n{}",
                 problems.join("\n")
             );
-        }
-        let processed: u64 = all
-            .lines()
-            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
-            .and_then(|v| v.split('/').next()?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no count in:\n{all}"));
-        let failed = all
-            .lines()
-            .find_map(|l| l.strip_prefix("number of failed transactions: "))
-            .map(|v| v.split_whitespace().next().unwrap().to_owned());
-        assert_eq!(failed.as_deref().unwrap_or("0"), "0", "{all}");
-        assert!(processed > 0, "{all}");
+        });
+        let processed = summary.processed;
+        assert_eq!(summary.failed, 0, "{}", summary.output);
+        assert!(processed > 0, "{}", summary.output);
         eprintln!("pgbench {what}: {processed} transactions, 0 failed, through 20 reloads");
     }
     assert_eq!(s.reloads(), (20, 0));

@@ -1,5 +1,0 @@
-#![no_main]
-// The body lives in ../targets.rs, shared with tests/fuzz_replay.rs.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tollgate_fuzz::proxy(data);
-});

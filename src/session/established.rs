@@ -1,0 +1,183 @@
+//! A logged-in session becomes a relay: it is announced (audit event,
+//! metric), registered with the shard (for the watcher, `/sessions` and
+//! scrapes), given its per-session tracking, and handed to the relay. The
+//! returned task runs the relay and records the session's end.
+
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tracing::{debug, warn};
+
+use crate::audit;
+use crate::auth::Grant;
+use crate::handshake::ClientStartup;
+use crate::upstream::{self, Upstream, UpstreamStream};
+
+use super::startup::Established;
+use super::{relay, watch, RelayTask, ShardContext, Start};
+
+/// Starts relaying for a logged-in session and returns the relay task,
+/// which logs the session's end.
+pub(super) fn established<C: relay::ClientSide + 'static>(
+    ctx: &Rc<ShardContext>,
+    client: C,
+    input: BytesMut,
+    est: Established,
+    start: &Start,
+    tls: Option<&'static str>,
+) -> RelayTask {
+    announce(ctx, &est, start, tls);
+    let stats = Rc::new(relay::SessionStats::default());
+    let tracks = tracks(ctx, start, &est.token_id, stats.clone());
+    let Established {
+        startup,
+        token_id,
+        grant,
+        jwt_id,
+        token_slot,
+        cancel_key,
+        route,
+        upstream,
+    } = est;
+    let Upstream {
+        stream,
+        for_client,
+        leftover,
+        ready,
+    } = upstream;
+    // A client that vanishes mid-query leaves a cancel behind it: sent to
+    // the upstream this session logged in to, even after a reload.
+    let key = ready.upstream_key;
+    let abandon = move || async move {
+        let Some(key) = key else { return };
+        let tls = route.tls.as_deref();
+        match upstream::send_cancel(&route.config, tls, &key).await {
+            Ok(()) => debug!("query of a departed client cancelled"),
+            Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
+        }
+    };
+    let watched = watched(start, tls, stats, token_id, &grant, jwt_id, startup);
+    let registration = ctx.tokens.with(&ctx.store.published, |store| {
+        ctx.registry.register(watched, store, SystemTime::now())
+    });
+    let server = match stream {
+        UpstreamStream::Plain(s) => relay::ServerSide::Plain(s),
+        UpstreamStream::Tls(s) => relay::ServerSide::Tls(s),
+    };
+    let opening = relay::Opening {
+        for_client,
+        leftover,
+        client_pending: input,
+    };
+    let pool = ctx.relay_buffers.clone();
+    let kill = registration.watched.kill.clone();
+    let relay = relay::run(client, server, opening, tracks, pool, kill, abandon);
+    let metrics = ctx.metrics.clone();
+    Box::pin(async move {
+        let ended_by = relay.await;
+        drop(cancel_key);
+        drop(token_slot);
+        record_end(&metrics, &registration, ended_by.as_str());
+        // Last: until here the session's bytes count as live in a scrape.
+        drop(registration);
+    })
+}
+
+/// The session as the shard's registry keeps it: who it is, its live
+/// numbers, and what the watcher checks it against.
+fn watched(
+    start: &Start,
+    tls: Option<&'static str>,
+    stats: Rc<relay::SessionStats>,
+    token_id: String,
+    grant: &Grant,
+    jwt_id: Option<Option<String>>,
+    startup: ClientStartup,
+) -> watch::Watched {
+    let config = &start.settings.config;
+    // A JWT ends at `exp` plus the leeway it was accepted with.
+    let jwt_end = grant
+        .expires_at
+        .map(|t| t + config.jwt.as_ref().map_or(Duration::ZERO, |j| j.leeway()));
+    watch::Watched {
+        id: start.id,
+        user: startup.user,
+        database: startup.database,
+        client: start.peer,
+        tls,
+        started_at: start.started_at,
+        started: start.started,
+        stats,
+        token_id,
+        secret_sha256: grant.secret_sha256,
+        on_expiry: grant.on_expiry.unwrap_or(config.on_expiry),
+        jwt: jwt_id.map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
+        kill: Default::default(),
+    }
+}
+
+/// The session's accepted audit event and metric.
+fn announce(ctx: &ShardContext, est: &Established, start: &Start, tls: Option<&'static str>) {
+    ctx.metrics.accepted();
+    audit::accepted(
+        start.id,
+        start.peer,
+        tls,
+        &audit::Accepted {
+            token_id: &est.token_id,
+            user: &est.startup.user,
+            database: &est.startup.database,
+            upstream_tls: matches!(est.upstream.stream, UpstreamStream::Tls(_)),
+            upstream_auth: est.upstream.ready.auth_method,
+            protocol_minor: est.upstream.ready.minor,
+            setup: start.started.elapsed(),
+        },
+    );
+}
+
+/// What the relay tracks for this session: its counters always; latency
+/// histograms and the query audit when they are on.
+fn tracks(
+    ctx: &ShardContext,
+    start: &Start,
+    token_id: &str,
+    stats: Rc<relay::SessionStats>,
+) -> relay::Tracks {
+    let config = &start.settings.config;
+    let timing = ctx
+        .metrics
+        .timing()
+        .then(|| relay::Timing::new(ctx.metrics.clone(), ctx.metrics.token_series(token_id)));
+    let audit_queries = config.audit.queries.then(|| {
+        Box::new(relay::QueryAudit::new(
+            start.id.to_string(),
+            token_id.to_owned(),
+            config.audit.max_query_length,
+        ))
+    });
+    relay::Tracks::new(stats, timing, audit_queries)
+}
+
+/// The session's end: its metric and its audit event.
+fn record_end(
+    metrics: &crate::metrics::ShardMetrics,
+    registration: &watch::Registration,
+    ended_by: &'static str,
+) {
+    let w = &registration.watched;
+    let totals = w.stats.totals();
+    metrics.session_ended(ended_by, &totals);
+    audit::ended(
+        w.id,
+        w.client,
+        &audit::Ended {
+            token_id: &w.token_id,
+            user: &w.user,
+            database: &w.database,
+            duration: w.started.elapsed(),
+            totals,
+            ended_by,
+        },
+    );
+}
