@@ -295,6 +295,16 @@ pub struct ProcessFacts {
 /// Renders the merged exposition.
 pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
     let mut e = Exposition::new();
+    render_process(&mut e, facts, shards.len());
+    render_shard_counters(&mut e, shards);
+    render_latencies(&mut e, shards);
+    render_token_latencies(&mut e, shards);
+    e.finish()
+}
+
+/// The process-wide gauges and counters; `responding`: shards that
+/// answered this scrape.
+fn render_process(e: &mut Exposition, facts: &ProcessFacts, responding: usize) {
     let io = if facts.io_uring { "io_uring" } else { "epoll" };
     e.family(
         "tollgate_build_info",
@@ -319,7 +329,7 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
         "gauge",
         "Shards that answered this scrape.",
     );
-    e.sample("tollgate_shards_responding", &[], shards.len() as f64);
+    e.sample("tollgate_shards_responding", &[], responding as f64);
     e.family(
         "tollgate_tokens_loaded",
         "gauge",
@@ -365,107 +375,106 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
         "1 once shutdown started: listeners closed, open sessions finishing.",
     );
     e.sample("tollgate_draining", &[], u8::from(facts.draining) as f64);
+}
 
-    let shard_labels: Vec<String> = shards.iter().map(|s| s.shard.to_string()).collect();
-    let per_shard = |e: &mut Exposition,
-                     name: &str,
-                     kind: &str,
-                     help: &str,
-                     f: &dyn Fn(&ShardSnapshot) -> u64| {
-        e.family(name, kind, help);
-        for (s, label) in shards.iter().zip(&shard_labels) {
-            e.sample(name, &[("shard", label)], f(s) as f64);
-        }
-    };
-    per_shard(&mut e, "tollgate_connections_total", "counter",
-        "Client connections accepted by the listener (logins, cancel requests, and attempts that failed).",
-        &|s| s.connections);
-    per_shard(
-        &mut e,
-        "tollgate_connections_open",
-        "gauge",
-        "Client connections open, logged in or not.",
-        &|s| s.connections_open,
-    );
-    per_shard(
-        &mut e,
-        "tollgate_connections_accepted_total",
-        "counter",
-        "Logins that passed the token check and the upstream login.",
-        &|s| s.accepted,
-    );
-    per_shard(
-        &mut e,
-        "tollgate_connections_active",
-        "gauge",
-        "Logged-in sessions being relayed.",
-        &|s| s.sessions_active,
-    );
-    let labeled = |e: &mut Exposition,
-                   name: &str,
-                   help: &str,
-                   label: &str,
-                   f: &dyn Fn(&ShardSnapshot) -> &Labeled| {
-        e.family(name, "counter", help);
-        for (s, shard) in shards.iter().zip(&shard_labels) {
-            for (l, c) in f(s).iter() {
-                e.sample(name, &[("shard", shard), (label, l)], c as f64);
-            }
-        }
-    };
-    labeled(
-        &mut e,
+/// A per-shard series: its name, type and help, and how to read it.
+type ShardSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardSnapshot) -> u64,
+);
+/// A per-shard counter with one more label: its name, help and label, and
+/// how to read it.
+type LabeledSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ShardSnapshot) -> &Labeled,
+);
+
+const CONNECTION_SERIES: [ShardSeries; 4] = [
+    ("tollgate_connections_total", "counter",
+     "Client connections accepted by the listener (logins, cancel requests, and attempts that failed).",
+     |s| s.connections),
+    ("tollgate_connections_open", "gauge",
+     "Client connections open, logged in or not.",
+     |s| s.connections_open),
+    ("tollgate_connections_accepted_total", "counter",
+     "Logins that passed the token check and the upstream login.",
+     |s| s.accepted),
+    ("tollgate_connections_active", "gauge",
+     "Logged-in sessions being relayed.",
+     |s| s.sessions_active),
+];
+
+const LABELED_SERIES: [LabeledSeries; 4] = [
+    (
         "tollgate_connections_rejected_total",
         "Connection attempts refused, by the real reason (the client is told less).",
         "reason",
-        &|s| &s.rejected,
-    );
-    labeled(
-        &mut e,
+        |s| &s.rejected,
+    ),
+    (
         "tollgate_sessions_ended_total",
         "Logged-in sessions that ended, by how they ended.",
         "ended_by",
-        &|s| &s.ended,
-    );
-    labeled(
-        &mut e,
+        |s| &s.ended,
+    ),
+    (
         "tollgate_cancel_requests_total",
         "CancelRequests received, by what became of them.",
         "result",
-        &|s| &s.cancels,
-    );
-    labeled(
-        &mut e,
+        |s| &s.cancels,
+    ),
+    (
         "tollgate_tls_handshakes_total",
         "TLS handshakes with clients, by result.",
         "result",
-        &|s| &s.tls_handshakes,
-    );
-    per_shard(
-        &mut e,
-        "tollgate_client_bytes_total",
-        "counter",
-        "Bytes relayed from clients to the server, open sessions included.",
-        &|s| s.totals.bytes_from_client,
-    );
-    per_shard(
-        &mut e,
-        "tollgate_server_bytes_total",
-        "counter",
-        "Bytes relayed from the server to clients, open sessions included.",
-        &|s| s.totals.bytes_from_server,
-    );
-    per_shard(&mut e, "tollgate_queries_total", "counter",
-        "Query cycles completed (one per ReadyForQuery: a simple Query, an extended-protocol Sync, or a FunctionCall).",
-        &|s| s.totals.queries);
-    per_shard(
-        &mut e,
-        "tollgate_transactions_total",
-        "counter",
-        "Transactions completed (ReadyForQuery back to idle), implicit ones included.",
-        &|s| s.totals.transactions,
-    );
+        |s| &s.tls_handshakes,
+    ),
+];
 
+const TRAFFIC_SERIES: [ShardSeries; 4] = [
+    ("tollgate_client_bytes_total", "counter",
+     "Bytes relayed from clients to the server, open sessions included.",
+     |s| s.totals.bytes_from_client),
+    ("tollgate_server_bytes_total", "counter",
+     "Bytes relayed from the server to clients, open sessions included.",
+     |s| s.totals.bytes_from_server),
+    ("tollgate_queries_total", "counter",
+     "Query cycles completed (one per ReadyForQuery: a simple Query, an extended-protocol Sync, or a FunctionCall).",
+     |s| s.totals.queries),
+    ("tollgate_transactions_total", "counter",
+     "Transactions completed (ReadyForQuery back to idle), implicit ones included.",
+     |s| s.totals.transactions),
+];
+
+/// The counters and gauges each shard keeps, one series per shard.
+fn render_shard_counters(e: &mut Exposition, shards: &[ShardSnapshot]) {
+    let shard_labels: Vec<String> = shards.iter().map(|s| s.shard.to_string()).collect();
+    let per_shard = |e: &mut Exposition, series: &[ShardSeries]| {
+        for (name, kind, help, read) in series {
+            e.family(name, kind, help);
+            for (s, label) in shards.iter().zip(&shard_labels) {
+                e.sample(name, &[("shard", label)], read(s) as f64);
+            }
+        }
+    };
+    per_shard(e, &CONNECTION_SERIES);
+    for (name, help, label, read) in LABELED_SERIES {
+        e.family(name, "counter", help);
+        for (s, shard) in shards.iter().zip(&shard_labels) {
+            for (l, c) in read(s).iter() {
+                e.sample(name, &[("shard", shard), (label, l)], c as f64);
+            }
+        }
+    }
+    per_shard(e, &TRAFFIC_SERIES);
+}
+
+/// The latency histograms, merged over the shards.
+fn render_latencies(e: &mut Exposition, shards: &[ShardSnapshot]) {
     let merged = |f: &dyn Fn(&ShardSnapshot) -> &Latency| {
         let mut l = Latency::new();
         for s in shards {
@@ -495,7 +504,11 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
         e.family(name, "histogram", help);
         e.histogram(name, &[], &merged(&pick));
     }
+}
 
+/// The per-token latency histograms (per-token metrics on), merged over
+/// the shards.
+fn render_token_latencies(e: &mut Exposition, shards: &[ShardSnapshot]) {
     let mut tokens: Vec<(&str, Latency, Latency)> = Vec::new();
     for s in shards {
         for (id, q, t) in &s.tokens {
@@ -529,7 +542,6 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
             e.histogram(name, &[("token_id", id)], t);
         }
     }
-    e.finish()
 }
 
 #[cfg(test)]

@@ -28,340 +28,23 @@
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+mod fleet;
+mod keys;
+mod router;
+
+pub use fleet::{Destination, Fleet, FORWARDED};
+pub use keys::{Keys, Reservation};
+pub use router::{CancelRequest, Router};
+
 use std::net::SocketAddr;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
-use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
-use subtle::ConstantTimeEq;
 use tracing::{debug, warn};
 
-use super::{Route, ShardContext};
+use super::ShardContext;
 use crate::audit;
-use crate::protocol::backend::BackendKey;
-use crate::upstream::login::ISSUED_KEY_LEN;
-
-/// Process-id bits for the instance id (bits 23..30; bit 31 stays clear
-/// for clients that read the id as a signed Int32).
-const INSTANCE_SHIFT: u32 = 23;
-/// The rest of a fleet process id: the shard and a random slot.
-const LOCAL_MASK: u32 = (1 << INSTANCE_SHIFT) - 1;
-/// Set on a CancelRequest one instance forwards to another: the receiver
-/// acts on it locally and never forwards it again, so no two instances with
-/// different views of the registry can pass a cancel back and forth.
-pub const FORWARDED: u32 = 1 << 31;
-
-/// Where a CancelRequest goes.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Destination {
-    /// A session of this instance (process id without the forward mark).
-    Here(u32),
-    /// Another instance, at this address.
-    Peer(std::net::SocketAddr),
-    /// A key no instance of the fleet issued, or an owner not known.
-    Nowhere,
-}
-
-/// The fleet's shared cancel key and the instance registry's view.
-pub struct Fleet {
-    key: hmac::Key,
-    /// Claimed in the control database before the shards start; renewed
-    /// (possibly changed) after a reconnect.
-    instance_id: AtomicU8,
-    /// Other instances' advertised addresses, by id, resolved by the
-    /// control thread.
-    peers: Mutex<std::collections::HashMap<u8, std::net::SocketAddr>>,
-    pub advertise: String,
-}
-
-impl Fleet {
-    pub fn new(cancel_key: &[u8], advertise: String) -> Self {
-        Fleet {
-            key: hmac::Key::new(hmac::HMAC_SHA256, cancel_key),
-            instance_id: AtomicU8::new(0),
-            peers: Mutex::default(),
-            advertise,
-        }
-    }
-
-    pub fn instance_id(&self) -> u8 {
-        self.instance_id.load(Ordering::Relaxed)
-    }
-
-    pub fn set_instance_id(&self, id: u8) {
-        self.instance_id.store(id, Ordering::Relaxed);
-    }
-
-    /// Whether `ip` is the advertised address of another instance.
-    pub fn is_peer(&self, ip: std::net::IpAddr) -> bool {
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers.values().any(|a| a.ip() == ip)
-    }
-
-    pub fn set_peers(&self, peers: std::collections::HashMap<u8, std::net::SocketAddr>) {
-        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
-    }
-
-    /// The tag of a secret's random part. Two tags per secret, one for the
-    /// 4 bytes a protocol 3.0 client gets and one for the 32 of 3.2, as the
-    /// key is drawn before the server's protocol version is known.
-    fn tag(&self, process_id: u32, random: &[u8], out: &mut [u8]) {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&[random.len() as u8]);
-        ctx.update(&process_id.to_be_bytes());
-        ctx.update(random);
-        let tag = ctx.sign();
-        out.copy_from_slice(&tag.as_ref()[..out.len()]);
-    }
-
-    /// Fills in the tags of a fresh secret whose other bytes are random.
-    fn seal(&self, process_id: u32, secret: &mut [u8; ISSUED_KEY_LEN]) {
-        let mut short = [0u8; 2];
-        self.tag(process_id, &secret[..2], &mut short);
-        secret[2..4].copy_from_slice(&short);
-        let mut long = [0u8; 8];
-        self.tag(process_id, &secret[..ISSUED_KEY_LEN - 8], &mut long);
-        secret[ISSUED_KEY_LEN - 8..].copy_from_slice(&long);
-    }
-
-    /// Whether `secret` carries a valid tag for `process_id`.
-    fn verify(&self, process_id: u32, secret: &[u8]) -> bool {
-        let (random, tag) = match secret.len() {
-            4 => secret.split_at(2),
-            ISSUED_KEY_LEN => secret.split_at(ISSUED_KEY_LEN - 8),
-            _ => return false,
-        };
-        let mut expected = [0u8; 8];
-        let expected = &mut expected[..tag.len()];
-        self.tag(process_id, random, expected);
-        bool::from(expected.ct_eq(tag))
-    }
-
-    /// Where a CancelRequest for `process_id` with `secret` goes.
-    pub fn destination(&self, process_id: u32, secret: &[u8]) -> Destination {
-        if process_id & FORWARDED != 0 {
-            return Destination::Here(process_id & !FORWARDED);
-        }
-        let owner = (process_id >> INSTANCE_SHIFT) as u8;
-        let own = self.instance_id();
-        if owner == own || owner == 0 {
-            return Destination::Here(process_id);
-        }
-        if !self.verify(process_id, secret) {
-            return Destination::Nowhere;
-        }
-        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        match peers.get(&owner) {
-            Some(addr) if self.advertise.parse() != Ok(*addr) => Destination::Peer(*addr),
-            _ => Destination::Nowhere,
-        }
-    }
-}
-
-/// A CancelRequest as the client sent it.
-#[derive(Clone)]
-pub struct CancelRequest {
-    pub process_id: u32,
-    pub secret_key: Box<[u8]>,
-    /// Who sent it, for the audit log.
-    pub client: std::net::SocketAddr,
-    /// Forwarded by another instance of the fleet: a wrong key is the
-    /// original sender's guess, not the peer's, so it does not count
-    /// against the peer's address (which would let a guesser get a peer's
-    /// forwards refused).
-    pub from_peer: bool,
-    /// Dropped when the request has been acted on (or dropped), for the
-    /// shard holding the client's connection, which closes it then.
-    pub done: Option<flume::Sender<()>>,
-}
-
-/// Cancels waiting for their owner shard; beyond this, guesses are dropped.
-const INBOX_CAPACITY: usize = 1024;
-
-/// The channels between shards, built once before the shards start.
-pub struct Router {
-    /// The bits of a process id that name the shard (all of them unless
-    /// the instance is part of a fleet).
-    local_mask: u32,
-    routes: Vec<flume::Sender<CancelRequest>>,
-    inboxes: std::sync::Mutex<Vec<Option<flume::Receiver<CancelRequest>>>>,
-}
-
-impl Router {
-    pub fn new(shards: usize, fleet: bool) -> Self {
-        let (routes, inboxes) = (0..shards.max(1))
-            .map(|_| {
-                let (tx, rx) = flume::bounded(INBOX_CAPACITY);
-                (tx, Some(rx))
-            })
-            .unzip();
-        Router {
-            local_mask: if fleet { LOCAL_MASK } else { u32::MAX },
-            routes,
-            inboxes: std::sync::Mutex::new(inboxes),
-        }
-    }
-
-    pub fn shards(&self) -> usize {
-        self.routes.len()
-    }
-
-    /// The shard whose session `process_id` names.
-    pub fn owner(&self, process_id: u32) -> usize {
-        (process_id & self.local_mask) as usize % self.routes.len()
-    }
-
-    /// Hands a cancel to its owner shard. Drops it when the owner's inbox is
-    /// full: a cancel is best effort, and the client expects no answer.
-    pub fn route(&self, request: CancelRequest) {
-        let owner = self.owner(request.process_id);
-        if self.routes[owner].try_send(request).is_err() {
-            debug!(owner, "cancel inbox full; request dropped");
-        }
-    }
-
-    /// The inbox of `shard`, taken once by the shard's thread at start.
-    pub fn take_inbox(&self, shard: usize) -> Option<flume::Receiver<CancelRequest>> {
-        let mut inboxes = self.inboxes.lock().unwrap_or_else(|e| e.into_inner());
-        inboxes.get_mut(shard)?.take()
-    }
-}
-
-/// What the owner shard knows of one session's keys.
-struct Entry {
-    /// The key the client was given; empty until the login completes.
-    issued: Box<[u8]>,
-    /// The server's real key, and the server: routing may have chosen one
-    /// of several, and a reload may have moved it since.
-    upstream: Option<(BackendKey, Arc<Route>)>,
-}
-
-/// One shard's key table. Shard-local: only the owner thread touches it.
-pub struct Keys {
-    shard: u32,
-    shards: u32,
-    fleet: Option<Arc<Fleet>>,
-    table: RefCell<HashMap<u32, Entry>>,
-    rng: SystemRandom,
-}
-
-impl Keys {
-    pub fn new(shard: usize, shards: usize, fleet: Option<Arc<Fleet>>) -> Self {
-        Keys {
-            shard: shard as u32,
-            shards: shards.max(1) as u32,
-            fleet,
-            table: RefCell::default(),
-            rng: SystemRandom::new(),
-        }
-    }
-
-    /// Reserves a process id for a new session and draws its secret. The
-    /// reservation is released when the returned guard is dropped.
-    pub fn reserve(self: &Rc<Self>) -> Reservation {
-        // Process ids stay positive as an Int32 (clients may read them
-        // signed) and are random, so they reveal nothing about how many
-        // sessions there are and add 31 bits an attacker must guess.
-        let instance = self.fleet.as_ref().map_or(0, |f| f.instance_id());
-        let space = if instance == 0 {
-            i32::MAX as u32
-        } else {
-            LOCAL_MASK + 1
-        };
-        let slots = space / self.shards;
-        let mut random = [0u8; 4 + ISSUED_KEY_LEN];
-        let mut table = self.table.borrow_mut();
-        let process_id = loop {
-            if self.rng.fill(&mut random).is_err() {
-                // getrandom does not fail on Linux once seeded; if it ever
-                // did, a session without cancel support is the safe outcome.
-                random = [0; 4 + ISSUED_KEY_LEN];
-            }
-            let r = u32::from_be_bytes([random[0], random[1], random[2], random[3]]);
-            let pid =
-                ((r % slots) * self.shards + self.shard) | (u32::from(instance) << INSTANCE_SHIFT);
-            if pid != 0 && !table.contains_key(&pid) {
-                break pid;
-            }
-        };
-        table.insert(
-            process_id,
-            Entry {
-                issued: Box::default(),
-                upstream: None,
-            },
-        );
-        let mut secret = [0u8; ISSUED_KEY_LEN];
-        secret.copy_from_slice(&random[4..]);
-        if let (Some(f), true) = (&self.fleet, instance != 0) {
-            f.seal(process_id, &mut secret);
-        }
-        Reservation {
-            keys: self.clone(),
-            process_id,
-            secret,
-        }
-    }
-
-    /// The server's key for a cancel that names a session of this shard
-    /// with the right secret; `None` otherwise.
-    pub fn upstream_key(&self, request: &CancelRequest) -> Option<(BackendKey, Arc<Route>)> {
-        let table = self.table.borrow();
-        let entry = table.get(&request.process_id)?;
-        // Constant time: the comparison must not tell a guesser how much of
-        // the secret was right. Lengths are public (4 or 32 bytes).
-        let matches = entry.issued.len() == request.secret_key.len()
-            && !entry.issued.is_empty()
-            && bool::from(entry.issued.ct_eq(&request.secret_key));
-        if matches {
-            entry.upstream.clone()
-        } else {
-            None
-        }
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.table.borrow().len()
-    }
-}
-
-/// A process id held for one session; released on drop.
-pub struct Reservation {
-    keys: Rc<Keys>,
-    pub process_id: u32,
-    pub secret: [u8; ISSUED_KEY_LEN],
-}
-
-impl Reservation {
-    /// Records the keys once the login is done: the one the client was
-    /// given and the server's, which a matching cancel will use.
-    pub fn activate(&self, issued: &BackendKey, upstream: BackendKey, server: Arc<Route>) {
-        if let Some(e) = self.keys.table.borrow_mut().get_mut(&self.process_id) {
-            e.issued = issued.secret_key.clone();
-            e.upstream = Some((upstream, server));
-        }
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.keys.table.borrow_mut().remove(&self.process_id);
-    }
-}
-
-impl std::fmt::Debug for Reservation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reservation({})", self.process_id)
-    }
-}
 
 /// Acts on a CancelRequest that arrived on a connection of this shard: in
 /// a fleet, forwards it to the instance that owns the key (or drops a key
@@ -471,7 +154,14 @@ async fn forward_to_peer(addr: SocketAddr, request: &CancelRequest) -> &'static 
 
 #[cfg(test)]
 mod tests {
+    use std::rc::Rc;
+    use std::sync::Arc;
+
+    use super::fleet::INSTANCE_SHIFT;
+    use super::router::INBOX_CAPACITY;
     use super::*;
+    use crate::protocol::backend::BackendKey;
+    use crate::session::Route;
 
     fn key(pid: u32, secret: &[u8]) -> BackendKey {
         BackendKey {
