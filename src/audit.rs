@@ -71,6 +71,9 @@ pub fn rejected(
 /// What the accepted-session event reports beyond the attempt.
 pub struct Accepted<'a> {
     pub token_id: &'a str,
+    /// The server's process id for this session (`pg_stat_activity.pid`),
+    /// when the server sent one.
+    pub backend_pid: Option<u32>,
     pub user: &'a str,
     pub database: &'a str,
     pub upstream_tls: bool,
@@ -89,6 +92,7 @@ pub fn accepted(session: SessionId, client: SocketAddr, tls: Option<&'static str
         shard = session.shard,
         client = %client,
         token_id = a.token_id,
+        backend_pid = a.backend_pid,
         user = a.user,
         database = a.database,
         tls,
@@ -103,6 +107,7 @@ pub fn accepted(session: SessionId, client: SocketAddr, tls: Option<&'static str
 /// What the session-end event reports.
 pub struct Ended<'a> {
     pub token_id: &'a str,
+    pub backend_pid: Option<u32>,
     pub user: &'a str,
     pub database: &'a str,
     pub duration: Duration,
@@ -119,6 +124,7 @@ pub fn ended(session: SessionId, client: SocketAddr, e: &Ended) {
         shard = session.shard,
         client = %client,
         token_id = e.token_id,
+        backend_pid = e.backend_pid,
         user = e.user,
         database = e.database,
         duration_ms = e.duration.as_millis() as u64,

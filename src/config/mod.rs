@@ -89,6 +89,7 @@ struct RawAdmin {
 struct RawAudit {
     queries: Option<bool>,
     max_query_length: Option<usize>,
+    tag_application_name: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -287,13 +288,18 @@ pub struct AdminConfig {
 pub const DEFAULT_TOKEN_SERIES: usize = 100;
 const MAX_TOKEN_SERIES: usize = 10_000;
 
-/// Query audit (`[audit]`).
+/// Attribution and query audit (`[audit]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     /// Log the SQL of every Query and Parse message (never Bind values).
     pub queries: bool,
     /// Bytes of SQL kept per message; longer text is cut and marked.
     pub max_query_length: usize,
+    /// Suffix the application_name sent upstream with the token id and the
+    /// client's address, for `pg_stat_activity`. Off by default: the client
+    /// then sees the application_name it set, as on a direct connection,
+    /// and the audit log and `/sessions` name each session's backend pid.
+    pub tag_application_name: bool,
 }
 
 pub const DEFAULT_MAX_QUERY_LENGTH: usize = 1024;
@@ -304,6 +310,7 @@ impl Default for AuditConfig {
         AuditConfig {
             queries: false,
             max_query_length: DEFAULT_MAX_QUERY_LENGTH,
+            tag_application_name: false,
         }
     }
 }
@@ -549,6 +556,7 @@ impl Config {
                 .audit
                 .max_query_length
                 .unwrap_or(DEFAULT_MAX_QUERY_LENGTH),
+            tag_application_name: raw.audit.tag_application_name.unwrap_or(false),
         };
         if !(1..=MAX_QUERY_LENGTH_CEILING).contains(&audit.max_query_length) {
             return Err(format!(
@@ -1124,7 +1132,7 @@ file = "tokens.toml"
 
         let c = load(&format!(
             "{MINIMAL}[admin]\nlisten = \"127.0.0.1:9187\"\nper_token_metrics = true\n\
-             [audit]\nqueries = true\nmax_query_length = 200\n"
+             [audit]\nqueries = true\nmax_query_length = 200\ntag_application_name = true\n"
         ))
         .unwrap();
         let a = c.admin.unwrap();
@@ -1133,6 +1141,7 @@ file = "tokens.toml"
         assert_eq!(a.per_token_series, Some(DEFAULT_TOKEN_SERIES));
         assert!(c.audit.queries);
         assert_eq!(c.audit.max_query_length, 200);
+        assert!(c.audit.tag_application_name);
 
         // Off loopback, /sessions must not be open to anyone.
         let e = load(&format!("{MINIMAL}[admin]\nlisten = \"0.0.0.0:9187\"\n")).unwrap_err();

@@ -46,6 +46,7 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         leftover,
         ready,
     } = upstream;
+    let backend_pid = ready.upstream_key.as_ref().map(|k| k.process_id);
     // A client that vanishes mid-query leaves a cancel behind it: sent to
     // the upstream this session logged in to, even after a reload.
     let key = ready.upstream_key;
@@ -57,7 +58,8 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
             Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
         }
     };
-    let watched = watched(start, tls, stats, token_id, &grant, jwt_id, startup);
+    let mut watched = watched(start, tls, stats, token_id, &grant, jwt_id, startup);
+    watched.backend_pid = backend_pid;
     let registration = ctx.tokens.with(&ctx.store.published, |store| {
         ctx.registry.register(watched, store, SystemTime::now())
     });
@@ -110,6 +112,7 @@ fn watched(
         started: start.started,
         stats,
         token_id,
+        backend_pid: None,
         secret_sha256: grant.secret_sha256,
         on_expiry: grant.on_expiry.unwrap_or(config.on_expiry),
         jwt: jwt_id.map(|jti| (jti, jwt_end.unwrap_or(SystemTime::UNIX_EPOCH))),
@@ -126,6 +129,12 @@ fn announce(ctx: &ShardContext, est: &Established, start: &Start, tls: Option<&'
         tls,
         &audit::Accepted {
             token_id: &est.token_id,
+            backend_pid: est
+                .upstream
+                .ready
+                .upstream_key
+                .as_ref()
+                .map(|k| k.process_id),
             user: &est.startup.user,
             database: &est.startup.database,
             upstream_tls: matches!(est.upstream.stream, UpstreamStream::Tls(_)),
@@ -173,6 +182,7 @@ fn record_end(
         w.client,
         &audit::Ended {
             token_id: &w.token_id,
+            backend_pid: w.backend_pid,
             user: &w.user,
             database: &w.database,
             duration: w.started.elapsed(),

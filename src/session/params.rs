@@ -1,8 +1,8 @@
 //! The start-up parameters tollgate sends upstream for a client: the
-//! client's own, the token's `session` values (which win), and an
-//! `application_name` that names the token and the real client; and the
-//! `lock_session` rule that refuses clients trying to set what the token
-//! sets.
+//! client's own, the token's `session` values (which win), and, when asked
+//! for, an `application_name` that names the token and the real client;
+//! and the `lock_session` rule that refuses clients trying to set what the
+//! token sets.
 //!
 //! <https://www.postgresql.org/docs/current/protocol-message-formats.html#PROTOCOL-MESSAGE-FORMATS-STARTUPMESSAGE>
 
@@ -56,19 +56,23 @@ pub(super) fn locked_parameter<'a>(startup: &ClientStartup, grant: &'a Grant) ->
 
 /// The start-up parameters sent upstream: the client's, then the token's
 /// `session` parameters (which win: a read-only token stays read-only
-/// whatever the client asks at start-up), and `application_name` suffixed
-/// with the token id and the client's address, so pg_stat_activity shows
-/// which token and which client each backend belongs to.
+/// whatever the client asks at start-up). The client's `application_name`
+/// goes through unchanged, so the client sees what it set, as on a direct
+/// connection; with `tag` (`[audit] tag_application_name`) it is suffixed
+/// with the token id and the client's address instead, so that
+/// pg_stat_activity shows which token and which client each backend
+/// belongs to.
 pub(super) fn upstream_params(
     startup: &ClientStartup,
     grant: &Grant,
     token_id: &str,
     client: std::net::IpAddr,
+    tag: bool,
 ) -> Vec<(String, String)> {
     // Case-insensitive, as GUC names are; the token's value would win
     // anyway (it comes last), but the server need not see the client's.
     let overridden = |k: &str| {
-        k.eq_ignore_ascii_case("application_name")
+        (tag && k.eq_ignore_ascii_case("application_name"))
             || grant.session.iter().any(|(g, _)| g.eq_ignore_ascii_case(k))
     };
     let mut params: Vec<(String, String)> = startup
@@ -78,8 +82,22 @@ pub(super) fn upstream_params(
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
     params.extend(grant.session.iter().cloned());
-    // The server's own client_addr is tollgate's; this is the real one
-    // (from a PROXY header when a load balancer sent one).
+    if tag {
+        let name = tagged_application_name(startup, token_id, client);
+        params.push(("application_name".to_owned(), name));
+    }
+    params
+}
+
+/// The client's application_name, cut to leave room, then
+/// `[tg:<token id>@<client address>]`. The server's own client_addr is
+/// tollgate's; this is the real one (from a PROXY header when a load
+/// balancer sent one).
+fn tagged_application_name(
+    startup: &ClientStartup,
+    token_id: &str,
+    client: std::net::IpAddr,
+) -> String {
     let suffix = format!("[tg:{token_id}@{client}]");
     let app = startup.params.get("application_name").unwrap_or("");
     let room = MAX_APPLICATION_NAME.saturating_sub(suffix.len() + 1);
@@ -88,13 +106,11 @@ pub(super) fn upstream_params(
         cut -= 1;
     }
     let app = app[..cut].trim_end();
-    let name = if app.is_empty() {
+    if app.is_empty() {
         suffix
     } else {
         format!("{app} {suffix}")
-    };
-    params.push(("application_name".to_owned(), name));
-    params
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ pub(super) async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     ctx.metrics.token_checked(checking.elapsed());
     let checked = checked?;
     drop(token);
-    let Allowed { token_slot, params } = apply_rules(ctx, &startup, &checked, start.peer)?;
+    let Allowed { token_slot, params } = apply_rules(ctx, start, &startup, &checked)?;
     let (route, password) = choose_route(ctx, start, &startup, &checked.grant)?;
     let (upstream, cancel_key) = log_in(
         ctx,
@@ -219,10 +219,11 @@ struct Allowed {
 /// makes, which must still fit a start-up packet.
 fn apply_rules(
     ctx: &ShardContext,
+    start: &Start,
     startup: &ClientStartup,
     checked: &Checked,
-    peer: SocketAddr,
 ) -> Result<Allowed, Refusal> {
+    let (peer, tag) = (start.peer, start.settings.config.audit.tag_application_name);
     let grant = &checked.grant;
     if startup.is_replication() && !grant.replication {
         return Err(ClientError::replication_not_allowed().into());
@@ -237,7 +238,7 @@ fn apply_rules(
             None => return Err(ClientError::token_connection_limit().into()),
         },
     };
-    let params = upstream_params(startup, grant, &checked.token_id, peer.ip());
+    let params = upstream_params(startup, grant, &checked.token_id, peer.ip(), tag);
     if upstream_startup_len(&startup.user, &params) > MAX_STARTUP_PACKET_LENGTH {
         // The server would drop it without a word, and the client would
         // hear of a lost server instead of its own oversized start-up.

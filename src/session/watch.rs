@@ -27,6 +27,9 @@ pub struct SessionView {
     pub id: String,
     pub shard: usize,
     pub token_id: String,
+    /// The server's process id for the session, to join with
+    /// `pg_stat_activity.pid`.
+    pub backend_pid: Option<u32>,
     pub user: String,
     pub database: String,
     pub client_addr: String,
@@ -59,6 +62,8 @@ pub struct Watched {
     pub started: Instant,
     pub stats: Rc<SessionStats>,
     pub token_id: String,
+    /// The server's process id for this session (`pg_stat_activity.pid`).
+    pub backend_pid: Option<u32>,
     /// The hash of the secret the session logged in with.
     pub secret_sha256: [u8; 32],
     pub on_expiry: OnExpiry,
@@ -76,6 +81,7 @@ impl Watched {
             id: self.id.to_string(),
             shard: self.id.shard,
             token_id: self.token_id.clone(),
+            backend_pid: self.backend_pid,
             user: self.user.clone(),
             database: self.database.clone(),
             client_addr: self.client.to_string(),

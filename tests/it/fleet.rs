@@ -834,7 +834,8 @@ fn proxy_protocol_headers_are_believed_from_balancers_only() {
     use tollgate::protocol::proxy_header::{encode_v1, encode_v2, ProxyHeader};
     let mut env = Env::with(
         tollgate::cluster::HbaAuth::ScramSha256,
-        "proxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\nauth_failure_limit = 3",
+        "proxy_protocol = true\nproxy_trusted = [\"127.0.0.1/32\"]\nauth_failure_limit = 3\n\
+         [audit]\ntag_application_name = true",
     );
     let token = env.create_token(&["--user", "app", "--cidr", "203.0.113.0/24"]);
     let addr = env.start_proxy();
@@ -847,7 +848,8 @@ fn proxy_protocol_headers_are_believed_from_balancers_only() {
     };
 
     // From the balancer, a v2 header naming a client inside the token's
-    // network: the login works, and the server sees the real address.
+    // network: the login works, and the server sees the real address (in
+    // the tagged application_name).
     let mut raw = login_from([127, 0, 0, 1], addr, &v2([203, 0, 113, 7]), &token).unwrap();
     let rows = raw_query(&mut raw, "SELECT current_setting('application_name')").unwrap();
     assert_eq!(

@@ -551,13 +551,7 @@ fn one_byte_at_a_time_logs_in_and_queries() {
             _ => {}
         }
     }
-    assert_eq!(
-        rows,
-        [[
-            Some(format!("trickle [tg:{}@127.0.0.1]", &token[3..15])),
-            Some("42".to_owned())
-        ]]
-    );
+    assert_eq!(rows, [[Some("trickle".to_owned()), Some("42".to_owned())]]);
     eprintln!("byte-at-a-time session took {:?}", started.elapsed());
 }
 

@@ -150,7 +150,12 @@ fn a_broken_store_keeps_the_last_good_tokens() {
 
 #[test]
 fn token_rules() {
-    let mut env = Env::new();
+    // Tagged application_names (opt-in): the token's session parameters
+    // and the tag both reach the server.
+    let mut env = Env::build(EnvOptions {
+        tables: "[audit]\ntag_application_name = true\n".into(),
+        ..EnvOptions::default()
+    });
     let limited = env.create_token(&["--user", "app", "--max-connections", "2"]);
     let elsewhere = env.create_token(&["--user", "app", "--cidr", "10.0.0.0/8"]);
     let local = env.create_token(&["--user", "app", "--cidr", "127.0.0.0/8"]);

@@ -735,6 +735,32 @@ fn sessions_list_and_delete() {
             assert!(v["bytes_from_client"].as_u64().unwrap() > 0, "{v}");
             assert!(v["bytes_from_server"].as_u64().unwrap() > 0, "{v}");
         }
+        // A DBA joins /sessions (and the audit log) with pg_stat_activity
+        // by the backend's pid.
+        let direct = pg_connect(&env.direct_conn_str()).await.unwrap();
+        for (v, state) in [(&v1, "idle in transaction"), (&v2, "idle")] {
+            let pid = v["backend_pid"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("no backend_pid: {v}"));
+            let row = direct
+                .query_one(
+                    "select state, usename::text from pg_stat_activity where pid = $1",
+                    &[&(pid as i32)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(row.get::<_, String>(0), state, "{v}");
+            assert_eq!(row.get::<_, String>(1), "app", "{v}");
+            let started = format!(
+                "token_id=\"{}\" backend_pid={pid} ",
+                v["token_id"].as_str().unwrap()
+            );
+            assert!(
+                env.log().contains(&started),
+                "no {started:?} in the audit log"
+            );
+        }
+        drop(direct);
         let id1 = v1["id"].as_str().unwrap().to_owned();
         let id2 = v2["id"].as_str().unwrap().to_owned();
 
