@@ -21,6 +21,13 @@ pub struct ClientError {
     pub hint: Option<&'static str>,
     /// Low-cardinality name for logs and metrics.
     pub kind: &'static str,
+    /// Not sent: the connection is closed without a word, as Postgres
+    /// closes it on a start-up packet it cannot frame (an impossible
+    /// length, a CancelRequest of the wrong size). Clients rely on that
+    /// silence: node-postgres ends a connection it has not started by
+    /// writing Terminate, which reads as such a length. The refusal is
+    /// still logged and counted under its kind.
+    pub silent: bool,
 }
 
 impl ClientError {
@@ -30,7 +37,14 @@ impl ClientError {
             message: message.into(),
             hint: None,
             kind,
+            silent: false,
         }
+    }
+
+    /// The same refusal, closed without a word (see [`ClientError::silent`]).
+    pub fn unsent(mut self) -> Self {
+        self.silent = true;
+        self
     }
 
     pub fn with_hint(mut self, hint: &'static str) -> Self {

@@ -23,7 +23,9 @@ use crate::protocol::backend;
 use crate::protocol::frame::{peek_frame, FrameError};
 use crate::protocol::frontend::{parse_password_message, PasswordError};
 use crate::protocol::sqlstate;
-use crate::protocol::startup::{parse_startup, FeStartupPacket, ProtocolVersion, StartupParams};
+use crate::protocol::startup::{
+    parse_startup, FeStartupPacket, ProtocolVersion, StartupError, StartupParams,
+};
 use crate::secret::Secret;
 
 /// Longest PasswordMessage accepted by default, tag and length included. An
@@ -131,6 +133,24 @@ fn protocol_violation(kind: &'static str, message: impl Into<String>) -> ClientE
     ClientError::new(sqlstate::PROTOCOL_VIOLATION, kind, message)
 }
 
+/// A start-up packet refused as Postgres refuses it
+/// (`ProcessStartupPacket` in `backend_startup.c`): one it cannot frame (a
+/// length out of range, a CancelRequest of the wrong size) is closed
+/// without a word (COMMERROR, logged only); one it framed but cannot
+/// accept gets FATAL.
+fn startup_error(e: StartupError) -> ClientError {
+    let unframed = matches!(
+        e,
+        StartupError::InvalidLength(_) | StartupError::InvalidRequestLength { .. }
+    );
+    let error = ClientError::new(e.sqlstate(), e.kind(), e.to_string());
+    if unframed {
+        error.unsent()
+    } else {
+        error
+    }
+}
+
 impl From<FrameError> for ClientError {
     fn from(e: FrameError) -> Self {
         let kind = match e {
@@ -187,7 +207,7 @@ impl AwaitStartup {
         let (packet, used) = match parse_startup(input) {
             Ok(Some(p)) => p,
             Ok(None) => return Ok(StartupStep::NeedMore(self)),
-            Err(e) => return Err(ClientError::new(e.sqlstate(), e.kind(), e.to_string())),
+            Err(e) => return Err(startup_error(e)),
         };
         input.advance(used);
         match packet {

@@ -278,6 +278,7 @@ async fn finish<C: relay::ClientSide + 'static>(
     refused(ctx, start, &attempt, &refusal);
     match refusal.reply {
         Reply::Nothing => {}
+        Reply::Close => close_with(client, BytesMut::new()).await,
         Reply::Client(e) => close_with(client, encode(&e)).await,
         Reply::Relay(bytes) => close_with(client, BytesMut::from(&bytes[..])).await,
     }

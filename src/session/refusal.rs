@@ -36,6 +36,9 @@ pub(super) enum Reply {
     Relay(Vec<u8>),
     /// Nothing: the client went away, or TLS failed.
     Nothing,
+    /// Nothing, but an orderly close, as Postgres closes on a start-up
+    /// packet it cannot frame.
+    Close,
 }
 
 impl Refusal {
@@ -55,6 +58,11 @@ impl Refusal {
 /// A tollgate error names its own reason (its `kind`).
 impl From<ClientError> for Refusal {
     fn from(e: ClientError) -> Self {
+        if e.silent {
+            let mut refusal = Refusal::new(e.kind, Reply::Close);
+            refusal.detail = Some(e.message);
+            return refusal;
+        }
         Refusal::new(e.kind, Reply::Client(e))
     }
 }

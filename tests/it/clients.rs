@@ -286,57 +286,157 @@ fn bad_tokens_are_rejected_identically() {
     env.assert_log_clean();
 }
 
-/// A broken start-up gets 08P01 and closes; a session already open is untouched.
+/// How a server answered a start-up attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// Closed without a word.
+    Silence,
+    /// One FATAL ErrorResponse with this SQLSTATE.
+    Fatal(String),
+    /// An error in protocol 2.0's format ('E' and a bare string).
+    FatalV2,
+    /// It went on with the start-up: an authentication request.
+    Proceeded,
+}
+
+/// Sends `bytes` to `addr` (then half-closes, with `close`) and says how
+/// the server answered.
+fn answer(addr: std::net::SocketAddr, bytes: &[u8], close: bool) -> Answer {
+    let mut raw = Raw::connect(addr);
+    raw.send(bytes);
+    if close {
+        raw.0.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let (got, ending) = raw.read_until_end(Duration::from_secs(3));
+    match got.first() {
+        None => {
+            assert_ne!(ending, Ending::StillOpen, "no answer and no close");
+            Answer::Silence
+        }
+        Some(b'R') => Answer::Proceeded,
+        Some(b'E') => match split_messages(&got).0.first() {
+            Some((_, body)) => Answer::Fatal(error_fields(body).0),
+            None => Answer::FatalV2,
+        },
+        Some(_) => panic!("unexpected answer {got:?}"),
+    }
+}
+
+/// Broken start-ups are answered as Postgres answers them
+/// (`ProcessStartupPacket`): each case goes to tollgate and straight to the
+/// server, and both close without a word (a packet that cannot be framed)
+/// or both send one FATAL with the same SQLSTATE (one framed but not
+/// acceptable). Silent refusals are still in the audit log. Other sessions
+/// carry on throughout.
 #[test]
-fn malformed_startup_is_refused_without_disturbing_others() {
+fn malformed_startup_is_refused_as_postgres_refuses_it() {
     let mut env = Env::new();
     let token = env.create_token(&["--user", "app"]);
     env.start_proxy();
+    let direct = std::net::SocketAddr::from(([127, 0, 0, 1], env.cluster.port()));
+    let v3 = [0u8, 3, 0, 0];
+    let cases: Vec<(&str, Vec<u8>, bool, Answer)> = vec![
+        (
+            "length too large",
+            [&20_000i32.to_be_bytes()[..], &v3].concat(),
+            false,
+            Answer::Silence,
+        ),
+        (
+            "negative length",
+            [&(-5i32).to_be_bytes()[..], &v3].concat(),
+            false,
+            Answer::Silence,
+        ),
+        (
+            "length below 8",
+            [&4i32.to_be_bytes()[..], &v3].concat(),
+            false,
+            Answer::Silence,
+        ),
+        // node-postgres's connect-then-end: Terminate before anything.
+        (
+            "Terminate first",
+            b"X\0\0\0\x04".to_vec(),
+            false,
+            Answer::Silence,
+        ),
+        (
+            "PasswordMessage first",
+            password_message(&token),
+            false,
+            Answer::Silence,
+        ),
+        (
+            "CancelRequest without a key",
+            [
+                &12i32.to_be_bytes()[..],
+                &80877102i32.to_be_bytes(),
+                &[0; 4],
+            ]
+            .concat(),
+            false,
+            Answer::Silence,
+        ),
+        ("two bytes, then close", vec![0, 0], true, Answer::Silence),
+        (
+            "half a start-up packet, then close",
+            startup_message(&[("user", "app")])[..10].to_vec(),
+            true,
+            Answer::Silence,
+        ),
+        (
+            "no terminator",
+            [&12i32.to_be_bytes()[..], &v3, b"user"].concat(),
+            false,
+            Answer::Fatal("08P01".into()),
+        ),
+        (
+            "protocol 4.0",
+            [&9i32.to_be_bytes()[..], &[0, 4, 0, 0, 0]].concat(),
+            false,
+            Answer::Fatal("0A000".into()),
+        ),
+        (
+            "no user",
+            startup_message(&[("database", "appdb")]),
+            false,
+            Answer::Fatal("28000".into()),
+        ),
+    ];
     runtime().block_on(async {
         let healthy = pg_connect(&env.conn_str("app", "appdb", &token))
             .await
             .unwrap();
         healthy.simple_query("begin; select 1").await.unwrap();
-
-        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        for (what, bytes, close, want) in &cases {
+            assert_eq!(&answer(direct, bytes, *close), want, "{what}: Postgres");
+            assert_eq!(&answer(env.addr(), bytes, *close), want, "{what}: tollgate");
+        }
+        // A 2.0 client: Postgres answers in 2.0's error format, tollgate in
+        // 3.0's (0A000), which no 2.0 client is left to read.
+        let v2 = [&9i32.to_be_bytes()[..], &[0, 2, 0, 0, 0]].concat();
+        assert_eq!(answer(direct, &v2, false), Answer::FatalV2);
+        assert_eq!(
+            answer(env.addr(), &v2, false),
+            Answer::Fatal("0A000".into())
+        );
+        // Where tollgate is stricter, on purpose: a duplicate parameter
+        // (`user` twice would let tollgate check one name and the server
+        // log in another) and bytes that are not UTF-8.
+        for (what, bytes) in [
             (
-                "length too large",
-                [&20_000i32.to_be_bytes()[..], &[0, 3, 0, 0]].concat(),
-                "08P01",
+                "user twice",
+                startup_message(&[("user", "app"), ("user", "postgres")]),
             ),
             (
-                "negative length",
-                [&(-5i32).to_be_bytes()[..], &[0, 3, 0, 0]].concat(),
-                "08P01",
+                "not UTF-8",
+                [&19i32.to_be_bytes()[..], &v3, b"user\0app\xff\0\0"].concat(),
             ),
-            (
-                "length below 8",
-                [&4i32.to_be_bytes()[..], &[0, 3, 0, 0]].concat(),
-                "08P01",
-            ),
-            (
-                "no terminator",
-                [&12i32.to_be_bytes()[..], &[0, 3, 0, 0], b"user"].concat(),
-                "08P01",
-            ),
-            (
-                "protocol 2.0",
-                [&9i32.to_be_bytes()[..], &[0, 2, 0, 0, 0]].concat(),
-                "0A000",
-            ),
-            (
-                "no user",
-                startup_message(&[("database", "appdb")]),
-                "28000",
-            ),
-        ];
-        for (what, bytes, want) in cases {
-            let mut raw = Raw::connect(env.addr());
-            raw.send(&bytes);
-            let got = raw.read_to_close();
-            assert_eq!(got.first(), Some(&b'E'), "{what}: {got:?}");
-            let (code, _) = error_fields(&got[5..]);
-            assert_eq!(code, want, "{what}");
+        ] {
+            assert_eq!(answer(direct, &bytes, false), Answer::Proceeded, "{what}");
+            let got = answer(env.addr(), &bytes, false);
+            assert_eq!(got, Answer::Fatal("08P01".into()), "{what}");
         }
 
         // A query instead of a password.
@@ -355,6 +455,17 @@ fn malformed_startup_is_refused_without_disturbing_others() {
         });
         assert_eq!(answer.as_deref(), Some("42"));
     });
+    // The silent refusals are in the audit log with their reasons.
+    let log = env.log();
+    for reason in ["startup_length", "startup_request_length", "client_left"] {
+        let line = format!("outcome=\"rejected\" reason=\"{reason}\"");
+        let rejected: Vec<&str> = log.lines().filter(|l| l.contains("rejected")).collect();
+        assert!(
+            log.contains(&line),
+            "no {line:?} in the log:\n{}",
+            rejected.join("\n")
+        );
+    }
     env.assert_log_clean();
 }
 
