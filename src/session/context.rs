@@ -89,11 +89,7 @@ impl ShardContext {
             connections: shared.connections.clone(),
             server_tls: shared.server_tls.clone(),
             scram_keys: RefCell::new(KeyCache::new()),
-            cancel_keys: Rc::new(cancel::Keys::new(
-                shard,
-                shared.cancels.shards(),
-                shared.fleet.clone(),
-            )),
+            cancel_keys: Rc::new(cancel::Keys::new(shared.fleet.clone())),
             cancels: shared.cancels.clone(),
             fleet: shared.fleet.clone(),
             metrics: Rc::new(ShardMetrics::new(
@@ -201,7 +197,7 @@ impl Shared {
             connections: Arc::default(),
             token_limits: Arc::default(),
             server_tls,
-            cancels: Arc::new(cancel::Router::new(shards, fleet.is_some())),
+            cancels: Arc::new(cancel::Router::new(shards)),
             fleet,
             failures: Arc::new(failures::FailureLimiter::new(
                 config.auth_failure_limit,

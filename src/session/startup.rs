@@ -184,7 +184,7 @@ async fn read_credentials<C: AsyncReadRent + AsyncWriteRent>(
                     secret_key: secret_key.into(),
                     client: start.peer,
                     from_peer: false,
-                    done: None,
+                    reply: None,
                 })))
             }
             Progress::StartTls { next, direct } => {
@@ -313,7 +313,7 @@ async fn log_in(
             password,
             version: startup.version,
             params: params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            issued_key: (cancel_key.process_id, cancel_key.secret),
+            issued_secret: cancel_key.secret,
         },
         &ctx.scram_keys,
     );

@@ -26,9 +26,9 @@ pub(super) async fn serve_routed_cancels(ctx: Rc<ShardContext>) {
 }
 
 async fn serve_routed(ctx: &ShardContext, request: CancelRequest) {
-    // `request.done` is dropped with the request, after the work: that
-    // tells the shard that received it to close the client's connection.
-    cancel::serve_here(ctx, &request).await;
+    // `request.reply` answers (and is dropped) after the work: the shard
+    // that received the request closes the client's connection then.
+    cancel::serve_routed(ctx, request).await;
 }
 
 /// Answers the bus.

@@ -108,8 +108,9 @@ pub struct Login {
     asked_minor: u16,
     minor: u16,
     negotiated: bool,
-    /// The key tollgate hands the client instead of the server's.
-    issued: (u32, [u8; ISSUED_KEY_LEN]),
+    /// The cancel secret tollgate hands the client instead of the
+    /// server's, beside the server's own process id.
+    issued: [u8; ISSUED_KEY_LEN],
     /// The server's own key, kept for forwarding cancels.
     upstream_key: Option<BackendKey>,
     /// Which authentication requests are answered.
@@ -155,14 +156,15 @@ impl Login {
     /// Starts a login as `user`, appending the StartupMessage to `to_server`.
     /// `params` are the client's (without `user`, which tollgate sets),
     /// protocol options (`_pq_.*`) included: the server answers them.
-    /// `issued` is the cancel key the client gets in place of the server's.
+    /// `issued` is the cancel secret the client gets in place of the
+    /// server's; the process id it gets is the server's own.
     pub fn start<'a>(
         user: &'a str,
         password: Option<Secret>,
         channel_binding: ChannelBinding,
         version: ProtocolVersion,
         params: impl Iterator<Item = (&'a str, &'a str)>,
-        issued: (u32, [u8; ISSUED_KEY_LEN]),
+        issued: [u8; ISSUED_KEY_LEN],
         to_server: &mut BytesMut,
     ) -> Login {
         let asked = ProtocolVersion {
@@ -243,7 +245,7 @@ impl Login {
         self.phase = match (phase, parsed) {
             (Phase::AwaitReady, BeLoginMessage::ReadyForQuery { .. }) => {
                 to_client.extend_from_slice(msg);
-                let issued_key = self.upstream_key.as_ref().map(|_| self.issued_key());
+                let issued_key = self.upstream_key.as_ref().map(|k| self.issued_key(k));
                 return Ok(LoginStep::Ready(Ready {
                     auth_method: self.auth_method,
                     upstream_key: self.upstream_key,
@@ -269,15 +271,17 @@ impl Login {
                         detail: "duplicate or malformed BackendKeyData".into(),
                     });
                 }
-                // The client gets tollgate's key, never the server's: a
-                // cancel must come back through tollgate, which knows which
-                // server and session it belongs to.
-                self.upstream_key = Some(BackendKey {
+                // The client gets its backend's process id with tollgate's
+                // secret, never the server's: a cancel must come back
+                // through tollgate, which knows which server and session it
+                // belongs to.
+                let upstream = BackendKey {
                     process_id,
                     secret_key: secret_key.into(),
-                });
-                let key = self.issued_key();
+                };
+                let key = self.issued_key(&upstream);
                 backend::backend_key_data(to_client, key.process_id, &key.secret_key);
+                self.upstream_key = Some(upstream);
                 Phase::AwaitReady
             }
             (
@@ -403,17 +407,18 @@ impl Login {
 }
 
 impl Login {
-    /// The key the client gets: 4 bytes under 3.0, the whole issued secret
+    /// The key the client gets once the server's is known: the server's
+    /// process id, and 4 bytes of the issued secret under 3.0, all of it
     /// from 3.2 on.
-    fn issued_key(&self) -> BackendKey {
+    fn issued_key(&self, upstream: &BackendKey) -> BackendKey {
         let len = if self.minor >= ProtocolVersion::LONG_CANCEL_KEYS {
             ISSUED_KEY_LEN
         } else {
             4
         };
         BackendKey {
-            process_id: self.issued.0,
-            secret_key: self.issued.1[..len].into(),
+            process_id: upstream.process_id,
+            secret_key: self.issued[..len].into(),
         }
     }
 }
@@ -459,7 +464,7 @@ mod tests {
     use crate::protocol::backend;
     use crate::protocol::frame::peek_frame;
 
-    const ISSUED: (u32, [u8; ISSUED_KEY_LEN]) = (77, [0xab; ISSUED_KEY_LEN]);
+    const ISSUED: [u8; ISSUED_KEY_LEN] = [0xab; ISSUED_KEY_LEN];
 
     fn start(password: Option<&str>) -> (Login, BytesMut) {
         start_version(password, 0)
@@ -537,7 +542,7 @@ mod tests {
         let (tc, ready) = run(login, &trust_server(None, 4));
         let msgs = messages(&tc);
         assert_eq!(msgs[1].0, b'K');
-        assert_eq!(&msgs[1].1[..4], &77u32.to_be_bytes());
+        assert_eq!(&msgs[1].1[..4], &4242u32.to_be_bytes());
         assert_eq!(&msgs[1].1[4..], &[0xab; 4]);
         let up = ready.upstream_key.unwrap();
         assert_eq!((up.process_id, &up.secret_key[..]), (4242, &[7u8; 4][..]));
@@ -613,11 +618,12 @@ mod tests {
         backend::ready_for_query(&mut server, b'I');
         let (tc, ready) = run(login, &server);
         assert_eq!(ready.auth_method, "trust");
-        // Everything verbatim except the key, which is tollgate's.
+        // Everything verbatim except the key's secret, which is tollgate's:
+        // the process id is the backend's own.
         let mut expected = BytesMut::new();
         backend::authentication_ok(&mut expected);
         backend::parameter_status(&mut expected, "server_version", "15");
-        backend::backend_key_data(&mut expected, ISSUED.0, &ISSUED.1[..4]);
+        backend::backend_key_data(&mut expected, 1, &ISSUED[..4]);
         backend::ready_for_query(&mut expected, b'I');
         assert_eq!(tc, expected);
     }

@@ -207,8 +207,9 @@ pub struct LoginParams<'a, P> {
     /// The version the client asked for; the server negotiates it down.
     pub version: ProtocolVersion,
     pub params: P,
-    /// The cancel key the client gets instead of the server's.
-    pub issued_key: (u32, [u8; ISSUED_KEY_LEN]),
+    /// The cancel secret the client gets instead of the server's (with
+    /// its backend's real process id).
+    pub issued_secret: [u8; ISSUED_KEY_LEN],
 }
 
 /// Connects (with TLS as configured) and logs in as `user`, passing the
@@ -242,7 +243,7 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
         channel_binding,
         p.version,
         p.params,
-        p.issued_key,
+        p.issued_secret,
         &mut startup,
     )
     .require(cfg.require_auth);

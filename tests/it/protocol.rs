@@ -84,6 +84,14 @@ impl Session {
     }
 }
 
+/// A cluster and a running proxy, with a token for role `app`.
+fn running_with_app_token() -> (Env, String, SocketAddr) {
+    let mut env = Env::new();
+    let token = env.create_token(&["--user", "app"]);
+    let addr = env.start_proxy();
+    (env, token, addr)
+}
+
 fn startup(minor: u16, pairs: &[(&str, &str)]) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
     tollgate::protocol::startup::encode_startup_message(
@@ -135,32 +143,33 @@ fn active_sleeps(env: &Env) -> usize {
         .unwrap()
 }
 
-/// Clients get tollgate's keys, never the server's, and a cancel arriving
-/// on either shard stops the right query within a second; wrong keys do
-/// nothing.
+/// Clients get their backend's process id with tollgate's secret, never
+/// the server's, and a cancel arriving on either shard stops the right
+/// query within a second; wrong keys do nothing.
 #[test]
 fn cancel_uses_tollgates_keys_and_crosses_shards() {
-    let mut env = Env::new();
-    let token = env.create_token(&["--user", "app"]);
-    let addr = env.start_proxy();
-
+    let (env, token, addr) = running_with_app_token();
     let mut s = Session::app(addr, &token);
     let (pid, secret) = s.key();
     assert_eq!(secret.len(), 4);
     let backend: u32 = s.scalar("select pg_backend_pid()").parse().unwrap();
-    assert_ne!(pid, backend, "the server's process id reached the client");
-    assert!(pid <= i32::MAX as u32);
+    assert_eq!(pid, backend, "the client's process id is its backend's");
+    let mut other = Session::app(addr, &token);
+    let (other_pid, other_secret) = other.key();
+    assert_ne!(other_pid, pid);
 
-    // Wrong secret, unknown process id, the server's own pid: all ignored.
+    // A wrong secret, this secret with another session's process id, and
+    // another session's secret with this one: all ignored.
     s.query("select pg_sleep(1.5)");
     std::thread::sleep(Duration::from_millis(200));
     let mut wrong = secret.clone();
     wrong[0] ^= 0x55;
     send_cancel(addr, pid, &wrong);
-    send_cancel(addr, pid ^ 0x10, &secret);
-    send_cancel(addr, backend, &secret);
+    send_cancel(addr, other_pid, &secret);
+    send_cancel(addr, pid, &other_secret);
     let msgs = s.until_ready();
     assert_eq!(sqlstate(&msgs), None, "a wrong key cancelled the query");
+    assert_eq!(other.scalar("select 7"), "7");
 
     // Twelve cancels: the kernel spreads the cancel connections over both
     // shards, so some must be routed to the owner from the other shard.
@@ -187,6 +196,41 @@ fn cancel_uses_tollgates_keys_and_crosses_shards() {
         "no cancel crossed shards"
     );
     assert!(!log.contains("cancel request not forwarded"));
+    env.assert_log_clean();
+}
+
+/// The process id a client gets is its backend's, so what applications do
+/// with it works as on a direct connection: the session's own NOTIFY comes
+/// back with it, and `pg_terminate_backend` on it from another session ends
+/// that session (57P01).
+#[test]
+fn the_client_side_process_id_is_the_backends() {
+    let (env, token, addr) = running_with_app_token();
+    let mut s = Session::app(addr, &token);
+    let (pid, _) = s.key();
+
+    s.query("listen tg_pid_test; notify tg_pid_test, 'hello'");
+    let msgs = s.until_ready();
+    let (_, notification) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'A')
+        .unwrap_or_else(|| panic!("no NotificationResponse: {msgs:?}"));
+    assert_eq!(&notification[..4], &pid.to_be_bytes(), "the sender's pid");
+    assert_eq!(&notification[4..], b"tg_pid_test\0hello\0");
+
+    let mut other = Session::app(addr, &token);
+    assert_eq!(
+        other.scalar(&format!("select pg_terminate_backend({pid})")),
+        "t"
+    );
+    let (got, _) = s.raw.read_until_end(Duration::from_secs(10));
+    let (messages, _) = split_messages(&got);
+    let fatal = messages
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .unwrap_or_else(|| panic!("no error after pg_terminate_backend: {got:?}"));
+    assert_eq!(error_fields(&fatal.1).0, "57P01");
+    assert_eq!(other.scalar("select 1"), "1");
     env.assert_log_clean();
 }
 
@@ -219,9 +263,7 @@ fn tokio_postgres_cancel_token() {
 /// psql's Ctrl-C (SIGINT) cancels the running statement through tollgate.
 #[test]
 fn psql_ctrl_c_cancels() {
-    let mut env = Env::new();
-    let token = env.create_token(&["--user", "app"]);
-    let addr = env.start_proxy();
+    let (env, token, addr) = running_with_app_token();
     let mut psql = pg_tool("psql")
         .args(["-X", "-h", "127.0.0.1", "-p"])
         .arg(addr.port().to_string())
@@ -274,9 +316,7 @@ fn sigint(pid: u32) {
 /// 3.0 (4-byte) cancel key; a 3.0 client gets no negotiation at all.
 #[test]
 fn protocol_negotiation_is_the_servers_answer() {
-    let mut env = Env::new();
-    let token = env.create_token(&["--user", "app"]);
-    let addr = env.start_proxy();
+    let (env, token, addr) = running_with_app_token();
     let pairs = [
         ("user", "app"),
         ("database", "appdb"),

@@ -1,7 +1,9 @@
-//! A fleet's cancel keys: the owner's instance id in the process id, and a
-//! tag made with the fleet's shared cancel key in the secret, so that any
+//! A fleet's cancel keys: the owner's instance id in the secret's first
+//! byte, and a tag made with the fleet's shared cancel key, so that any
 //! instance can tell a key some instance issued from a guess and forward
-//! it to the owner, and only to the owner.
+//! it to the owner, and only to the owner. Both sit in the first 4 bytes
+//! for a protocol 3.0 client (instance, one random byte, a 2-byte tag), and
+//! the 32-byte key of 3.2 adds its own 8-byte tag over its first 24 bytes.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
@@ -11,14 +13,10 @@ use subtle::ConstantTimeEq;
 
 use crate::upstream::login::ISSUED_KEY_LEN;
 
-/// Process-id bits for the instance id (bits 23..30; bit 31 stays clear
-/// for clients that read the id as a signed Int32).
-pub(super) const INSTANCE_SHIFT: u32 = 23;
-/// The rest of a fleet process id: the shard and a random slot.
-pub(super) const LOCAL_MASK: u32 = (1 << INSTANCE_SHIFT) - 1;
 /// Set on a CancelRequest one instance forwards to another: the receiver
 /// acts on it locally and never forwards it again, so no two instances with
-/// different views of the registry can pass a cancel back and forth.
+/// different views of the registry can pass a cancel back and forth. Real
+/// process ids never reach it (Linux's pid_max is at most 2^22).
 pub const FORWARDED: u32 = 1 << 31;
 
 /// Where a CancelRequest goes.
@@ -72,38 +70,39 @@ impl Fleet {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
     }
 
-    /// The tag of a secret's random part. Two tags per secret, one for the
-    /// 4 bytes a protocol 3.0 client gets and one for the 32 of 3.2, as the
-    /// key is drawn before the server's protocol version is known.
-    fn tag(&self, process_id: u32, random: &[u8], out: &mut [u8]) {
+    /// The tag of the start of a secret (its instance byte and random
+    /// bytes). Two tags per secret, one for the 4 bytes a protocol 3.0
+    /// client gets and one for the 32 of 3.2, as the key is drawn before
+    /// the server's protocol version is known.
+    fn tag(&self, start: &[u8], out: &mut [u8]) {
         let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(&[random.len() as u8]);
-        ctx.update(&process_id.to_be_bytes());
-        ctx.update(random);
+        ctx.update(&[start.len() as u8]);
+        ctx.update(start);
         let tag = ctx.sign();
         out.copy_from_slice(&tag.as_ref()[..out.len()]);
     }
 
-    /// Fills in the tags of a fresh secret whose other bytes are random.
-    pub(super) fn seal(&self, process_id: u32, secret: &mut [u8; ISSUED_KEY_LEN]) {
+    /// Marks a fresh random secret as `instance`'s and fills in its tags.
+    pub(super) fn seal(&self, instance: u8, secret: &mut [u8; ISSUED_KEY_LEN]) {
+        secret[0] = instance;
         let mut short = [0u8; 2];
-        self.tag(process_id, &secret[..2], &mut short);
+        self.tag(&secret[..2], &mut short);
         secret[2..4].copy_from_slice(&short);
         let mut long = [0u8; 8];
-        self.tag(process_id, &secret[..ISSUED_KEY_LEN - 8], &mut long);
+        self.tag(&secret[..ISSUED_KEY_LEN - 8], &mut long);
         secret[ISSUED_KEY_LEN - 8..].copy_from_slice(&long);
     }
 
-    /// Whether `secret` carries a valid tag for `process_id`.
-    fn verify(&self, process_id: u32, secret: &[u8]) -> bool {
-        let (random, tag) = match secret.len() {
+    /// Whether `secret` carries a valid tag.
+    fn verify(&self, secret: &[u8]) -> bool {
+        let (start, tag) = match secret.len() {
             4 => secret.split_at(2),
             ISSUED_KEY_LEN => secret.split_at(ISSUED_KEY_LEN - 8),
             _ => return false,
         };
         let mut expected = [0u8; 8];
         let expected = &mut expected[..tag.len()];
-        self.tag(process_id, random, expected);
+        self.tag(start, expected);
         bool::from(expected.ct_eq(tag))
     }
 
@@ -112,12 +111,12 @@ impl Fleet {
         if process_id & FORWARDED != 0 {
             return Destination::Here(process_id & !FORWARDED);
         }
-        let owner = (process_id >> INSTANCE_SHIFT) as u8;
+        let owner = secret.first().copied().unwrap_or(0);
         let own = self.instance_id();
         if owner == own || owner == 0 {
             return Destination::Here(process_id);
         }
-        if !self.verify(process_id, secret) {
+        if !self.verify(secret) {
             return Destination::Nowhere;
         }
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());

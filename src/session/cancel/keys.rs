@@ -1,8 +1,19 @@
-//! One shard's table of cancel keys: the BackendKeyData each client was
-//! given (made up here; its process id names the shard), and the server's
-//! real key it stands for. Only the owner shard's thread touches it.
+//! One shard's table of cancel keys: for each session, the BackendKeyData
+//! its client was given and the server's real key it stands for. The
+//! process id the client gets is its backend's own (what `pg_backend_pid()`
+//! says, so `pg_terminate_backend` and NOTIFY's sender pid mean what the
+//! client thinks); the secret is tollgate's, drawn here, so a cancel must
+//! come back through tollgate. Only the owner shard's thread touches the
+//! table.
+//!
+//! The secret is random, except in a fleet, where its first byte names the
+//! instance that issued it and a tag lets any instance check it before
+//! forwarding (see [`super::fleet`]). A client under protocol 3.0 gets the
+//! first 4 bytes, one under 3.2 all [`ISSUED_KEY_LEN`]: alone, all 32 (3.0)
+//! or 256 (3.2) bits are random, as Postgres's own keys are; in a fleet,
+//! 8 (3.0) or 184 (3.2) bits are random and 16 or 64 bits are the tag.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -10,84 +21,64 @@ use std::sync::Arc;
 use ring::rand::{SecureRandom, SystemRandom};
 use subtle::ConstantTimeEq;
 
-use super::fleet::{Fleet, INSTANCE_SHIFT, LOCAL_MASK};
+use super::fleet::Fleet;
 use super::router::CancelRequest;
 use crate::protocol::backend::BackendKey;
 use crate::session::Route;
 use crate::upstream::login::ISSUED_KEY_LEN;
 
-/// What the owner shard knows of one session's keys.
+/// One session's keys, under its backend's process id.
 struct Entry {
-    /// The key the client was given; empty until the login completes.
+    /// Which reservation made it (two servers behind tollgate may use the
+    /// same process id at once).
+    reservation: u64,
+    /// The secret the client was given.
     issued: Box<[u8]>,
     /// The server's real key, and the server: routing may have chosen one
     /// of several, and a reload may have moved it since.
-    upstream: Option<(BackendKey, Arc<Route>)>,
+    upstream: (BackendKey, Arc<Route>),
 }
 
 /// One shard's key table. Shard-local: only the owner thread touches it.
 pub struct Keys {
-    shard: u32,
-    shards: u32,
     fleet: Option<Arc<Fleet>>,
-    table: RefCell<HashMap<u32, Entry>>,
+    table: RefCell<HashMap<u32, Vec<Entry>>>,
+    next: Cell<u64>,
     rng: SystemRandom,
 }
 
 impl Keys {
-    pub fn new(shard: usize, shards: usize, fleet: Option<Arc<Fleet>>) -> Self {
+    pub fn new(fleet: Option<Arc<Fleet>>) -> Self {
         Keys {
-            shard: shard as u32,
-            shards: shards.max(1) as u32,
             fleet,
             table: RefCell::default(),
+            next: Cell::new(0),
             rng: SystemRandom::new(),
         }
     }
 
-    /// Reserves a process id for a new session and draws its secret. The
-    /// reservation is released when the returned guard is dropped.
+    /// Draws the secret for a new session, before its login; the server's
+    /// process id joins it when the login is done
+    /// ([`Reservation::activate`]). Released when the guard is dropped.
     pub fn reserve(self: &Rc<Self>) -> Reservation {
-        // Process ids stay positive as an Int32 (clients may read them
-        // signed) and are random, so they reveal nothing about how many
-        // sessions there are and add 31 bits an attacker must guess.
-        let instance = self.fleet.as_ref().map_or(0, |f| f.instance_id());
-        let space = if instance == 0 {
-            i32::MAX as u32
-        } else {
-            LOCAL_MASK + 1
-        };
-        let slots = space / self.shards;
-        let mut random = [0u8; 4 + ISSUED_KEY_LEN];
-        let mut table = self.table.borrow_mut();
-        let process_id = loop {
-            if self.rng.fill(&mut random).is_err() {
-                // getrandom does not fail on Linux once seeded; if it ever
-                // did, a session without cancel support is the safe outcome.
-                random = [0; 4 + ISSUED_KEY_LEN];
-            }
-            let r = u32::from_be_bytes([random[0], random[1], random[2], random[3]]);
-            let pid =
-                ((r % slots) * self.shards + self.shard) | (u32::from(instance) << INSTANCE_SHIFT);
-            if pid != 0 && !table.contains_key(&pid) {
-                break pid;
-            }
-        };
-        table.insert(
-            process_id,
-            Entry {
-                issued: Box::default(),
-                upstream: None,
-            },
-        );
         let mut secret = [0u8; ISSUED_KEY_LEN];
-        secret.copy_from_slice(&random[4..]);
-        if let (Some(f), true) = (&self.fleet, instance != 0) {
-            f.seal(process_id, &mut secret);
+        if self.rng.fill(&mut secret).is_err() {
+            // getrandom does not fail on Linux once seeded; if it ever did,
+            // a session whose cancels match nothing is the safe outcome.
+            secret = [0; ISSUED_KEY_LEN];
         }
+        if let Some(f) = &self.fleet {
+            let instance = f.instance_id();
+            if instance != 0 {
+                f.seal(instance, &mut secret);
+            }
+        }
+        let id = self.next.get() + 1;
+        self.next.set(id);
         Reservation {
             keys: self.clone(),
-            process_id,
+            id,
+            process_id: Cell::new(None),
             secret,
         }
     }
@@ -96,51 +87,73 @@ impl Keys {
     /// with the right secret; `None` otherwise.
     pub fn upstream_key(&self, request: &CancelRequest) -> Option<(BackendKey, Arc<Route>)> {
         let table = self.table.borrow();
-        let entry = table.get(&request.process_id)?;
-        // Constant time: the comparison must not tell a guesser how much of
-        // the secret was right. Lengths are public (4 or 32 bytes).
-        let matches = entry.issued.len() == request.secret_key.len()
-            && !entry.issued.is_empty()
-            && bool::from(entry.issued.ct_eq(&request.secret_key));
-        if matches {
-            entry.upstream.clone()
-        } else {
-            None
+        let entries = table.get(&request.process_id)?;
+        // Constant time per comparison: it must not tell a guesser how much
+        // of the secret was right. Lengths are public (4 or 32 bytes).
+        let mut found = None;
+        for e in entries {
+            let matches = e.issued.len() == request.secret_key.len()
+                && bool::from(e.issued.ct_eq(&request.secret_key));
+            if matches {
+                found = Some(e.upstream.clone());
+            }
         }
+        found
     }
 
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.table.borrow().len()
+        self.table.borrow().values().map(Vec::len).sum()
     }
 }
 
-/// A process id held for one session; released on drop.
+/// The cancel key of one session, from before its login to its end;
+/// released on drop.
 pub struct Reservation {
     keys: Rc<Keys>,
-    pub process_id: u32,
+    id: u64,
+    /// The backend's process id, once known.
+    process_id: Cell<Option<u32>>,
+    /// What the client's secret is cut from (4 bytes or all of it).
     pub secret: [u8; ISSUED_KEY_LEN],
 }
 
 impl Reservation {
     /// Records the keys once the login is done: the one the client was
-    /// given and the server's, which a matching cancel will use.
+    /// given (the backend's process id, this secret) and the server's,
+    /// which a matching cancel will use.
     pub fn activate(&self, issued: &BackendKey, upstream: BackendKey, server: Arc<Route>) {
-        if let Some(e) = self.keys.table.borrow_mut().get_mut(&self.process_id) {
-            e.issued = issued.secret_key.clone();
-            e.upstream = Some((upstream, server));
+        let mut table = self.keys.table.borrow_mut();
+        self.release(&mut table);
+        table.entry(issued.process_id).or_default().push(Entry {
+            reservation: self.id,
+            issued: issued.secret_key.clone(),
+            upstream: (upstream, server),
+        });
+        self.process_id.set(Some(issued.process_id));
+    }
+
+    fn release(&self, table: &mut HashMap<u32, Vec<Entry>>) {
+        let Some(pid) = self.process_id.take() else {
+            return;
+        };
+        if let Some(entries) = table.get_mut(&pid) {
+            entries.retain(|e| e.reservation != self.id);
+            if entries.is_empty() {
+                table.remove(&pid);
+            }
         }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.keys.table.borrow_mut().remove(&self.process_id);
+        self.release(&mut self.keys.table.borrow_mut());
     }
 }
 
 impl std::fmt::Debug for Reservation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Reservation({})", self.process_id)
+        write!(f, "Reservation({:?})", self.process_id.get())
     }
 }

@@ -1,30 +1,31 @@
 //! Query cancellation with tollgate's own keys.
 //!
-//! Each client gets a BackendKeyData that tollgate made up: a random process
-//! id whose value modulo the shard count names the shard that owns the
-//! session, and a random secret. The server's real key stays with tollgate.
-//! A CancelRequest arrives on a new connection, on whichever shard the
-//! kernel picked; that shard hands it to the owner by message passing (one
-//! bounded channel per shard), and the owner, the only thread that touches
-//! its key table, checks the secret and sends the server's real key to the
-//! server on a new connection.
+//! Each client gets a BackendKeyData with its backend's real process id and
+//! a secret tollgate drew ([`keys`]); the server's real secret stays with
+//! tollgate. A CancelRequest arrives on a new connection, on whichever
+//! shard the kernel picked. That shard looks in its own key table, and if
+//! the session is not its own, asks the other shards by message passing
+//! (one bounded channel per shard): the owner, the only thread that touches
+//! its table, checks the secret, sends the server's real key to the server
+//! on a new connection, and says so. The shard that received the request
+//! records its one audit event.
 //!
 //! Nothing here runs per message: a key is issued once per session and a
 //! cancel is rare. A wrong or unknown key is dropped without a word, as
-//! Postgres does; a flood of guesses costs an accept, a channel send and a
-//! hash lookup each, and a full channel drops the surplus.
+//! Postgres does, and counts against the source like a bad token; a flood
+//! of guesses costs an accept, a channel send per shard and a hash lookup
+//! each, and a full channel drops the surplus.
 //!
 //! In a fleet (`[fleet]`), the load balancer may send the CancelRequest to
-//! another instance than the one serving the session. Keys then carry the
-//! owner's instance id in the process id, and a tag in the secret made with
-//! the fleet's shared cancel key ([`Fleet`]): any instance can tell a key
-//! some instance issued from a guess, and forwards only the former, as a
-//! plain CancelRequest, to the owner's advertised address. Nothing else is
-//! shared; the owner still checks the whole secret against its table.
+//! another instance than the one serving the session. Secrets then carry
+//! the owner's instance id and a tag made with the fleet's shared cancel
+//! key ([`Fleet`]): any instance can tell a key some instance issued from a
+//! guess, and forwards only the former, as a plain CancelRequest, to the
+//! owner's advertised address. Nothing else is shared; the owner still
+//! checks the whole secret against its table.
 //!
 //! [`handle`] acts on a CancelRequest that arrived on this shard;
-//! [`serve_here`] is the owner's side, also run for requests routed from
-//! other shards (`crate::shard`).
+//! [`serve_routed`] is another shard's side (`crate::shard`).
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
 
@@ -43,13 +44,15 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::ShardContext;
+use super::{Route, ShardContext};
 use crate::audit;
+use crate::protocol::backend::BackendKey;
 
 /// Acts on a CancelRequest that arrived on a connection of this shard: in
 /// a fleet, forwards it to the instance that owns the key (or drops a key
-/// no instance issued); here, hands it to the shard that owns the session
-/// and waits for it to act. Returns when the cancel has been acted on.
+/// no instance issued); here, sends it on if the session is this shard's,
+/// else asks the other shards and waits for the owner to act. Returns when
+/// the cancel has been acted on, with its one audit event recorded.
 ///
 /// Postgres answers a CancelRequest with nothing, right or wrong, and
 /// closes the connection once it has acted on it: clients (libpq's
@@ -77,47 +80,78 @@ pub(super) async fn handle(ctx: &ShardContext, mut request: CancelRequest) {
             }
         }
     }
-    let owner = ctx.cancels.owner(request.process_id);
-    if owner == ctx.shard {
-        serve_here(ctx, &request).await;
-    } else {
-        debug!(owner, "cancel request routed to its shard");
-        // The owner drops `done` when it is through (or the router drops
-        // the request when the inbox is full).
-        let (done, finished) = flume::bounded(1);
-        request.done = Some(done);
-        ctx.cancels.route(request);
-        let _ = monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, finished.recv_async()).await;
-    }
-}
-
-/// Acts on a cancel for a session of this shard: a matching key sends the
-/// server's real key to the server; anything else is dropped unanswered.
-pub async fn serve_here(ctx: &ShardContext, request: &CancelRequest) {
-    let result = match ctx.cancel_keys.upstream_key(request) {
-        None => {
+    let result = match ctx.cancel_keys.upstream_key(&request) {
+        Some((key, route)) => send_upstream(&key, &route).await,
+        None => ask_other_shards(ctx, &request).await.unwrap_or_else(|| {
             // Guessing keys counts against the source like guessing tokens.
             if !request.from_peer {
                 ctx.failures.failed(request.client.ip(), Instant::now());
             }
             "unknown_key"
-        }
-        Some((key, route)) => {
-            // The server the session logged in to, with the settings it
-            // started under: routing may have picked any upstream, and a
-            // reload may have moved them since.
-            let tls = route.tls.as_deref();
-            match crate::upstream::send_cancel(&route.config, tls, &key).await {
-                Ok(()) => "forwarded",
-                Err(e) => {
-                    warn!(error = %e, "cancel request not forwarded");
-                    "upstream_failed"
-                }
-            }
-        }
+        }),
     };
     ctx.metrics.cancel(result);
     audit::cancel(request.client, request.process_id, result);
+}
+
+/// Asks every other shard whether it holds the session, and waits until
+/// the one that does has acted (or all said no, or the time is up): what
+/// came of it, or `None` when no shard holds it.
+async fn ask_other_shards(ctx: &ShardContext, request: &CancelRequest) -> Option<&'static str> {
+    let shards = ctx.cancels.shards();
+    if shards < 2 {
+        return None;
+    }
+    let (reply, answers) = flume::bounded(shards);
+    for shard in (0..shards).filter(|&s| s != ctx.shard) {
+        let mut asked = request.clone();
+        asked.reply = Some(reply.clone());
+        ctx.cancels.route(shard, asked);
+    }
+    // Each shard answers once and drops its sender (as does the router,
+    // for a request it could not deliver): the channel ends with the last.
+    drop(reply);
+    let wait = async {
+        while let Ok(answer) = answers.recv_async().await {
+            if answer.is_some() {
+                return answer;
+            }
+        }
+        None
+    };
+    monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, wait)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Another shard's request: acts on it if the session is this shard's,
+/// and answers either way (the asking shard records the outcome).
+pub async fn serve_routed(ctx: &ShardContext, request: CancelRequest) {
+    let result = match ctx.cancel_keys.upstream_key(&request) {
+        Some((key, route)) => {
+            debug!("cancel request routed to its shard");
+            Some(send_upstream(&key, &route).await)
+        }
+        None => None,
+    };
+    if let Some(reply) = &request.reply {
+        let _ = reply.try_send(result);
+    }
+}
+
+/// Sends the server's real key to the server the session logged in to,
+/// with the settings it started under: routing may have picked any
+/// upstream, and a reload may have moved them since.
+async fn send_upstream(key: &BackendKey, route: &Route) -> &'static str {
+    let tls = route.tls.as_deref();
+    match crate::upstream::send_cancel(&route.config, tls, key).await {
+        Ok(()) => "forwarded",
+        Err(e) => {
+            warn!(error = %e, "cancel request not forwarded");
+            "upstream_failed"
+        }
+    }
 }
 
 /// How long forwarding a cancel to another instance may take.
@@ -157,7 +191,6 @@ mod tests {
     use std::rc::Rc;
     use std::sync::Arc;
 
-    use super::fleet::INSTANCE_SHIFT;
     use super::router::INBOX_CAPACITY;
     use super::*;
     use crate::protocol::backend::BackendKey;
@@ -189,6 +222,16 @@ mod tests {
         f
     }
 
+    fn request(pid: u32, secret: &[u8]) -> CancelRequest {
+        CancelRequest {
+            process_id: pid,
+            secret_key: secret.into(),
+            client: ([127, 0, 0, 1], 1).into(),
+            from_peer: false,
+            reply: None,
+        }
+    }
+
     const FLEET_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
     #[test]
@@ -198,132 +241,125 @@ mod tests {
         b.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
         let outsider = fleet(9, b"another key, another fleet, 32+ bytes");
         outsider.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
-        for shard in 0..3 {
-            let keys = Rc::new(Keys::new(shard, 3, Some(a.clone())));
-            let router = Router::new(3, true);
-            for _ in 0..100 {
-                let r = keys.reserve();
-                let pid = r.process_id;
-                assert!(pid > 0 && pid <= i32::MAX as u32);
-                assert_eq!(pid >> INSTANCE_SHIFT, 7);
-                assert_eq!(router.owner(pid), shard);
-                // Both lengths a client may be given carry a valid tag.
-                for secret in [&r.secret[..4], &r.secret[..]] {
-                    assert_eq!(a.destination(pid, secret), Destination::Here(pid));
-                    assert_eq!(
-                        b.destination(pid, secret),
-                        Destination::Peer("10.0.0.7:6432".parse().unwrap())
-                    );
-                    assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
-                }
-                let mut wrong = r.secret;
-                wrong[3] ^= 1;
-                assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
-                wrong = r.secret;
-                wrong[31] ^= 1;
-                assert_eq!(b.destination(pid, &wrong[..]), Destination::Nowhere);
-                // Another process id, the same secret: the tag covers both.
-                assert_eq!(b.destination(pid ^ 1, &r.secret[..4]), Destination::Nowhere);
-                assert_eq!(b.destination(pid, &r.secret[..8]), Destination::Nowhere);
-                // Forwarded once, never again: the mark makes it local.
+        let keys = Rc::new(Keys::new(Some(a.clone())));
+        // A backend's process id: whatever the server chose.
+        let pid = 48_213;
+        for _ in 0..100 {
+            let r = keys.reserve();
+            assert_eq!(r.secret[0], 7, "the instance id leads the secret");
+            // Both lengths a client may be given carry a valid tag.
+            for secret in [&r.secret[..4], &r.secret[..]] {
+                assert_eq!(a.destination(pid, secret), Destination::Here(pid));
                 assert_eq!(
-                    b.destination(pid | FORWARDED, &r.secret[..4]),
-                    Destination::Here(pid)
+                    b.destination(pid, secret),
+                    Destination::Peer("10.0.0.7:6432".parse().unwrap())
                 );
+                assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
             }
+            let mut wrong = r.secret;
+            wrong[1] ^= 1;
+            assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
+            wrong = r.secret;
+            wrong[31] ^= 1;
+            assert_eq!(b.destination(pid, &wrong[..]), Destination::Nowhere);
+            // Another instance byte with the same tag: not a key of the fleet.
+            wrong = r.secret;
+            wrong[0] = 8;
+            assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
+            assert_eq!(b.destination(pid, &r.secret[..8]), Destination::Nowhere);
+            // Forwarded once, never again: the mark makes it local.
+            assert_eq!(
+                b.destination(pid | FORWARDED, &r.secret[..4]),
+                Destination::Here(pid)
+            );
         }
         // An owner not in the registry, or an instance's own address.
         let lost = fleet(9, FLEET_KEY);
-        let keys = Rc::new(Keys::new(0, 1, Some(a.clone())));
         let r = keys.reserve();
-        assert_eq!(
-            lost.destination(r.process_id, &r.secret[..4]),
-            Destination::Nowhere
-        );
+        assert_eq!(lost.destination(pid, &r.secret[..4]), Destination::Nowhere);
         lost.set_peers([(7, "10.0.0.9:6432".parse().unwrap())].into());
-        assert_eq!(
-            lost.destination(r.process_id, &r.secret[..4]),
-            Destination::Nowhere
-        );
+        assert_eq!(lost.destination(pid, &r.secret[..4]), Destination::Nowhere);
     }
 
     #[test]
-    fn process_ids_name_their_shard_and_stay_positive() {
-        for shard in 0..3 {
-            let keys = Rc::new(Keys::new(shard, 3, None));
-            let router = Router::new(3, false);
-            let held: Vec<_> = (0..200).map(|_| keys.reserve()).collect();
-            for r in &held {
-                assert_eq!(router.owner(r.process_id), shard);
-                assert!(r.process_id > 0 && r.process_id <= i32::MAX as u32);
-            }
-            assert_eq!(keys.len(), 200);
-            drop(held);
-            assert_eq!(keys.len(), 0);
-        }
-    }
-
-    #[test]
-    fn only_the_exact_issued_secret_finds_the_upstream_key() {
-        let keys = Rc::new(Keys::new(0, 1, None));
-        let r = keys.reserve();
-        let issued = key(r.process_id, &r.secret[..4]);
-        let ask = |secret: &[u8]| {
-            keys.upstream_key(&CancelRequest {
-                process_id: r.process_id,
-                secret_key: secret.into(),
-                client: ([127, 0, 0, 1], 1).into(),
-                from_peer: false,
-                done: None,
+    fn secrets_are_random_and_released_with_their_session() {
+        let keys = Rc::new(Keys::new(None));
+        let server = route("one");
+        let held: Vec<_> = (0..200)
+            .map(|i| {
+                let r = keys.reserve();
+                let issued = key(1000 + i, &r.secret[..4]);
+                r.activate(&issued, key(1000 + i, &[1, 2, 3, 4]), server.clone());
+                r
             })
-        };
-        // Before the login completes nothing matches, not even empty.
-        assert!(ask(&r.secret[..4]).is_none());
-        assert!(ask(&[]).is_none());
+            .collect();
+        assert_eq!(keys.len(), 200);
+        // 200 draws of 32 random bits: no two alike (a collision has odds
+        // of about 5 in a million).
+        let mut firsts: Vec<[u8; 4]> = held
+            .iter()
+            .map(|r| r.secret[..4].try_into().unwrap())
+            .collect();
+        firsts.sort();
+        firsts.dedup();
+        assert_eq!(firsts.len(), 200);
+        drop(held);
+        assert_eq!(keys.len(), 0);
+    }
+
+    #[test]
+    fn only_the_exact_issued_key_finds_the_upstream_key() {
+        let keys = Rc::new(Keys::new(None));
+        let r = keys.reserve();
+        let pid = 4242;
+        let issued = key(pid, &r.secret[..4]);
+        // Before the login completes nothing matches.
+        assert!(keys.upstream_key(&request(pid, &r.secret[..4])).is_none());
+        assert!(keys.upstream_key(&request(pid, &[])).is_none());
         let server = route("two");
-        r.activate(&issued, key(4242, &[9, 9, 9, 9]), server.clone());
-        let (found, found_route) = ask(&r.secret[..4]).unwrap();
-        assert_eq!(found, key(4242, &[9, 9, 9, 9]));
+        r.activate(&issued, key(pid, &[9, 9, 9, 9]), server.clone());
+        let (found, found_route) = keys.upstream_key(&request(pid, &r.secret[..4])).unwrap();
+        assert_eq!(found, key(pid, &[9, 9, 9, 9]));
         // The cancel goes to the server the session was routed to.
         assert!(Arc::ptr_eq(&found_route, &server));
         let mut wrong = r.secret;
         wrong[3] ^= 1;
-        assert!(ask(&wrong[..4]).is_none());
+        assert!(keys.upstream_key(&request(pid, &wrong[..4])).is_none());
         // A longer key that starts right is still wrong.
-        assert!(ask(&r.secret[..]).is_none());
+        assert!(keys.upstream_key(&request(pid, &r.secret[..])).is_none());
+        // The right secret with another process id is wrong too.
         assert!(keys
-            .upstream_key(&CancelRequest {
-                process_id: r.process_id ^ 2,
-                secret_key: r.secret[..4].into(),
-                client: ([127, 0, 0, 1], 1).into(),
-                from_peer: false,
-                done: None,
-            })
+            .upstream_key(&request(pid ^ 2, &r.secret[..4]))
             .is_none());
-        let pid = r.process_id;
+
+        // Another server behind tollgate may use the same process id: each
+        // session is found by its own secret, and released alone.
+        let other = keys.reserve();
+        other.activate(
+            &key(pid, &other.secret[..4]),
+            key(pid, &[7, 7, 7, 7]),
+            server,
+        );
+        let (found, _) = keys
+            .upstream_key(&request(pid, &other.secret[..4]))
+            .unwrap();
+        assert_eq!(found, key(pid, &[7, 7, 7, 7]));
         drop(r);
         assert!(keys
-            .upstream_key(&CancelRequest {
-                process_id: pid,
-                secret_key: issued.secret_key.clone(),
-                client: ([127, 0, 0, 1], 1).into(),
-                from_peer: false,
-                done: None,
-            })
+            .upstream_key(&request(pid, &issued.secret_key))
             .is_none());
+        assert!(keys
+            .upstream_key(&request(pid, &other.secret[..4]))
+            .is_some());
+        drop(other);
+        assert_eq!(keys.len(), 0);
     }
 
     #[test]
     fn a_full_inbox_drops_instead_of_growing() {
-        let router = Router::new(2, false);
+        let router = Router::new(2);
         for _ in 0..INBOX_CAPACITY + 10 {
-            router.route(CancelRequest {
-                process_id: 1,
-                secret_key: Box::new([0; 4]),
-                client: ([127, 0, 0, 1], 1).into(),
-                from_peer: false,
-                done: None,
-            });
+            router.route(1, request(1, &[0; 4]));
         }
         let inbox = router.take_inbox(1).unwrap();
         assert_eq!(inbox.len(), INBOX_CAPACITY);

@@ -1,10 +1,10 @@
 //! The channels between shards for cancels: a CancelRequest reaches the
-//! shard the kernel picked, which hands it to the shard that owns the
-//! session (named by the process id) through that shard's bounded inbox.
+//! shard the kernel picked; when that shard does not hold the session, it
+//! asks the others through their bounded inboxes, and the one that does
+//! acts and says what came of it. Nothing in the key names the shard, so
+//! every bit of the secret stays random.
 
 use tracing::debug;
-
-use super::fleet::LOCAL_MASK;
 
 /// A CancelRequest as the client sent it.
 #[derive(Clone)]
@@ -18,25 +18,24 @@ pub struct CancelRequest {
     /// against the peer's address (which would let a guesser get a peer's
     /// forwards refused).
     pub from_peer: bool,
-    /// Dropped when the request has been acted on (or dropped), for the
-    /// shard holding the client's connection, which closes it then.
-    pub done: Option<flume::Sender<()>>,
+    /// For a request asked of another shard: that shard's answer, the
+    /// result if it held the session (after acting on it), `None` if not.
+    /// The asking shard waits until every shard answered or dropped its
+    /// sender, then closes the client's connection.
+    pub reply: Option<flume::Sender<Option<&'static str>>>,
 }
 
-/// Cancels waiting for their owner shard; beyond this, guesses are dropped.
+/// Cancels waiting for a shard; beyond this, guesses are dropped.
 pub(super) const INBOX_CAPACITY: usize = 1024;
 
 /// The channels between shards, built once before the shards start.
 pub struct Router {
-    /// The bits of a process id that name the shard (all of them unless
-    /// the instance is part of a fleet).
-    local_mask: u32,
     routes: Vec<flume::Sender<CancelRequest>>,
     inboxes: std::sync::Mutex<Vec<Option<flume::Receiver<CancelRequest>>>>,
 }
 
 impl Router {
-    pub fn new(shards: usize, fleet: bool) -> Self {
+    pub fn new(shards: usize) -> Self {
         let (routes, inboxes) = (0..shards.max(1))
             .map(|_| {
                 let (tx, rx) = flume::bounded(INBOX_CAPACITY);
@@ -44,7 +43,6 @@ impl Router {
             })
             .unzip();
         Router {
-            local_mask: if fleet { LOCAL_MASK } else { u32::MAX },
             routes,
             inboxes: std::sync::Mutex::new(inboxes),
         }
@@ -54,17 +52,11 @@ impl Router {
         self.routes.len()
     }
 
-    /// The shard whose session `process_id` names.
-    pub fn owner(&self, process_id: u32) -> usize {
-        (process_id & self.local_mask) as usize % self.routes.len()
-    }
-
-    /// Hands a cancel to its owner shard. Drops it when the owner's inbox is
-    /// full: a cancel is best effort, and the client expects no answer.
-    pub fn route(&self, request: CancelRequest) {
-        let owner = self.owner(request.process_id);
-        if self.routes[owner].try_send(request).is_err() {
-            debug!(owner, "cancel inbox full; request dropped");
+    /// Hands a cancel to `shard`. Drops it when that shard's inbox is full:
+    /// a cancel is best effort, and the client expects no answer.
+    pub fn route(&self, shard: usize, request: CancelRequest) {
+        if self.routes[shard].try_send(request).is_err() {
+            debug!(shard, "cancel inbox full; request dropped");
         }
     }
 
