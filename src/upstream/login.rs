@@ -245,13 +245,7 @@ impl Login {
         self.phase = match (phase, parsed) {
             (Phase::AwaitReady, BeLoginMessage::ReadyForQuery { .. }) => {
                 to_client.extend_from_slice(msg);
-                let issued_key = self.upstream_key.as_ref().map(|k| self.issued_key(k));
-                return Ok(LoginStep::Ready(Ready {
-                    auth_method: self.auth_method,
-                    upstream_key: self.upstream_key,
-                    issued_key,
-                    minor: self.minor,
-                }));
+                return Ok(LoginStep::Ready(self.ready()));
             }
             (Phase::AwaitReady, BeLoginMessage::ParameterStatus) => {
                 to_client.extend_from_slice(msg);
@@ -263,27 +257,7 @@ impl Login {
                     process_id,
                     secret_key,
                 },
-            ) => {
-                if self.upstream_key.is_some()
-                    || (self.minor < ProtocolVersion::LONG_CANCEL_KEYS && secret_key.len() != 4)
-                {
-                    return Err(LoginError::Protocol {
-                        detail: "duplicate or malformed BackendKeyData".into(),
-                    });
-                }
-                // The client gets its backend's process id with tollgate's
-                // secret, never the server's: a cancel must come back
-                // through tollgate, which knows which server and session it
-                // belongs to.
-                let upstream = BackendKey {
-                    process_id,
-                    secret_key: secret_key.into(),
-                };
-                let key = self.issued_key(&upstream);
-                backend::backend_key_data(to_client, key.process_id, &key.secret_key);
-                self.upstream_key = Some(upstream);
-                Phase::AwaitReady
-            }
+            ) => self.on_backend_key_data(process_id, secret_key, to_client)?,
             (
                 Phase::AwaitAuthRequest,
                 BeLoginMessage::NegotiateProtocolVersion {
@@ -291,23 +265,7 @@ impl Login {
                     unrecognized,
                 },
             ) if !self.negotiated => {
-                // The server's answer to the client's version and options,
-                // relayed as is. It must have a reason: a lower version, or
-                // options it did not recognize.
-                if newest_minor > self.asked_minor
-                    || (newest_minor == self.asked_minor && unrecognized == 0)
-                {
-                    return Err(LoginError::Protocol {
-                        detail: format!(
-                            "NegotiateProtocolVersion offers 3.{newest_minor} after 3.{} was asked",
-                            self.asked_minor
-                        ),
-                    });
-                }
-                self.negotiated = true;
-                self.minor = newest_minor.min(self.asked_minor);
-                to_client.extend_from_slice(msg);
-                Phase::AwaitAuthRequest
+                self.on_negotiate_protocol_version(newest_minor, unrecognized, msg, to_client)?
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationOk) if !self.allowed.none => {
                 return Err(LoginError::Unsupported {
@@ -317,60 +275,16 @@ impl Login {
                 });
             }
             (Phase::AwaitAuthRequest | Phase::AwaitAuthOk, BeLoginMessage::AuthenticationOk) => {
-                if !self.negotiated && self.client_minor > self.asked_minor {
-                    // The client asked for more than tollgate understands
-                    // and the server took what tollgate asked: say what is
-                    // in force, as a server that stops at 3.2 would.
-                    backend::negotiate_protocol_version(
-                        to_client,
-                        self.minor as u32,
-                        [].into_iter(),
-                    );
-                }
-                to_client.extend_from_slice(msg);
-                Phase::AwaitReady
+                self.on_authentication_ok(msg, to_client)
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationCleartextPassword) => {
-                check_allowed(self.allowed.password, "a cleartext password")?;
-                let password = self.password("cleartext")?;
-                frontend::password_message(password, to_server).map_err(protocol)?;
-                self.auth_method = "password";
-                Phase::AwaitAuthOk
+                self.send_password(None, to_server)?
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationMd5Password { salt }) => {
-                check_allowed(self.allowed.md5, "an md5 password")?;
-                let password = self.password("md5")?;
-                let hashed = super::md5::md5_password_message_payload(&self.user, password, salt);
-                frontend::password_message(hashed.as_bytes(), to_server).map_err(protocol)?;
-                self.auth_method = "md5";
-                Phase::AwaitAuthOk
+                self.send_password(Some(salt), to_server)?
             }
             (Phase::AwaitAuthRequest, BeLoginMessage::AuthenticationSasl { mechanisms }) => {
-                check_allowed(self.allowed.scram, "SASL (SCRAM)")?;
-                let binding = match &self.channel_binding {
-                    // Bind when the server offers it: a man in the middle
-                    // between tollgate and Postgres cannot relay the login.
-                    ChannelBinding::TlsServerEndPoint(_)
-                        if mechanisms.contains(&scram::MECHANISM_PLUS) =>
-                    {
-                        self.channel_binding.clone()
-                    }
-                    // We could bind but the server did not offer it ("y").
-                    ChannelBinding::TlsServerEndPoint(_) => ChannelBinding::SupportedButNotUsed,
-                    other => other.clone(),
-                };
-                if !mechanisms.contains(&binding.mechanism()) {
-                    return Err(LoginError::Unsupported {
-                        detail: format!("SASL mechanisms {mechanisms:?}"),
-                    });
-                }
-                let password = self.password("SCRAM")?;
-                let (first, state) =
-                    ScramClient::start(password, binding, None).map_err(LoginError::Scram)?;
-                self.auth_method = first.mechanism;
-                frontend::sasl_initial_response(first.mechanism, &first.message, to_server)
-                    .map_err(protocol)?;
-                Phase::AwaitScramServerFirst(state)
+                self.on_authentication_sasl(&mechanisms, to_server)?
             }
             (
                 Phase::AwaitScramServerFirst(state),
@@ -407,6 +321,139 @@ impl Login {
 }
 
 impl Login {
+    /// The server's BackendKeyData: kept, and replaced for the client by
+    /// its backend's process id with tollgate's secret, never the
+    /// server's: a cancel must come back through tollgate, which knows
+    /// which server and session it belongs to.
+    fn on_backend_key_data(
+        &mut self,
+        process_id: u32,
+        secret_key: &[u8],
+        to_client: &mut BytesMut,
+    ) -> Result<Phase, LoginError> {
+        if self.upstream_key.is_some()
+            || (self.minor < ProtocolVersion::LONG_CANCEL_KEYS && secret_key.len() != 4)
+        {
+            return Err(LoginError::Protocol {
+                detail: "duplicate or malformed BackendKeyData".into(),
+            });
+        }
+        let upstream = BackendKey {
+            process_id,
+            secret_key: secret_key.into(),
+        };
+        let key = self.issued_key(&upstream);
+        backend::backend_key_data(to_client, key.process_id, &key.secret_key);
+        self.upstream_key = Some(upstream);
+        Ok(Phase::AwaitReady)
+    }
+
+    /// The server's answer to the client's version and options, relayed
+    /// as is. It must have a reason: a lower version, or options it did
+    /// not recognize.
+    fn on_negotiate_protocol_version(
+        &mut self,
+        newest_minor: u16,
+        unrecognized: u32,
+        msg: &[u8],
+        to_client: &mut BytesMut,
+    ) -> Result<Phase, LoginError> {
+        if newest_minor > self.asked_minor
+            || (newest_minor == self.asked_minor && unrecognized == 0)
+        {
+            return Err(LoginError::Protocol {
+                detail: format!(
+                    "NegotiateProtocolVersion offers 3.{newest_minor} after 3.{} was asked",
+                    self.asked_minor
+                ),
+            });
+        }
+        self.negotiated = true;
+        self.minor = newest_minor.min(self.asked_minor);
+        to_client.extend_from_slice(msg);
+        Ok(Phase::AwaitAuthRequest)
+    }
+
+    /// Authenticated: AuthenticationOk goes to the client (which is waiting
+    /// for it after sending its token), after a NegotiateProtocolVersion
+    /// when the client asked for more than tollgate understands and the
+    /// server took what tollgate asked, as a server that stops at 3.2
+    /// would say what is in force.
+    fn on_authentication_ok(&mut self, msg: &[u8], to_client: &mut BytesMut) -> Phase {
+        if !self.negotiated && self.client_minor > self.asked_minor {
+            backend::negotiate_protocol_version(to_client, self.minor as u32, [].into_iter());
+        }
+        to_client.extend_from_slice(msg);
+        Phase::AwaitReady
+    }
+
+    /// A password request: the password in the clear, or (with a salt) its
+    /// md5 hash, if `require_auth` allows the method.
+    fn send_password(
+        &mut self,
+        md5_salt: Option<[u8; 4]>,
+        to_server: &mut BytesMut,
+    ) -> Result<Phase, LoginError> {
+        match md5_salt {
+            None => {
+                check_allowed(self.allowed.password, "a cleartext password")?;
+                let password = self.password("cleartext")?;
+                frontend::password_message(password, to_server).map_err(protocol)?;
+                self.auth_method = "password";
+            }
+            Some(salt) => {
+                check_allowed(self.allowed.md5, "an md5 password")?;
+                let password = self.password("md5")?;
+                let hashed = super::md5::md5_password_message_payload(&self.user, password, salt);
+                frontend::password_message(hashed.as_bytes(), to_server).map_err(protocol)?;
+                self.auth_method = "md5";
+            }
+        }
+        Ok(Phase::AwaitAuthOk)
+    }
+
+    /// A SASL request: SCRAM-SHA-256-PLUS when the server offers it on TLS
+    /// (a man in the middle between tollgate and Postgres cannot relay the
+    /// login), SCRAM-SHA-256 otherwise.
+    fn on_authentication_sasl(
+        &mut self,
+        mechanisms: &[&str],
+        to_server: &mut BytesMut,
+    ) -> Result<Phase, LoginError> {
+        check_allowed(self.allowed.scram, "SASL (SCRAM)")?;
+        let binding = match &self.channel_binding {
+            ChannelBinding::TlsServerEndPoint(_) if mechanisms.contains(&scram::MECHANISM_PLUS) => {
+                self.channel_binding.clone()
+            }
+            // We could bind but the server did not offer it ("y").
+            ChannelBinding::TlsServerEndPoint(_) => ChannelBinding::SupportedButNotUsed,
+            other => other.clone(),
+        };
+        if !mechanisms.contains(&binding.mechanism()) {
+            return Err(LoginError::Unsupported {
+                detail: format!("SASL mechanisms {mechanisms:?}"),
+            });
+        }
+        let password = self.password("SCRAM")?;
+        let (first, state) =
+            ScramClient::start(password, binding, None).map_err(LoginError::Scram)?;
+        self.auth_method = first.mechanism;
+        frontend::sasl_initial_response(first.mechanism, &first.message, to_server)
+            .map_err(protocol)?;
+        Ok(Phase::AwaitScramServerFirst(state))
+    }
+
+    /// ReadyForQuery: the login is over.
+    fn ready(self) -> Ready {
+        let issued_key = self.upstream_key.as_ref().map(|k| self.issued_key(k));
+        Ready {
+            auth_method: self.auth_method,
+            upstream_key: self.upstream_key,
+            issued_key,
+            minor: self.minor,
+        }
+    }
+
     /// The key the client gets once the server's is known: the server's
     /// process id, and 4 bytes of the issued secret under 3.0, all of it
     /// from 3.2 on.
