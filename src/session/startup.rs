@@ -314,6 +314,7 @@ async fn log_in(
             version: startup.version,
             params: params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             issued_secret: cancel_key.secret,
+            seal: ctx.cancel_keys.sealer(),
         },
         &ctx.scram_keys,
     );

@@ -7,28 +7,21 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::session::cancel::CancelRequest;
 use crate::session::kill::KillReason;
 use crate::session::{cancel, ShardContext};
 
 use super::bus::Request;
 
-/// Serves cancels routed here by other shards. Each is handled in its own
-/// task so one slow server connection does not hold up the rest.
+/// Answers the cancels other shards ask about, for as long as the shard
+/// runs: a lookup in this shard's key table, no I/O (the asking shard
+/// sends the cancel on).
 pub(super) async fn serve_routed_cancels(ctx: Rc<ShardContext>) {
     let Some(inbox) = ctx.cancels.take_inbox(ctx.shard) else {
         return;
     };
     while let Ok(request) = inbox.recv_async().await {
-        let ctx = ctx.clone();
-        monoio::spawn(async move { serve_routed(&ctx, request).await });
+        cancel::answer_routed(&ctx, &request);
     }
-}
-
-async fn serve_routed(ctx: &ShardContext, request: CancelRequest) {
-    // `request.reply` answers (and is dropped) after the work: the shard
-    // that received the request closes the client's connection then.
-    cancel::serve_routed(ctx, request).await;
 }
 
 /// Answers the bus.

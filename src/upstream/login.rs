@@ -113,6 +113,9 @@ pub struct Login {
     issued: [u8; ISSUED_KEY_LEN],
     /// The server's own key, kept for forwarding cancels.
     upstream_key: Option<BackendKey>,
+    /// Finishes the issued secret once the server's process id is known
+    /// (a fleet's tag covers it).
+    seal: Option<SealKey>,
     /// Which authentication requests are answered.
     allowed: AuthMethods,
 }
@@ -129,6 +132,9 @@ pub const ISSUED_KEY_LEN: usize = 32;
 /// ParameterStatus messages and the key); the bound leaves room for notices
 /// from login event triggers.
 pub const MAX_LOGIN_RELAY_LEN: usize = 1024 * 1024;
+
+/// Finishes an issued cancel secret for the backend's process id.
+pub type SealKey = Box<dyn Fn(u32, &mut [u8; ISSUED_KEY_LEN])>;
 
 /// A logged-in upstream session, as the login leaves it.
 #[derive(Debug)]
@@ -185,6 +191,7 @@ impl Login {
             negotiated: false,
             issued,
             upstream_key: None,
+            seal: None,
             allowed: AuthMethods::ANY,
         }
     }
@@ -192,6 +199,13 @@ impl Login {
     /// Answers only the authentication methods in `allowed`.
     pub fn require(mut self, allowed: AuthMethods) -> Login {
         self.allowed = allowed;
+        self
+    }
+
+    /// Finishes the issued secret with `seal` when the server's process id
+    /// arrives, before the client's BackendKeyData is written.
+    pub fn seal_with(mut self, seal: SealKey) -> Login {
+        self.seal = Some(seal);
         self
     }
 
@@ -342,6 +356,9 @@ impl Login {
             process_id,
             secret_key: secret_key.into(),
         };
+        if let Some(seal) = &self.seal {
+            seal(process_id, &mut self.issued);
+        }
         let key = self.issued_key(&upstream);
         backend::backend_key_data(to_client, key.process_id, &key.secret_key);
         self.upstream_key = Some(upstream);

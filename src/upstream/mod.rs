@@ -208,8 +208,10 @@ pub struct LoginParams<'a, P> {
     pub version: ProtocolVersion,
     pub params: P,
     /// The cancel secret the client gets instead of the server's (with
-    /// its backend's real process id).
+    /// its backend's real process id), and what finishes it once that
+    /// process id is known.
     pub issued_secret: [u8; ISSUED_KEY_LEN],
+    pub seal: Option<login::SealKey>,
 }
 
 /// Connects (with TLS as configured) and logs in as `user`, passing the
@@ -237,7 +239,7 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
         (UpstreamStream::Tls(_), None) => ChannelBinding::SupportedButNotUsed,
     };
     let mut startup = BytesMut::with_capacity(256);
-    let login = Login::start(
+    let mut login = Login::start(
         p.user,
         p.password,
         channel_binding,
@@ -247,6 +249,9 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
         &mut startup,
     )
     .require(cfg.require_auth);
+    if let Some(seal) = p.seal {
+        login = login.seal_with(seal);
+    }
     match stream {
         UpstreamStream::Plain(mut s) => {
             let (for_client, leftover, ready) = run_login(&mut s, (login, startup), cache).await?;

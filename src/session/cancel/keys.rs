@@ -7,11 +7,17 @@
 //! table.
 //!
 //! The secret is random, except in a fleet, where its first byte names the
-//! instance that issued it and a tag lets any instance check it before
-//! forwarding (see [`super::fleet`]). A client under protocol 3.0 gets the
-//! first 4 bytes, one under 3.2 all [`ISSUED_KEY_LEN`]: alone, all 32 (3.0)
-//! or 256 (3.2) bits are random, as Postgres's own keys are; in a fleet,
-//! 8 (3.0) or 184 (3.2) bits are random and 16 or 64 bits are the tag.
+//! instance that issued it and a tag over the process id lets any instance
+//! check it before forwarding (see [`super::fleet`]). A client under
+//! protocol 3.0 gets the first 4 bytes, one under 3.2 all
+//! [`ISSUED_KEY_LEN`]: alone, all 32 (3.0) or 256 (3.2) bits are random, as
+//! Postgres's own keys are; in a fleet, 8 random bits and a 16-bit tag
+//! (3.0), or 168 random bits and 80 bits of tags (3.2).
+//!
+//! Two servers behind tollgate may give sessions the same process id, and
+//! in a fleet two such sessions may draw the same 3.0 secret (1 in 256): a
+//! cancel matching more than one session is acted on for none
+//! ([`Lookup::Ambiguous`]), never for the wrong one.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,6 +31,7 @@ use super::fleet::Fleet;
 use super::router::CancelRequest;
 use crate::protocol::backend::BackendKey;
 use crate::session::Route;
+use crate::upstream::login::SealKey;
 use crate::upstream::login::ISSUED_KEY_LEN;
 
 /// One session's keys, under its backend's process id.
@@ -37,6 +44,16 @@ struct Entry {
     /// The server's real key, and the server: routing may have chosen one
     /// of several, and a reload may have moved it since.
     upstream: (BackendKey, Arc<Route>),
+}
+
+/// What a shard's table says of a cancel's key.
+#[derive(Clone)]
+pub enum Lookup {
+    None,
+    /// One session: the server's key, and the server.
+    One(BackendKey, Arc<Route>),
+    /// More than one session has this key: cancel none.
+    Ambiguous,
 }
 
 /// One shard's key table. Shard-local: only the owner thread touches it.
@@ -68,10 +85,10 @@ impl Keys {
             secret = [0; ISSUED_KEY_LEN];
         }
         if let Some(f) = &self.fleet {
-            let instance = f.instance_id();
-            if instance != 0 {
-                f.seal(instance, &mut secret);
-            }
+            // The owner's instance id leads the secret (0 before this
+            // instance has one: such a key is always taken as local); the
+            // tags follow once the backend's process id is known.
+            secret[0] = f.instance_id();
         }
         let id = self.next.get() + 1;
         self.next.set(id);
@@ -83,19 +100,32 @@ impl Keys {
         }
     }
 
-    /// The server's key for a cancel that names a session of this shard
-    /// with the right secret; `None` otherwise.
-    pub fn upstream_key(&self, request: &CancelRequest) -> Option<(BackendKey, Arc<Route>)> {
+    /// In a fleet, what finishes a session's secret once its backend's
+    /// process id is known: the instance id and the tags.
+    pub fn sealer(&self) -> Option<SealKey> {
+        let fleet = self.fleet.clone()?;
+        let instance = fleet.instance_id();
+        (instance != 0)
+            .then(|| -> SealKey { Box::new(move |pid, secret| fleet.seal(instance, pid, secret)) })
+    }
+
+    /// The sessions of this shard a cancel names with the right secret.
+    pub fn lookup(&self, request: &CancelRequest) -> Lookup {
         let table = self.table.borrow();
-        let entries = table.get(&request.process_id)?;
+        let Some(entries) = table.get(&request.process_id) else {
+            return Lookup::None;
+        };
         // Constant time per comparison: it must not tell a guesser how much
         // of the secret was right. Lengths are public (4 or 32 bytes).
-        let mut found = None;
+        let mut found = Lookup::None;
         for e in entries {
             let matches = e.issued.len() == request.secret_key.len()
                 && bool::from(e.issued.ct_eq(&request.secret_key));
             if matches {
-                found = Some(e.upstream.clone());
+                found = match found {
+                    Lookup::None => Lookup::One(e.upstream.0.clone(), e.upstream.1.clone()),
+                    _ => Lookup::Ambiguous,
+                };
             }
         }
         found

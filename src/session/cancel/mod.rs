@@ -3,12 +3,12 @@
 //! Each client gets a BackendKeyData with its backend's real process id and
 //! a secret tollgate drew ([`keys`]); the server's real secret stays with
 //! tollgate. A CancelRequest arrives on a new connection, on whichever
-//! shard the kernel picked. That shard looks in its own key table, and if
-//! the session is not its own, asks the other shards by message passing
-//! (one bounded channel per shard): the owner, the only thread that touches
-//! its table, checks the secret, sends the server's real key to the server
-//! on a new connection, and says so. The shard that received the request
-//! records its one audit event.
+//! shard the kernel picked. That shard looks in its own key table and asks
+//! the other shards by message passing (one bounded channel per shard)
+//! what theirs say, each shard being the only thread that touches its
+//! table; with exactly one session found, it sends the server's real key
+//! to that session's server on a new connection, and records the one audit
+//! event.
 //!
 //! Nothing here runs per message: a key is issued once per session and a
 //! cancel is rare. A wrong or unknown key is dropped without a word, as
@@ -25,7 +25,7 @@
 //! checks the whole secret against its table.
 //!
 //! [`handle`] acts on a CancelRequest that arrived on this shard;
-//! [`serve_routed`] is another shard's side (`crate::shard`).
+//! [`answer_routed`] is another shard's side (`crate::shard`).
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-CANCELING-REQUESTS>
 
@@ -33,8 +33,8 @@ mod fleet;
 mod keys;
 mod router;
 
-pub use fleet::{Destination, Fleet, FORWARDED};
-pub use keys::{Keys, Reservation};
+pub use fleet::{Destination, Fleet, FORWARD_MARK};
+pub use keys::{Keys, Lookup, Reservation};
 pub use router::{CancelRequest, Router};
 
 use std::net::SocketAddr;
@@ -50,9 +50,9 @@ use crate::protocol::backend::BackendKey;
 
 /// Acts on a CancelRequest that arrived on a connection of this shard: in
 /// a fleet, forwards it to the instance that owns the key (or drops a key
-/// no instance issued); here, sends it on if the session is this shard's,
-/// else asks the other shards and waits for the owner to act. Returns when
-/// the cancel has been acted on, with its one audit event recorded.
+/// no instance issued); here, finds the session on this shard or asks the
+/// others, and sends the server's key to its server. Returns when the
+/// cancel has been acted on, with its one audit event recorded.
 ///
 /// Postgres answers a CancelRequest with nothing, right or wrong, and
 /// closes the connection once it has acted on it: clients (libpq's
@@ -61,49 +61,58 @@ use crate::protocol::backend::BackendKey;
 /// connection after this returns.
 pub(super) async fn handle(ctx: &ShardContext, mut request: CancelRequest) {
     if let Some(fleet) = &ctx.fleet {
-        match fleet.destination(request.process_id, &request.secret_key) {
-            Destination::Here(pid) => {
-                request.from_peer = pid != request.process_id && fleet.is_peer(request.client.ip());
-                request.process_id = pid;
-            }
-            Destination::Peer(addr) => {
-                let result = forward_to_peer(addr, &request).await;
-                ctx.metrics.cancel(result);
-                audit::cancel(request.client, request.process_id, result);
-                return;
-            }
-            Destination::Nowhere => {
-                ctx.failures.failed(request.client.ip(), Instant::now());
-                ctx.metrics.cancel("unknown_key");
-                audit::cancel(request.client, request.process_id, "unknown_key");
-                return;
+        if let Some(original) = fleet.forwarded(request.client.ip(), &request.secret_key) {
+            request.secret_key = original.into();
+            request.from_peer = true;
+        } else {
+            match fleet.destination(request.process_id, &request.secret_key) {
+                Destination::Here => {}
+                Destination::Peer(addr) => {
+                    let result = forward_to_peer(addr, &request).await;
+                    ctx.metrics.cancel(result);
+                    audit::cancel(request.client, request.process_id, result);
+                    return;
+                }
+                Destination::Nowhere => {
+                    ctx.failures.failed(request.client.ip(), Instant::now());
+                    ctx.metrics.cancel("unknown_key");
+                    audit::cancel(request.client, request.process_id, "unknown_key");
+                    return;
+                }
             }
         }
     }
-    let result = match ctx.cancel_keys.upstream_key(&request) {
-        Some((key, route)) => send_upstream(&key, &route).await,
-        None => ask_other_shards(ctx, &request).await.unwrap_or_else(|| {
+    let (lookup, all_answered) = find_session(ctx, &request).await;
+    let result = match lookup {
+        Lookup::One(key, route) => send_upstream(&key, &route).await,
+        // Two sessions with this key: cancelling either could stop the
+        // wrong query.
+        Lookup::Ambiguous => "ambiguous_key",
+        // A shard that did not answer may hold it: not the client's fault.
+        Lookup::None if !all_answered => "unanswered",
+        Lookup::None => {
             // Guessing keys counts against the source like guessing tokens.
             if !request.from_peer {
                 ctx.failures.failed(request.client.ip(), Instant::now());
             }
             "unknown_key"
-        }),
+        }
     };
     ctx.metrics.cancel(result);
     audit::cancel(request.client, request.process_id, result);
 }
 
-/// Asks every other shard whether it holds the session, and waits until
-/// the one that does has acted (or all said no, or the time is up): what
-/// came of it, or `None` when no shard holds it.
-async fn ask_other_shards(ctx: &ShardContext, request: &CancelRequest) -> Option<&'static str> {
-    let shards = ctx.cancels.shards();
-    if shards < 2 {
-        return None;
+/// What all shards' key tables say of `request`: this shard's own first,
+/// then the others', asked over their inboxes and awaited until every one
+/// answered or the time is up. Also says whether every shard answered.
+async fn find_session(ctx: &ShardContext, request: &CancelRequest) -> (Lookup, bool) {
+    let mut found = ctx.cancel_keys.lookup(request);
+    let others = ctx.cancels.shards() - 1;
+    if others == 0 {
+        return (found, true);
     }
-    let (reply, answers) = flume::bounded(shards);
-    for shard in (0..shards).filter(|&s| s != ctx.shard) {
+    let (reply, answers) = flume::bounded(others);
+    for shard in (0..ctx.cancels.shards()).filter(|&s| s != ctx.shard) {
         let mut asked = request.clone();
         asked.reply = Some(reply.clone());
         ctx.cancels.route(shard, asked);
@@ -111,32 +120,29 @@ async fn ask_other_shards(ctx: &ShardContext, request: &CancelRequest) -> Option
     // Each shard answers once and drops its sender (as does the router,
     // for a request it could not deliver): the channel ends with the last.
     drop(reply);
-    let wait = async {
+    let mut answered = 0;
+    let collect = async {
         while let Ok(answer) = answers.recv_async().await {
-            if answer.is_some() {
-                return answer;
-            }
+            answered += 1;
+            found = match (std::mem::replace(&mut found, Lookup::None), answer) {
+                (f, Lookup::None) => f,
+                (Lookup::None, one @ Lookup::One(..)) => one,
+                _ => Lookup::Ambiguous,
+            };
         }
-        None
     };
-    monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, wait)
-        .await
-        .ok()
-        .flatten()
+    let _ = monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, collect).await;
+    (found, answered == others)
 }
 
-/// Another shard's request: acts on it if the session is this shard's,
-/// and answers either way (the asking shard records the outcome).
-pub async fn serve_routed(ctx: &ShardContext, request: CancelRequest) {
-    let result = match ctx.cancel_keys.upstream_key(&request) {
-        Some((key, route)) => {
-            debug!("cancel request routed to its shard");
-            Some(send_upstream(&key, &route).await)
-        }
-        None => None,
-    };
+/// Another shard's question: what this shard's key table says of it.
+pub fn answer_routed(ctx: &ShardContext, request: &CancelRequest) {
     if let Some(reply) = &request.reply {
-        let _ = reply.try_send(result);
+        let found = ctx.cancel_keys.lookup(request);
+        if matches!(found, Lookup::One(..)) {
+            debug!("cancel request routed to its shard");
+        }
+        let _ = reply.try_send(found);
     }
 }
 
@@ -162,10 +168,11 @@ const FORWARD_CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 /// it (it has acted on the request by then, as Postgres does).
 async fn forward_to_peer(addr: SocketAddr, request: &CancelRequest) -> &'static str {
     let mut msg = Vec::with_capacity(12 + request.secret_key.len());
-    msg.extend_from_slice(&((12 + request.secret_key.len()) as i32).to_be_bytes());
+    msg.extend_from_slice(&((13 + request.secret_key.len()) as i32).to_be_bytes());
     msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
-    msg.extend_from_slice(&(request.process_id | FORWARDED).to_be_bytes());
+    msg.extend_from_slice(&request.process_id.to_be_bytes());
     msg.extend_from_slice(&request.secret_key);
+    msg.push(FORWARD_MARK);
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
         let (res, _) = stream.write_all(msg).await;
@@ -234,6 +241,14 @@ mod tests {
 
     const FLEET_KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
 
+    /// A fleet session's secret as the login leaves it: drawn, then sealed
+    /// for the backend's process id.
+    fn sealed(keys: &Rc<Keys>, pid: u32) -> Reservation {
+        let mut r = keys.reserve();
+        keys.sealer().expect("a fleet sealer")(pid, &mut r.secret);
+        r
+    }
+
     #[test]
     fn fleet_keys_carry_the_instance_and_a_tag_any_member_can_check() {
         let a = fleet(7, FLEET_KEY);
@@ -242,43 +257,60 @@ mod tests {
         let outsider = fleet(9, b"another key, another fleet, 32+ bytes");
         outsider.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
         let keys = Rc::new(Keys::new(Some(a.clone())));
-        // A backend's process id: whatever the server chose.
-        let pid = 48_213;
-        for _ in 0..100 {
-            let r = keys.reserve();
-            assert_eq!(r.secret[0], 7, "the instance id leads the secret");
-            // Both lengths a client may be given carry a valid tag.
-            for secret in [&r.secret[..4], &r.secret[..]] {
-                assert_eq!(a.destination(pid, secret), Destination::Here(pid));
-                assert_eq!(
-                    b.destination(pid, secret),
-                    Destination::Peer("10.0.0.7:6432".parse().unwrap())
-                );
-                assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
+        // A backend's process id: whatever the server chose, any of 32 bits.
+        for pid in [48_213, 0x8000_0001] {
+            for _ in 0..100 {
+                let r = sealed(&keys, pid);
+                assert_eq!(r.secret[0], 7, "the instance id leads the secret");
+                // Both lengths a client may be given carry a valid tag.
+                for secret in [&r.secret[..4], &r.secret[..]] {
+                    assert_eq!(a.destination(pid, secret), Destination::Here);
+                    assert_eq!(
+                        b.destination(pid, secret),
+                        Destination::Peer("10.0.0.7:6432".parse().unwrap())
+                    );
+                    assert_eq!(outsider.destination(pid, secret), Destination::Nowhere);
+                    // The tag covers the process id: the same secret names
+                    // no session of another backend.
+                    assert_eq!(b.destination(pid ^ 1, secret), Destination::Nowhere);
+                }
+                let mut wrong = r.secret;
+                wrong[1] ^= 1;
+                assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
+                wrong = r.secret;
+                wrong[31] ^= 1;
+                assert_eq!(b.destination(pid, &wrong[..]), Destination::Nowhere);
+                // Another instance byte with the same tag: not a key of the fleet.
+                wrong = r.secret;
+                wrong[0] = 8;
+                assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
+                assert_eq!(b.destination(pid, &r.secret[..8]), Destination::Nowhere);
             }
-            let mut wrong = r.secret;
-            wrong[1] ^= 1;
-            assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
-            wrong = r.secret;
-            wrong[31] ^= 1;
-            assert_eq!(b.destination(pid, &wrong[..]), Destination::Nowhere);
-            // Another instance byte with the same tag: not a key of the fleet.
-            wrong = r.secret;
-            wrong[0] = 8;
-            assert_eq!(b.destination(pid, &wrong[..4]), Destination::Nowhere);
-            assert_eq!(b.destination(pid, &r.secret[..8]), Destination::Nowhere);
-            // Forwarded once, never again: the mark makes it local.
-            assert_eq!(
-                b.destination(pid | FORWARDED, &r.secret[..4]),
-                Destination::Here(pid)
-            );
         }
         // An owner not in the registry, or an instance's own address.
         let lost = fleet(9, FLEET_KEY);
-        let r = keys.reserve();
-        assert_eq!(lost.destination(pid, &r.secret[..4]), Destination::Nowhere);
+        let r = sealed(&keys, 77);
+        assert_eq!(lost.destination(77, &r.secret[..4]), Destination::Nowhere);
         lost.set_peers([(7, "10.0.0.9:6432".parse().unwrap())].into());
-        assert_eq!(lost.destination(pid, &r.secret[..4]), Destination::Nowhere);
+        assert_eq!(lost.destination(77, &r.secret[..4]), Destination::Nowhere);
+    }
+
+    #[test]
+    fn a_forward_mark_is_believed_only_from_another_instance() {
+        let b = fleet(9, FLEET_KEY);
+        b.set_peers([(7, "10.0.0.7:6432".parse().unwrap())].into());
+        let peer = "10.0.0.7".parse().unwrap();
+        let stranger = "192.0.2.1".parse().unwrap();
+        for len in [4, 32] {
+            let mut marked = vec![1u8; len];
+            marked.push(FORWARD_MARK);
+            assert_eq!(b.forwarded(peer, &marked), Some(&marked[..len]));
+            assert_eq!(b.forwarded(stranger, &marked), None);
+            marked[len] = 0;
+            assert_eq!(b.forwarded(peer, &marked), None);
+        }
+        // A client's own 4- or 32-byte secret is never taken as marked.
+        assert_eq!(b.forwarded(peer, &[1, 2, 3, FORWARD_MARK]), None);
     }
 
     #[test]
@@ -309,48 +341,50 @@ mod tests {
 
     #[test]
     fn only_the_exact_issued_key_finds_the_upstream_key() {
+        let none = |lookup: Lookup| matches!(lookup, Lookup::None);
         let keys = Rc::new(Keys::new(None));
         let r = keys.reserve();
         let pid = 4242;
         let issued = key(pid, &r.secret[..4]);
         // Before the login completes nothing matches.
-        assert!(keys.upstream_key(&request(pid, &r.secret[..4])).is_none());
-        assert!(keys.upstream_key(&request(pid, &[])).is_none());
+        assert!(none(keys.lookup(&request(pid, &r.secret[..4]))));
+        assert!(none(keys.lookup(&request(pid, &[]))));
         let server = route("two");
         r.activate(&issued, key(pid, &[9, 9, 9, 9]), server.clone());
-        let (found, found_route) = keys.upstream_key(&request(pid, &r.secret[..4])).unwrap();
+        let Lookup::One(found, found_route) = keys.lookup(&request(pid, &r.secret[..4])) else {
+            panic!("the issued key found nothing");
+        };
         assert_eq!(found, key(pid, &[9, 9, 9, 9]));
         // The cancel goes to the server the session was routed to.
         assert!(Arc::ptr_eq(&found_route, &server));
         let mut wrong = r.secret;
         wrong[3] ^= 1;
-        assert!(keys.upstream_key(&request(pid, &wrong[..4])).is_none());
+        assert!(none(keys.lookup(&request(pid, &wrong[..4]))));
         // A longer key that starts right is still wrong.
-        assert!(keys.upstream_key(&request(pid, &r.secret[..])).is_none());
+        assert!(none(keys.lookup(&request(pid, &r.secret[..]))));
         // The right secret with another process id is wrong too.
-        assert!(keys
-            .upstream_key(&request(pid ^ 2, &r.secret[..4]))
-            .is_none());
+        assert!(none(keys.lookup(&request(pid ^ 2, &r.secret[..4]))));
 
         // Another server behind tollgate may use the same process id: each
         // session is found by its own secret, and released alone.
         let other = keys.reserve();
-        other.activate(
-            &key(pid, &other.secret[..4]),
-            key(pid, &[7, 7, 7, 7]),
-            server,
-        );
-        let (found, _) = keys
-            .upstream_key(&request(pid, &other.secret[..4]))
-            .unwrap();
+        let other_key = key(pid, &other.secret[..4]);
+        other.activate(&other_key, key(pid, &[7, 7, 7, 7]), server.clone());
+        let Lookup::One(found, _) = keys.lookup(&request(pid, &other.secret[..4])) else {
+            panic!("the second session's key found nothing");
+        };
         assert_eq!(found, key(pid, &[7, 7, 7, 7]));
+        // A third session with the very same key (a 1-in-256 draw in a
+        // fleet under protocol 3.0): a cancel with it stops neither.
+        let twin = keys.reserve();
+        twin.activate(&other_key, key(pid, &[5; 4]), server);
+        let ambiguous = keys.lookup(&request(pid, &other.secret[..4]));
+        assert!(matches!(ambiguous, Lookup::Ambiguous));
+        drop(twin);
         drop(r);
-        assert!(keys
-            .upstream_key(&request(pid, &issued.secret_key))
-            .is_none());
-        assert!(keys
-            .upstream_key(&request(pid, &other.secret[..4]))
-            .is_some());
+        assert!(none(keys.lookup(&request(pid, &issued.secret_key))));
+        let one = keys.lookup(&request(pid, &other.secret[..4]));
+        assert!(matches!(one, Lookup::One(..)));
         drop(other);
         assert_eq!(keys.len(), 0);
     }

@@ -1,8 +1,7 @@
 //! The channels between shards for cancels: a CancelRequest reaches the
-//! shard the kernel picked; when that shard does not hold the session, it
-//! asks the others through their bounded inboxes, and the one that does
-//! acts and says what came of it. Nothing in the key names the shard, so
-//! every bit of the secret stays random.
+//! shard the kernel picked, which asks the others through their bounded
+//! inboxes what their key tables say of it. Nothing in the key names the
+//! shard, so every bit of the secret stays random.
 
 use tracing::debug;
 
@@ -18,11 +17,10 @@ pub struct CancelRequest {
     /// against the peer's address (which would let a guesser get a peer's
     /// forwards refused).
     pub from_peer: bool,
-    /// For a request asked of another shard: that shard's answer, the
-    /// result if it held the session (after acting on it), `None` if not.
-    /// The asking shard waits until every shard answered or dropped its
-    /// sender, then closes the client's connection.
-    pub reply: Option<flume::Sender<Option<&'static str>>>,
+    /// For a request asked of another shard: that shard's answer, what its
+    /// key table says. The asking shard acts on the answers, records the
+    /// outcome, and then closes the client's connection.
+    pub reply: Option<flume::Sender<super::keys::Lookup>>,
 }
 
 /// Cancels waiting for a shard; beyond this, guesses are dropped.
