@@ -55,7 +55,7 @@ CANCEL = raw(16, 80877102, u32(1234) + b"\x01\x02\x03\x04")
 USER = (b"user", b"app")
 
 # --- startup ---------------------------------------------------------------
-for n in (0, 7, 10001, 2**31, 0xFFFFFFFF, 3, 8):
+for n in (0, 7, 10005, 2**31, 0xFFFFFFFF, 3, 8):
     w("startup", f"len-{n}", raw(n, V3, b"user\0app\0\0"))
 w("startup", "no-nul", sized(V3, b"user\0app"))
 w("startup", "name-no-value", sized(V3, b"user\0"))
@@ -77,7 +77,8 @@ w("startup", "thousands-of-c", startup(USER, (b"options", opts[:9900])))
 many = [(b"p%d" % i, b"") for i in range(1500)]
 w("startup", "many-params", startup(USER, *many))
 w("startup", "at-limit", startup(USER, (b"x", b"y" * (10000 - 8 - 15))))
-w("startup", "over-limit", startup(USER, (b"x", b"y" * (10001 - 8 - 15))))
+w("startup", "postgres-limit", startup(USER, (b"x", b"y" * (10004 - 8 - 15))))
+w("startup", "over-limit", startup(USER, (b"x", b"y" * (10005 - 8 - 15))))
 for major, minor in ((2, 0), (4, 0), (3, 0xFFFF), (3, 2), (1234, 5677)):
     w("startup", f"proto-{major}.{minor}", sized((major << 16) | minor, params(USER)))
 w("startup", "pq-options", startup(USER, (b"_pq_.a", b"1"), (b"_pq_.b", b""), minor=2))

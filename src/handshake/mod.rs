@@ -25,6 +25,7 @@ use crate::protocol::frontend::{parse_password_message, PasswordError};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{
     parse_startup, FeStartupPacket, ProtocolVersion, StartupError, StartupParams,
+    CANCEL_REQUEST_CODE,
 };
 use crate::secret::Secret;
 
@@ -137,11 +138,16 @@ fn protocol_violation(kind: &'static str, message: impl Into<String>) -> ClientE
 /// (`ProcessStartupPacket` in `backend_startup.c`): one it cannot frame (a
 /// length out of range, a CancelRequest of the wrong size) is closed
 /// without a word (COMMERROR, logged only); one it framed but cannot
-/// accept gets FATAL.
+/// accept gets FATAL. (Postgres answers an SSLRequest or GSSENCRequest of
+/// any size; tollgate refuses a wrong-sized one with FATAL.)
 fn startup_error(e: StartupError) -> ClientError {
     let unframed = matches!(
         e,
-        StartupError::InvalidLength(_) | StartupError::InvalidRequestLength { .. }
+        StartupError::InvalidLength(_)
+            | StartupError::InvalidRequestLength {
+                code: CANCEL_REQUEST_CODE,
+                ..
+            }
     );
     let error = ClientError::new(e.sqlstate(), e.kind(), e.to_string());
     if unframed {

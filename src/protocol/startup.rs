@@ -12,8 +12,11 @@ use std::fmt;
 
 use super::sqlstate::{self, SqlState};
 
-/// `MAX_STARTUP_PACKET_LENGTH` in src/include/libpq/pqcomm.h.
-pub const MAX_STARTUP_PACKET_LENGTH: usize = 10_000;
+/// The longest start-up packet, length word included: Postgres's
+/// `MAX_STARTUP_PACKET_LENGTH` (10000, src/include/libpq/pqcomm.h) bounds
+/// the packet after its length word (`ProcessStartupPacket` subtracts the
+/// word's 4 bytes first).
+pub const MAX_STARTUP_PACKET_LENGTH: usize = 10_000 + 4;
 /// Length word plus code word.
 pub const MIN_STARTUP_PACKET_LENGTH: usize = 8;
 
@@ -421,7 +424,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_lengths_before_buffering() {
-        for len in [-1i32, 0, 3, 7, 10_001, i32::MAX, i32::MIN] {
+        for len in [-1i32, 0, 3, 7, 10_005, i32::MAX, i32::MIN] {
             let b = len.to_be_bytes();
             assert!(
                 matches!(parse_startup(&b), Err(StartupError::InvalidLength(_))),

@@ -348,6 +348,13 @@ fn malformed_startup_is_refused_as_postgres_refuses_it() {
             false,
             Answer::Silence,
         ),
+        // Postgres's limit of 10000 bytes excludes the length word.
+        (
+            "length 10005",
+            [&10_005i32.to_be_bytes()[..], &v3].concat(),
+            false,
+            Answer::Silence,
+        ),
         (
             "length below 8",
             [&4i32.to_be_bytes()[..], &v3].concat(),

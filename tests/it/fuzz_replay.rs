@@ -36,7 +36,7 @@ const EXPECTED: &[(&str, &str, &str)] = &[
     ("startup", "hostile-gss", "gssenc_request"),
     ("startup", "hostile-len-0", "startup_length"),
     ("startup", "hostile-len-7", "startup_length"),
-    ("startup", "hostile-len-10001", "startup_length"),
+    ("startup", "hostile-len-10005", "startup_length"),
     ("startup", "hostile-len-2147483648", "startup_length"),
     ("startup", "hostile-len-4294967295", "startup_length"),
     ("startup", "hostile-no-nul", "startup_terminator"),
