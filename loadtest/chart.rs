@@ -23,6 +23,7 @@ fn color(kind: TargetKind) -> RGBColor {
         TargetKind::Direct => RGBColor(40, 40, 40),
         TargetKind::Tollgate => RGBColor(31, 119, 180),
         TargetKind::TollgateMetrics => RGBColor(148, 103, 189),
+        TargetKind::TollgateNopool => RGBColor(23, 190, 207),
         TargetKind::Pgbouncer => RGBColor(255, 127, 14),
         TargetKind::Relay => RGBColor(44, 160, 44),
     }

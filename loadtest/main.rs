@@ -90,7 +90,7 @@ struct Args {
     #[arg(long)]
     connect: bool,
     /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
-    /// add tollgate-metrics to measure what metrics cost]
+    /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client]
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
     /// Most pgbench threads (-j); each cell uses min(clients, this) [default: CPUs]

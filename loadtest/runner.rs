@@ -96,9 +96,12 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
         );
     }
 
-    let tollgate_bin = if s.targets.contains(&TargetKind::Tollgate)
-        || s.targets.contains(&TargetKind::TollgateMetrics)
-    {
+    let tollgate_bin = if s.targets.iter().any(|t| {
+        matches!(
+            t,
+            TargetKind::Tollgate | TargetKind::TollgateMetrics | TargetKind::TollgateNopool
+        )
+    }) {
         Some(tollgate_binary(s).map_err(Stop::Fatal)?)
     } else {
         None
@@ -260,10 +263,9 @@ fn start_target(
 ) -> Result<Option<Target>, String> {
     match kind {
         TargetKind::Direct => Ok(Some(targets::direct(ctx))),
-        TargetKind::Tollgate | TargetKind::TollgateMetrics => {
+        TargetKind::Tollgate | TargetKind::TollgateMetrics | TargetKind::TollgateNopool => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
-            let metrics = kind == TargetKind::TollgateMetrics;
-            targets::tollgate(ctx, bin, metrics).map(Some)
+            targets::tollgate(ctx, bin, kind).map(Some)
         }
         TargetKind::Pgbouncer => match targets::find_program("pgbouncer") {
             Some(bin) => targets::pgbouncer(ctx, &bin, s.pgbouncer_auth.name()).map(Some),

@@ -47,6 +47,9 @@ pub enum TargetKind {
     /// beside `tollgate` to measure what metrics cost (not in the default
     /// set).
     TollgateMetrics,
+    /// tollgate with `[pool] mode = "off"`: a login per client, as before
+    /// session pooling (not in the default set).
+    TollgateNopool,
     Pgbouncer,
     Relay,
 }
@@ -64,6 +67,7 @@ impl TargetKind {
             TargetKind::Direct => "direct",
             TargetKind::Tollgate => "tollgate",
             TargetKind::TollgateMetrics => "tollgate-metrics",
+            TargetKind::TollgateNopool => "tollgate-nopool",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::Relay => "relay",
         }
@@ -202,9 +206,10 @@ pub fn direct(ctx: &StartContext<'_>) -> Target {
     }
 }
 
-/// tollgate with a fresh token and `workers = shards`; with `metrics`, also
-/// the admin listener, which turns on the relay's latency histograms.
-pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, metrics: bool) -> Result<Target, String> {
+/// tollgate with a fresh token and `workers = shards`; as `kind`
+/// `TollgateMetrics`, also the admin listener, which turns on the relay's
+/// latency histograms; as `TollgateNopool`, without session pooling.
+pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("tollgate: {e}");
     let dir = TempDir::new("loadtest-tollgate", None).map_err(err)?;
     let port = free_port().map_err(err)?;
@@ -242,7 +247,10 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, metrics: bool) -> Result<Tar
             toml_str(&files.key.to_string_lossy()),
         ));
     }
-    if metrics {
+    if kind == TargetKind::TollgateNopool {
+        config.push_str("\n[pool]\nmode = \"off\"\n");
+    }
+    if kind == TargetKind::TollgateMetrics {
         let admin_port = free_port().map_err(err)?;
         config.push_str(&format!(
             "\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\nlatency_histograms = true\n"
@@ -259,9 +267,10 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, metrics: bool) -> Result<Tar
     let child = ChildGuard::spawn("tollgate", cmd, &dir.path().join("tollgate.log"))?;
     let mut children = vec![child];
     wait_listening(&mut children, port)?;
-    let (kind, extra) = match metrics {
-        true => (TargetKind::TollgateMetrics, ", metrics on"),
-        false => (TargetKind::Tollgate, ""),
+    let extra = match kind {
+        TargetKind::TollgateMetrics => ", metrics on",
+        TargetKind::TollgateNopool => ", pooling off",
+        _ => "",
     };
     Ok(Target {
         kind,

@@ -79,6 +79,9 @@ pub struct Accepted<'a> {
     pub upstream_tls: bool,
     pub upstream_auth: &'static str,
     pub protocol_minor: u16,
+    /// With pooling: whether the server connection served a client before,
+    /// and how long the checkout took (waiting in line included).
+    pub server_checkout: Option<(bool, Duration)>,
     pub setup: Duration,
 }
 
@@ -99,6 +102,8 @@ pub fn accepted(session: SessionId, client: SocketAddr, tls: Option<&'static str
         upstream_tls = a.upstream_tls,
         upstream_auth = a.upstream_auth,
         protocol = %format_args!("3.{}", a.protocol_minor),
+        server_reused = a.server_checkout.map(|(reused, _)| reused),
+        checkout_us = a.server_checkout.map(|(_, took)| took.as_micros() as u64),
         setup_us = a.setup.as_micros() as u64,
         "session started"
     );

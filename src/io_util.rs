@@ -58,3 +58,18 @@ impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
         }
     }
 }
+
+/// Whether the peer of an idle socket has closed it or sent something:
+/// one non-blocking `recv` with `MSG_PEEK`, which leaves any bytes where
+/// they are. A socket with nothing to read is still open.
+pub fn peer_closed_or_spoke(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    // SAFETY: the descriptor belongs to a stream its caller holds, which
+    // outlives this borrow; socket2 only calls recv(2) on it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+    match socket2::SockRef::from(&fd).recv_with_flags(&mut byte, flags) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod protocol;
 pub mod secret;
+pub mod server;
 pub mod session;
 pub mod shard;
 pub mod snapshot;

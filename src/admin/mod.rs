@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus), `/healthz` (readiness),
-//! `/livez` (liveness), `/sessions`
+//! `/livez` (liveness), `/sessions`, `/pools` (server connection pools)
 //! and `DELETE /sessions/{id}`, served by hyper on its own thread with a
 //! current-thread tokio runtime, so nothing it does competes with a shard
 //! for a core's event loop. It reads shard state only by asking the shards
@@ -121,6 +121,8 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/healthz") => healthz(state).await,
         (&Method::GET, "/livez") => livez(state).await,
         (&Method::GET, "/sessions") if authorized(state, &req) => sessions(state).await,
+        (&Method::GET, "/pools") if authorized(state, &req) => pools(state).await,
+        (&Method::GET, "/pools") => unauthorized(),
         (&Method::POST, "/reload") if authorized(state, &req) => reload(state).await,
         (&Method::POST, "/reload") => unauthorized(),
         (&Method::DELETE, p) if p.starts_with("/sessions/") && authorized(state, &req) => {
@@ -129,7 +131,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Reply {
         (&Method::GET, "/sessions") | (&Method::DELETE, _) if path.starts_with("/sessions") => {
             unauthorized()
         }
-        (_, "/metrics" | "/healthz" | "/livez" | "/sessions" | "/reload") => {
+        (_, "/metrics" | "/healthz" | "/livez" | "/sessions" | "/pools" | "/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -298,6 +300,17 @@ async fn sessions(state: &AdminState) -> Reply {
         .flatten()
         .collect();
     all.sort_by(|a, b| (a.shard, &a.id).cmp(&(b.shard, &b.id)));
+    json(StatusCode::OK, &all)
+}
+
+/// `/pools`: each upstream's server connection pool on each shard.
+async fn pools(state: &AdminState) -> Reply {
+    let mut all: Vec<crate::metrics::PoolView> = ask_all(&state.bus, bus::Request::Metrics)
+        .await
+        .into_iter()
+        .flat_map(|s| s.pools)
+        .collect();
+    all.sort_by(|a, b| (&a.upstream, a.shard).cmp(&(&b.upstream, b.shard)));
     json(StatusCode::OK, &all)
 }
 

@@ -5,8 +5,10 @@
 
 mod auth_methods;
 pub mod pgurl;
+mod pool;
 
 pub use auth_methods::AuthMethods;
+pub use pool::{PoolConfig, PoolMode};
 
 use std::collections::HashMap;
 use std::fmt;
@@ -70,6 +72,7 @@ struct RawConfig {
     admin: Option<RawAdmin>,
     #[serde(default)]
     audit: RawAudit,
+    pool: Option<pool::RawPool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +124,7 @@ pub enum ClientTlsMode {
 /// field name and line.
 #[derive(Debug)]
 enum RawUpstreams {
-    One(RawUpstream),
+    One(Box<RawUpstream>),
     Many(Vec<RawUpstream>),
 }
 
@@ -138,7 +141,7 @@ impl<'de> Deserialize<'de> for RawUpstreams {
                 map: A,
             ) -> Result<RawUpstreams, A::Error> {
                 RawUpstream::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(RawUpstreams::One)
+                    .map(|u| RawUpstreams::One(Box::new(u)))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
@@ -168,6 +171,7 @@ struct RawUpstream {
     cert_file: Option<String>,
     key_file: Option<String>,
     require_auth: Option<String>,
+    pool: Option<pool::RawPool>,
 }
 
 fn default_pg_port() -> u16 {
@@ -427,6 +431,8 @@ pub struct UpstreamConfig {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// Authentication requests answered (libpq's `require_auth`).
     pub require_auth: AuthMethods,
+    /// How server connections to it are kept (`[pool]`, overridden here).
+    pub pool: PoolConfig,
 }
 
 /// A configuration problem, with enough context to fix it.
@@ -567,15 +573,16 @@ impl Config {
         let tcp_keepalive = duration("tcp_keepalive", raw.tcp_keepalive, DEFAULT_TCP_KEEPALIVE)?;
         let auth_failure_limit = raw.auth_failure_limit.unwrap_or(DEFAULT_AUTH_FAILURE_LIMIT);
         let (single, raws) = match raw.upstream {
-            RawUpstreams::One(u) => (true, vec![u]),
+            RawUpstreams::One(u) => (true, vec![*u]),
             RawUpstreams::Many(v) => (false, v),
         };
         if raws.is_empty() {
             return Err("[[upstream]]: list at least one server".into());
         }
+        let pool = PoolConfig::resolve(&PoolConfig::default(), raw.pool, "[pool]")?;
         let mut upstreams: Vec<UpstreamConfig> = Vec::with_capacity(raws.len());
         for (i, u) in raws.into_iter().enumerate() {
-            let u = upstream_config(u, i, single, base, tcp_keepalive)?;
+            let u = upstream_config(u, i, single, base, tcp_keepalive, &pool)?;
             if upstreams.iter().any(|o| o.name == u.name) {
                 return Err(format!("[[upstream]] name \"{}\" appears twice", u.name));
             }
@@ -657,6 +664,7 @@ fn upstream_config(
     single: bool,
     base: &Path,
     keepalive: Duration,
+    pool: &PoolConfig,
 ) -> Result<UpstreamConfig, String> {
     let name = match (u.name, single) {
         (Some(n), _) => n,
@@ -694,6 +702,7 @@ fn upstream_config(
         (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
         _ => return Err(format!("{at}: cert_file and key_file go together")),
     };
+    let pool = PoolConfig::resolve(pool, u.pool, &format!("{at} pool"))?;
     let connect_timeout = positive_duration(
         &format!("{at} connect_timeout"),
         u.connect_timeout,
@@ -717,6 +726,7 @@ fn upstream_config(
                 AuthMethods::parse(list).map_err(|e| format!("{at} require_auth: {e}"))?
             }
         },
+        pool,
     })
 }
 

@@ -11,6 +11,7 @@
 
 pub mod exposition;
 pub mod latency;
+mod pools;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 pub use exposition::{Exposition, CONTENT_TYPE};
 pub use latency::Latency;
+pub use pools::PoolView;
 
 /// The token label used for tokens beyond the per-token series limit.
 pub const OTHER_TOKENS: &str = "_other";
@@ -245,6 +247,7 @@ impl ShardMetrics {
                     )
                 })
                 .collect(),
+            pools: Vec::new(),
         }
     }
 }
@@ -274,6 +277,8 @@ pub struct ShardSnapshot {
     pub tls_handshake: Latency,
     /// Token label, query latency, transaction latency.
     pub tokens: Vec<(String, Latency, Latency)>,
+    /// The shard's server connection pools.
+    pub pools: Vec<PoolView>,
 }
 
 /// Process-wide facts for the exposition.
@@ -299,6 +304,7 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
     render_shard_counters(&mut e, shards);
     render_latencies(&mut e, shards);
     render_token_latencies(&mut e, shards);
+    pools::render(&mut e, shards);
     e.finish()
 }
 

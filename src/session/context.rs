@@ -42,6 +42,9 @@ pub struct ShardContext {
     /// Touched once per connect and once per close, never per message.
     pub connections: Arc<AtomicUsize>,
     pub scram_keys: RefCell<KeyCache>,
+    /// Idle server connections, and this shard's share of each upstream's
+    /// connection limit.
+    pub pools: crate::server::Pools,
     /// Relay buffers, lent to sessions while bytes are in flight.
     pub(super) relay_buffers: Rc<relay::BufferPool>,
     /// Cancel keys of this shard's sessions, and the way to other shards'.
@@ -80,6 +83,7 @@ impl ShardContext {
         ShardContext {
             shard,
             relay_buffers: Rc::new(relay::BufferPool::new(config.buffer_size)),
+            pools: crate::server::Pools::new(shard, config.workers),
             settings: ShardCopy::new(&shared.settings),
             published: shared.settings.clone(),
             tokens: ShardCopy::new(&shared.store.published),

@@ -12,8 +12,10 @@ use tracing::{debug, warn};
 use crate::audit;
 use crate::auth::Grant;
 use crate::handshake::ClientStartup;
-use crate::upstream::{self, Upstream, UpstreamStream};
+use crate::server::ServerConn;
+use crate::upstream::{self, UpstreamStream};
 
+use super::borrow::{self, ServerLink};
 use super::startup::Established;
 use super::{relay, watch, RelayTask, ShardContext, Start};
 
@@ -38,18 +40,35 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         token_slot,
         cancel_key,
         route,
-        upstream,
+        server,
     } = est;
-    let Upstream {
-        stream,
-        for_client,
-        leftover,
-        ready,
-    } = upstream;
-    let backend_pid = ready.upstream_key.as_ref().map(|k| k.process_id);
+    let backend_pid = server.backend_pid();
+    let (stream, for_client, leftover, key, pooled) = match server {
+        ServerLink::Own(up) => (
+            up.stream,
+            up.for_client,
+            up.leftover,
+            up.ready.upstream_key,
+            None,
+        ),
+        ServerLink::Pooled(b) => {
+            let ServerConn { stream, state } = b.conn;
+            let key = state.upstream_key.clone();
+            (
+                stream,
+                b.for_client,
+                BytesMut::new(),
+                key,
+                Some((b.pool, state)),
+            )
+        }
+    };
+    // The reset query, for a server connection that outlives the client.
+    let keep: Option<Rc<str>> = pooled
+        .as_ref()
+        .map(|(pool, _)| Rc::from(pool.config().reset_query.as_str()));
     // A client that vanishes mid-query leaves a cancel behind it: sent to
     // the upstream this session logged in to, even after a reload.
-    let key = ready.upstream_key;
     let abandon = move || async move {
         let Some(key) = key else { return };
         let tls = route.tls.as_deref();
@@ -71,18 +90,26 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         for_client,
         leftover,
         client_pending: input,
+        keep,
     };
     let pool = ctx.relay_buffers.clone();
     let kill = registration.watched.kill.clone();
     let relay = relay::run(client, server, opening, tracks, pool, kill, abandon);
-    let metrics = ctx.metrics.clone();
+    let ctx = ctx.clone();
     Box::pin(async move {
-        let ended_by = relay.await;
+        let ended = relay.await;
+        // Before the server connection can serve anyone else: a late
+        // cancel with this client's key must find nothing.
         drop(cancel_key);
         drop(token_slot);
-        record_end(&metrics, &registration, ended_by.as_str());
-        // Last: until here the session's bytes count as live in a scrape.
+        record_end(&ctx.metrics, &registration, ended.by.as_str());
+        // Until here the session's bytes count as live in a scrape.
         drop(registration);
+        if let Some((pool, state)) = pooled {
+            // Boxed: the reset's state would otherwise be part of every
+            // idle session's task.
+            Box::pin(borrow::give_back(&ctx, pool, state, ended.kept)).await;
+        }
     })
 }
 
@@ -129,17 +156,13 @@ fn announce(ctx: &ShardContext, est: &Established, start: &Start, tls: Option<&'
         tls,
         &audit::Accepted {
             token_id: &est.token_id,
-            backend_pid: est
-                .upstream
-                .ready
-                .upstream_key
-                .as_ref()
-                .map(|k| k.process_id),
+            backend_pid: est.server.backend_pid(),
             user: &est.startup.user,
             database: &est.startup.database,
-            upstream_tls: matches!(est.upstream.stream, UpstreamStream::Tls(_)),
-            upstream_auth: est.upstream.ready.auth_method,
-            protocol_minor: est.upstream.ready.minor,
+            upstream_tls: est.server.tls(),
+            upstream_auth: est.server.auth_method(),
+            protocol_minor: est.server.minor(),
+            server_checkout: est.server.checkout(),
             setup: start.started.elapsed(),
         },
     );

@@ -10,6 +10,7 @@
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html>
 
+mod borrow;
 pub mod cancel;
 mod context;
 mod established;
@@ -26,6 +27,7 @@ mod startup;
 mod token_check;
 pub mod watch;
 
+pub use borrow::maintain as maintain_pools;
 pub use context::{ShardContext, Shared};
 pub use refusal::refuse_out_of_fds;
 /// The relay's per-session tracking, public for `bench/tracks.rs`.

@@ -16,11 +16,7 @@ pub struct Settings {
     pub routes: Vec<Arc<Route>>,
 }
 
-/// An upstream server with the TLS settings built from its entry.
-pub struct Route {
-    pub config: crate::config::UpstreamConfig,
-    pub tls: Option<Arc<UpstreamTls>>,
-}
+pub use crate::server::Route;
 
 impl Settings {
     /// Builds each upstream's TLS settings; fails on a bad certificate or

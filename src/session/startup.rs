@@ -18,7 +18,7 @@ use tracing::warn;
 
 use crate::audit::Attempt;
 use crate::auth::Grant;
-use crate::config::{ClientTlsMode, Config};
+use crate::config::{ClientTlsMode, Config, PoolMode};
 use crate::error::ClientError;
 use crate::handshake::{self, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
@@ -27,6 +27,7 @@ use crate::protocol::startup::MAX_STARTUP_PACKET_LENGTH;
 use crate::secret::Secret;
 use crate::upstream::{self, Upstream};
 
+use super::borrow::{check_out, ServerLink, Wanted};
 use super::params::{locked_parameter, upstream_params, upstream_startup_len};
 use super::refusal::{upstream_refusal, Refusal, Reply};
 use super::token_check::{check_token, Checked};
@@ -56,7 +57,7 @@ pub(super) struct Established {
     pub cancel_key: cancel::Reservation,
     /// The server routing chose.
     pub route: Arc<Route>,
-    pub upstream: Upstream,
+    pub server: ServerLink,
 }
 
 /// What this client may do before TLS: tokens travel in the clear only
@@ -103,16 +104,33 @@ pub(super) async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     drop(token);
     let Allowed { token_slot, params } = apply_rules(ctx, start, &startup, &checked)?;
     let (route, password) = choose_route(ctx, start, &startup, &checked.grant)?;
-    let (upstream, cancel_key) = log_in(
-        ctx,
-        start,
-        &startup,
-        &checked.token_id,
-        &route,
-        password,
-        &params,
-    )
-    .await?;
+    // Replication connections speak another protocol after start-up and
+    // are never pooled.
+    let pooled = route.config.pool.mode == PoolMode::Session && !startup.is_replication();
+    let (server, cancel_key) = if pooled {
+        let cancel_key = ctx.cancel_keys.reserve();
+        let wanted = Wanted {
+            startup: &startup,
+            token_id: &checked.token_id,
+            password,
+            params,
+            fixed: &checked.grant.session,
+        };
+        let borrowed = check_out(ctx, start, &route, wanted, &cancel_key).await?;
+        (ServerLink::Pooled(borrowed), cancel_key)
+    } else {
+        let (upstream, cancel_key) = log_in(
+            ctx,
+            start,
+            &startup,
+            &checked.token_id,
+            &route,
+            password,
+            &params,
+        )
+        .await?;
+        (ServerLink::Own(upstream), cancel_key)
+    };
     // tollgate asked for the password, so the client is waiting for
     // AuthenticationOk: the server's, relayed with what follows it.
     Ok(StartupOutcome::Session(Box::new(Established {
@@ -123,7 +141,7 @@ pub(super) async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
         token_slot,
         cancel_key,
         route,
-        upstream,
+        server,
     })))
 }
 
@@ -305,19 +323,34 @@ async fn log_in(
     params: &[(String, String)],
 ) -> Result<(Upstream, cancel::Reservation), Refusal> {
     let cancel_key = ctx.cancel_keys.reserve();
-    let login = upstream::connect_and_login(
-        &route.config,
-        route.tls.as_deref(),
-        upstream::LoginParams {
-            user: &startup.user,
-            password,
-            version: startup.version,
-            params: params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            issued_secret: cancel_key.secret,
-            seal: ctx.cancel_keys.sealer(),
-        },
-        &ctx.scram_keys,
-    );
+    let login = upstream::LoginParams {
+        user: &startup.user,
+        password,
+        version: startup.version,
+        params: params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        issued_secret: cancel_key.secret,
+        seal: ctx.cancel_keys.sealer(),
+    };
+    let upstream = connect_upstream(ctx, start, token_id, route, login).await?;
+    if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
+        cancel_key.activate(issued, real.clone(), route.clone());
+    }
+    Ok((upstream, cancel_key))
+}
+
+/// Connects and logs in to `route`, before the start-up deadline; a
+/// failure becomes the refusal the client is sent (and a warning: a
+/// failing upstream is the operator's problem, not the client's).
+pub(super) async fn connect_upstream<'a, P: Iterator<Item = (&'a str, &'a str)>>(
+    ctx: &ShardContext,
+    start: &Start,
+    token_id: &str,
+    route: &Route,
+    login: upstream::LoginParams<'a, P>,
+) -> Result<Upstream, Refusal> {
+    let user = login.user;
+    let login =
+        upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys);
     let connecting = Instant::now();
     let upstream = timeout_at(start.deadline, login)
         .await
@@ -326,7 +359,7 @@ async fn log_in(
             // start-up time. Not the client's error (08P01) but the server's.
             warn!(
                 token_id = %token_id,
-                user = %startup.user,
+                user = %user,
                 "upstream login did not finish within startup_timeout"
             );
             let mut refusal = Refusal::new(
@@ -337,11 +370,9 @@ async fn log_in(
             refusal
         })?
         .map_err(|e| {
-            // Beside the audit event: a failing upstream is the operator's
-            // problem, not the client's, so it is a warning.
             warn!(
                 token_id = %token_id,
-                user = %startup.user,
+                user = %user,
                 reason = e.kind(),
                 error = %e,
                 "upstream login failed"
@@ -349,8 +380,5 @@ async fn log_in(
             upstream_refusal(e)
         })?;
     ctx.metrics.upstream_connected(connecting.elapsed());
-    if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
-        cancel_key.activate(issued, real.clone(), route.clone());
-    }
-    Ok((upstream, cancel_key))
+    Ok(upstream)
 }

@@ -249,6 +249,7 @@ fn spawn_services(
     listener_fd: std::os::fd::RawFd,
 ) {
     monoio::spawn(session::watch::run(ctx.clone()));
+    monoio::spawn(session::maintain_pools(ctx.clone()));
     monoio::spawn(services::serve_routed_cancels(ctx.clone()));
     if let Some(inbox) = inbox {
         monoio::spawn(services::serve_bus(ctx.clone(), inbox));

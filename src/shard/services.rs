@@ -35,7 +35,9 @@ pub(super) async fn serve_bus(ctx: Rc<ShardContext>, inbox: flume::Receiver<Requ
             Request::Metrics(reply) => {
                 let live = ctx.registry.live_totals();
                 let active = ctx.registry.len() as u64;
-                let _ = reply.try_send(ctx.metrics.snapshot(live, active));
+                let mut snapshot = ctx.metrics.snapshot(live, active);
+                snapshot.pools = ctx.pools.views();
+                let _ = reply.try_send(snapshot);
             }
             Request::Sessions(reply) => {
                 let _ = reply.try_send(ctx.registry.views());

@@ -8,6 +8,7 @@ pub mod md5;
 pub mod scram;
 
 use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -140,14 +141,16 @@ pub enum UpstreamStream {
 
 /// A TCP connection, upgraded to TLS as `tls` says (libpq's sslmode rules:
 /// SSLRequest, then 'S' → handshake, 'N' → plaintext only for `prefer`).
-/// Returns the stream and, for TLS, the channel-binding data.
+/// Returns the stream, for TLS the channel-binding data, and the socket
+/// under the stream (which the TLS stream does not give access to).
 pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
-) -> Result<(UpstreamStream, Option<Vec<u8>>), UpstreamError> {
+) -> Result<(UpstreamStream, Option<Vec<u8>>, RawFd), UpstreamError> {
     let mut stream = connect_tcp(cfg).await?;
+    let fd = stream.as_raw_fd();
     let Some(tls) = tls else {
-        return Ok((UpstreamStream::Plain(stream), None));
+        return Ok((UpstreamStream::Plain(stream), None, fd));
     };
     let mut req = Vec::with_capacity(8);
     req.extend_from_slice(&8i32.to_be_bytes());
@@ -163,7 +166,7 @@ pub async fn connect(
     match answer[0] {
         b'S' => {}
         b'N' if tls.mode == UpstreamTlsMode::Prefer => {
-            return Ok((UpstreamStream::Plain(stream), None));
+            return Ok((UpstreamStream::Plain(stream), None, fd));
         }
         b'N' => return Err(UpstreamError::TlsRefused),
         // An ErrorResponse ('E') or anything else: TLS was not negotiated.
@@ -186,7 +189,7 @@ pub async fn connect(
         .map_err(|e| UpstreamError::Tls(crate::tls::describe_error(e)))?;
     let cert = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     let binding = cert.as_deref().and_then(crate::tls::tls_server_end_point);
-    Ok((UpstreamStream::Tls(Box::new(stream)), binding))
+    Ok((UpstreamStream::Tls(Box::new(stream)), binding, fd))
 }
 
 /// An upstream connection that is logged in and ready for queries.
@@ -198,6 +201,8 @@ pub struct Upstream {
     pub leftover: BytesMut,
     /// How the login went: method, keys, protocol version.
     pub ready: Ready,
+    /// The socket under `stream` (under TLS too).
+    pub fd: RawFd,
 }
 
 /// What the upstream login needs besides the transport.
@@ -231,7 +236,7 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     p: LoginParams<'a, P>,
     cache: &std::cell::RefCell<KeyCache>,
 ) -> Result<Upstream, UpstreamError> {
-    let (stream, binding) = connect(cfg, tls).await?;
+    let (stream, binding, fd) = connect(cfg, tls).await?;
     let channel_binding = match (&stream, binding) {
         (UpstreamStream::Plain(_), _) => ChannelBinding::NotSupported,
         (UpstreamStream::Tls(_), Some(hash)) => ChannelBinding::TlsServerEndPoint(hash),
@@ -260,6 +265,7 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
                 for_client,
                 leftover,
                 ready,
+                fd,
             })
         }
         UpstreamStream::Tls(mut s) => {
@@ -269,6 +275,7 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
                 for_client,
                 leftover,
                 ready,
+                fd,
             })
         }
     }
@@ -388,6 +395,7 @@ mod tests {
             ca_file: None,
             client_cert: None,
             require_auth: crate::config::AuthMethods::ANY,
+            pool: Default::default(),
         };
         (cfg, server)
     }

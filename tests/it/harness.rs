@@ -34,6 +34,8 @@ pub struct EnvOptions {
     pub upstream_host: String,
     /// postgresql.conf settings for the cluster.
     pub cluster_conf: Vec<(String, String)>,
+    /// Shards (`workers`).
+    pub workers: usize,
 }
 
 impl Default for EnvOptions {
@@ -45,6 +47,7 @@ impl Default for EnvOptions {
             upstream: String::new(),
             upstream_host: "127.0.0.1".into(),
             cluster_conf: Vec::new(),
+            workers: 2,
         }
     }
 }
@@ -101,7 +104,7 @@ impl Env {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:{port}\"\nworkers = 2\n{top}\n\
+                "listen = \"127.0.0.1:{port}\"\nworkers = {workers}\n{top}\n\
                  [upstream]\nhost = \"{host}\"\nport = {}\n{upstream}\n\
                  [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n\
                  [tokens]\nfile = \"tokens.toml\"\n{tables}\n",
@@ -109,6 +112,7 @@ impl Env {
                 cluster.password(),
                 host = opts.upstream_host,
                 upstream = opts.upstream,
+                workers = opts.workers,
                 top = opts.top,
                 tables = opts.tables,
             ),

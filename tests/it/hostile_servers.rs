@@ -505,6 +505,10 @@ fn rig(opts: RigOptions) -> Rig {
         upstream,
         top: opts.top,
         cluster_conf,
+        // Each hostile script answers one login: every client must make
+        // its own, not be handed a pooled connection the health check left
+        // (pooling against a real server is `pooling.rs`'s).
+        tables: "[pool]\nmode = \"off\"\n".into(),
         ..EnvOptions::default()
     });
     let fake = Fake::start(SocketAddr::from(([127, 0, 0, 1], env.cluster.port())));

@@ -116,6 +116,7 @@ fn idle_session_memory() {
     let mut env = Env::build(EnvOptions {
         // Headroom over SESSIONS for the warm-up stragglers and superuser slots.
         cluster_conf: vec![("max_connections".into(), "1100".into())],
+        tables: std::env::var("TG_POOL_TABLE").unwrap_or_default(),
         ..EnvOptions::default()
     });
     let token = env.create_token(&["--user", "app"]);

@@ -9,7 +9,7 @@
 //! owned-buffer reads cannot do (the kernel holds the buffer until data
 //! comes).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
@@ -19,7 +19,13 @@ use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
 use monoio::net::tcp::stream_poll::TcpStreamPoll;
 use monoio::net::TcpStream;
 
-use super::{open, session_ended, BufferPool, EndAction, EndedBy, Pump, Tracks};
+use bytes::BytesMut;
+
+use super::{
+    before_terminate, open, reset_plan, session_ended, BufferPool, EndAction, Ended, EndedBy, Kept,
+    Pump, ServerSide, Tracks,
+};
+use crate::server::reset::Plan;
 use crate::session::kill::KillSwitch;
 
 /// Reads in a row that found data before a pump lets other sessions of the
@@ -27,11 +33,7 @@ use crate::session::kill::KillSwitch;
 /// COPY must not starve its neighbours.
 const READS_PER_TURN: u32 = 16;
 
-pub(super) async fn run<A, F>(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    pump: Pump<A>,
-) -> EndedBy
+pub(super) async fn run<A, F>(mut client: TcpStream, mut server: TcpStream, pump: Pump<A>) -> Ended
 where
     A: FnOnce() -> F,
     F: Future<Output = ()>,
@@ -43,27 +45,53 @@ where
         pool,
         kill,
         abandon,
+        keep,
+        said_goodbye,
     } = pump;
+    let gone = |by| Ended { by, kept: None };
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return e;
+        return gone(e);
     }
     let client = match client.try_into_poll_io() {
         Ok(c) => RefCell::new(c),
-        Err(_) => return EndedBy::ClientIo,
+        Err(_) => return gone(EndedBy::ClientIo),
     };
     let server = match server.try_into_poll_io() {
         Ok(s) => RefCell::new(s),
-        Err(_) => return EndedBy::ServerIo,
+        Err(_) => return gone(EndedBy::ServerIo),
     };
+    // Set while client bytes are being written to the server: if the
+    // relay stops then, the server holds part of a message.
+    let writing = Cell::new(false);
     let ended_by = {
-        let up = client_to_server(&client, &server, &pool, &tracks);
-        let down = server_to_client(&server, &client, &pool, &tracks, &kill);
+        let keeping = keep.is_some().then_some(&said_goodbye);
+        let up = client_to_server(&client, &server, &pool, &tracks, keeping, &writing);
+        let down = server_to_client(&server, &client, &pool, &tracks, &kill, &said_goodbye);
         monoio::select! {
             e = up => e,
             e = down => e,
         }
     };
     let ended_by = tracks.borrow().attribute(ended_by);
+    // Poll-io reads hold no data when dropped: the server stream is whole
+    // unless a write to it was cut.
+    let client_end = (!writing.get(), said_goodbye.get());
+    let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
+    if let Some((mut plan, cancel, prologue)) = kept {
+        if cancel {
+            Box::pin(abandon()).await;
+        }
+        if write_all(&server, &prologue).await.is_err() {
+            plan = Plan::Close("broken");
+        }
+        let kept = server.into_inner().try_into_comp_io().ok().map(|s| Kept {
+            server: ServerSide::Plain(s),
+            plan,
+            framer: tracks.borrow().server.clone(),
+            leftover: BytesMut::new(),
+        });
+        return Ended { by: ended_by, kept };
+    }
     let action = tracks.borrow().end_action(ended_by);
     match action {
         EndAction::Nothing => {}
@@ -77,7 +105,7 @@ where
         // pump would otherwise carry for the whole session.
         EndAction::Abandon => Box::pin(abandon()).await,
     }
-    ended_by
+    gone(ended_by)
 }
 
 /// Waits until `from` has bytes, then reads them into a lent buffer.
@@ -127,11 +155,16 @@ async fn write_all(to: &RefCell<TcpStreamPoll>, mut bytes: &[u8]) -> io::Result<
 }
 
 /// Copies client bytes to the server until the client closes or fails.
+/// With a kept server (`goodbye` given), the client's Terminate stays
+/// here and is noted in `goodbye`; if queries are still in flight, the
+/// other direction ends the session once they are answered.
 async fn client_to_server(
     from: &RefCell<TcpStreamPoll>,
     to: &RefCell<TcpStreamPoll>,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
+    goodbye: Option<&Cell<bool>>,
+    writing: &Cell<bool>,
 ) -> EndedBy {
     let mut turn = 0;
     loop {
@@ -144,10 +177,20 @@ async fn client_to_server(
             pool.put(buf);
             return EndedBy::ClientProtocol;
         }
-        let res = write_all(to, &buf[..n]).await;
+        let terminate = goodbye.and_then(|_| before_terminate(&tracks.borrow(), &buf[..n]));
+        writing.set(true);
+        let res = write_all(to, &buf[..terminate.unwrap_or(n)]).await;
+        writing.set(false);
         pool.put(buf);
         if res.is_err() {
             return EndedBy::ServerIo;
+        }
+        if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
+            goodbye.set(true);
+            if tracks.borrow().in_flight() {
+                std::future::pending::<()>().await;
+            }
+            return EndedBy::ClientClosed;
         }
         take_turns(&mut turn).await;
     }
@@ -162,10 +205,15 @@ async fn server_to_client(
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
     kill: &KillSwitch,
+    goodbye: &Cell<bool>,
 ) -> EndedBy {
     let mut turn = 0;
     let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
+        if goodbye.get() && tracks.borrow().drained() {
+            // The client said goodbye and has every answer it asked for.
+            return EndedBy::ClientClosed;
+        }
         if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }

@@ -17,6 +17,13 @@
 //! sends a FATAL ErrorResponse, and the server gets a Terminate, so neither
 //! side ever sees half a message.
 //!
+//! In session pooling the server connection outlives the client: the
+//! client's Terminate is not forwarded, and when the client leaves (or is
+//! ended) the relay stops at a point it can describe, starts the server
+//! connection's reset ([`crate::server::reset`]) and hands the stream
+//! back as [`Kept`]. A server connection the relay cannot hand back whole
+//! is closed.
+//!
 //! When one side goes away the other is told as a direct connection would
 //! tell it: a server that vanishes without an error of its own leaves the
 //! client a FATAL 08006 (when the stream is at a message boundary), and a
@@ -28,7 +35,7 @@ mod owned;
 pub mod pool;
 mod tracks;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -41,6 +48,7 @@ use super::kill::{KillReason, KillSwitch};
 use crate::error::ClientError;
 use crate::protocol::backend::TAG_ERROR_RESPONSE;
 use crate::protocol::Framer;
+use crate::server::reset::{self, Plan};
 pub use pool::BufferPool;
 pub use tracks::{QueryAudit, SessionStats, Timing, Tracks};
 
@@ -149,6 +157,43 @@ pub enum ServerSide {
     Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
 }
 
+/// How a relay ended, and the server stream when it outlives the client.
+pub struct Ended {
+    pub by: EndedBy,
+    pub kept: Option<Kept>,
+}
+
+/// A server connection handed back at the end of a pooled session, its
+/// reset begun: `plan`'s prologue is sent; the server's answers start
+/// with `leftover` and, before that, the rest of the message `framer` was
+/// in the middle of.
+pub struct Kept {
+    pub server: ServerSide,
+    pub plan: Plan,
+    pub framer: Framer,
+    pub leftover: BytesMut,
+}
+
+/// Whether an end leaves the server connection worth keeping: the client
+/// went, or tollgate ended the session; the server itself is fine.
+fn client_side(ended_by: EndedBy) -> bool {
+    matches!(
+        ended_by,
+        EndedBy::ClientClosed | EndedBy::ClientIo | EndedBy::Killed(_)
+    )
+}
+
+/// The client's Terminate, when `chunk` (already scanned) ends with it:
+/// with a kept server it is not forwarded. Returns how much of the chunk
+/// to forward, or `None` when the chunk does not end the session.
+fn before_terminate(tracks: &Tracks, chunk: &[u8]) -> Option<usize> {
+    const TERMINATE: [u8; 5] = [TAG_TERMINATE, 0, 0, 0, 4];
+    (tracks.client.last_tag() == TAG_TERMINATE
+        && tracks.client.at_boundary()
+        && chunk.ends_with(&TERMINATE))
+    .then(|| chunk.len() - TERMINATE.len())
+}
+
 /// What the relay starts with, besides the sockets.
 pub struct Opening {
     /// The server's login messages (AuthenticationOk through
@@ -158,6 +203,9 @@ pub struct Opening {
     pub leftover: BytesMut,
     /// Anything the client sent after its password.
     pub client_pending: BytesMut,
+    /// The reset query, when the server connection outlives the client
+    /// (session pooling; see the module doc).
+    pub keep: Option<Rc<str>>,
 }
 
 /// Hands the login messages to the client, forwards any bytes the client
@@ -187,6 +235,7 @@ where
         mut for_client,
         leftover,
         client_pending,
+        keep,
     } = opening;
     // Both framers must start with what was already sent, so the early
     // bytes go through them too.
@@ -198,6 +247,16 @@ where
     }
     for_client.extend_from_slice(&leftover);
     drop(leftover);
+    let mut client_pending = client_pending;
+    let said_goodbye = Cell::new(false);
+    if keep.is_some() {
+        // A Terminate sent right behind the password: kept here, like one
+        // that comes later.
+        if let Some(n) = before_terminate(&tracks, &client_pending) {
+            client_pending.truncate(n);
+            said_goodbye.set(true);
+        }
+    }
     let pump = Pump {
         for_client,
         client_pending,
@@ -205,6 +264,8 @@ where
         pool,
         kill,
         abandon,
+        keep,
+        said_goodbye,
     };
     match server {
         ServerSide::Plain(server) => match client.into_plain() {
@@ -217,10 +278,10 @@ where
 
 /// A relay in progress; resolves to how it ended. The session's numbers
 /// are in the [`SessionStats`] its [`Tracks`] were made with.
-pub type RelayFuture = Pin<Box<dyn Future<Output = EndedBy>>>;
+pub type RelayFuture = Pin<Box<dyn Future<Output = Ended>>>;
 
-fn ended(ended_by: EndedBy) -> RelayFuture {
-    Box::pin(std::future::ready(ended_by))
+fn ended(by: EndedBy) -> RelayFuture {
+    Box::pin(std::future::ready(Ended { by, kept: None }))
 }
 
 /// What either pump gets besides the two sockets.
@@ -235,6 +296,48 @@ struct Pump<A> {
     kill: Rc<KillSwitch>,
     /// Cancels the running query; see [`run`].
     abandon: A,
+    /// The reset query, when the server connection outlives the client.
+    keep: Option<Rc<str>>,
+    /// With a kept server: the client sent Terminate, which was kept from
+    /// the server. What it asked for before is still relayed; the session
+    /// ends when all of it is answered.
+    said_goodbye: Cell<bool>,
+}
+
+/// With a kept server (`keep` is the reset query), after a client-side
+/// end: the reset's plan, whether a cancel must go first, and the prologue
+/// to send. `None` when the server is not kept, or the end was the
+/// server's.
+fn reset_plan(
+    keep: Option<&str>,
+    tracks: &RefCell<Tracks>,
+    ended_by: EndedBy,
+    (client_whole, said_goodbye): (bool, bool),
+    intact: bool,
+) -> Option<(Plan, bool, BytesMut)> {
+    let query = keep?;
+    if !client_side(ended_by) {
+        return None;
+    }
+    let end = tracks
+        .borrow()
+        .end_state(client_whole, said_goodbye, intact);
+    let plan = reset::plan(&end);
+    let cancel = plan.needs_cancel(&end);
+    let prologue = reset::prologue(&plan, query);
+    Some((plan, cancel, prologue))
+}
+
+impl From<TcpStream> for ServerSide {
+    fn from(s: TcpStream) -> Self {
+        ServerSide::Plain(s)
+    }
+}
+
+impl From<monoio_rustls::ClientTlsStream<TcpStream>> for ServerSide {
+    fn from(s: monoio_rustls::ClientTlsStream<TcpStream>) -> Self {
+        ServerSide::Tls(Box::new(s))
+    }
 }
 
 /// The server ended at a message boundary without an ErrorResponse of its

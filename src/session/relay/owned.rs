@@ -2,18 +2,52 @@
 //! buffer for the session's life and hands it to the kernel (or rustls)
 //! with monoio's rent API. Socket readiness says nothing about plaintext
 //! rustls may already hold, so these reads cannot wait buffer-less.
+//!
+//! An owned read cannot be dropped half-done without losing what it may
+//! have read (and a TLS stream whose read is dropped is unusable), so a
+//! kept server connection is stopped differently: when the client leaves,
+//! the reset's prologue is sent first, and the server-to-client direction
+//! stops at the next read it completes, whose bytes become the reset's
+//! first input.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
+use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
-use super::{open, session_ended, EndAction, EndedBy, Pump, Tracks};
+use super::{
+    before_terminate, open, reset_plan, session_ended, EndAction, Ended, EndedBy, Kept, Pump,
+    ServerSide, Tracks,
+};
+use crate::server::reset::{Plan, RESET_TIMEOUT};
 use crate::session::kill::KillSwitch;
 
-pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> EndedBy
+/// Which direction finished first.
+enum Finished {
+    Up(EndedBy),
+    /// With the bytes it read after being told to stop.
+    Down(EndedBy, Option<Vec<u8>>),
+}
+
+/// What the two directions share about stopping a kept server.
+#[derive(Default)]
+struct Stopping {
+    /// Client bytes are being written to the server.
+    writing: Cell<bool>,
+    /// A server read was dropped half-done (the session was ended while
+    /// the server was idle): the stream cannot be trusted.
+    read_cut: Cell<bool>,
+    /// The reset's prologue is sent: the next completed read is the
+    /// reset's, not the client's.
+    stop: Cell<bool>,
+    /// What the prologue carried out, and how the client ended.
+    sent: RefCell<Option<(Plan, EndedBy)>>,
+}
+
+pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> Ended
 where
     C: Split + AsyncReadRent + AsyncWriteRent,
-    S: Split + AsyncReadRent + AsyncWriteRent,
+    S: Split + AsyncReadRent + AsyncWriteRent + Into<ServerSide>,
     A: FnOnce() -> F,
     F: std::future::Future<Output = ()>,
 {
@@ -24,34 +58,135 @@ where
         pool,
         kill,
         abandon,
+        keep,
+        said_goodbye,
     } = pump;
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return e;
+        return Ended { by: e, kept: None };
     }
+    let abandon = Cell::new(Some(abandon));
+    let stopping = Stopping::default();
     let (mut client_r, mut client_w) = client.into_split();
     let (mut server_r, mut server_w) = server.into_split();
-    let ended_by = {
-        let up = client_to_server(
-            &mut client_r,
-            &mut server_w,
-            Vec::with_capacity(pool.buffer_size()),
-            &tracks,
-        );
-        let down = server_to_client(
-            &mut server_r,
-            &mut client_w,
-            Vec::with_capacity(pool.buffer_size()),
-            &tracks,
-            &kill,
-        );
+    let finished = {
+        let up = async {
+            let e = client_to_server(
+                &mut client_r,
+                &mut server_w,
+                Vec::with_capacity(pool.buffer_size()),
+                &tracks,
+                keep.is_some().then_some(&said_goodbye),
+                &stopping.writing,
+            )
+            .await;
+            let client_end = (!stopping.writing.get(), said_goodbye.get());
+            if let Some((plan, cancel, prologue)) =
+                reset_plan(keep.as_deref(), &tracks, e, client_end, true)
+            {
+                if !matches!(plan, Plan::Close(_)) {
+                    stopping.stop.set(true);
+                    if cancel {
+                        if let Some(abandon) = abandon.take() {
+                            Box::pin(abandon()).await;
+                        }
+                    }
+                    let (res, _) = server_w.write_all(prologue).await;
+                    if res.is_ok() {
+                        *stopping.sent.borrow_mut() = Some((plan, e));
+                        // The other direction stops at its next read; if
+                        // the server says nothing, the connection is
+                        // closed.
+                        monoio::time::sleep(RESET_TIMEOUT).await;
+                    }
+                }
+            }
+            Finished::Up(e)
+        };
+        let down = async {
+            let (e, rest) = server_to_client(
+                &mut server_r,
+                &mut client_w,
+                Vec::with_capacity(pool.buffer_size()),
+                &tracks,
+                &kill,
+                &stopping,
+                &said_goodbye,
+            )
+            .await;
+            Finished::Down(e, rest)
+        };
         // Whichever direction ends first ends the session; dropping the
         // other cancels its pending read.
         monoio::select! {
-            e = up => e,
-            e = down => e,
+            f = up => f,
+            f = down => f,
         }
     };
+    let sent = stopping.sent.take();
+    let ended_by = match (&finished, &sent) {
+        (_, Some((_, by))) => *by,
+        (Finished::Up(e) | Finished::Down(e, _), None) => *e,
+    };
     let ended_by = tracks.borrow().attribute(ended_by);
+    let kept = match (finished, sent) {
+        // The prologue is out and the server answered: hand it all over.
+        (Finished::Down(_, Some(rest)), Some((plan, _))) => Some((plan, BytesMut::from(&rest[..]))),
+        // Or the other direction ended on the client's side of a write,
+        // having read nothing of the reset's: its answers are unread.
+        (Finished::Down(EndedBy::ClientIo, None), Some((plan, _))) => Some((plan, BytesMut::new())),
+        (_, Some(_)) => None,
+        (_, None) => {
+            let client_end = (!stopping.writing.get(), said_goodbye.get());
+            let intact = !stopping.read_cut.get();
+            match reset_plan(keep.as_deref(), &tracks, ended_by, client_end, intact) {
+                Some((plan, cancel, prologue)) => {
+                    if cancel {
+                        if let Some(abandon) = abandon.take() {
+                            Box::pin(abandon()).await;
+                        }
+                    }
+                    let (res, _) = server_w.write_all(prologue).await;
+                    let plan = if res.is_ok() {
+                        plan
+                    } else {
+                        Plan::Close("broken")
+                    };
+                    Some((plan, BytesMut::new()))
+                }
+                None => {
+                    end_unkept(&tracks, ended_by, &mut server_w, &mut client_w, &abandon).await;
+                    return Ended {
+                        by: ended_by,
+                        kept: None,
+                    };
+                }
+            }
+        }
+    };
+    let kept = kept.and_then(|(plan, leftover)| {
+        let server = server_r.reunite(server_w).ok()?;
+        Some(Kept {
+            server: server.into(),
+            plan,
+            framer: tracks.borrow().server.clone(),
+            leftover,
+        })
+    });
+    Ended { by: ended_by, kept }
+}
+
+/// The end of a session whose server connection is not kept: what the
+/// other side must hear.
+async fn end_unkept<SW: AsyncWriteRent, CW: AsyncWriteRent, A, F>(
+    tracks: &RefCell<Tracks>,
+    ended_by: EndedBy,
+    server_w: &mut SW,
+    client_w: &mut CW,
+    abandon: &Cell<Option<A>>,
+) where
+    A: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
     let action = tracks.borrow().end_action(ended_by);
     match action {
         EndAction::Nothing => {}
@@ -63,17 +198,25 @@ where
         }
         // Boxed: a cancel connects (maybe over TLS), a large future the
         // pump would otherwise carry for the whole session.
-        EndAction::Abandon => Box::pin(abandon()).await,
+        EndAction::Abandon => {
+            if let Some(abandon) = abandon.take() {
+                Box::pin(abandon()).await;
+            }
+        }
     }
-    ended_by
 }
 
 /// Copies client bytes to the server until the client closes or fails.
+/// With a kept server (`goodbye` given), the client's Terminate stays
+/// here and is noted in `goodbye`; if queries are still in flight, the
+/// other direction ends the session once they are answered.
 async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
     from: &mut R,
     to: &mut W,
     mut buf: Vec<u8>,
     tracks: &RefCell<Tracks>,
+    goodbye: Option<&Cell<bool>>,
+    writing: &Cell<bool>,
 ) -> EndedBy {
     loop {
         // monoio reads into the buffer's whole capacity from the start and
@@ -88,45 +231,71 @@ async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
         if tracks.borrow_mut().saw_client(&buf).is_err() {
             return EndedBy::ClientProtocol;
         }
+        let terminate = goodbye.and_then(|_| before_terminate(&tracks.borrow(), &buf));
+        if let Some(n) = terminate {
+            buf.truncate(n);
+        }
+        writing.set(true);
         let (res, b) = to.write_all(buf).await;
+        writing.set(false);
         buf = b;
         if res.is_err() {
             return EndedBy::ServerIo;
+        }
+        if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
+            goodbye.set(true);
+            if tracks.borrow().in_flight() {
+                std::future::pending::<()>().await;
+            }
+            return EndedBy::ClientClosed;
         }
     }
 }
 
 /// Copies server bytes to the client until either fails or closes, or
 /// `kill` fires, in which case it stops at a message boundary and sends
-/// the client a FATAL error naming the reason.
+/// the client a FATAL error naming the reason. Once told to stop, returns
+/// the next bytes it reads, unrelayed.
 async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
     from: &mut R,
     to: &mut W,
     mut buf: Vec<u8>,
     tracks: &RefCell<Tracks>,
     kill: &KillSwitch,
-) -> EndedBy {
+    stopping: &Stopping,
+    goodbye: &Cell<bool>,
+) -> (EndedBy, Option<Vec<u8>>) {
     let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
+        if goodbye.get() && tracks.borrow().drained() {
+            // The client said goodbye and has every answer it asked for.
+            return (EndedBy::ClientClosed, None);
+        }
         if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
         let read = from.read(buf);
-        let (res, b) = if at_boundary() {
+        let (res, b) = if at_boundary() && !stopping.stop.get() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {
                 r = read => r,
-                reason = kill.wait() => break reason,
+                reason = kill.wait() => {
+                    stopping.read_cut.set(true);
+                    break reason;
+                }
             }
         } else {
             read.await
         };
         buf = b;
         let n = match res {
-            Ok(0) => return EndedBy::ServerClosed,
+            Ok(0) => return (EndedBy::ServerClosed, None),
             Ok(n) => n,
-            Err(_) => return EndedBy::ServerIo,
+            Err(_) => return (EndedBy::ServerIo, None),
         };
+        if stopping.stop.get() {
+            return (EndedBy::ClientClosed, Some(buf));
+        }
         // After a kill, forward only up to the end of the message in flight.
         let scanned = {
             let mut t = tracks.borrow_mut();
@@ -136,14 +305,14 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
             t.saw_server(&buf)
         };
         if scanned.is_err() {
-            return EndedBy::ServerProtocol;
+            return (EndedBy::ServerProtocol, None);
         }
         let (res, b) = to.write_all(buf).await;
         buf = b;
         if res.is_err() {
-            return EndedBy::ClientIo;
+            return (EndedBy::ClientIo, None);
         }
     };
     let _ = to.write_all(session_ended(reason)).await;
-    EndedBy::Killed(reason)
+    (EndedBy::Killed(reason), None)
 }

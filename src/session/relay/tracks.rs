@@ -309,6 +309,36 @@ impl Tracks {
         }
     }
 
+    /// Where the relay left the protocol, for the reset of a server
+    /// connection that outlives its client. `client_whole` is false when a
+    /// write of client bytes to the server was cut short.
+    pub fn end_state(
+        &self,
+        client_whole: bool,
+        said_goodbye: bool,
+        intact: bool,
+    ) -> crate::server::reset::EndState {
+        crate::server::reset::EndState {
+            client_at_boundary: client_whole && self.client.at_boundary(),
+            server_at_boundary: self.server.at_boundary(),
+            in_flight: self.in_flight(),
+            said_goodbye,
+            status: self.stats.status.get(),
+            intact,
+        }
+    }
+
+    /// Query cycles asked for and not answered, or an extended batch
+    /// begun without its Sync.
+    pub fn in_flight(&self) -> bool {
+        self.cycle_open || self.stats.cycles_asked.get() > self.stats.queries.get()
+    }
+
+    /// Everything the client asked for is answered, to the last byte.
+    pub fn drained(&self) -> bool {
+        !self.in_flight() && self.server.at_boundary()
+    }
+
     /// Follows a chunk of client bytes. An error means a corrupt stream:
     /// the session must end.
     #[inline]

@@ -1,0 +1,271 @@
+//! One logged-in server connection and what tollgate knows of its
+//! session: the login messages every client of it is shown, the parameters
+//! the server reports, its real cancel key, and its age.
+
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::key::PoolKey;
+use super::pool::Seat;
+use super::wire::parameter_status;
+use super::Route;
+use crate::protocol::backend::{self, BackendKey, MAX_LOGIN_MESSAGE_LEN};
+use crate::protocol::frame::peek_frame;
+use crate::upstream::{Upstream, UpstreamStream};
+
+/// A logged-in server connection, lent to one client at a time: the
+/// stream, which the relay takes while a client is served, and the rest.
+pub struct ServerConn {
+    pub stream: UpstreamStream,
+    pub state: ConnState,
+}
+
+/// What tollgate knows of a server connection's session.
+pub struct ConnState {
+    /// The socket under the stream (under TLS too), for a look at whether
+    /// the server closed it while it was idle.
+    fd: RawFd,
+    /// The upstream as it was when this connection logged in.
+    pub route: Arc<Route>,
+    pub key: Rc<PoolKey>,
+    /// What each client is shown of the login, as the server sent it:
+    /// NegotiateProtocolVersion (when there was one) and AuthenticationOk
+    /// (the first `greeting_len` bytes), then the ParameterStatus messages
+    /// as the login left them, which the reset restores. Shared by the
+    /// pool's connections that logged in alike (see
+    /// [`RoutePool::intern_login`](super::RoutePool::intern_login)).
+    login: Rc<[u8]>,
+    greeting_len: usize,
+    /// The server's own key for this backend, for cancels.
+    pub upstream_key: Option<BackendKey>,
+    /// The protocol minor version in force.
+    pub minor: u16,
+    pub auth_method: &'static str,
+    created: Instant,
+    /// When it is closed instead of pooled: `max_lifetime` less a random
+    /// part of up to a fifth, so that a pool opened at once is not closed
+    /// at once.
+    retire_at: Instant,
+    idle_since: Instant,
+    /// Clients served before the current one.
+    pub served: u64,
+    /// Its place under the upstream's limit, given back when it closes.
+    pub(super) seat: Seat,
+}
+
+/// The login did not leave the connection in a state to pool.
+#[derive(Debug)]
+pub struct NotPoolable(pub &'static str);
+
+impl ServerConn {
+    /// Takes over a fresh login. Its messages for the client are kept to
+    /// show each client (less the notices, which were for the first, and
+    /// the key, which each client gets its own of).
+    pub fn from_login(
+        up: Upstream,
+        route: Arc<Route>,
+        key: Rc<PoolKey>,
+        seat: Seat,
+        max_lifetime: Duration,
+    ) -> Result<ServerConn, NotPoolable> {
+        if !up.leftover.is_empty() {
+            return Err(NotPoolable("server sent more after ReadyForQuery"));
+        }
+        let mut greeting = Vec::new();
+        let mut status = Vec::new();
+        let mut rest = &up.for_client[..];
+        while !rest.is_empty() {
+            let frame = peek_frame(rest, MAX_LOGIN_MESSAGE_LEN)
+                .ok()
+                .flatten()
+                .ok_or(NotPoolable("malformed login messages"))?;
+            let (msg, tail) = rest.split_at(frame.total_len);
+            match frame.tag {
+                backend::TAG_NEGOTIATE_PROTOCOL_VERSION | backend::TAG_AUTHENTICATION => {
+                    greeting.extend_from_slice(msg)
+                }
+                backend::TAG_PARAMETER_STATUS => {
+                    parameter_status(&msg[frame.body()])
+                        .ok_or(NotPoolable("malformed ParameterStatus"))?;
+                    status.extend_from_slice(msg);
+                }
+                backend::TAG_READY_FOR_QUERY if msg.get(5) != Some(&b'I') => {
+                    return Err(NotPoolable("login left a transaction open"));
+                }
+                _ => {}
+            }
+            rest = tail;
+        }
+        let greeting_len = greeting.len();
+        greeting.extend_from_slice(&status);
+        let login = seat.pool().intern_login(greeting);
+        let now = Instant::now();
+        let state = ConnState {
+            fd: up.fd,
+            route,
+            key,
+            login,
+            greeting_len,
+            upstream_key: up.ready.upstream_key,
+            minor: up.ready.minor,
+            auth_method: up.ready.auth_method,
+            created: now,
+            retire_at: now + jittered(max_lifetime),
+            idle_since: now,
+            served: 0,
+            seat,
+        };
+        Ok(ServerConn {
+            stream: up.stream,
+            state,
+        })
+    }
+
+    /// Whether the server has closed the connection, or sent anything while
+    /// it was idle (a FATAL before a shutdown, say): either way it cannot
+    /// serve a client. One non-blocking peek, no round trip.
+    pub fn closed_by_server(&self) -> bool {
+        crate::io_util::peer_closed_or_spoke(self.state.fd)
+    }
+
+    /// Sends Terminate, best effort, and closes: the server logs a clean
+    /// disconnection rather than an unexpected EOF.
+    pub async fn terminate(mut self) {
+        let mut bye = BytesMut::with_capacity(5);
+        bye.put_u8(b'X');
+        bye.put_i32(4);
+        let write = super::wire::write(&mut self.stream, bye);
+        let _ = monoio::time::timeout(Duration::from_millis(200), write).await;
+    }
+}
+
+impl ConnState {
+    /// The backend's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.upstream_key.as_ref().map(|k| k.process_id)
+    }
+
+    /// The reported value of `name` (case-insensitive) after a login or a
+    /// reset.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        params(&self.login[self.greeting_len..])
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// What a client is shown of the login: the greeting, the parameters
+    /// with `changed` (what the server reported on checkout) applied, its
+    /// own BackendKeyData (when the server gave one), and ReadyForQuery.
+    pub fn greeting_for(
+        &self,
+        changed: &[(String, String)],
+        issued: Option<&BackendKey>,
+        out: &mut BytesMut,
+    ) {
+        let (greeting, status) = self.login.split_at(self.greeting_len);
+        out.extend_from_slice(greeting);
+        write_with_changes(status, changed, out);
+        if let Some(k) = issued {
+            backend::backend_key_data(out, k.process_id, &k.secret_key);
+        }
+        backend::ready_for_query(out, b'I');
+    }
+
+    pub fn retired(&self, now: Instant) -> bool {
+        now >= self.retire_at
+    }
+
+    pub fn idle_for(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.idle_since)
+    }
+
+    pub fn age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.created)
+    }
+
+    pub fn mark_idle(&mut self, now: Instant) {
+        self.idle_since = now;
+    }
+}
+
+/// The parameters in a run of ParameterStatus messages.
+fn params(status: &[u8]) -> impl Iterator<Item = (&str, &str)> {
+    let mut rest = status;
+    std::iter::from_fn(move || {
+        let frame = peek_frame(rest, MAX_LOGIN_MESSAGE_LEN).ok().flatten()?;
+        let (msg, tail) = rest.split_at(frame.total_len);
+        rest = tail;
+        let mut parts = msg[frame.body()].split(|b| *b == 0);
+        let name = std::str::from_utf8(parts.next()?).ok()?;
+        let value = std::str::from_utf8(parts.next()?).ok()?;
+        Some((name, value))
+    })
+}
+
+/// The ParameterStatus messages of `status` with `changed` applied (in
+/// place, or added at the end for a parameter the login did not report).
+fn write_with_changes(status: &[u8], changed: &[(String, String)], out: &mut BytesMut) {
+    let change = |k: &str| changed.iter().rev().find(|(c, _)| c == k);
+    for (k, v) in params(status) {
+        let v = change(k).map_or(v, |(_, new)| new.as_str());
+        backend::parameter_status(out, k, v);
+    }
+    for (k, v) in changed {
+        let already = params(status).any(|(s, _)| s == k);
+        let later = changed.iter().rev().find(|(c, _)| c == k).map(|(_, v)| v);
+        if !already && later == Some(v) {
+            backend::parameter_status(out, k, v);
+        }
+    }
+}
+
+/// `d` less a random part of up to a fifth of it.
+fn jittered(d: Duration) -> Duration {
+    let mut r = [0u8; 4];
+    let _ = SystemRandom::new().fill(&mut r);
+    let fraction = f64::from(u32::from_be_bytes(r)) / f64::from(u32::MAX);
+    d.mul_f64(1.0 - 0.2 * fraction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_is_shown_the_login_parameters_with_its_own_changes() {
+        let mut status = BytesMut::new();
+        backend::parameter_status(&mut status, "TimeZone", "UTC");
+        backend::parameter_status(&mut status, "application_name", "");
+        let changed = [
+            ("TimeZone".to_owned(), "Europe/Paris".to_owned()),
+            ("search_path".to_owned(), "x".to_owned()),
+            ("TimeZone".to_owned(), "Asia/Tokyo".to_owned()),
+            ("search_path".to_owned(), "public".to_owned()),
+        ];
+        let mut out = BytesMut::new();
+        write_with_changes(&status, &changed, &mut out);
+        let all: Vec<_> = params(&out).collect();
+        assert_eq!(
+            all,
+            [
+                ("TimeZone", "Asia/Tokyo"),
+                ("application_name", ""),
+                ("search_path", "public")
+            ]
+        );
+    }
+
+    #[test]
+    fn lifetimes_are_spread_over_the_last_fifth() {
+        let d = Duration::from_secs(100);
+        for _ in 0..100 {
+            let j = jittered(d);
+            assert!(j <= d && j >= Duration::from_secs(80), "{j:?}");
+        }
+    }
+}

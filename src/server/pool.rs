@@ -1,0 +1,459 @@
+//! One shard's pools of idle server connections, one per upstream, and
+//! the limit on how many connections the shard may have open to each.
+//!
+//! Shard-local (`!Send`): checkout and return are a scan of a short list
+//! and a few counter updates, with no lock and nothing another thread
+//! reads. `max_server_connections` is split into fixed per-shard shares
+//! ([`PoolConfig::share`]); a shard never borrows another's.
+//!
+//! Clients that find the shard's share in use wait in arrival order. A
+//! waiter is woken when a connection comes back idle or a seat is freed;
+//! an idle connection of another key is closed to make room for the
+//! waiter's own login.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::conn::ServerConn;
+use super::key::PoolKey;
+use super::Route;
+use crate::config::PoolConfig;
+use crate::metrics::latency::Latency;
+
+/// A place under the upstream's limit on this shard; freed when dropped
+/// (the connection closed, or the login that took it failed).
+pub struct Seat(Rc<RoutePool>);
+
+impl Seat {
+    pub fn pool(&self) -> &RoutePool {
+        &self.0
+    }
+}
+
+/// Distinct login message sets kept for sharing per pool (connections of
+/// one upstream and role nearly always log in alike).
+const MAX_SHARED_LOGINS: usize = 8;
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        let pool = &self.0;
+        pool.open.set(pool.open.get() - 1);
+        pool.wake_one();
+    }
+}
+
+/// What a checkout got. Lives for one checkout, moved once: boxing the
+/// connection would cost an allocation per checkout for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Claim {
+    /// An idle connection with the client's key.
+    Idle(ServerConn),
+    /// A seat for a new login.
+    Login(Seat),
+}
+
+/// The shard's share of the upstream is in use and none came free in time.
+#[derive(Debug)]
+pub struct PoolFull;
+
+/// A client waiting for a connection.
+#[derive(Default)]
+struct Waiter {
+    woken: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+/// Counters of one upstream's pool on one shard.
+#[derive(Debug, Clone, Default)]
+pub struct PoolCounters {
+    pub reused: u64,
+    pub logins: u64,
+    pub waited: u64,
+    pub timeouts: u64,
+    pub resets: u64,
+    pub reset_failures: u64,
+    /// Connections closed, by reason.
+    pub closed: crate::metrics::Labeled,
+}
+
+/// One upstream's pool on one shard.
+pub struct RoutePool {
+    pub name: String,
+    route: RefCell<Arc<Route>>,
+    /// This shard's share of `max_server_connections` (0: no limit).
+    limit: Cell<usize>,
+    /// Seats taken: idle, lent, and logins in progress.
+    open: Cell<usize>,
+    /// Most recently returned last.
+    idle: RefCell<VecDeque<ServerConn>>,
+    waiters: RefCell<VecDeque<Rc<Waiter>>>,
+    /// Waiters woken and not yet back: a new arrival must not take what
+    /// was meant for them.
+    woken: Cell<usize>,
+    pub counters: RefCell<PoolCounters>,
+    pub checkout_wait: RefCell<Latency>,
+    /// Keys served lately, with when: `min_idle` is kept for these.
+    keys: RefCell<HashMap<Rc<PoolKey>, Instant>>,
+    /// Login messages shared by the connections that got the same.
+    logins: RefCell<Vec<Rc<[u8]>>>,
+}
+
+impl RoutePool {
+    fn new(route: Arc<Route>, limit: usize) -> Rc<RoutePool> {
+        Rc::new(RoutePool {
+            name: route.config.name.clone(),
+            route: RefCell::new(route),
+            limit: Cell::new(limit),
+            open: Cell::new(0),
+            idle: RefCell::default(),
+            waiters: RefCell::default(),
+            woken: Cell::new(0),
+            counters: RefCell::default(),
+            checkout_wait: RefCell::new(Latency::new()),
+            keys: RefCell::default(),
+            logins: RefCell::default(),
+        })
+    }
+
+    /// `login` as a shared copy: the same bytes as a connection logged in
+    /// before got are not kept twice.
+    pub fn intern_login(&self, login: Vec<u8>) -> Rc<[u8]> {
+        let mut logins = self.logins.borrow_mut();
+        if let Some(l) = logins.iter().find(|l| ***l == *login) {
+            return l.clone();
+        }
+        let l: Rc<[u8]> = login.into();
+        if logins.len() >= MAX_SHARED_LOGINS {
+            logins.remove(0);
+        }
+        logins.push(l.clone());
+        l
+    }
+
+    /// The upstream as the latest settings have it.
+    pub fn route(&self) -> Arc<Route> {
+        self.route.borrow().clone()
+    }
+
+    pub fn config(&self) -> PoolConfig {
+        self.route.borrow().config.pool.clone()
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.get()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiters.borrow().len()
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.get()
+    }
+
+    /// The key, shared with the connections made for it, and noted as
+    /// served now.
+    pub fn intern(&self, key: PoolKey, now: Instant) -> Rc<PoolKey> {
+        let mut keys = self.keys.borrow_mut();
+        if let Some((k, at)) = keys.get_key_value(&key) {
+            let k = k.clone();
+            let _ = at;
+            keys.insert(k.clone(), now);
+            return k;
+        }
+        let k = Rc::new(key);
+        keys.insert(k.clone(), now);
+        k
+    }
+
+    /// An idle connection with `key`, or a seat to log in a new one, in
+    /// arrival order with other waiters, until `deadline`. Also says
+    /// whether it had to wait.
+    pub async fn claim(
+        self: &Rc<Self>,
+        key: &PoolKey,
+        deadline: monoio::time::Instant,
+    ) -> Result<(Claim, bool), PoolFull> {
+        let mut queued: Option<Queued> = None;
+        loop {
+            let my_turn = match &queued {
+                None => self.waiters.borrow().is_empty() && self.woken.get() == 0,
+                Some(q) => q.waiter.woken.get(),
+            };
+            if my_turn {
+                if let Some(q) = &queued {
+                    // Its wake is used now, whatever comes of it.
+                    q.waiter.woken.set(false);
+                    self.woken.set(self.woken.get() - 1);
+                }
+                if let Some(claim) = self.try_claim(key) {
+                    return Ok((claim, queued.is_some()));
+                }
+            }
+            let waiter = match &queued {
+                // Woken, yet nothing free after all (another key's login
+                // took the seat): first in line again.
+                Some(q) => {
+                    self.waiters.borrow_mut().push_front(q.waiter.clone());
+                    q.waiter.clone()
+                }
+                None => {
+                    let w = Rc::new(Waiter::default());
+                    self.waiters.borrow_mut().push_back(w.clone());
+                    queued = Some(Queued {
+                        pool: self.clone(),
+                        waiter: w.clone(),
+                    });
+                    w
+                }
+            };
+            let woken = poll_fn(move |cx| {
+                if waiter.woken.get() {
+                    Poll::Ready(())
+                } else {
+                    *waiter.waker.borrow_mut() = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            });
+            if monoio::time::timeout_at(deadline, woken).await.is_err() {
+                // `queued` leaves the line as it drops.
+                self.counters.borrow_mut().timeouts += 1;
+                return Err(PoolFull);
+            }
+        }
+    }
+
+    /// Marks a claim that had to wait, with how long it waited.
+    pub fn waited(&self, took: Duration) {
+        self.counters.borrow_mut().waited += 1;
+        self.checkout_wait.borrow_mut().record(took);
+    }
+
+    fn try_claim(self: &Rc<Self>, key: &PoolKey) -> Option<Claim> {
+        let mut idle = self.idle.borrow_mut();
+        if let Some(i) = idle.iter().rposition(|c| *c.state.key == *key) {
+            return idle.remove(i).map(Claim::Idle);
+        }
+        let limit = self.limit.get();
+        if limit == 0 || self.open.get() < limit {
+            self.open.set(self.open.get() + 1);
+            return Some(Claim::Login(Seat(self.clone())));
+        }
+        // Full, but some of it idle under other keys: the oldest idle
+        // makes room (its seat passes to this login without waking anyone).
+        let victim = idle.pop_front()?;
+        drop(idle);
+        self.counters.borrow_mut().closed.add("evicted", 1);
+        // The socket closes as the rest of the connection drops.
+        let ServerConn { state, .. } = victim;
+        let super::conn::ConnState { seat, .. } = state;
+        Some(Claim::Login(seat))
+    }
+
+    /// Wakes the first waiter, if any.
+    fn wake_one(&self) {
+        let Some(w) = self.waiters.borrow_mut().pop_front() else {
+            return;
+        };
+        w.woken.set(true);
+        self.woken.set(self.woken.get() + 1);
+        let waker = w.waker.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Pools a connection that came back clean, and wakes a waiter.
+    pub fn put_idle(&self, mut conn: ServerConn, now: Instant) {
+        conn.state.mark_idle(now);
+        self.idle.borrow_mut().push_back(conn);
+        self.wake_one();
+    }
+
+    /// Counts a connection closed for `reason`; dropping it frees its seat.
+    pub fn closed(&self, reason: &'static str) {
+        self.counters.borrow_mut().closed.add(reason, 1);
+    }
+
+    /// Takes the idle connections `retire` picks, oldest first, to close.
+    pub fn take_idle_where(&self, mut retire: impl FnMut(&ServerConn) -> bool) -> Vec<ServerConn> {
+        let mut idle = self.idle.borrow_mut();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(idle.len());
+        for c in idle.drain(..) {
+            if retire(&c) {
+                taken.push(c);
+            } else {
+                kept.push_back(c);
+            }
+        }
+        *idle = kept;
+        taken
+    }
+
+    /// Idle connections per key, and the keys served since `since` (the
+    /// others are forgotten).
+    pub fn recent_keys(&self, since: Instant) -> Vec<(Rc<PoolKey>, usize)> {
+        let mut keys = self.keys.borrow_mut();
+        keys.retain(|_, at| *at >= since);
+        let idle = self.idle.borrow();
+        keys.keys()
+            .map(|k| {
+                (
+                    k.clone(),
+                    idle.iter().filter(|c| *c.state.key == **k).count(),
+                )
+            })
+            .collect()
+    }
+
+    /// Takes a seat for a background login (`min_idle`), only if one is
+    /// free without waiting and nobody waits.
+    pub fn spare_seat(self: &Rc<Self>) -> Option<Seat> {
+        let limit = self.limit.get();
+        let free = limit == 0 || self.open.get() < limit;
+        if !free || !self.waiters.borrow().is_empty() || self.woken.get() > 0 {
+            return None;
+        }
+        self.open.set(self.open.get() + 1);
+        Some(Seat(self.clone()))
+    }
+}
+
+/// A claim's place in line; leaves it when dropped (served, timed out, or
+/// the claim abandoned), passing on a wake it got and did not use.
+struct Queued {
+    pool: Rc<RoutePool>,
+    waiter: Rc<Waiter>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let pool = &self.pool;
+        pool.waiters
+            .borrow_mut()
+            .retain(|x| !Rc::ptr_eq(x, &self.waiter));
+        if self.waiter.woken.get() {
+            pool.woken.set(pool.woken.get() - 1);
+            pool.wake_one();
+        }
+    }
+}
+
+/// One shard's pools, by upstream name.
+pub struct Pools {
+    shard: usize,
+    shards: usize,
+    routes: RefCell<HashMap<String, Rc<RoutePool>>>,
+    /// The settings snapshot last applied, by address: a reload is noticed
+    /// by one pointer comparison.
+    seen: Cell<usize>,
+}
+
+impl Pools {
+    pub fn new(shard: usize, shards: usize) -> Pools {
+        Pools {
+            shard,
+            shards,
+            routes: RefCell::default(),
+            seen: Cell::new(0),
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The pool for `route`'s upstream, made on first use.
+    pub fn for_route(&self, route: &Arc<Route>) -> Rc<RoutePool> {
+        let mut routes = self.routes.borrow_mut();
+        if let Some(p) = routes.get(&route.config.name) {
+            return p.clone();
+        }
+        let limit = PoolConfig::share(
+            route.config.pool.max_server_connections,
+            self.shard,
+            self.shards,
+        );
+        let p = RoutePool::new(route.clone(), limit);
+        routes.insert(route.config.name.clone(), p.clone());
+        p
+    }
+
+    /// What the metrics and `/pools` show of this shard's pools.
+    pub fn views(&self) -> Vec<crate::metrics::PoolView> {
+        self.all()
+            .iter()
+            .map(|p| {
+                let c = p.counters.borrow();
+                let idle = p.idle_count();
+                crate::metrics::PoolView {
+                    upstream: p.name.clone(),
+                    shard: self.shard,
+                    mode: p.config().mode.as_str(),
+                    limit: p.limit(),
+                    idle,
+                    active: p.open().saturating_sub(idle),
+                    waiting: p.waiting(),
+                    checkouts_reused: c.reused,
+                    checkouts_login: c.logins,
+                    checkouts_waited: c.waited,
+                    checkout_timeouts: c.timeouts,
+                    resets: c.resets,
+                    reset_failures: c.reset_failures,
+                    closed: c.closed.clone(),
+                    checkout_wait: p.checkout_wait.borrow().clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn all(&self) -> Vec<Rc<RoutePool>> {
+        let mut v: Vec<_> = self.routes.borrow().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Applies a settings snapshot (identified by `id`) if it is new:
+    /// each pool takes its upstream's current entry and limit, and returns
+    /// the idle connections that entry no longer allows (another address,
+    /// TLS setting or credential), and those of upstreams gone, to close.
+    pub fn refresh(&self, id: usize, routes: &[Arc<Route>]) -> Vec<(Rc<RoutePool>, ServerConn)> {
+        if self.seen.replace(id) == id {
+            return Vec::new();
+        }
+        let mut stale = Vec::new();
+        for pool in self.all() {
+            let current = routes.iter().find(|r| r.config.name == pool.name);
+            let Some(current) = current else {
+                for c in pool.take_idle_where(|_| true) {
+                    stale.push((pool.clone(), c));
+                }
+                continue;
+            };
+            let limit = PoolConfig::share(
+                current.config.pool.max_server_connections,
+                self.shard,
+                self.shards,
+            );
+            pool.limit.set(limit);
+            *pool.route.borrow_mut() = current.clone();
+            for c in pool.take_idle_where(|c| !c.state.route.same_login(current, &c.state.key.user))
+            {
+                stale.push((pool.clone(), c));
+            }
+            // A higher limit may let waiters in.
+            pool.wake_one();
+        }
+        stale
+    }
+}

@@ -1,0 +1,509 @@
+//! The session's server connection: in session pooling, borrowed from the
+//! shard's pool on checkout (or logged in fresh when none idles with the
+//! client's key) and given back, reset, when the client leaves; with
+//! `[pool] mode = "off"`, a login of the session's own that closes with it.
+//!
+//! The client cannot tell the two apart: it is shown the login messages a
+//! fresh login would show it (the server's parameters with its own
+//! start-up values applied, its own BackendKeyData with the backend's real
+//! process id, ReadyForQuery), and it never sees a failure of a
+//! connection it had not used yet.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tracing::{debug, warn};
+
+use crate::error::ClientError;
+use crate::handshake::ClientStartup;
+use crate::protocol::backend::BackendKey;
+use crate::protocol::sqlstate;
+use crate::protocol::startup::ProtocolVersion;
+use crate::secret::Secret;
+use crate::server::checkout::{prepare, PrepareError};
+use crate::server::reset::{self, Plan};
+use crate::server::{split_params, Claim, ConnState, PoolKey, RoutePool, ServerConn};
+use crate::upstream::login::ISSUED_KEY_LEN;
+use crate::upstream::{self, Upstream, UpstreamStream};
+
+use super::refusal::{Refusal, Reply};
+use super::relay::{Kept, ServerSide};
+use super::startup::connect_upstream;
+use super::{cancel, Route, ShardContext, Start};
+
+/// How a session reaches its server.
+pub(super) enum ServerLink {
+    /// A login of its own, closed when the session ends.
+    Own(Upstream),
+    /// A pooled connection, given back when the session ends.
+    Pooled(Borrowed),
+}
+
+/// A pooled connection lent to a session.
+pub(super) struct Borrowed {
+    pub conn: ServerConn,
+    pub pool: Rc<RoutePool>,
+    /// What the client is shown of the login.
+    pub for_client: BytesMut,
+    /// Served another client before.
+    pub reused: bool,
+    /// From the token check's end to a ready connection.
+    pub checkout: Duration,
+}
+
+impl ServerLink {
+    pub fn backend_pid(&self) -> Option<u32> {
+        match self {
+            ServerLink::Own(up) => up.ready.upstream_key.as_ref().map(|k| k.process_id),
+            ServerLink::Pooled(b) => b.conn.state.pid(),
+        }
+    }
+
+    pub fn tls(&self) -> bool {
+        let stream = match self {
+            ServerLink::Own(up) => &up.stream,
+            ServerLink::Pooled(b) => &b.conn.stream,
+        };
+        matches!(stream, UpstreamStream::Tls(_))
+    }
+
+    pub fn auth_method(&self) -> &'static str {
+        match self {
+            ServerLink::Own(up) => up.ready.auth_method,
+            ServerLink::Pooled(b) => b.conn.state.auth_method,
+        }
+    }
+
+    pub fn minor(&self) -> u16 {
+        match self {
+            ServerLink::Own(up) => up.ready.minor,
+            ServerLink::Pooled(b) => b.conn.state.minor,
+        }
+    }
+
+    /// Whether the connection served another client before, and how long
+    /// the checkout took (`None` without pooling).
+    pub fn checkout(&self) -> Option<(bool, Duration)> {
+        match self {
+            ServerLink::Own(_) => None,
+            ServerLink::Pooled(b) => Some((b.reused, b.checkout)),
+        }
+    }
+}
+
+/// What the client asked for, as the checkout needs it.
+pub(super) struct Wanted<'a> {
+    pub startup: &'a ClientStartup,
+    pub token_id: &'a str,
+    pub password: Option<Secret>,
+    /// The start-up parameters tollgate would send upstream.
+    pub params: Vec<(String, String)>,
+    /// The token's own `session` parameters (they stay in the pool key).
+    pub fixed: &'a [(String, String)],
+}
+
+/// A connection for this client: an idle one with its key, or a new login,
+/// waiting in line while the upstream's share on this shard is in use.
+/// The client's cancel key is activated with the connection's real one.
+pub(super) async fn check_out(
+    ctx: &ShardContext,
+    start: &Start,
+    route: &Arc<Route>,
+    wanted: Wanted<'_>,
+    cancel_key: &cancel::Reservation,
+) -> Result<Borrowed, Refusal> {
+    refresh(ctx).await;
+    let pool = ctx.pools.for_route(route);
+    let config = &route.config.pool;
+    let began = Instant::now();
+    let minor = wanted.startup.version.minor;
+    let (key, settable) = split_params(&wanted.startup.user, minor, wanted.params, wanted.fixed);
+    let key = pool.intern(key, began);
+    let deadline = start
+        .deadline
+        .min(monoio::time::Instant::now() + config.checkout_timeout);
+    loop {
+        let claimed = pool.claim(&key, deadline).await;
+        let Ok((claim, waited)) = claimed else {
+            return Err(pool_full(&pool));
+        };
+        if waited {
+            pool.waited(began.elapsed());
+        }
+        let (mut conn, reused) = match claim {
+            Claim::Idle(conn) => match usable(&pool, conn) {
+                Some(conn) => (conn, true),
+                None => continue,
+            },
+            Claim::Login(seat) => {
+                let login = upstream::LoginParams {
+                    user: &key.user,
+                    password: wanted.password.clone(),
+                    version: wanted.startup.version,
+                    params: key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                    // Each client gets its own key on checkout; this one is
+                    // never shown.
+                    issued_secret: [0; ISSUED_KEY_LEN],
+                    seal: None,
+                };
+                let up = connect_upstream(ctx, start, wanted.token_id, route, login).await?;
+                pool.counters.borrow_mut().logins += 1;
+                match ServerConn::from_login(
+                    up,
+                    route.clone(),
+                    key.clone(),
+                    seat,
+                    config.max_lifetime,
+                ) {
+                    Ok(conn) => (conn, false),
+                    Err(e) => {
+                        warn!(reason = e.0, "a new server connection cannot be pooled");
+                        return Err(Refusal::new(
+                            "upstream_protocol",
+                            Reply::Client(ClientError::upstream_protocol()),
+                        ));
+                    }
+                }
+            }
+        };
+        let check = reused && conn.state.idle_for(Instant::now()) >= config.check_after;
+        let changed = match prepare(&mut conn, &settable, check).await {
+            Ok(changed) => changed,
+            Err(PrepareError::Broken(reason)) if reused => {
+                // Never used by this client: it sees nothing of it.
+                debug!(reason, "idle server connection failed its check");
+                pool.closed("broken");
+                continue;
+            }
+            Err(PrepareError::Broken(reason)) => {
+                pool.closed("broken");
+                let mut refusal =
+                    Refusal::new("upstream_lost", Reply::Client(ClientError::upstream_lost()));
+                refusal.detail = Some(format!("a new server connection failed: {reason}"));
+                return Err(refusal);
+            }
+            Err(PrepareError::Refused(fatal)) => {
+                // The connection is fine; the client's parameter is not.
+                pool.put_idle(conn, Instant::now());
+                return Err(Refusal::new(
+                    "startup_parameter_refused",
+                    Reply::Relay(fatal.to_vec()),
+                ));
+            }
+        };
+        if reused {
+            pool.counters.borrow_mut().reused += 1;
+            conn.state.served += 1;
+        }
+        let issued = issue_key(ctx, cancel_key, &conn, route);
+        let mut for_client = BytesMut::with_capacity(512);
+        conn.state
+            .greeting_for(&changed, issued.as_ref(), &mut for_client);
+        return Ok(Borrowed {
+            conn,
+            pool,
+            for_client,
+            reused,
+            checkout: began.elapsed(),
+        });
+    }
+}
+
+/// An idle connection still fit to lend: not closed by the server, not
+/// past its lifetime, logged in as the current settings would. Otherwise
+/// it is closed and counted.
+fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
+    let now = Instant::now();
+    let reason = if conn.closed_by_server() {
+        "broken"
+    } else if conn.state.retired(now) {
+        "lifetime"
+    } else if !conn
+        .state
+        .route
+        .same_login(&pool.route(), &conn.state.key.user)
+    {
+        "reload"
+    } else {
+        return Some(conn);
+    };
+    pool.closed(reason);
+    None
+}
+
+/// The client's BackendKeyData: the backend's real process id with this
+/// session's own secret (sealed in a fleet), of the length the protocol
+/// version in force uses.
+fn issue_key(
+    ctx: &ShardContext,
+    cancel_key: &cancel::Reservation,
+    conn: &ServerConn,
+    route: &Arc<Route>,
+) -> Option<BackendKey> {
+    let real = conn.state.upstream_key.as_ref()?;
+    let mut secret = cancel_key.secret;
+    if let Some(seal) = ctx.cancel_keys.sealer() {
+        seal(real.process_id, &mut secret);
+    }
+    let len = if conn.state.minor >= ProtocolVersion::LONG_CANCEL_KEYS {
+        ISSUED_KEY_LEN
+    } else {
+        4
+    };
+    let issued = BackendKey {
+        process_id: real.process_id,
+        secret_key: secret[..len].into(),
+    };
+    cancel_key.activate(&issued, real.clone(), route.clone());
+    Some(issued)
+}
+
+fn pool_full(pool: &RoutePool) -> Refusal {
+    let e = ClientError::new(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        "pool_full",
+        format!(
+            "no server connection to upstream \"{}\" came free within checkout_timeout \
+             ({} in use on this shard)",
+            pool.name,
+            pool.open()
+        ),
+    );
+    Refusal::new("pool_full", Reply::Client(e))
+}
+
+/// Takes back a connection whose client left: finishes its reset and pools
+/// it, or closes it. `kept` is what the relay handed back (`None` when the
+/// server side ended, or could not be stopped cleanly).
+pub(super) async fn give_back(
+    ctx: &ShardContext,
+    pool: Rc<RoutePool>,
+    state: ConnState,
+    kept: Option<Kept>,
+) {
+    let Some(kept) = kept else {
+        pool.closed("broken");
+        return;
+    };
+    let stream = match kept.server {
+        ServerSide::Plain(s) => UpstreamStream::Plain(s),
+        ServerSide::Tls(s) => UpstreamStream::Tls(s),
+    };
+    let mut conn = ServerConn { stream, state };
+    if let Plan::Close(reason) = kept.plan {
+        debug!(
+            reason,
+            "server connection closed: its client left it unclean"
+        );
+        pool.closed("unclean");
+        return;
+    }
+    if let Err(e) = reset::complete(&mut conn, &kept.plan, kept.framer, kept.leftover).await {
+        debug!(reason = e.as_str(), "server connection reset failed");
+        pool.counters.borrow_mut().reset_failures += 1;
+        pool.closed("reset_failed");
+        return;
+    }
+    pool.counters.borrow_mut().resets += 1;
+    let now = Instant::now();
+    let retire = if ctx.draining.fired().is_some() {
+        Some("shutdown")
+    } else if conn.state.retired(now) {
+        Some("lifetime")
+    } else if pool.config().mode != crate::config::PoolMode::Session
+        || !conn
+            .state
+            .route
+            .same_login(&pool.route(), &conn.state.key.user)
+    {
+        Some("reload")
+    } else {
+        None
+    };
+    match retire {
+        Some(reason) => {
+            pool.closed(reason);
+            conn.terminate().await;
+        }
+        None => pool.put_idle(conn, now),
+    }
+}
+
+/// Brings the shard's pools up to the current settings, closing the idle
+/// connections a reload retired.
+async fn refresh(ctx: &ShardContext) {
+    let settings = ctx.settings();
+    let stale = ctx
+        .pools
+        .refresh(Arc::as_ptr(&settings) as usize, &settings.routes);
+    for (pool, conn) in stale {
+        pool.closed("reload");
+        conn.terminate().await;
+    }
+}
+
+/// How often a shard looks after its pools.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Looks after the shard's pools for as long as it runs: applies reloads,
+/// closes idle connections that died, outlived `max_lifetime` or idled
+/// past `idle_timeout` (beyond `min_idle`), and opens connections to keep
+/// `min_idle` for the keys clients used lately (and, at start, for each
+/// database an upstream names and each role it has a login for). On a
+/// drain, closes the idle ones and stops.
+pub async fn maintain(ctx: Rc<ShardContext>) {
+    let mut first = true;
+    loop {
+        if first {
+            first = false;
+            refresh(&ctx).await;
+            foresee_keys(&ctx);
+        } else {
+            monoio::select! {
+                _ = monoio::time::sleep(MAINTENANCE_EVERY) => {}
+                _ = ctx.draining.wait() => {}
+            }
+            refresh(&ctx).await;
+        }
+        let draining = ctx.draining.fired().is_some();
+        for pool in ctx.pools.all() {
+            retire_idle(&pool, ctx.pools.shards(), draining).await;
+            if !draining {
+                keep_min_idle(&ctx, &pool);
+            }
+        }
+        if draining {
+            return;
+        }
+    }
+}
+
+/// Closes the idle connections that are dead, too old, or idle too long.
+async fn retire_idle(pool: &Rc<RoutePool>, shards: usize, all: bool) {
+    let now = Instant::now();
+    let config = pool.config();
+    let min = min_idle_share(shards, &config);
+    // Per key, idle connections beyond `min_idle` may time out, oldest
+    // first.
+    let mut spare: std::collections::HashMap<Rc<PoolKey>, usize> = Default::default();
+    let since = now.checked_sub(config.idle_timeout).unwrap_or(now);
+    for (key, idle) in pool.recent_keys(since) {
+        spare.insert(key, idle.saturating_sub(min));
+    }
+    let mut reasons = Vec::new();
+    let closing = pool.take_idle_where(|c| {
+        let reason = if all {
+            "shutdown"
+        } else if c.closed_by_server() {
+            "broken"
+        } else if c.state.retired(now) {
+            "lifetime"
+        } else if c.state.idle_for(now) >= config.idle_timeout {
+            match spare.get_mut(&c.state.key) {
+                Some(0) => return false,
+                Some(n) => {
+                    *n -= 1;
+                    "idle"
+                }
+                None => "idle",
+            }
+        } else {
+            return false;
+        };
+        reasons.push(reason);
+        true
+    });
+    for (conn, reason) in closing.into_iter().zip(reasons) {
+        pool.closed(reason);
+        conn.terminate().await;
+    }
+}
+
+/// This shard's part of `min_idle` (per key): an even split, rounded up.
+fn min_idle_share(shards: usize, config: &crate::config::PoolConfig) -> usize {
+    config.min_idle.div_ceil(shards.max(1))
+}
+
+/// Opens connections in the background where a key lately used has fewer
+/// than `min_idle` idle, while seats are free and nobody waits.
+fn keep_min_idle(ctx: &Rc<ShardContext>, pool: &Rc<RoutePool>) {
+    let config = pool.config();
+    if config.min_idle == 0 || config.mode != crate::config::PoolMode::Session {
+        return;
+    }
+    let min = min_idle_share(ctx.pools.shards(), &config);
+    let now = Instant::now();
+    let since = now.checked_sub(config.idle_timeout).unwrap_or(now);
+    for (key, idle) in pool.recent_keys(since) {
+        for _ in idle..min {
+            let Some(seat) = pool.spare_seat() else {
+                return;
+            };
+            monoio::spawn(warm(ctx.clone(), pool.clone(), key.clone(), seat));
+        }
+    }
+}
+
+/// Notes the keys most clients will have before any arrives: each database
+/// an upstream names (not `*`) with each role it logs in as, under
+/// protocol 3.0 with no other parameters (libpq's, pgjdbc's and most
+/// drivers' other start-up parameters are set on checkout).
+fn foresee_keys(ctx: &ShardContext) {
+    let settings = ctx.settings();
+    let now = Instant::now();
+    for route in &settings.routes {
+        let config = &route.config;
+        if config.pool.min_idle == 0 || config.pool.mode != crate::config::PoolMode::Session {
+            continue;
+        }
+        let pool = ctx.pools.for_route(route);
+        for db in config.databases.iter().filter(|d| *d != "*") {
+            for user in config.credentials.keys() {
+                let params = vec![("database".to_owned(), db.clone())];
+                let (key, _) = split_params(user, 0, params, &[]);
+                pool.intern(key, now);
+            }
+        }
+    }
+}
+
+/// A background login for `min_idle`, pooled when done.
+async fn warm(
+    ctx: Rc<ShardContext>,
+    pool: Rc<RoutePool>,
+    key: Rc<PoolKey>,
+    seat: crate::server::Seat,
+) {
+    let route = pool.route();
+    let Some(password) = route.config.credentials.get(&key.user).cloned() else {
+        return;
+    };
+    let login = upstream::LoginParams {
+        user: &key.user,
+        password,
+        version: ProtocolVersion {
+            major: 3,
+            minor: key.minor,
+        },
+        params: key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        issued_secret: [0; ISSUED_KEY_LEN],
+        seal: None,
+    };
+    let up =
+        upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys)
+            .await;
+    let up = match up {
+        Ok(up) => up,
+        Err(e) => {
+            warn!(upstream = %pool.name, reason = e.kind(), error = %e, "could not open an idle server connection (min_idle)");
+            return;
+        }
+    };
+    pool.counters.borrow_mut().logins += 1;
+    let max_lifetime = route.config.pool.max_lifetime;
+    if let Ok(conn) = ServerConn::from_login(up, route, key, seat, max_lifetime) {
+        pool.put_idle(conn, Instant::now());
+    }
+}
