@@ -89,9 +89,9 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
     }
     if s.matrix.connect {
         notes.push(
-            "-C cells: TPS includes connection set-up, the logged latencies do not; PgBouncer \
-             keeps server connections between clients (session pooling), tollgate and the \
-             relay open one per client connection"
+            "-C cells: TPS includes connection set-up, the logged latencies do not; tollgate \
+             and PgBouncer keep server connections between clients (session pooling; \
+             tollgate-nopool does not), the relay opens one per client connection"
                 .to_owned(),
         );
     }

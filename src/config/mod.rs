@@ -1036,6 +1036,38 @@ file = "tokens.toml"
     }
 
     #[test]
+    fn pool_settings_apply_to_every_upstream_unless_one_overrides_them() {
+        let text = r#"
+listen = "127.0.0.1:6432"
+[pool]
+max_server_connections = 20
+idle_timeout = "1m"
+[[upstream]]
+name = "main"
+host = "127.0.0.1"
+[upstream.pool]
+max_server_connections = 5
+mode = "off"
+[[upstream]]
+name = "other"
+host = "127.0.0.1"
+[tokens]
+file = "tokens.toml"
+"#;
+        let c = load(text).unwrap();
+        let (main, other) = (&c.upstreams[0].pool, &c.upstreams[1].pool);
+        assert_eq!(main.max_server_connections, 5);
+        assert_eq!(main.mode, PoolMode::Off);
+        assert_eq!(main.idle_timeout, Duration::from_secs(60), "inherited");
+        assert_eq!(other.max_server_connections, 20);
+        assert_eq!(other.mode, PoolMode::Session);
+        let bad = text.replace("mode = \"off\"", "mode = \"transaction\"");
+        assert!(load(&bad).is_err());
+        let unknown = text.replace("idle_timeout", "idle_timout");
+        assert!(load(&unknown).is_err());
+    }
+
+    #[test]
     fn several_upstreams_route_by_database_and_token_rule() {
         let text = r#"
 listen = "127.0.0.1:6432"

@@ -97,8 +97,9 @@ pub struct RoutePool {
     woken: Cell<usize>,
     pub counters: RefCell<PoolCounters>,
     pub checkout_wait: RefCell<Latency>,
-    /// Keys served lately, with when: `min_idle` is kept for these.
-    keys: RefCell<HashMap<Rc<PoolKey>, Instant>>,
+    /// Keys served lately, with when (`None`: foreseen from the config,
+    /// kept for good): `min_idle` is kept for these.
+    keys: RefCell<HashMap<Rc<PoolKey>, Option<Instant>>>,
     /// Login messages shared by the connections that got the same.
     logins: RefCell<Vec<Rc<[u8]>>>,
 }
@@ -161,17 +162,17 @@ impl RoutePool {
     }
 
     /// The key, shared with the connections made for it, and noted as
-    /// served now.
-    pub fn intern(&self, key: PoolKey, now: Instant) -> Rc<PoolKey> {
+    /// served at `now` (`None`: foreseen, kept warm for good).
+    pub fn intern(&self, key: PoolKey, now: Option<Instant>) -> Rc<PoolKey> {
         let mut keys = self.keys.borrow_mut();
-        if let Some((k, at)) = keys.get_key_value(&key) {
-            let k = k.clone();
-            let _ = at;
-            keys.insert(k.clone(), now);
-            return k;
+        let k = match keys.get_key_value(&key) {
+            Some((k, _)) => k.clone(),
+            None => Rc::new(key),
+        };
+        let at = keys.entry(k.clone()).or_insert(now);
+        if at.is_some() {
+            *at = now;
         }
-        let k = Rc::new(key);
-        keys.insert(k.clone(), now);
         k
     }
 
@@ -304,7 +305,7 @@ impl RoutePool {
     /// others are forgotten).
     pub fn recent_keys(&self, since: Instant) -> Vec<(Rc<PoolKey>, usize)> {
         let mut keys = self.keys.borrow_mut();
-        keys.retain(|_, at| *at >= since);
+        keys.retain(|_, at| at.is_none_or(|at| at >= since));
         let idle = self.idle.borrow();
         keys.keys()
             .map(|k| {

@@ -120,7 +120,7 @@ pub(super) async fn check_out(
     let began = Instant::now();
     let minor = wanted.startup.version.minor;
     let (key, settable) = split_params(&wanted.startup.user, minor, wanted.params, wanted.fixed);
-    let key = pool.intern(key, began);
+    let key = pool.intern(key, Some(began));
     let deadline = start
         .deadline
         .min(monoio::time::Instant::now() + config.checkout_timeout);
@@ -229,6 +229,7 @@ fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
     } else {
         return Some(conn);
     };
+    debug!(reason, "idle server connection closed instead of lent");
     pool.closed(reason);
     None
 }
@@ -284,6 +285,7 @@ pub(super) async fn give_back(
     kept: Option<Kept>,
 ) {
     let Some(kept) = kept else {
+        debug!("server connection closed: the relay could not hand it back whole");
         pool.closed("broken");
         return;
     };
@@ -324,6 +326,7 @@ pub(super) async fn give_back(
     };
     match retire {
         Some(reason) => {
+            debug!(reason, "server connection closed instead of pooled");
             pool.closed(reason);
             conn.terminate().await;
         }
@@ -344,29 +347,32 @@ async fn refresh(ctx: &ShardContext) {
     }
 }
 
+/// How long after its last client a key still gets `min_idle` connections
+/// (the keys an upstream's config names get them for good).
+const KEYS_KEPT_WARM: Duration = Duration::from_secs(3600);
+
 /// How often a shard looks after its pools.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// Looks after the shard's pools for as long as it runs: applies reloads,
 /// closes idle connections that died, outlived `max_lifetime` or idled
 /// past `idle_timeout` (beyond `min_idle`), and opens connections to keep
-/// `min_idle` for the keys clients used lately (and, at start, for each
-/// database an upstream names and each role it has a login for). On a
+/// `min_idle` for the keys clients used within the last hour (and, for
+/// good, for each database an upstream names with each role it has a login
+/// for). On a
 /// drain, closes the idle ones and stops.
 pub async fn maintain(ctx: Rc<ShardContext>) {
     let mut first = true;
     loop {
-        if first {
-            first = false;
-            refresh(&ctx).await;
-            foresee_keys(&ctx);
-        } else {
+        if !std::mem::take(&mut first) {
             monoio::select! {
                 _ = monoio::time::sleep(MAINTENANCE_EVERY) => {}
                 _ = ctx.draining.wait() => {}
             }
-            refresh(&ctx).await;
         }
+        refresh(&ctx).await;
+        // Again after each reload too (cheap: a few map lookups).
+        foresee_keys(&ctx);
         let draining = ctx.draining.fired().is_some();
         for pool in ctx.pools.all() {
             retire_idle(&pool, ctx.pools.shards(), draining).await;
@@ -388,7 +394,7 @@ async fn retire_idle(pool: &Rc<RoutePool>, shards: usize, all: bool) {
     // Per key, idle connections beyond `min_idle` may time out, oldest
     // first.
     let mut spare: std::collections::HashMap<Rc<PoolKey>, usize> = Default::default();
-    let since = now.checked_sub(config.idle_timeout).unwrap_or(now);
+    let since = now.checked_sub(KEYS_KEPT_WARM).unwrap_or(now);
     for (key, idle) in pool.recent_keys(since) {
         spare.insert(key, idle.saturating_sub(min));
     }
@@ -435,7 +441,7 @@ fn keep_min_idle(ctx: &Rc<ShardContext>, pool: &Rc<RoutePool>) {
     }
     let min = min_idle_share(ctx.pools.shards(), &config);
     let now = Instant::now();
-    let since = now.checked_sub(config.idle_timeout).unwrap_or(now);
+    let since = now.checked_sub(KEYS_KEPT_WARM).unwrap_or(now);
     for (key, idle) in pool.recent_keys(since) {
         for _ in idle..min {
             let Some(seat) = pool.spare_seat() else {
@@ -452,7 +458,6 @@ fn keep_min_idle(ctx: &Rc<ShardContext>, pool: &Rc<RoutePool>) {
 /// drivers' other start-up parameters are set on checkout).
 fn foresee_keys(ctx: &ShardContext) {
     let settings = ctx.settings();
-    let now = Instant::now();
     for route in &settings.routes {
         let config = &route.config;
         if config.pool.min_idle == 0 || config.pool.mode != crate::config::PoolMode::Session {
@@ -463,7 +468,7 @@ fn foresee_keys(ctx: &ShardContext) {
             for user in config.credentials.keys() {
                 let params = vec![("database".to_owned(), db.clone())];
                 let (key, _) = split_params(user, 0, params, &[]);
-                pool.intern(key, now);
+                pool.intern(key, None);
             }
         }
     }

@@ -355,22 +355,8 @@ fn a_client_that_vanishes_mid_transaction_mid_copy_or_mid_query_leaves_nothing_b
     runtime().block_on(async {
         // The next client gets the same backend, clean, well before the
         // sleep would have ended.
-        let c = loop {
-            let c = pg_connect(&env.conn_str("app", "appdb", &token))
-                .await
-                .unwrap();
-            if backend_pid(&c).await as u32 == pid {
-                break c;
-            }
-            // Still resetting: a new login served this one.
-            assert!(
-                vanished.elapsed() < Duration::from_secs(5),
-                "never pooled again"
-            );
-            drop(c);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        assert!(vanished.elapsed() < Duration::from_secs(10));
+        let c = connect_on(&env.conn_str("app", "appdb", &token), pid as i32).await;
+        assert!(vanished.elapsed() < Duration::from_secs(5));
         assert_eq!(
             one_row(&c, "select v from vanish where id = 1").await,
             "one"
@@ -674,4 +660,195 @@ fn mode_off_gives_each_client_a_login_of_its_own() {
         assert_eq!(app_backends(&direct).await, 1, "only the open client's");
     });
     assert!(env.log().contains("server_reused=None") || !env.log().contains("server_reused=true"));
+}
+
+/// With TLS on both legs (the relay's owned-buffer pump, which stops a
+/// kept server connection differently): a connection is reused clean, and
+/// one whose client was killed mid-query is cancelled, drained and reused.
+#[test]
+fn pooling_works_with_tls_on_both_legs() {
+    let ca = Ca::new("pooling CA");
+    let files = Files::new();
+    let (pg_cert, pg_key) = ca.leaf(&["localhost"]);
+    let pg_cert = files.write("pg.crt", &pg_cert, false);
+    let pg_key = files.write_server_key("pg.key", &pg_key);
+    let (tg_cert, tg_key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let tg_cert = files.write("tg.crt", &tg_cert, false);
+    let tg_key = files.write("tg.key", &tg_key, true);
+    let ca_file = files.write("ca.crt", &ca.pem(), false);
+    let mut env = Env::build(EnvOptions {
+        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
+        upstream_host: "localhost".into(),
+        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
+        tables: tls_table(&tg_cert, &tg_key, "require"),
+        workers: 1,
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app", "--database", "appdb"]);
+    env.start_proxy();
+    let conn = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=app dbname=appdb password={token} \
+         sslmode=verify-full sslrootcert={}",
+        env.addr().port(),
+        ca_file.display()
+    );
+    let psql = |sql: &str| -> String {
+        let out = pg_tool("psql")
+            .args([conn.as_str(), "-XAt", "-c", sql])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let pid = psql("set timezone = 'Asia/Tokyo'; select pg_backend_pid()");
+    // psql prints SET before the pid.
+    let pid = pid.lines().last().unwrap().to_owned();
+    // The reset runs after the client left; give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let (again, tz) = {
+        let out = psql("select pg_backend_pid() || ' ' || current_setting('TimeZone')");
+        let (p, t) = out.split_once(' ').unwrap();
+        (p.to_owned(), t.to_owned())
+    };
+    if again != pid {
+        let log = env.log();
+        panic!("not reused over TLS ({again} != {pid}): {log}");
+    }
+    assert_eq!(tz, "Etc/UTC");
+
+    // A client killed in the middle of a long query.
+    let mut running = pg_tool("psql")
+        .args([conn.as_str(), "-XAt", "-c", "select pg_sleep(30)"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    running.kill().unwrap();
+    let _ = running.wait();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(3);
+    loop {
+        let state = env
+            .cluster
+            .psql(
+                "postgres",
+                &format!("select state from pg_stat_activity where pid = {pid}"),
+            )
+            .unwrap();
+        if state == "idle" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend {pid} still {state:?}: {}",
+            env.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let now = psql("select pg_backend_pid()");
+    if now != pid {
+        let log = env.log();
+        let lines: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains("server connection") || l.contains("cancel"))
+            .collect();
+        panic!("not reused: {}", lines.join("\n"));
+    }
+    // Idle within seconds of a 30 s sleep: it was cancelled.
+    assert!(killed.elapsed() < Duration::from_secs(5));
+}
+
+/// Pids of the app role's backends, per the server.
+fn app_pids(env: &Env) -> Vec<i32> {
+    env.cluster
+        .psql(
+            "postgres",
+            "select pid from pg_stat_activity where usename = 'app' and backend_type = 'client backend'",
+        )
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Waits up to `within` for `ok` to hold.
+fn eventually_holds(within: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if ok() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn min_idle_opens_connections_at_start_and_idle_timeout_closes_the_rest() {
+    let mut env = Env::build(EnvOptions {
+        workers: 1,
+        upstream: "databases = [\"appdb\"]".into(),
+        tables: "[pool]\nmin_idle = 2\nidle_timeout = \"1s\"\n".into(),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    // Opened before any client came.
+    assert!(
+        eventually_holds(Duration::from_secs(5), || app_pids(&env).len() == 2),
+        "min_idle at start: {:?}",
+        app_pids(&env)
+    );
+    let warm = app_pids(&env);
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        // A client is served by one of them; five at once need three more.
+        let c = pg_connect(&conn).await.unwrap();
+        assert!(
+            warm.contains(&backend_pid(&c).await),
+            "a warm connection served it"
+        );
+        drop(c);
+        let many = futures_join(&conn, 5).await;
+        drop(many);
+    });
+    assert!(app_pids(&env).len() >= 5);
+    // Idle past idle_timeout: closed down to min_idle, no further.
+    assert!(
+        eventually_holds(Duration::from_secs(6), || app_pids(&env).len() == 2),
+        "idle_timeout: {:?}",
+        app_pids(&env)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(app_pids(&env).len(), 2, "min_idle is kept");
+}
+
+#[test]
+fn a_connection_past_max_lifetime_is_closed_instead_of_pooled() {
+    let mut env = env_with(1, "max_lifetime = \"1s\"", HbaAuth::ScramSha256);
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let c = pg_connect(&conn).await.unwrap();
+        let old = backend_pid(&c).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let c = pg_connect(&conn).await.unwrap();
+        assert_ne!(backend_pid(&c).await, old, "retired at its lifetime");
+    });
+    assert!(
+        eventually_holds(Duration::from_secs(3), || app_pids(&env).len() == 1),
+        "the old backend is gone: {:?}",
+        app_pids(&env)
+    );
 }

@@ -38,8 +38,19 @@ struct Stopping {
     /// the server was idle): the stream cannot be trusted.
     read_cut: Cell<bool>,
     /// The reset's prologue is sent: the next completed read is the
-    /// reset's, not the client's.
+    /// reset's, not the client's. Set only once the prologue is out
+    /// whole, and then at once, so the other direction cannot take the
+    /// server's answer to it for the client's.
     stop: Cell<bool>,
+    /// The prologue is being written: if the session ends meanwhile, the
+    /// server holds part of it. A read that completes meanwhile may hold
+    /// the server's first answers to it: the other direction keeps those
+    /// and waits (woken through `waiting`) for the write to finish.
+    writing_prologue: Cell<bool>,
+    waiting: Cell<Option<std::task::Waker>>,
+    /// The client left and its connection's reset has begun: a kill must
+    /// no longer cut the other direction's read.
+    resetting: Cell<bool>,
     /// What the prologue carried out, and how the client ended.
     sent: RefCell<Option<(Plan, EndedBy)>>,
 }
@@ -84,15 +95,24 @@ where
                 reset_plan(keep.as_deref(), &tracks, e, client_end, true)
             {
                 if !matches!(plan, Plan::Close(_)) {
-                    stopping.stop.set(true);
+                    stopping.resetting.set(true);
+                    // The cancel's answer (the query's error) is relayed to
+                    // the departed client, i.e. dropped; if that ends the
+                    // other direction first, the plan is made again below.
                     if cancel {
                         if let Some(abandon) = abandon.take() {
                             Box::pin(abandon()).await;
                         }
                     }
+                    stopping.writing_prologue.set(true);
                     let (res, _) = server_w.write_all(prologue).await;
+                    stopping.writing_prologue.set(false);
+                    if let Some(waker) = stopping.waiting.take() {
+                        waker.wake();
+                    }
                     if res.is_ok() {
                         *stopping.sent.borrow_mut() = Some((plan, e));
+                        stopping.stop.set(true);
                         // The other direction stops at its next read; if
                         // the server says nothing, the connection is
                         // closed.
@@ -128,13 +148,20 @@ where
         (Finished::Up(e) | Finished::Down(e, _), None) => *e,
     };
     let ended_by = tracks.borrow().attribute(ended_by);
+    if stopping.writing_prologue.get() {
+        // Ended while half the prologue was out: nothing to keep.
+        return Ended {
+            by: ended_by,
+            kept: None,
+        };
+    }
     let kept = match (finished, sent) {
         // The prologue is out and the server answered: hand it all over.
         (Finished::Down(_, Some(rest)), Some((plan, _))) => Some((plan, BytesMut::from(&rest[..]))),
         // Or the other direction ended on the client's side of a write,
         // having read nothing of the reset's: its answers are unread.
         (Finished::Down(EndedBy::ClientIo, None), Some((plan, _))) => Some((plan, BytesMut::new())),
-        (_, Some(_)) => None,
+        (_, Some(_)) | (Finished::Down(_, Some(_)), None) => None,
         (_, None) => {
             let client_end = (!stopping.writing.get(), said_goodbye.get());
             let intact = !stopping.read_cut.get();
@@ -267,15 +294,17 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
 ) -> (EndedBy, Option<Vec<u8>>) {
     let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
-        if goodbye.get() && tracks.borrow().drained() {
-            // The client said goodbye and has every answer it asked for.
+        if goodbye.get() && !stopping.resetting.get() && tracks.borrow().drained() {
+            // The client said goodbye and has every answer it asked for
+            // (and the other direction, waiting for that, has not begun
+            // the reset itself).
             return (EndedBy::ClientClosed, None);
         }
         if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
         let read = from.read(buf);
-        let (res, b) = if at_boundary() && !stopping.stop.get() {
+        let (res, b) = if at_boundary() && !stopping.resetting.get() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {
                 r = read => r,
@@ -293,6 +322,20 @@ async fn server_to_client<R: AsyncReadRent, W: AsyncWriteRent>(
             Ok(n) => n,
             Err(_) => return (EndedBy::ServerIo, None),
         };
+        if stopping.writing_prologue.get() {
+            // Maybe the server's answer to the prologue, whose write has not
+            // finished yet: keep it, and wait for the write.
+            std::future::poll_fn(|cx| {
+                if stopping.writing_prologue.get() {
+                    stopping.waiting.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            return (EndedBy::ClientClosed, Some(buf));
+        }
         if stopping.stop.get() {
             return (EndedBy::ClientClosed, Some(buf));
         }
