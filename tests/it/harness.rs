@@ -767,6 +767,28 @@ impl ServingCert {
 }
 
 /// A `[tls]` table for tollgate's client side.
+/// Certificates for TLS on both legs, from one CA: the cluster's for
+/// `localhost`, tollgate's for `localhost` and 127.0.0.1. Returns the
+/// options (cluster TLS on, upstream `verify-full` by name, `[tls]` in
+/// `client_mode`) and the CA file clients verify with.
+pub fn tls_on_both_legs(ca: &Ca, files: &Files, client_mode: &str) -> (EnvOptions, PathBuf) {
+    let (pg_cert, pg_key) = ca.leaf(&["localhost"]);
+    let pg_cert = files.write("pg.crt", &pg_cert, false);
+    let pg_key = files.write_server_key("pg.key", &pg_key);
+    let (tg_cert, tg_key) = ca.leaf(&["localhost", "127.0.0.1"]);
+    let tg_cert = files.write("tg.crt", &tg_cert, false);
+    let tg_key = files.write("tg.key", &tg_key, true);
+    let ca_file = files.write("ca.crt", &ca.pem(), false);
+    let options = EnvOptions {
+        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
+        upstream_host: "localhost".into(),
+        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
+        tables: tls_table(&tg_cert, &tg_key, client_mode),
+        ..EnvOptions::default()
+    };
+    (options, ca_file)
+}
+
 pub fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
     format!(
         "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",

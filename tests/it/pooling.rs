@@ -669,20 +669,10 @@ fn mode_off_gives_each_client_a_login_of_its_own() {
 fn pooling_works_with_tls_on_both_legs() {
     let ca = Ca::new("pooling CA");
     let files = Files::new();
-    let (pg_cert, pg_key) = ca.leaf(&["localhost"]);
-    let pg_cert = files.write("pg.crt", &pg_cert, false);
-    let pg_key = files.write_server_key("pg.key", &pg_key);
-    let (tg_cert, tg_key) = ca.leaf(&["localhost", "127.0.0.1"]);
-    let tg_cert = files.write("tg.crt", &tg_cert, false);
-    let tg_key = files.write("tg.key", &tg_key, true);
-    let ca_file = files.write("ca.crt", &ca.pem(), false);
+    let (options, ca_file) = tls_on_both_legs(&ca, &files, "require");
     let mut env = Env::build(EnvOptions {
-        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
-        upstream_host: "localhost".into(),
-        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
-        tables: tls_table(&tg_cert, &tg_key, "require"),
         workers: 1,
-        ..EnvOptions::default()
+        ..options
     });
     let token = env.create_token(&["--user", "app", "--database", "appdb"]);
     env.start_proxy();

@@ -22,21 +22,8 @@ fn psql(conn: &str, sql: &str) -> std::process::Output {
 fn verified_tls_on_both_legs_with_channel_binding() {
     let ca = Ca::new("tollgate test CA");
     let files = Files::new();
-    let (pg_cert, pg_key) = ca.leaf(&["localhost"]);
-    let pg_cert = files.write("pg.crt", &pg_cert, false);
-    let pg_key = files.write_server_key("pg.key", &pg_key);
-    let (tg_cert, tg_key) = ca.leaf(&["localhost", "127.0.0.1"]);
-    let tg_cert = files.write("tg.crt", &tg_cert, false);
-    let tg_key = files.write("tg.key", &tg_key, true);
-    let ca_file = files.write("ca.crt", &ca.pem(), false);
-
-    let mut env = Env::build(EnvOptions {
-        cluster_conf: pg_ssl_conf(&pg_cert, &pg_key),
-        upstream_host: "localhost".into(),
-        upstream: format!("tls = \"verify-full\"\nca_file = \"{}\"", ca_file.display()),
-        tables: tls_table(&tg_cert, &tg_key, "allow"),
-        ..EnvOptions::default()
-    });
+    let (options, ca_file) = tls_on_both_legs(&ca, &files, "allow");
+    let mut env = Env::build(options);
     let token = env.create_token(&["--user", "app", "--database", "appdb"]);
     env.start_proxy();
     let port = env.addr().port();
