@@ -102,6 +102,11 @@ pub struct RoutePool {
     keys: RefCell<HashMap<Rc<PoolKey>, Option<Instant>>>,
     /// Login messages shared by the connections that got the same.
     logins: RefCell<Vec<Rc<[u8]>>>,
+    /// After a background login (`min_idle`) failed: none is tried again
+    /// before this, so a server that is down is not asked every second.
+    warm_after: Cell<Option<Instant>>,
+    /// Background logins in flight.
+    pub warming: Cell<usize>,
 }
 
 impl RoutePool {
@@ -118,7 +123,19 @@ impl RoutePool {
             checkout_wait: RefCell::new(Latency::new()),
             keys: RefCell::default(),
             logins: RefCell::default(),
+            warm_after: Cell::new(None),
+            warming: Cell::new(0),
         })
+    }
+
+    /// Whether background logins may be tried at `now`.
+    pub fn may_warm(&self, now: Instant) -> bool {
+        self.warming.get() == 0 && self.warm_after.get().is_none_or(|t| now >= t)
+    }
+
+    /// A background login failed: hold the others off until `until`.
+    pub fn hold_warming(&self, until: Instant) {
+        self.warm_after.set(Some(until));
     }
 
     /// `login` as a shared copy: the same bytes as a connection logged in

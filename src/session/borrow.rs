@@ -351,6 +351,9 @@ async fn refresh(ctx: &ShardContext) {
 /// (the keys an upstream's config names get them for good).
 const KEYS_KEPT_WARM: Duration = Duration::from_secs(3600);
 
+/// After a failed background login, how long before the next.
+const WARM_RETRY: Duration = Duration::from_secs(10);
+
 /// How often a shard looks after its pools.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(1);
 
@@ -441,13 +444,22 @@ fn keep_min_idle(ctx: &Rc<ShardContext>, pool: &Rc<RoutePool>) {
     }
     let min = min_idle_share(ctx.pools.shards(), &config);
     let now = Instant::now();
+    if !pool.may_warm(now) {
+        return;
+    }
     let since = now.checked_sub(KEYS_KEPT_WARM).unwrap_or(now);
     for (key, idle) in pool.recent_keys(since) {
         for _ in idle..min {
             let Some(seat) = pool.spare_seat() else {
                 return;
             };
-            monoio::spawn(warm(ctx.clone(), pool.clone(), key.clone(), seat));
+            pool.warming.set(pool.warming.get() + 1);
+            let (ctx, pool) = (ctx.clone(), pool.clone());
+            let key = key.clone();
+            monoio::spawn(async move {
+                warm(&ctx, &pool, key, seat).await;
+                pool.warming.set(pool.warming.get() - 1);
+            });
         }
     }
 }
@@ -475,12 +487,7 @@ fn foresee_keys(ctx: &ShardContext) {
 }
 
 /// A background login for `min_idle`, pooled when done.
-async fn warm(
-    ctx: Rc<ShardContext>,
-    pool: Rc<RoutePool>,
-    key: Rc<PoolKey>,
-    seat: crate::server::Seat,
-) {
+async fn warm(ctx: &ShardContext, pool: &RoutePool, key: Rc<PoolKey>, seat: crate::server::Seat) {
     let route = pool.route();
     let Some(password) = route.config.credentials.get(&key.user).cloned() else {
         return;
@@ -502,6 +509,7 @@ async fn warm(
     let up = match up {
         Ok(up) => up,
         Err(e) => {
+            pool.hold_warming(Instant::now() + WARM_RETRY);
             warn!(upstream = %pool.name, reason = e.kind(), error = %e, "could not open an idle server connection (min_idle)");
             return;
         }
