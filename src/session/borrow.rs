@@ -138,34 +138,10 @@ pub(super) async fn check_out(
                 None => continue,
             },
             Claim::Login(seat) => {
-                let login = upstream::LoginParams {
-                    user: &key.user,
-                    password: wanted.password.clone(),
-                    version: wanted.startup.version,
-                    params: key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                    // Each client gets its own key on checkout; this one is
-                    // never shown.
-                    issued_secret: [0; ISSUED_KEY_LEN],
-                    seal: None,
-                };
-                let up = connect_upstream(ctx, start, wanted.token_id, route, login).await?;
+                let login = (&key, wanted.password.clone(), wanted.startup.version);
+                let conn = log_in(ctx, start, wanted.token_id, route, login, seat).await?;
                 pool.counters.borrow_mut().logins += 1;
-                match ServerConn::from_login(
-                    up,
-                    route.clone(),
-                    key.clone(),
-                    seat,
-                    config.max_lifetime,
-                ) {
-                    Ok(conn) => (conn, false),
-                    Err(e) => {
-                        warn!(reason = e.0, "a new server connection cannot be pooled");
-                        return Err(Refusal::new(
-                            "upstream_protocol",
-                            Reply::Client(ClientError::upstream_protocol()),
-                        ));
-                    }
-                }
+                (conn, false)
             }
         };
         let check = reused && conn.state.idle_for(Instant::now()) >= config.check_after;
@@ -177,21 +153,7 @@ pub(super) async fn check_out(
                 pool.closed("broken");
                 continue;
             }
-            Err(PrepareError::Broken(reason)) => {
-                pool.closed("broken");
-                let mut refusal =
-                    Refusal::new("upstream_lost", Reply::Client(ClientError::upstream_lost()));
-                refusal.detail = Some(format!("a new server connection failed: {reason}"));
-                return Err(refusal);
-            }
-            Err(PrepareError::Refused(fatal)) => {
-                // The connection is fine; the client's parameter is not.
-                pool.put_idle(conn, Instant::now());
-                return Err(Refusal::new(
-                    "startup_parameter_refused",
-                    Reply::Relay(fatal.to_vec()),
-                ));
-            }
+            Err(e) => return Err(not_ready(&pool, conn, e)),
         };
         if reused {
             pool.counters.borrow_mut().reused += 1;
@@ -208,6 +170,66 @@ pub(super) async fn check_out(
             reused,
             checkout: began.elapsed(),
         });
+    }
+}
+
+/// A new login for the pool, under `seat`: the key's parameters only (the
+/// client's settable ones follow on checkout), and no client's cancel key
+/// (each client gets its own on checkout).
+async fn log_in(
+    ctx: &ShardContext,
+    start: &Start,
+    token_id: &str,
+    route: &Arc<Route>,
+    (key, password, version): (&Rc<PoolKey>, Option<Secret>, ProtocolVersion),
+    seat: crate::server::Seat,
+) -> Result<ServerConn, Refusal> {
+    let login = login_params(key, password, version);
+    let up = connect_upstream(ctx, start, token_id, route, login).await?;
+    let max_lifetime = route.config.pool.max_lifetime;
+    ServerConn::from_login(up, route.clone(), key.clone(), seat, max_lifetime).map_err(|e| {
+        warn!(reason = e.0, "a new server connection cannot be pooled");
+        Refusal::new(
+            "upstream_protocol",
+            Reply::Client(ClientError::upstream_protocol()),
+        )
+    })
+}
+
+/// A pooled connection's login: as `key` says, with no cancel key of a
+/// client's.
+fn login_params(
+    key: &PoolKey,
+    password: Option<Secret>,
+    version: ProtocolVersion,
+) -> upstream::LoginParams<'_, impl Iterator<Item = (&str, &str)>> {
+    upstream::LoginParams {
+        user: &key.user,
+        password,
+        version,
+        params: key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        issued_secret: [0; ISSUED_KEY_LEN],
+        seal: None,
+    }
+}
+
+/// A connection that could not be readied for the client: a new one that
+/// failed is closed and reported as lost; one the client's parameters were
+/// refused on goes back to the pool, and the client gets the server's
+/// error, as at a direct start-up.
+fn not_ready(pool: &RoutePool, conn: ServerConn, e: PrepareError) -> Refusal {
+    match e {
+        PrepareError::Broken(reason) => {
+            pool.closed("broken");
+            let mut refusal =
+                Refusal::new("upstream_lost", Reply::Client(ClientError::upstream_lost()));
+            refusal.detail = Some(format!("a new server connection failed: {reason}"));
+            refusal
+        }
+        PrepareError::Refused(fatal) => {
+            pool.put_idle(conn, Instant::now());
+            Refusal::new("startup_parameter_refused", Reply::Relay(fatal.to_vec()))
+        }
     }
 }
 
@@ -492,17 +514,11 @@ async fn warm(ctx: &ShardContext, pool: &RoutePool, key: Rc<PoolKey>, seat: crat
     let Some(password) = route.config.credentials.get(&key.user).cloned() else {
         return;
     };
-    let login = upstream::LoginParams {
-        user: &key.user,
-        password,
-        version: ProtocolVersion {
-            major: 3,
-            minor: key.minor,
-        },
-        params: key.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        issued_secret: [0; ISSUED_KEY_LEN],
-        seal: None,
+    let version = ProtocolVersion {
+        major: 3,
+        minor: key.minor,
     };
+    let login = login_params(&key, password, version);
     let up =
         upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys)
             .await;

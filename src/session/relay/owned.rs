@@ -90,36 +90,8 @@ where
                 &stopping.writing,
             )
             .await;
-            let client_end = (!stopping.writing.get(), said_goodbye.get());
-            if let Some((plan, cancel, prologue)) =
-                reset_plan(keep.as_deref(), &tracks, e, client_end, true)
-            {
-                if !matches!(plan, Plan::Close(_)) {
-                    stopping.resetting.set(true);
-                    // The cancel's answer (the query's error) is relayed to
-                    // the departed client, i.e. dropped; if that ends the
-                    // other direction first, the plan is made again below.
-                    if cancel {
-                        if let Some(abandon) = abandon.take() {
-                            Box::pin(abandon()).await;
-                        }
-                    }
-                    stopping.writing_prologue.set(true);
-                    let (res, _) = server_w.write_all(prologue).await;
-                    stopping.writing_prologue.set(false);
-                    if let Some(waker) = stopping.waiting.take() {
-                        waker.wake();
-                    }
-                    if res.is_ok() {
-                        *stopping.sent.borrow_mut() = Some((plan, e));
-                        stopping.stop.set(true);
-                        // The other direction stops at its next read; if
-                        // the server says nothing, the connection is
-                        // closed.
-                        monoio::time::sleep(RESET_TIMEOUT).await;
-                    }
-                }
-            }
+            let shared = (keep.as_deref(), &tracks, &said_goodbye);
+            begin_reset(e, &mut server_w, shared, &stopping, &abandon).await;
             Finished::Up(e)
         };
         let down = async {
@@ -168,9 +140,7 @@ where
             match reset_plan(keep.as_deref(), &tracks, ended_by, client_end, intact) {
                 Some((plan, cancel, prologue)) => {
                     if cancel {
-                        if let Some(abandon) = abandon.take() {
-                            Box::pin(abandon()).await;
-                        }
+                        abandon_once(&abandon).await;
                     }
                     let (res, _) = server_w.write_all(prologue).await;
                     let plan = if res.is_ok() {
@@ -202,6 +172,62 @@ where
     Ended { by: ended_by, kept }
 }
 
+/// With a kept server, once the client has gone: the reset's plan and, unless
+/// it is to close, the cancel (when the client vanished mid-query) and the
+/// prologue, written whole before the other direction may stop at its next
+/// read (see [`Stopping`]). Then waits for that direction to end the
+/// session; if the server says nothing within [`RESET_TIMEOUT`], returns
+/// and the connection is closed.
+async fn begin_reset<W: AsyncWriteRent, A, F>(
+    e: EndedBy,
+    server_w: &mut W,
+    (keep, tracks, said_goodbye): (Option<&str>, &RefCell<Tracks>, &Cell<bool>),
+    stopping: &Stopping,
+    abandon: &Cell<Option<A>>,
+) where
+    A: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let client_end = (!stopping.writing.get(), said_goodbye.get());
+    let Some((plan, cancel, prologue)) = reset_plan(keep, tracks, e, client_end, true) else {
+        return;
+    };
+    if matches!(plan, Plan::Close(_)) {
+        return;
+    }
+    stopping.resetting.set(true);
+    // The cancel's answer (the query's error) is relayed to the departed
+    // client, i.e. dropped; if that ends the other direction first, the
+    // plan is made again after the select.
+    if cancel {
+        abandon_once(abandon).await;
+    }
+    stopping.writing_prologue.set(true);
+    let (res, _) = server_w.write_all(prologue).await;
+    stopping.writing_prologue.set(false);
+    if let Some(waker) = stopping.waiting.take() {
+        waker.wake();
+    }
+    if res.is_ok() {
+        *stopping.sent.borrow_mut() = Some((plan, e));
+        stopping.stop.set(true);
+        monoio::time::sleep(RESET_TIMEOUT).await;
+    }
+}
+
+/// Cancels the running query, once: boxed, as a cancel connects (maybe
+/// over TLS), a large future the pump would otherwise carry for the whole
+/// session.
+async fn abandon_once<A, F>(abandon: &Cell<Option<A>>)
+where
+    A: FnOnce() -> F,
+    F: std::future::Future<Output = ()>,
+{
+    if let Some(abandon) = abandon.take() {
+        Box::pin(abandon()).await;
+    }
+}
+
 /// The end of a session whose server connection is not kept: what the
 /// other side must hear.
 async fn end_unkept<SW: AsyncWriteRent, CW: AsyncWriteRent, A, F>(
@@ -223,13 +249,7 @@ async fn end_unkept<SW: AsyncWriteRent, CW: AsyncWriteRent, A, F>(
         EndAction::TellClient(bytes) => {
             let _ = client_w.write_all(bytes).await;
         }
-        // Boxed: a cancel connects (maybe over TLS), a large future the
-        // pump would otherwise carry for the whole session.
-        EndAction::Abandon => {
-            if let Some(abandon) = abandon.take() {
-                Box::pin(abandon()).await;
-            }
-        }
+        EndAction::Abandon => abandon_once(abandon).await,
     }
 }
 
