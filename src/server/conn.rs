@@ -7,7 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use super::key::PoolKey;
@@ -137,8 +137,7 @@ impl ServerConn {
     /// disconnection rather than an unexpected EOF.
     pub async fn terminate(mut self) {
         let mut bye = BytesMut::with_capacity(5);
-        bye.put_u8(b'X');
-        bye.put_i32(4);
+        postgres_protocol::message::frontend::terminate(&mut bye);
         let write = super::wire::write(&mut self.stream, bye);
         let _ = monoio::time::timeout(Duration::from_millis(200), write).await;
     }

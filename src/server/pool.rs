@@ -372,9 +372,10 @@ pub struct Pools {
     shard: usize,
     shards: usize,
     routes: RefCell<HashMap<String, Rc<RoutePool>>>,
-    /// The settings snapshot last applied, by address: a reload is noticed
-    /// by one pointer comparison.
-    seen: Cell<usize>,
+    /// The upstream entries last applied, held so that a reload is noticed
+    /// by pointer comparisons (held, an address cannot be reused by a
+    /// later snapshot's entry).
+    seen: RefCell<Vec<Arc<Route>>>,
 }
 
 impl Pools {
@@ -383,7 +384,7 @@ impl Pools {
             shard,
             shards,
             routes: RefCell::default(),
-            seen: Cell::new(0),
+            seen: RefCell::default(),
         }
     }
 
@@ -441,13 +442,19 @@ impl Pools {
         v
     }
 
-    /// Applies a settings snapshot (identified by `id`) if it is new:
+    /// Applies a settings snapshot's upstream entries if they are new:
     /// each pool takes its upstream's current entry and limit, and returns
     /// the idle connections that entry no longer allows (another address,
     /// TLS setting or credential), and those of upstreams gone, to close.
-    pub fn refresh(&self, id: usize, routes: &[Arc<Route>]) -> Vec<(Rc<RoutePool>, ServerConn)> {
-        if self.seen.replace(id) == id {
-            return Vec::new();
+    pub fn refresh(&self, routes: &[Arc<Route>]) -> Vec<(Rc<RoutePool>, ServerConn)> {
+        {
+            let mut seen = self.seen.borrow_mut();
+            let same = seen.len() == routes.len()
+                && seen.iter().zip(routes).all(|(a, b)| Arc::ptr_eq(a, b));
+            if same {
+                return Vec::new();
+            }
+            *seen = routes.to_vec();
         }
         let mut stale = Vec::new();
         for pool in self.all() {

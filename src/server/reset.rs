@@ -110,9 +110,7 @@ pub fn prologue(plan: &Plan, reset_query: &str) -> BytesMut {
             out.put_slice(portal.as_bytes());
             out.put_u8(0);
             out.put_i32(0);
-            // Sync.
-            out.put_u8(b'S');
-            out.put_i32(4);
+            postgres_protocol::message::frontend::sync(&mut out);
             wire::query(&mut out, "ROLLBACK");
             wire::query(&mut out, &format!("SELECT '{nonce}'"));
         }

@@ -360,9 +360,7 @@ pub(super) async fn give_back(
 /// connections a reload retired.
 async fn refresh(ctx: &ShardContext) {
     let settings = ctx.settings();
-    let stale = ctx
-        .pools
-        .refresh(Arc::as_ptr(&settings) as usize, &settings.routes);
+    let stale = ctx.pools.refresh(&settings.routes);
     for (pool, conn) in stale {
         pool.closed("reload");
         conn.terminate().await;

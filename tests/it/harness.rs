@@ -478,6 +478,21 @@ pub fn pg_tool(name: &str) -> Command {
     c
 }
 
+/// Runs `sql` with psql over `conn`, asserting success; its output,
+/// unaligned and trimmed.
+pub fn psql_ok(conn: &str, sql: &str) -> String {
+    let out = pg_tool("psql")
+        .args([conn, "-XAt", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// What a finished pgbench run reported.
 #[derive(Debug)]
 pub struct PgbenchSummary {
