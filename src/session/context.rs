@@ -71,6 +71,10 @@ pub struct ShardContext {
     /// waits for them as for sessions, or a client logging in at the
     /// moment of SIGTERM would see the process vanish.
     starting: Cell<usize>,
+    /// While the accept loop runs. A drain waits for it to stop as well:
+    /// a connection the kernel handed over just before the listener's
+    /// shutdown is only seen when the loop gets the accept's result.
+    accepting: Cell<bool>,
     /// Fires when the shard starts draining: the accept loop stops.
     pub draining: kill::KillSwitch,
 }
@@ -111,6 +115,7 @@ impl ShardContext {
                 .map(|j| (j.clone(), ShardCopy::new(&j.published))),
             next_session: Cell::new(0),
             starting: Cell::new(0),
+            accepting: Cell::new(false),
             draining: kill::KillSwitch::default(),
         }
     }
@@ -126,6 +131,16 @@ impl ShardContext {
     /// Start-ups in progress on this shard (see [`Starting`]).
     pub fn starting(&self) -> usize {
         self.starting.get()
+    }
+
+    /// Whether the shard's accept loop still runs.
+    pub fn accepting(&self) -> bool {
+        self.accepting.get()
+    }
+
+    /// Set by the accept loop when it starts and when it stops.
+    pub fn set_accepting(&self, on: bool) {
+        self.accepting.set(on);
     }
 
     /// Session ids are unique per process: shard number, then a counter.

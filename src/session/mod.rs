@@ -91,7 +91,22 @@ impl Drop for ConnectionSlot {
 
 /// Runs a client connection to completion. Never panics on client input;
 /// every attempt leaves one audit event with its real outcome.
-pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
+///
+/// The connection counts as starting from this call on, before the future
+/// first runs: a drain that looked between the accept and the task's
+/// first poll would otherwise see an idle shard and let the process exit
+/// with the connection in it.
+pub fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> {
+    let starting = Starting::enter(&ctx);
+    serve_connection(ctx, client, peer, starting)
+}
+
+async fn serve_connection(
+    ctx: Rc<ShardContext>,
+    client: TcpStream,
+    peer: SocketAddr,
+    starting: Starting,
+) {
     let open = ctx.connections.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.connection_opened();
     let _slot = ConnectionSlot(ctx.connections.clone(), ctx.metrics.clone());
@@ -111,7 +126,6 @@ pub async fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) {
     // future is as large as its largest state, and the start-up's (TLS
     // handshake, login) would otherwise stay allocated for the whole life
     // of an idle session.
-    let starting = Starting::enter(&ctx);
     let startup = Box::pin(async move {
         let mut start = start;
         let mut client = client;

@@ -193,6 +193,7 @@ async fn accept_loop(
     let ctx = Rc::new(ctx);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
     spawn_services(&ctx, inbox, fd);
+    ctx.set_accepting(true);
     let mut reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
@@ -236,6 +237,7 @@ async fn accept_loop(
     // SAFETY: shutdown(2) on the listener's own open fd; no memory touched.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     info!(shard, "listener closed; draining");
+    ctx.set_accepting(false);
     let _open_until_exit = listener;
     std::future::pending::<()>().await
 }

@@ -47,6 +47,16 @@ fn wait_for_log(path: &std::path::Path, needle: &str, within: Duration) {
     }
 }
 
+/// The last `n` lines of a proxy log above debug level, for a failure
+/// message (the test logs at trace, thousands of lines).
+fn last_info_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(" TRACE ") && !l.contains(" DEBUG "))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[test]
 fn pgbench_runs_through_an_in_place_upgrade() {
     let migrate = MigrateReq::on();
@@ -100,8 +110,15 @@ fn pgbench_runs_through_an_in_place_upgrade() {
         processed,
         failed,
         output,
-    } = pgbench_summary(&out)
-        .unwrap_or_else(|all| panic!("pgbench failed across the swap:\n{all}"));
+    } = pgbench_summary(&out).unwrap_or_else(|all| {
+        let new_text = std::fs::read_to_string(&new_log).unwrap_or_default();
+        panic!(
+            "pgbench failed across the swap:\n{all}\n\
+                 old process, last lines:\n{}\nnew process, last lines:\n{}",
+            last_info_lines(&env.log(), 30),
+            last_info_lines(&new_text, 30)
+        )
+    });
     assert_eq!(failed, 0, "{output}");
 
     // Both processes served sessions; the new one served after the old left.
