@@ -10,10 +10,11 @@
 //!
 //! No secret is ever a field: tokens appear by id, passwords not at all.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use tracing::info;
+
+use crate::net::Peer;
 
 /// The `tracing` target of every audit event.
 pub const TARGET: &str = "tollgate::audit";
@@ -45,7 +46,7 @@ impl std::fmt::Display for SessionId {
 /// error's text, say); the client was told less.
 pub fn rejected(
     session: SessionId,
-    client: SocketAddr,
+    client: Peer,
     attempt: &Attempt,
     reason: &'static str,
     detail: Option<&str>,
@@ -59,6 +60,8 @@ pub fn rejected(
         session = %session,
         shard = session.shard,
         client = %client,
+        peer_uid = client.credentials().0,
+        peer_pid = client.credentials().1,
         token_id = attempt.token_id.as_deref(),
         user = attempt.user.as_deref(),
         database = attempt.database.as_deref(),
@@ -85,7 +88,7 @@ pub struct Accepted<'a> {
     pub setup: Duration,
 }
 
-pub fn accepted(session: SessionId, client: SocketAddr, tls: Option<&'static str>, a: &Accepted) {
+pub fn accepted(session: SessionId, client: Peer, tls: Option<&'static str>, a: &Accepted) {
     info!(
         target: TARGET,
         parent: None,
@@ -94,6 +97,8 @@ pub fn accepted(session: SessionId, client: SocketAddr, tls: Option<&'static str
         session = %session,
         shard = session.shard,
         client = %client,
+        peer_uid = client.credentials().0,
+        peer_pid = client.credentials().1,
         token_id = a.token_id,
         backend_pid = a.backend_pid,
         user = a.user,
@@ -120,7 +125,7 @@ pub struct Ended<'a> {
     pub ended_by: &'static str,
 }
 
-pub fn ended(session: SessionId, client: SocketAddr, e: &Ended) {
+pub fn ended(session: SessionId, client: Peer, e: &Ended) {
     info!(
         target: TARGET,
         parent: None,
@@ -143,7 +148,7 @@ pub fn ended(session: SessionId, client: SocketAddr, e: &Ended) {
 }
 
 /// A CancelRequest, once its fate is known.
-pub fn cancel(client: SocketAddr, process_id: u32, result: &'static str) {
+pub fn cancel(client: Peer, process_id: u32, result: &'static str) {
     info!(
         target: TARGET,
         parent: None,

@@ -146,6 +146,8 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
         };
     }
     fixed!(listen, "listen");
+    fixed!(listen_tcp, "listen_tcp");
+    fixed!(unix_socket, "unix_socket_dir or unix_socket_permissions");
     fixed!(workers, "workers");
     fixed!(pin_cpus, "pin_cpus");
     fixed!(buffer_size, "buffer_size");

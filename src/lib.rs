@@ -18,6 +18,7 @@ pub mod handshake;
 mod io_util;
 pub mod logging;
 pub mod metrics;
+pub mod net;
 pub mod protocol;
 pub mod secret;
 pub mod server;

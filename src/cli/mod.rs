@@ -109,6 +109,7 @@ fn wait_and_drain(
         return;
     };
     control.start_draining();
+    shards.release_unix_socket();
     if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|v| v.trim() == "0")
     {
         // Matters only when another process listens on the same port (an

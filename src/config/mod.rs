@@ -48,6 +48,9 @@ const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: String,
+    listen_tcp: Option<bool>,
+    unix_socket_dir: Option<String>,
+    unix_socket_permissions: Option<u32>,
     #[serde(default)]
     workers: usize,
     pin_cpus: Option<bool>,
@@ -231,6 +234,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Whether `listen` is bound. Without it, clients come only through
+    /// the Unix-domain socket, whose name takes `listen`'s port.
+    pub listen_tcp: bool,
+    /// The Unix-domain socket listener, beside (or instead of) TCP.
+    pub unix_socket: Option<UnixSocketConfig>,
     /// Number of shards; already resolved from 0 to the CPU count.
     pub workers: usize,
     /// Pin each shard to one CPU (default). On a machine where the proxy
@@ -415,8 +423,12 @@ pub struct UpstreamConfig {
     pub host: String,
     pub port: u16,
     /// `host` resolved once, at load: a lookup per connection would block
-    /// the shard. Tried in order, as libpq does.
+    /// the shard. Tried in order, as libpq does. Empty with `socket`.
     pub addrs: Vec<SocketAddr>,
+    /// With a `host` that is a path (as in libpq): the server's
+    /// Unix-domain socket, `<host>/.s.PGSQL.<port>`. TLS is never used
+    /// over it.
+    pub socket: Option<PathBuf>,
     pub connect_timeout: Duration,
     /// Silence after which TCP keepalive probes the server (the top-level
     /// `tcp_keepalive`).
@@ -433,6 +445,16 @@ pub struct UpstreamConfig {
     pub require_auth: AuthMethods,
     /// How server connections to it are kept (`[pool]`, overridden here).
     pub pool: PoolConfig,
+}
+
+/// `unix_socket_dir`: a listener on `<dir>/.s.PGSQL.<port of listen>`, as
+/// PostgreSQL names its own, so that libpq's `host=<dir>` finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketConfig {
+    pub dir: PathBuf,
+    /// File mode of the socket (`unix_socket_permissions`, default 0o777
+    /// as in PostgreSQL: the directory's own mode and the token guard it).
+    pub mode: u32,
 }
 
 /// A configuration problem, with enough context to fix it.
@@ -571,6 +593,19 @@ impl Config {
             ));
         }
         let tcp_keepalive = duration("tcp_keepalive", raw.tcp_keepalive, DEFAULT_TCP_KEEPALIVE)?;
+        let listen_tcp = raw.listen_tcp.unwrap_or(true);
+        let unix_socket = unix_socket_config(
+            raw.unix_socket_dir.as_deref(),
+            raw.unix_socket_permissions,
+            base,
+        )?;
+        if !listen_tcp && (unix_socket.is_none() || listen.port() == 0) {
+            return Err(
+                "listen_tcp = false needs unix_socket_dir, and a port in listen to name the \
+                 socket"
+                    .into(),
+            );
+        }
         let auth_failure_limit = raw.auth_failure_limit.unwrap_or(DEFAULT_AUTH_FAILURE_LIMIT);
         let (single, raws) = match raw.upstream {
             RawUpstreams::One(u) => (true, vec![*u]),
@@ -632,6 +667,8 @@ impl Config {
             jwt,
             tls,
             listen,
+            listen_tcp,
+            unix_socket,
             workers,
             pin_cpus: raw.pin_cpus.unwrap_or(true),
             shutdown_timeout: duration(
@@ -686,10 +723,7 @@ fn upstream_config(
     if u.host.is_empty() {
         return Err(format!("{at}: host is empty"));
     }
-    let addrs: Vec<SocketAddr> = (u.host.as_str(), u.port)
-        .to_socket_addrs()
-        .map_err(|e| format!("{at}: host \"{}\": {e}", u.host))?
-        .collect();
+    let (addrs, socket, tls) = upstream_endpoint(&u.host, u.port, u.tls, &at)?;
     let mut credentials = HashMap::new();
     for c in u.credentials {
         let password = read_password(&c, base)?;
@@ -714,10 +748,11 @@ fn upstream_config(
         host: u.host,
         port: u.port,
         addrs,
+        socket,
         connect_timeout,
         keepalive,
         credentials,
-        tls: u.tls.unwrap_or(crate::tls::UpstreamTlsMode::Prefer),
+        tls,
         ca_file: u.ca_file.map(|f| base.join(f)),
         client_cert,
         require_auth: match &u.require_auth {
@@ -880,6 +915,70 @@ fn fleet_config(f: RawFleet, listen: SocketAddr, base: &Path) -> Result<FleetCon
     })
 }
 
+fn unix_socket_config(
+    dir: Option<&str>,
+    mode: Option<u32>,
+    base: &Path,
+) -> Result<Option<UnixSocketConfig>, String> {
+    let Some(dir) = dir else {
+        if mode.is_some() {
+            return Err("unix_socket_permissions is set without unix_socket_dir".into());
+        }
+        return Ok(None);
+    };
+    if dir.is_empty() {
+        return Err("unix_socket_dir is empty".into());
+    }
+    let mode = mode.unwrap_or(0o777);
+    if mode > 0o777 {
+        return Err(format!(
+            "unix_socket_permissions = {mode:#o} is not a file mode (0o000 to 0o777)"
+        ));
+    }
+    Ok(Some(UnixSocketConfig {
+        dir: base.join(dir),
+        mode,
+    }))
+}
+
+/// Where an upstream is reached: its addresses, or, with a `host` that is
+/// an absolute path (libpq's rule), its Unix-domain socket, where TLS is
+/// not used (`prefer` means none there, and `require` or stricter is a
+/// mistake worth stopping for).
+fn upstream_endpoint(
+    host: &str,
+    port: u16,
+    tls: Option<crate::tls::UpstreamTlsMode>,
+    at: &str,
+) -> Result<
+    (
+        Vec<SocketAddr>,
+        Option<PathBuf>,
+        crate::tls::UpstreamTlsMode,
+    ),
+    String,
+> {
+    use crate::tls::UpstreamTlsMode as Mode;
+    let tls = tls.unwrap_or(Mode::Prefer);
+    if !host.starts_with('/') {
+        let addrs = (host, port)
+            .to_socket_addrs()
+            .map_err(|e| format!("{at}: host \"{host}\": {e}"))?
+            .collect();
+        return Ok((addrs, None, tls));
+    }
+    if !matches!(tls, Mode::Disable | Mode::Prefer) {
+        return Err(format!(
+            "{at}: host \"{}\" is a Unix-domain socket directory, where TLS is not used; \
+             tls = \"{}\" cannot be met (use \"disable\" or \"prefer\")",
+            host,
+            tls.as_str()
+        ));
+    }
+    let socket = crate::net::unix_socket::socket_path(Path::new(host), port);
+    Ok((Vec::new(), Some(socket), Mode::Disable))
+}
+
 /// `host` or `host:port` (IPv6 bare or bracketed) with `port` added when
 /// missing.
 fn with_port(host: &str, port: u16) -> String {
@@ -1033,6 +1132,45 @@ file = "tokens.toml"
             assert!(!e.to_string().contains("53125312"), "{e}");
             assert!(e.message.starts_with("line "), "{e}");
         }
+    }
+
+    #[test]
+    fn unix_domain_sockets_on_both_sides() {
+        let c = load(&format!(
+            "unix_socket_dir = \"/run/tollgate\"\nunix_socket_permissions = 0o770\n{MINIMAL}"
+        ))
+        .unwrap();
+        let u = c.unix_socket.unwrap();
+        assert_eq!((u.dir.to_str().unwrap(), u.mode), ("/run/tollgate", 0o770));
+        assert!(c.listen_tcp);
+        // Socket only: needs the directory and a port to name the socket.
+        let c = load(&format!(
+            "listen_tcp = false\nunix_socket_dir = \"/run/tollgate\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert!(!c.listen_tcp);
+        let e = load(&format!("listen_tcp = false\n{MINIMAL}")).unwrap_err();
+        assert!(e.message.contains("unix_socket_dir"), "{e}");
+        let e = load(&format!(
+            "unix_socket_dir = \"/run/tollgate\"\nunix_socket_permissions = 1000\n{MINIMAL}"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("not a file mode"), "{e}");
+        let e = load(&format!("unix_socket_permissions = 0o700\n{MINIMAL}")).unwrap_err();
+        assert!(e.message.contains("without unix_socket_dir"), "{e}");
+
+        // An upstream whose host is a path: its socket, without TLS.
+        let up = MINIMAL.replace("host = \"127.0.0.1\"", "host = \"/var/run/postgresql\"");
+        let c = load(&up).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(
+            u.socket.as_deref(),
+            Some(Path::new("/var/run/postgresql/.s.PGSQL.5432"))
+        );
+        assert!(u.addrs.is_empty());
+        assert_eq!(u.tls, crate::tls::UpstreamTlsMode::Disable);
+        let e = load(&up.replace("port = 5432", "port = 5432\ntls = \"require\"")).unwrap_err();
+        assert!(e.message.contains("TLS is not used"), "{e}");
     }
 
     #[test]

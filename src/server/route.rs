@@ -28,6 +28,7 @@ impl Route {
         a.host == b.host
             && a.port == b.port
             && a.addrs == b.addrs
+            && a.socket == b.socket
             && a.tls == b.tls
             && a.ca_file == b.ca_file
             && a.client_cert == b.client_cert

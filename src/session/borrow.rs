@@ -332,7 +332,7 @@ pub(super) async fn give_back(
     }
     pool.counters.borrow_mut().resets += 1;
     let now = Instant::now();
-    let retire = if ctx.draining.fired().is_some() {
+    let retire = if ctx.draining.is_set() {
         Some("shutdown")
     } else if conn.state.retired(now) {
         Some("lifetime")
@@ -396,7 +396,7 @@ pub async fn maintain(ctx: Rc<ShardContext>) {
         refresh(&ctx).await;
         // Again after each reload too (cheap: a few map lookups).
         foresee_keys(&ctx);
-        let draining = ctx.draining.fired().is_some();
+        let draining = ctx.draining.is_set();
         for pool in ctx.pools.all() {
             retire_idle(&pool, ctx.pools.shards(), draining).await;
             if !draining {

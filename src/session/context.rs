@@ -22,7 +22,7 @@ use crate::tls::ServerTls;
 use crate::upstream::scram::KeyCache;
 
 use super::settings::Settings;
-use super::{cancel, failures, kill, limits, pending, relay, watch};
+use super::{cancel, failures, latch, limits, pending, relay, watch};
 
 /// What a shard's sessions share: read-only configuration and tokens, and
 /// shard-local caches (`!Send`, never touched by another thread).
@@ -71,12 +71,13 @@ pub struct ShardContext {
     /// waits for them as for sessions, or a client logging in at the
     /// moment of SIGTERM would see the process vanish.
     starting: Cell<usize>,
-    /// While the accept loop runs. A drain waits for it to stop as well:
-    /// a connection the kernel handed over just before the listener's
-    /// shutdown is only seen when the loop gets the accept's result.
-    accepting: Cell<bool>,
+    /// Accept loops running (TCP, Unix-domain socket). A drain waits for
+    /// them to stop as well: a connection the kernel handed over just
+    /// before a listener's shutdown is only seen when its loop gets the
+    /// accept's result.
+    accept_loops: Cell<usize>,
     /// Fires when the shard starts draining: the accept loop stops.
-    pub draining: kill::KillSwitch,
+    pub draining: latch::Latch,
 }
 
 impl ShardContext {
@@ -115,8 +116,8 @@ impl ShardContext {
                 .map(|j| (j.clone(), ShardCopy::new(&j.published))),
             next_session: Cell::new(0),
             starting: Cell::new(0),
-            accepting: Cell::new(false),
-            draining: kill::KillSwitch::default(),
+            accept_loops: Cell::new(0),
+            draining: latch::Latch::default(),
         }
     }
 
@@ -133,14 +134,17 @@ impl ShardContext {
         self.starting.get()
     }
 
-    /// Whether the shard's accept loop still runs.
+    /// Whether one of the shard's accept loops still runs.
     pub fn accepting(&self) -> bool {
-        self.accepting.get()
+        self.accept_loops.get() > 0
     }
 
-    /// Set by the accept loop when it starts and when it stops.
-    pub fn set_accepting(&self, on: bool) {
-        self.accepting.set(on);
+    pub fn accept_loop_started(&self) {
+        self.accept_loops.set(self.accept_loops.get() + 1);
+    }
+
+    pub fn accept_loop_stopped(&self) {
+        self.accept_loops.set(self.accept_loops.get() - 1);
     }
 
     /// Session ids are unique per process: shard number, then a counter.

@@ -16,6 +16,7 @@ mod context;
 mod established;
 pub mod failures;
 pub mod kill;
+pub mod latch;
 mod limits;
 mod params;
 pub mod pending;
@@ -35,7 +36,6 @@ pub use relay::{SessionStats, Timing, Tracks};
 pub use settings::{Route, Settings};
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,6 +44,8 @@ use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
+
+use crate::net::{Peer, Stream};
 use monoio::time::timeout_at;
 use tracing::{warn, Instrument};
 
@@ -71,7 +73,7 @@ struct Start {
     id: SessionId,
     /// The settings this session runs under, from connect to close.
     settings: Arc<Settings>,
-    peer: SocketAddr,
+    peer: Peer,
     deadline: monoio::time::Instant,
     over_limit: bool,
     started: Instant,
@@ -96,17 +98,12 @@ impl Drop for ConnectionSlot {
 /// first runs: a drain that looked between the accept and the task's
 /// first poll would otherwise see an idle shard and let the process exit
 /// with the connection in it.
-pub fn run(ctx: Rc<ShardContext>, client: TcpStream, peer: SocketAddr) -> impl Future<Output = ()> {
+pub fn run(ctx: Rc<ShardContext>, client: Stream, peer: Peer) -> impl Future<Output = ()> {
     let starting = Starting::enter(&ctx);
     serve_connection(ctx, client, peer, starting)
 }
 
-async fn serve_connection(
-    ctx: Rc<ShardContext>,
-    client: TcpStream,
-    peer: SocketAddr,
-    starting: Starting,
-) {
+async fn serve_connection(ctx: Rc<ShardContext>, client: Stream, peer: Peer, starting: Starting) {
     let open = ctx.connections.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.connection_opened();
     let _slot = ConnectionSlot(ctx.connections.clone(), ctx.metrics.clone());
@@ -134,7 +131,7 @@ async fn serve_connection(
             // Before anything else, so that every rule, limit and log line
             // sees the real client.
             match proxy_header::read(&mut client, &mut input, &start).await {
-                Ok(Some(real)) => start.peer = real,
+                Ok(Some(real)) => start.peer = Peer::Tcp(real),
                 Ok(None) => {}
                 Err(refusal) => {
                     let attempt = Attempt::default();
@@ -159,12 +156,12 @@ async fn serve_connection(
 /// rest of the start-up inside it.
 async fn serve(
     ctx: Rc<ShardContext>,
-    mut client: TcpStream,
+    mut client: Stream,
     start: Start,
     mut input: BytesMut,
 ) -> Option<RelayTask> {
-    let _ = client.set_nodelay(true);
-    crate::io_util::set_keepalive(&client, start.settings.config.tcp_keepalive);
+    client.set_nodelay();
+    client.set_keepalive(start.settings.config.tcp_keepalive);
     let mut attempt = Attempt::default();
     // Held until this function returns: the start-up is over then, and an
     // established session's relay runs outside it.
@@ -202,7 +199,7 @@ async fn serve(
 /// the source's pending slot, held for the rest of the start-up.
 async fn admit(
     ctx: &ShardContext,
-    client: &mut TcpStream,
+    client: &mut Stream,
     input: &mut BytesMut,
     start: &Start,
 ) -> Result<pending::Pending, Refusal> {
@@ -232,13 +229,14 @@ async fn admit(
 /// handshake failed) and returns `None`.
 async fn accept_tls(
     ctx: &ShardContext,
-    client: TcpStream,
+    client: Stream,
     prefix: Vec<u8>,
     start: &Start,
     attempt: &mut Attempt,
 ) -> Option<ClientTls> {
-    let Some(tls_config) = ctx.tls_config() else {
-        warn!("TLS requested but no acceptor is configured");
+    // The start-up policy offers TLS on TCP only.
+    let (Some(tls_config), Stream::Tcp(client)) = (ctx.tls_config(), client) else {
+        warn!("TLS requested but no acceptor is configured for this connection");
         refused(ctx, start, attempt, &ClientError::internal().into());
         return None;
     };

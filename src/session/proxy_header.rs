@@ -8,7 +8,8 @@
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use monoio::net::TcpStream;
+
+use crate::net::Stream;
 use monoio::time::timeout_at;
 
 use crate::error::ClientError;
@@ -22,7 +23,10 @@ use super::Start;
 /// believed.
 pub(super) fn from_trusted_balancer(start: &Start) -> bool {
     let config = &start.settings.config;
+    // A Unix-domain socket peer is a local process, never a balancer,
+    // whatever address it counts as.
     config.proxy_protocol
+        && !start.peer.is_local()
         && config
             .proxy_trusted
             .iter()
@@ -35,7 +39,7 @@ pub(super) fn from_trusted_balancer(start: &Start) -> bool {
 /// instance forwarding a cancel) or a LOCAL one (the balancer's health
 /// check). Bytes after the header stay in `input` for the start-up.
 pub(super) async fn read(
-    client: &mut TcpStream,
+    client: &mut Stream,
     input: &mut BytesMut,
     start: &Start,
 ) -> Result<Option<SocketAddr>, Refusal> {
@@ -77,7 +81,7 @@ pub(super) async fn read(
 /// address): it is told so, rather than getting a puzzling start-up error.
 /// Reads the client's first bytes into `input` to look.
 pub(super) async fn refuse_untrusted(
-    client: &mut TcpStream,
+    client: &mut Stream,
     input: &mut BytesMut,
     start: &Start,
 ) -> Result<(), Refusal> {

@@ -8,7 +8,6 @@
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
 
 use crate::audit::{self, Attempt};
 use crate::error::ClientError;
@@ -137,7 +136,7 @@ pub(super) async fn close_with<C: AsyncReadRent + AsyncWriteRent>(mut client: C,
 
 /// Tells a client accepted while the process is out of file descriptors
 /// why it cannot be served, without reading anything.
-pub async fn refuse_out_of_fds(client: TcpStream) {
+pub async fn refuse_out_of_fds<C: AsyncReadRent + AsyncWriteRent>(client: C) {
     let e = ClientError::new(
         sqlstate::TOO_MANY_CONNECTIONS,
         "out_of_fds",

@@ -7,7 +7,6 @@
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-START-UP>
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +21,7 @@ use crate::config::{ClientTlsMode, Config, PoolMode};
 use crate::error::ClientError;
 use crate::handshake::{self, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
+use crate::net::Peer;
 use crate::protocol::sqlstate;
 use crate::protocol::startup::MAX_STARTUP_PACKET_LENGTH;
 use crate::secret::Secret;
@@ -61,10 +61,13 @@ pub(super) struct Established {
 }
 
 /// What this client may do before TLS: tokens travel in the clear only
-/// from loopback, unless TLS is not configured at all.
-pub(super) fn policy(config: &Config, peer: &SocketAddr) -> StartupPolicy {
+/// from loopback, unless TLS is not configured at all. A Unix-domain
+/// socket never offers TLS (as in PostgreSQL): its bytes never leave the
+/// host, and the socket file's mode says who may connect.
+pub(super) fn policy(config: &Config, peer: &Peer) -> StartupPolicy {
     let mut policy = match &config.tls {
         None => StartupPolicy::default(),
+        Some(_) if peer.is_local() => StartupPolicy::default(),
         Some(t) => StartupPolicy {
             tls_available: true,
             plaintext_allowed: t.mode == ClientTlsMode::Allow && peer.ip().is_loopback(),

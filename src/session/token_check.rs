@@ -4,7 +4,7 @@
 //! rejection reaches the client as the same 28P01 bytes and the audit log
 //! with its real reason, and counts against the source's failure limit.
 
-use std::net::SocketAddr;
+use crate::net::Peer;
 use std::time::{Instant, SystemTime};
 
 use crate::audit::Attempt;
@@ -31,7 +31,7 @@ pub(super) fn check_token(
     ctx: &ShardContext,
     startup: &ClientStartup,
     token: &Secret,
-    peer: SocketAddr,
+    peer: Peer,
     attempt: &mut Attempt,
 ) -> Result<Checked, Refusal> {
     let who = Presenter {

@@ -6,7 +6,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,7 +55,7 @@ pub struct Watched {
     pub id: SessionId,
     pub user: String,
     pub database: String,
-    pub client: SocketAddr,
+    pub client: crate::net::Peer,
     pub tls: Option<&'static str>,
     pub started_at: SystemTime,
     pub started: Instant,

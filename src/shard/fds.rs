@@ -14,7 +14,7 @@
 //! to whatever asks next (a session's upstream socket, another shard), so the
 //! reserve is lost and the next queued client waits after all.
 
-use std::net::SocketAddr;
+use crate::net::{Peer, Stream};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
@@ -64,10 +64,7 @@ impl Reserve {
     /// thread took the fd in between (the client stays queued, and is
     /// served or refused once some fd is free again and the shard's loop
     /// refills the reserve or accepts).
-    pub fn accept_queued(
-        &mut self,
-        listener: RawFd,
-    ) -> Option<(monoio::net::TcpStream, SocketAddr)> {
+    pub fn accept_queued(&mut self, listener: RawFd) -> Option<(Stream, Peer)> {
         if self.0.is_none() || !client_queued(listener) {
             return None;
         }
@@ -75,16 +72,24 @@ impl Reserve {
         // SAFETY: `listener` is the shard's listening socket, which the
         // caller keeps open for this whole call; the borrow ends with it.
         let listener = unsafe { BorrowedFd::borrow_raw(listener) };
-        let (socket, peer) = socket2::SockRef::from(&listener).accept().ok()?;
+        let (socket, addr) = socket2::SockRef::from(&listener).accept().ok()?;
         socket.set_nonblocking(true).ok()?;
-        let peer = peer.as_socket()?;
-        let stream = monoio::net::TcpStream::from_std(socket.into()).ok()?;
-        Some((stream, peer))
+        if let Some(addr) = addr.as_socket() {
+            let stream = monoio::net::TcpStream::from_std(socket.into()).ok()?;
+            return Some((Stream::Tcp(stream), Peer::Tcp(addr)));
+        }
+        let stream = monoio::net::UnixStream::from_std(socket.into()).ok()?;
+        let cred = stream.peer_cred().ok()?;
+        let peer = Peer::Local {
+            uid: cred.uid(),
+            pid: cred.pid(),
+        };
+        Some((Stream::Unix(stream), peer))
     }
 }
 
 /// Whether the listener has a connection waiting to be accepted.
-fn client_queued(listener: RawFd) -> bool {
+pub(super) fn client_queued(listener: RawFd) -> bool {
     let mut pfd = libc::pollfd {
         fd: listener,
         events: libc::POLLIN,
@@ -122,7 +127,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(1));
             }
             let (_stream, peer) = reserve.accept_queued(fd).expect("accepted");
-            assert_eq!(peer, client.local_addr().unwrap());
+            assert_eq!(peer, Peer::Tcp(client.local_addr().unwrap()));
             assert!(reserve.0.is_none(), "the reserve was spent");
             reserve.refill().unwrap();
             assert!(reserve.0.is_some());

@@ -13,9 +13,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use monoio::net::TcpListener;
+use monoio::net::{TcpListener, UnixListener};
 use tracing::{debug, error, info, warn};
 
+use crate::net::unix_socket::SocketFile;
+use crate::net::{Peer, Stream};
 use crate::session::{self, ShardContext, Shared};
 
 pub mod bus;
@@ -26,17 +28,35 @@ use bus::Bus;
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
+/// On a drain, how long the Unix-domain socket's queue may take to empty
+/// before the socket is shut down anyway.
+const UNIX_QUEUE_DRAIN: Duration = Duration::from_secs(1);
 /// io_uring submission queue entries per shard.
 const URING_ENTRIES: u32 = 1024;
 
 /// Running shards.
 pub struct Shards {
+    /// The TCP listeners' address (with `listen_tcp = false`, the
+    /// configured one, which names the Unix-domain socket).
     pub local_addr: SocketAddr,
     pub io_uring: bool,
     bus: Arc<Bus>,
+    /// The Unix-domain socket file, removed when the drain starts.
+    unix_socket: std::sync::Mutex<Option<SocketFile>>,
 }
 
 impl Shards {
+    /// Removes the Unix-domain socket file and its lock (if still this
+    /// process's): new clients then find no server there, as when
+    /// PostgreSQL stops, while the listening socket itself closes with
+    /// the drain.
+    pub fn release_unix_socket(&self) {
+        let mut file = self.unix_socket.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut f) = file.take() {
+            f.release();
+        }
+    }
+
     /// The way to ask the shards for metrics and sessions (the admin API).
     pub fn bus(&self) -> Arc<Bus> {
         self.bus.clone()
@@ -73,18 +93,34 @@ impl Shards {
     }
 }
 
-/// Binds one SO_REUSEPORT listener per shard and starts the shard threads.
-/// Binding happens here, before any thread starts, so that a port in use is
+/// Binds one SO_REUSEPORT listener per shard (and the Unix-domain socket,
+/// which every shard accepts from) and starts the shard threads. Binding
+/// happens here, before any thread starts, so that a port in use is
 /// reported at once and a port of 0 resolves to one port shared by all.
 pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
     let settings = shared.settings.get();
     let config = &settings.config;
-    let mut listeners = Vec::with_capacity(config.workers);
+    let mut tcp = Vec::with_capacity(config.workers);
     let mut addr = config.listen;
-    for _ in 0..config.workers {
+    while config.listen_tcp && tcp.len() < config.workers {
         let l = bind_reuseport(addr)?;
         addr = l.local_addr()?;
-        listeners.push(l);
+        tcp.push(l);
+    }
+    let unix_socket = match &config.unix_socket {
+        Some(u) => Some(SocketFile::bind(
+            &u.dir,
+            addr.port(),
+            u.mode,
+            LISTEN_BACKLOG,
+        )?),
+        None => None,
+    };
+    let mut listeners = Vec::with_capacity(config.workers);
+    let mut tcp = tcp.into_iter();
+    for _ in 0..config.workers {
+        let unix = unix_socket.as_ref().map(SocketFile::listener).transpose()?;
+        listeners.push((tcp.next(), unix));
     }
     small_pages_only();
     let io_uring = monoio::utils::detect_uring();
@@ -115,7 +151,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                         .enable_timer()
                         .build()
                     {
-                        Ok(mut rt) => return rt.block_on(accept_loop(ctx, listener, inbox)),
+                        Ok(mut rt) => return rt.block_on(run(ctx, listener, inbox)),
                         Err(e) => warn!(shard, error = %e, "io_uring runtime failed; using epoll"),
                     }
                 }
@@ -123,17 +159,19 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                     .enable_timer()
                     .build()
                 {
-                    Ok(mut rt) => rt.block_on(accept_loop(ctx, listener, inbox)),
+                    Ok(mut rt) => rt.block_on(run(ctx, listener, inbox)),
                     Err(e) => error!(shard, error = %e, "shard runtime failed to start"),
                 }
             })?;
         threads += 1;
     }
-    info!(addr = %addr, shards = threads, io_uring, "tollgate listening");
+    let unix = unix_socket.as_ref().map(|u| u.path.display().to_string());
+    info!(addr = %addr, tcp = config.listen_tcp, unix_socket = unix, shards = threads, io_uring, "tollgate listening");
     Ok(Shards {
         local_addr: addr,
         io_uring,
         bus,
+        unix_socket: std::sync::Mutex::new(unix_socket),
     })
 }
 
@@ -152,7 +190,7 @@ fn small_pages_only() {
     }
 }
 
-fn spawn_session(ctx: &Rc<ShardContext>, stream: monoio::net::TcpStream, peer: SocketAddr) {
+fn spawn_session(ctx: &Rc<ShardContext>, stream: Stream, peer: Peer) {
     let shard = ctx.shard;
     let session = crate::io_util::CatchUnwind(Box::pin(session::run(ctx.clone(), stream, peer)));
     monoio::spawn(async move {
@@ -177,23 +215,105 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-async fn accept_loop(
+/// A shard's life: its services, then its accept loops, until the
+/// process exits.
+async fn run(
     ctx: ShardContext,
-    listener: std::net::TcpListener,
+    (tcp, unix): (
+        Option<std::net::TcpListener>,
+        Option<std::os::unix::net::UnixListener>,
+    ),
     inbox: Option<flume::Receiver<bus::Request>>,
 ) {
     let shard = ctx.shard;
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            error!(shard, error = %e, "shard could not adopt its listener");
-            return;
-        }
-    };
     let ctx = Rc::new(ctx);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
-    spawn_services(&ctx, inbox, fd);
-    ctx.set_accepting(true);
+    spawn_services(&ctx, inbox);
+    if let Some(l) = unix {
+        match UnixListener::from_std(l) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(ctx.clone(), Listener::Unix(l)));
+            }
+            Err(e) => error!(shard, error = %e, "shard could not adopt the Unix-domain socket"),
+        }
+    }
+    if let Some(l) = tcp {
+        match TcpListener::from_std(l) {
+            Ok(l) => accept_loop(ctx, Listener::Tcp(l)).await,
+            Err(e) => error!(shard, error = %e, "shard could not adopt its listener"),
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// A listener a shard accepts from: its own SO_REUSEPORT TCP socket, or
+/// its handle on the Unix-domain socket that all shards share.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
+        match self {
+            Listener::Tcp(l) => l
+                .accept()
+                .await
+                .map(|(s, a)| (Stream::Tcp(s), Peer::Tcp(a))),
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                let cred = s.peer_cred()?;
+                let peer = Peer::Local {
+                    uid: cred.uid(),
+                    pid: cred.pid(),
+                };
+                Ok((Stream::Unix(s), peer))
+            }
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
+    let shard = ctx.shard;
+    let fd = listener.fd();
+    ctx.accept_loop_started();
+    // Draining shuts the listener down, which fails the accept in flight.
+    // Cancelling that accept instead would race with the kernel: a
+    // connection it completes just then would be lost, and its client
+    // would see a reset.
+    let unix = matches!(listener, Listener::Unix(_));
+    // Fires once the listener is shut down: a Unix-domain socket's accept
+    // does not fail on shutdown(2) (the socket stays listening), so its
+    // loop stops on this instead.
+    let closed = Rc::new(session::latch::Latch::default());
+    {
+        let ctx = ctx.clone();
+        let closed = closed.clone();
+        monoio::spawn(async move {
+            ctx.draining.wait().await;
+            if unix {
+                // A Unix-domain socket's queue cannot move to another
+                // process as TCP's can: the loop serves what it holds
+                // first. Nothing new arrives (the path is gone or is
+                // another process's by now), so this ends quickly.
+                let until = std::time::Instant::now() + UNIX_QUEUE_DRAIN;
+                while fds::client_queued(fd) && std::time::Instant::now() < until {
+                    monoio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            // SAFETY: shutdown(2) on the listener's own fd, which stays
+            // open until the process exits; it touches no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            closed.set();
+        });
+    }
     let mut reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
@@ -203,17 +323,30 @@ async fn accept_loop(
         // it, wait for an fd rather than for a client.
         if let Err(e) = reserve.refill() {
             starving(shard, &mut starved, &e);
-            if ctx.draining.fired().is_some() {
+            if ctx.draining.is_set() {
                 break;
             }
             monoio::time::sleep(fds::RETRY).await;
             continue;
         }
-        let accepted = listener.accept().await;
-        if ctx.draining.fired().is_some() {
-            // Accepted in the last moment before the shutdown: serve it.
+        let accepted = if unix {
+            // Cancelling this accept is safe once `closed` fired: the
+            // queue is empty and the path leads elsewhere by then.
+            monoio::select! {
+                a = listener.accept() => a,
+                _ = closed.wait() => break,
+            }
+        } else {
+            listener.accept().await
+        };
+        if ctx.draining.is_set() {
+            // Accepted in the last moment before the shutdown: serve it,
+            // and on the Unix-domain socket whatever else is queued.
             if let Ok((stream, peer)) = accepted {
                 spawn_session(&ctx, stream, peer);
+                if unix && fds::client_queued(fd) {
+                    continue;
+                }
             }
             break;
         }
@@ -236,37 +369,21 @@ async fn accept_loop(
     // shard's new socket before that task's shutdown(2) runs.
     // SAFETY: shutdown(2) on the listener's own open fd; no memory touched.
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-    info!(shard, "listener closed; draining");
-    ctx.set_accepting(false);
+    info!(shard, unix, "listener closed; draining");
+    ctx.accept_loop_stopped();
     let _open_until_exit = listener;
     std::future::pending::<()>().await
 }
 
-/// The shard's own tasks beside the accept loop: the token watcher, the
-/// cancels routed from other shards, the bus, and the listener's shutdown
-/// when draining starts.
-fn spawn_services(
-    ctx: &Rc<ShardContext>,
-    inbox: Option<flume::Receiver<bus::Request>>,
-    listener_fd: std::os::fd::RawFd,
-) {
+/// The shard's own tasks beside the accept loops: the token watcher, the
+/// pools' upkeep, the cancels routed from other shards, and the bus.
+fn spawn_services(ctx: &Rc<ShardContext>, inbox: Option<flume::Receiver<bus::Request>>) {
     monoio::spawn(session::watch::run(ctx.clone()));
     monoio::spawn(session::maintain_pools(ctx.clone()));
     monoio::spawn(services::serve_routed_cancels(ctx.clone()));
     if let Some(inbox) = inbox {
         monoio::spawn(services::serve_bus(ctx.clone(), inbox));
     }
-    // Draining shuts the listener down, which fails the accept in flight.
-    // Cancelling that accept instead would race with the kernel: a
-    // connection it completes just then would be lost, and its client
-    // would see a reset.
-    let ctx = ctx.clone();
-    monoio::spawn(async move {
-        ctx.draining.wait().await;
-        // SAFETY: shutdown(2) on the listener's own fd, which stays
-        // open until the process exits; it touches no memory.
-        unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
-    });
 }
 
 /// A failed accept: out of fds, the reserve fd tells one queued client
@@ -283,7 +400,7 @@ async fn accept_failed(
     if fds::out_of_fds(&e) {
         starving(shard, starved, &e);
         if let Some((stream, peer)) = reserve.accept_queued(listener_fd) {
-            warn!(shard, %peer, "out of file descriptors: connection refused");
+            warn!(shard, client = %peer, "out of file descriptors: connection refused");
             ctx.metrics.rejected("out_of_fds");
             monoio::spawn(session::refuse_out_of_fds(stream));
         }

@@ -62,7 +62,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// until `deadline`, then ends the rest with 57P01, and reports how many
 /// it ended once none is left (or the grace time is over).
 async fn drain(ctx: Rc<ShardContext>, deadline: std::time::Instant, reply: flume::Sender<usize>) {
-    ctx.draining.fire(KillReason::Shutdown);
+    ctx.draining.set();
     let busy = || ctx.accepting() || !ctx.registry.is_empty() || ctx.starting() > 0;
     while busy() && std::time::Instant::now() < deadline {
         monoio::time::sleep(DRAIN_POLL).await;

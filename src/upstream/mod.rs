@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use monoio::net::{TcpStream, UnixStream};
 use rustls_pki_types::ServerName;
 
 use crate::config::UpstreamConfig;
+use crate::net::Stream;
 use crate::protocol::backend::BackendKey;
 use crate::protocol::backend::MAX_LOGIN_MESSAGE_LEN;
 use crate::protocol::frame::peek_frame;
@@ -88,17 +89,28 @@ impl UpstreamError {
     }
 }
 
-/// Opens a TCP connection to the upstream, trying each resolved address in
-/// turn. Callers bound it with [`within_connect_timeout`].
-async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
+/// Opens a connection to the upstream: its Unix-domain socket, or each
+/// resolved TCP address in turn. Callers bound it with
+/// [`within_connect_timeout`].
+async fn connect_socket(cfg: &UpstreamConfig) -> Result<Stream, UpstreamError> {
+    if let Some(path) = &cfg.socket {
+        return UnixStream::connect(path)
+            .await
+            .map(Stream::Unix)
+            .map_err(|source| UpstreamError::Connect {
+                addr: describe(cfg),
+                source,
+            });
+    }
     let mut last = None;
     for addr in &cfg.addrs {
         match TcpStream::connect_addr(*addr).await {
             Ok(stream) => {
+                let stream = Stream::Tcp(stream);
                 // Postgres messages are small and latency-bound; never wait
                 // to coalesce.
-                let _ = stream.set_nodelay(true);
-                crate::io_util::set_keepalive(&stream, cfg.keepalive);
+                stream.set_nodelay();
+                stream.set_keepalive(cfg.keepalive);
                 return Ok(stream);
             }
             Err(e) => last = Some(e),
@@ -113,7 +125,10 @@ async fn connect_tcp(cfg: &UpstreamConfig) -> Result<TcpStream, UpstreamError> {
 }
 
 fn describe(cfg: &UpstreamConfig) -> String {
-    format!("{}:{}", cfg.host, cfg.port)
+    match &cfg.socket {
+        Some(path) => path.display().to_string(),
+        None => format!("{}:{}", cfg.host, cfg.port),
+    }
 }
 
 /// Runs one upstream exchange (connect, TLS, login or cancel) within the
@@ -135,7 +150,8 @@ async fn within_connect_timeout<T>(
 
 /// The upstream transport.
 pub enum UpstreamStream {
-    Plain(TcpStream),
+    /// TCP without TLS, or a Unix-domain socket.
+    Plain(Stream),
     Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
 }
 
@@ -147,10 +163,13 @@ pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
 ) -> Result<(UpstreamStream, Option<Vec<u8>>, RawFd), UpstreamError> {
-    let mut stream = connect_tcp(cfg).await?;
+    let stream = connect_socket(cfg).await?;
     let fd = stream.as_raw_fd();
-    let Some(tls) = tls else {
-        return Ok((UpstreamStream::Plain(stream), None, fd));
+    let (tls, mut stream) = match (tls, stream) {
+        (Some(tls), Stream::Tcp(s)) => (tls, s),
+        // No TLS asked for, or a Unix-domain socket (where the config
+        // allows no mode that needs it).
+        (_, stream) => return Ok((UpstreamStream::Plain(stream), None, fd)),
     };
     let mut req = Vec::with_capacity(8);
     req.extend_from_slice(&8i32.to_be_bytes());
@@ -166,7 +185,7 @@ pub async fn connect(
     match answer[0] {
         b'S' => {}
         b'N' if tls.mode == UpstreamTlsMode::Prefer => {
-            return Ok((UpstreamStream::Plain(stream), None, fd));
+            return Ok((UpstreamStream::Plain(Stream::Tcp(stream)), None, fd));
         }
         b'N' => return Err(UpstreamError::TlsRefused),
         // An ErrorResponse ('E') or anything else: TLS was not negotiated.
@@ -388,6 +407,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: addr.port(),
             addrs: vec![addr],
+            socket: None,
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(60),
             credentials: Default::default(),

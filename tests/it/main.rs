@@ -29,4 +29,5 @@ mod resources;
 mod shutdown;
 mod timing;
 mod tls;
+mod unix_sockets;
 mod upgrade;

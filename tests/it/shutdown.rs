@@ -41,12 +41,14 @@ fn sigterm_lets_queries_finish_then_ends_idle_sessions_and_exits_0() {
     let (idle, idle_end) = rt.block_on(connect_watched(&conn));
     let (busy, _busy_end) = rt.block_on(connect_watched(&conn));
     let query = rt.spawn(async move {
-        busy.query_one("select pg_sleep(1)::text, 42", &[])
+        busy.query_one("select pg_sleep(2)::text, 42", &[])
             .await
             .map(|row| row.get::<_, i32>(1))
     });
-    // Let the query reach the server before the signal.
-    std::thread::sleep(Duration::from_millis(300));
+    // Let the query reach the server before the signal, and the shard's
+    // other tasks that wait for the drain (the pools' upkeep, every
+    // second) poll after the listener's: each must still be woken.
+    std::thread::sleep(Duration::from_millis(1200));
 
     let signalled = Instant::now();
     env.signal(libc::SIGTERM);

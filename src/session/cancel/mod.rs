@@ -233,7 +233,7 @@ mod tests {
         CancelRequest {
             process_id: pid,
             secret_key: secret.into(),
-            client: ([127, 0, 0, 1], 1).into(),
+            client: std::net::SocketAddr::from(([127, 0, 0, 1], 1)).into(),
             from_peer: false,
             reply: None,
         }

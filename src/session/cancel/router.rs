@@ -11,7 +11,7 @@ pub struct CancelRequest {
     pub process_id: u32,
     pub secret_key: Box<[u8]>,
     /// Who sent it, for the audit log.
-    pub client: std::net::SocketAddr,
+    pub client: crate::net::Peer,
     /// Forwarded by another instance of the fleet: a wrong key is the
     /// original sender's guess, not the peer's, so it does not count
     /// against the peer's address (which would let a guesser get a peer's

@@ -1,4 +1,4 @@
-//! The pump for plain TCP on both sides: waits for readiness holding no
+//! The pump for plain sockets (TCP, or Unix-domain) on both sides: waits for readiness holding no
 //! buffer, and borrows one from the shard's [`BufferPool`] only while bytes
 //! are in flight.
 //!
@@ -16,8 +16,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
-use monoio::net::tcp::stream_poll::TcpStreamPoll;
-use monoio::net::TcpStream;
 
 use bytes::BytesMut;
 
@@ -25,6 +23,7 @@ use super::{
     before_terminate, open, reset_plan, session_ended, BufferPool, EndAction, Ended, EndedBy, Kept,
     Pump, ServerSide, Tracks,
 };
+use crate::net::{Stream, StreamPoll};
 use crate::server::reset::Plan;
 use crate::session::kill::KillSwitch;
 
@@ -33,7 +32,7 @@ use crate::session::kill::KillSwitch;
 /// COPY must not starve its neighbours.
 const READS_PER_TURN: u32 = 16;
 
-pub(super) async fn run<A, F>(mut client: TcpStream, mut server: TcpStream, pump: Pump<A>) -> Ended
+pub(super) async fn run<A, F>(mut client: Stream, mut server: Stream, pump: Pump<A>) -> Ended
 where
     A: FnOnce() -> F,
     F: Future<Output = ()>,
@@ -84,7 +83,7 @@ where
         if write_all(&server, &prologue).await.is_err() {
             plan = Plan::Close("broken");
         }
-        let kept = server.into_inner().try_into_comp_io().ok().map(|s| Kept {
+        let kept = server.into_inner().try_into_comp_io().map(|s| Kept {
             server: ServerSide::Plain(s),
             plan,
             framer: tracks.borrow().server.clone(),
@@ -111,7 +110,7 @@ where
 /// Waits until `from` has bytes, then reads them into a lent buffer.
 /// `Ok(None)` is end of stream. While waiting, no buffer is held.
 async fn read_lent(
-    from: &RefCell<TcpStreamPoll>,
+    from: &RefCell<StreamPoll>,
     pool: &BufferPool,
 ) -> io::Result<Option<(Vec<u8>, usize)>> {
     poll_fn(|cx| {
@@ -143,7 +142,7 @@ async fn read_lent(
 /// Writes all of `bytes`, waiting for the peer to read when its socket
 /// buffer is full: backpressure, with this one buffer as the only memory
 /// held meanwhile.
-async fn write_all(to: &RefCell<TcpStreamPoll>, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(to: &RefCell<StreamPoll>, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         let n = poll_fn(|cx| Pin::new(&mut *to.borrow_mut()).poll_write(cx, bytes)).await?;
         if n == 0 {
@@ -159,8 +158,8 @@ async fn write_all(to: &RefCell<TcpStreamPoll>, mut bytes: &[u8]) -> io::Result<
 /// here and is noted in `goodbye`; if queries are still in flight, the
 /// other direction ends the session once they are answered.
 async fn client_to_server(
-    from: &RefCell<TcpStreamPoll>,
-    to: &RefCell<TcpStreamPoll>,
+    from: &RefCell<StreamPoll>,
+    to: &RefCell<StreamPoll>,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
     goodbye: Option<&Cell<bool>>,
@@ -200,8 +199,8 @@ async fn client_to_server(
 /// `kill` fires, in which case it stops at a message boundary and sends
 /// the client a FATAL error naming the reason.
 async fn server_to_client(
-    from: &RefCell<TcpStreamPoll>,
-    to: &RefCell<TcpStreamPoll>,
+    from: &RefCell<StreamPoll>,
+    to: &RefCell<StreamPoll>,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
     kill: &KillSwitch,

@@ -46,6 +46,7 @@ use monoio::net::TcpStream;
 
 use super::kill::{KillReason, KillSwitch};
 use crate::error::ClientError;
+use crate::net::Stream;
 use crate::protocol::backend::TAG_ERROR_RESPONSE;
 use crate::protocol::Framer;
 use crate::server::reset::{self, Plan};
@@ -136,24 +137,25 @@ enum EndAction {
 /// The client side, as the relay needs to know it: plain TCP can use the
 /// lent-buffer pump, TLS cannot.
 pub trait ClientSide: Split + AsyncReadRent + AsyncWriteRent + Sized {
-    fn into_plain(self) -> Result<TcpStream, Self>;
+    fn into_plain(self) -> Result<Stream, Self>;
 }
 
-impl ClientSide for TcpStream {
-    fn into_plain(self) -> Result<TcpStream, Self> {
+impl ClientSide for Stream {
+    fn into_plain(self) -> Result<Stream, Self> {
         Ok(self)
     }
 }
 
 impl<T: Split + AsyncReadRent + AsyncWriteRent> ClientSide for monoio_rustls::ServerTlsStream<T> {
-    fn into_plain(self) -> Result<TcpStream, Self> {
+    fn into_plain(self) -> Result<Stream, Self> {
         Err(self)
     }
 }
 
 /// The server side, likewise.
 pub enum ServerSide {
-    Plain(TcpStream),
+    /// TCP without TLS, or a Unix-domain socket.
+    Plain(Stream),
     Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
 }
 
@@ -328,8 +330,8 @@ fn reset_plan(
     Some((plan, cancel, prologue))
 }
 
-impl From<TcpStream> for ServerSide {
-    fn from(s: TcpStream) -> Self {
+impl From<Stream> for ServerSide {
+    fn from(s: Stream) -> Self {
         ServerSide::Plain(s)
     }
 }

@@ -1,0 +1,10 @@
+//! Client and server sockets: TCP or Unix-domain, as one type for the
+//! session and the pool, the client's address, and the Unix-domain socket
+//! listener with its lock file.
+
+mod peer;
+mod stream;
+pub mod unix_socket;
+
+pub use peer::Peer;
+pub use stream::{Stream, StreamPoll};
