@@ -243,6 +243,10 @@ pub struct ClusterOptions {
     /// Extra `postgresql.conf` settings, written last as `name = 'value'`
     /// (values are always quoted, which PostgreSQL accepts for every type).
     pub extra_conf: Vec<(String, String)>,
+    /// Where `postgres` and `initdb` are, when not the ones
+    /// [`find_pg_bin`] finds (another major version, say). `psql` comes
+    /// from there if it is there, else from the usual search.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ClusterOptions {
@@ -254,6 +258,7 @@ impl std::fmt::Debug for ClusterOptions {
             .field("auth", &self.auth)
             .field("port", &self.port)
             .field("extra_conf", &self.extra_conf)
+            .field("bin_dir", &self.bin_dir)
             .finish()
     }
 }
@@ -267,6 +272,7 @@ impl Default for ClusterOptions {
             auth: HbaAuth::ScramSha256,
             port: None,
             extra_conf: Vec::new(),
+            bin_dir: None,
         }
     }
 }
@@ -362,8 +368,11 @@ impl PgBins {
     /// from the same directory, so that `initdb` and `postgres` versions match
     /// (`$PATH` often mixes `/usr/local/bin` symlinks and Debian's
     /// `pg_wrapper`).
-    fn locate() -> Result<Self, ClusterError> {
-        let postgres = find_pg_bin("postgres")?;
+    fn locate(bin_dir: Option<&Path>) -> Result<Self, ClusterError> {
+        let postgres = match bin_dir {
+            Some(dir) => dir.join("postgres"),
+            None => find_pg_bin("postgres")?,
+        };
         let postgres = fs::canonicalize(&postgres).unwrap_or(postgres);
         let bin_dir = postgres.parent().map(Path::to_path_buf);
         let sibling = |name: &str| -> Result<PathBuf, ClusterError> {
@@ -479,7 +488,7 @@ impl Cluster {
     /// On error everything created so far is cleaned up.
     pub fn start(opts: &ClusterOptions) -> Result<Cluster, ClusterError> {
         validate(opts)?;
-        let bins = PgBins::locate()?;
+        let bins = PgBins::locate(opts.bin_dir.as_deref())?;
         let run_as = run_as();
         let base_dir = create_base_dir()?;
         // From here on, `Drop` cleans up if anything fails.
@@ -1214,6 +1223,7 @@ mod tests {
             auth: HbaAuth::Md5,
             port: None,
             extra_conf: vec![("work_mem".to_owned(), "8MB".to_owned())],
+            bin_dir: None,
         };
         let mut md5 = Cluster::start(&md5_opts).expect("start md5 cluster");
         assert_ne!(scram.port(), md5.port());

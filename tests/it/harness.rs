@@ -36,6 +36,8 @@ pub struct EnvOptions {
     pub cluster_conf: Vec<(String, String)>,
     /// Shards (`workers`).
     pub workers: usize,
+    /// The PostgreSQL server binaries, when not the default ones.
+    pub pg_bin_dir: Option<PathBuf>,
 }
 
 impl Default for EnvOptions {
@@ -48,6 +50,7 @@ impl Default for EnvOptions {
             upstream_host: "127.0.0.1".into(),
             cluster_conf: Vec::new(),
             workers: 2,
+            pg_bin_dir: None,
         }
     }
 }
@@ -95,6 +98,7 @@ impl Env {
             password: "upstream-Pa55-word".into(),
             auth: opts.auth,
             extra_conf: opts.cluster_conf,
+            bin_dir: opts.pg_bin_dir,
             ..ClusterOptions::default()
         })
         .expect("start throwaway Postgres");

@@ -21,6 +21,7 @@ mod lifecycle;
 mod no_secrets;
 mod observability;
 mod passthrough;
+mod pg18;
 mod pooling;
 mod props;
 mod protocol;

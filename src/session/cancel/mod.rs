@@ -389,6 +389,64 @@ mod tests {
         assert_eq!(keys.len(), 0);
     }
 
+    /// A shard context over a one-upstream config with `workers` shards
+    /// and one failed guess allowed per source.
+    fn shard_zero(workers: usize) -> (Rc<ShardContext>, Arc<crate::session::Shared>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(dir.path().join("t.toml"), "").unwrap();
+        std::fs::write(
+            &p,
+            format!(
+                "listen = \"127.0.0.1:1\"\nworkers = {workers}\nauth_failure_limit = 1\n\
+                 [upstream]\nhost = \"127.0.0.1\"\n[tokens]\nfile = \"t.toml\"\n"
+            ),
+        )
+        .unwrap();
+        let config = crate::config::Config::load(&p).unwrap();
+        let store = crate::auth::live::LiveStore::load(&dir.path().join("t.toml")).unwrap();
+        let settings = crate::session::Settings::new(config).unwrap();
+        let shared = Arc::new(crate::session::Shared::new(
+            settings, store, None, None, None,
+        ));
+        (Rc::new(ShardContext::new(0, &shared)), shared)
+    }
+
+    /// A shard that cannot be asked (here its inbox is full; it may as well
+    /// be stuck) leaves a cancel `unanswered`: nothing is sent upstream,
+    /// and the key does not count against the client as a guess, since it
+    /// may well be that shard's. With every shard answering, the same
+    /// unknown key is a guess.
+    #[test]
+    fn a_shard_that_does_not_answer_leaves_the_cancel_unanswered() {
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let (ctx, shared) = shard_zero(2);
+        // Shard 1 never runs here; its inbox fills up.
+        for _ in 0..INBOX_CAPACITY {
+            shared.cancels.route(1, request(1, &[0; 4]));
+        }
+        rt.block_on(handle(&ctx, request(77, &[1, 2, 3, 4])));
+        let cancels = ctx.metrics.snapshot(Default::default(), 0).cancels;
+        assert_eq!(cancels.get("unanswered"), 1);
+        assert_eq!(cancels.get("unknown_key"), 0);
+        assert!(!shared.failures.is_blocked(localhost, Instant::now()));
+
+        let (ctx, shared) = shard_zero(1);
+        rt.block_on(handle(&ctx, request(77, &[1, 2, 3, 4])));
+        assert_eq!(
+            ctx.metrics
+                .snapshot(Default::default(), 0)
+                .cancels
+                .get("unknown_key"),
+            1
+        );
+        assert!(shared.failures.is_blocked(localhost, Instant::now()));
+    }
+
     #[test]
     fn a_full_inbox_drops_instead_of_growing() {
         let router = Router::new(2);
