@@ -22,6 +22,7 @@ mod no_secrets;
 mod observability;
 mod passthrough;
 mod pg18;
+mod pgjdbc;
 mod pooling;
 mod props;
 mod protocol;
