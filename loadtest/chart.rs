@@ -21,7 +21,9 @@ const SIZE: (u32, u32) = (960, 560);
 fn color(kind: TargetKind) -> RGBColor {
     match kind {
         TargetKind::Direct => RGBColor(40, 40, 40),
+        TargetKind::DirectUnix => RGBColor(127, 127, 127),
         TargetKind::Tollgate => RGBColor(31, 119, 180),
+        TargetKind::TollgateUnixUpstream => RGBColor(214, 39, 40),
         TargetKind::TollgateMetrics => RGBColor(148, 103, 189),
         TargetKind::TollgateNopool => RGBColor(23, 190, 207),
         TargetKind::Pgbouncer => RGBColor(255, 127, 14),

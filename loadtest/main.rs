@@ -90,7 +90,8 @@ struct Args {
     #[arg(long)]
     connect: bool,
     /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
-    /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client]
+    /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client,
+    /// direct-unix and tollgate-unix-upstream for Postgres over its Unix socket]
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
     /// Most pgbench threads (-j); each cell uses min(clients, this) [default: CPUs]
@@ -192,6 +193,13 @@ fn settings(args: Args, command_line: String) -> Result<Settings, String> {
     let mut targets = or(args.targets, quick, &TargetKind::ALL, &TargetKind::ALL);
     targets.sort();
     targets.dedup();
+    if let Some(t) = targets.iter().find(|t| t.needs_socket()) {
+        if args.upstream.is_some() {
+            return Err(format!(
+                "--targets {t} needs the throwaway cluster's Unix socket, not --upstream"
+            ));
+        }
+    }
     let reps = pick(args.reps, 3, 1);
     if reps == 0 {
         return Err("--reps must be at least 1".into());
@@ -355,6 +363,10 @@ mod tests {
         assert!(parse(&["--clients", "0"]).is_err());
         assert!(parse(&["--reps", "0"]).is_err());
         assert!(parse(&["--mode", "bogus"]).is_err());
+        let url = "postgres://app:x@127.0.0.1/appdb";
+        assert!(parse(&["--upstream", url, "--targets", "direct,direct-unix"]).is_err());
+        assert!(parse(&["--upstream", url, "--targets", "tollgate-unix-upstream"]).is_err());
+        assert!(parse(&["--upstream", url, "--targets", "direct,tollgate"]).is_ok());
     }
 
     #[test]

@@ -96,12 +96,16 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
         );
     }
 
-    let tollgate_bin = if s.targets.iter().any(|t| {
-        matches!(
-            t,
-            TargetKind::Tollgate | TargetKind::TollgateMetrics | TargetKind::TollgateNopool
-        )
-    }) {
+    if s.targets.iter().any(|t| t.needs_socket()) {
+        notes.push(
+            "direct-unix and tollgate-unix-upstream reach Postgres over its Unix-domain \
+             socket, where pg_hba says trust (TCP: scram-sha-256); pgbench still reaches \
+             tollgate over TCP"
+                .to_owned(),
+        );
+    }
+
+    let tollgate_bin = if s.targets.iter().any(|t| t.is_tollgate()) {
         Some(tollgate_binary(s).map_err(Stop::Fatal)?)
     } else {
         None
@@ -132,6 +136,7 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
 
     let ctx = StartContext {
         upstream: &upstream.endpoint,
+        upstream_socket_dir: upstream.socket_dir.as_deref(),
         shards: s.shards,
         max_clients,
         tls: tls.as_ref(),
@@ -263,7 +268,11 @@ fn start_target(
 ) -> Result<Option<Target>, String> {
     match kind {
         TargetKind::Direct => Ok(Some(targets::direct(ctx))),
-        TargetKind::Tollgate | TargetKind::TollgateMetrics | TargetKind::TollgateNopool => {
+        TargetKind::DirectUnix => targets::direct_unix(ctx).map(Some),
+        TargetKind::Tollgate
+        | TargetKind::TollgateUnixUpstream
+        | TargetKind::TollgateMetrics
+        | TargetKind::TollgateNopool => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
             targets::tollgate(ctx, bin, kind).map(Some)
         }
@@ -454,7 +463,7 @@ impl CellRun<'_> {
 
 fn run_line(kind: TargetKind, r: &RunRecord) -> String {
     let mut line = format!(
-        "{:<10} {:>8.0} tps · p50 {} µs · p99 {} µs · max {} µs",
+        "{:<22} {:>8.0} tps · p50 {} µs · p99 {} µs · max {} µs",
         kind.name(),
         r.summary.tps,
         r.latency.p50,
@@ -552,6 +561,8 @@ struct Upstream {
     endpoint: Endpoint,
     /// Whether Postgres accepts TLS (for direct and relay TLS cells).
     tls: bool,
+    /// Postgres' Unix-domain socket directory (the throwaway cluster's).
+    socket_dir: Option<PathBuf>,
     description: String,
     _cluster: Option<Cluster>,
 }
@@ -564,6 +575,7 @@ impl Upstream {
                 endpoint,
                 // Unknown: TLS cells will tell (and fail) if it has none.
                 tls: true,
+                socket_dir: None,
                 description: "given with --upstream".to_owned(),
                 _cluster: None,
             });
@@ -608,6 +620,7 @@ impl Upstream {
                 database: cluster.database().to_owned(),
             },
             tls: tls.is_some(),
+            socket_dir: Some(cluster.socket_dir().to_owned()),
             description: format!(
                 "throwaway cluster, {version}, scram-sha-256, fsync off, shared_buffers 256MB"
             ),

@@ -2,7 +2,10 @@
 //! stopped when dropped.
 //!
 //! - **direct**: Postgres itself, the baseline every row is compared with.
-//! - **tollgate**: the release binary, `workers = shards`, a fresh token.
+//! - **direct-unix**: Postgres over its Unix-domain socket (not in the
+//!   default set), the baseline for tollgate-unix-upstream.
+//! - **tollgate**: the release binary, `workers = shards`, a fresh token;
+//!   as **tollgate-unix-upstream**, its upstream leg over Postgres' socket.
 //! - **pgbouncer**: session pooling, one process per shard sharing the port
 //!   with `so_reuseport = 1` (PgBouncer is single-threaded; this is how it
 //!   is scaled across cores).
@@ -42,7 +45,14 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(rename_all = "kebab-case")]
 pub enum TargetKind {
     Direct,
+    /// Postgres over its Unix-domain socket, where the throwaway cluster's
+    /// pg_hba says `trust` (not in the default set; not with --upstream).
+    DirectUnix,
     Tollgate,
+    /// tollgate with clients over TCP as usual and its upstream leg over
+    /// Postgres' Unix-domain socket (not in the default set; not with
+    /// --upstream).
+    TollgateUnixUpstream,
     /// tollgate with the admin listener and latency histograms on: run it
     /// beside `tollgate` to measure what metrics cost (not in the default
     /// set).
@@ -65,12 +75,34 @@ impl TargetKind {
     pub fn name(self) -> &'static str {
         match self {
             TargetKind::Direct => "direct",
+            TargetKind::DirectUnix => "direct-unix",
             TargetKind::Tollgate => "tollgate",
+            TargetKind::TollgateUnixUpstream => "tollgate-unix-upstream",
             TargetKind::TollgateMetrics => "tollgate-metrics",
             TargetKind::TollgateNopool => "tollgate-nopool",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::Relay => "relay",
         }
+    }
+
+    /// Whether this target is a tollgate (needs the tollgate binary).
+    pub fn is_tollgate(self) -> bool {
+        matches!(
+            self,
+            TargetKind::Tollgate
+                | TargetKind::TollgateUnixUpstream
+                | TargetKind::TollgateMetrics
+                | TargetKind::TollgateNopool
+        )
+    }
+
+    /// Whether this target reaches Postgres over its Unix-domain socket,
+    /// which only the throwaway cluster offers the harness.
+    pub fn needs_socket(self) -> bool {
+        matches!(
+            self,
+            TargetKind::DirectUnix | TargetKind::TollgateUnixUpstream
+        )
     }
 }
 
@@ -182,6 +214,9 @@ impl Target {
 pub struct StartContext<'a> {
     /// Postgres, as the `app` role with its real password.
     pub upstream: &'a Endpoint,
+    /// The directory of Postgres' Unix-domain socket (`.s.PGSQL.<port>`):
+    /// the throwaway cluster's, none with --upstream.
+    pub upstream_socket_dir: Option<&'a Path>,
     /// tollgate workers, PgBouncer processes, HAProxy threads.
     pub shards: usize,
     /// The largest client count in the matrix, to size pools and limits.
@@ -206,14 +241,51 @@ pub fn direct(ctx: &StartContext<'_>) -> Target {
     }
 }
 
+/// Postgres over its Unix-domain socket: pgbench's `-h` is the socket's
+/// directory, as libpq takes it. Nothing to start.
+pub fn direct_unix(ctx: &StartContext<'_>) -> Result<Target, String> {
+    let dir = socket_dir(ctx, TargetKind::DirectUnix)?;
+    Ok(Target {
+        kind: TargetKind::DirectUnix,
+        label: "direct-unix (Postgres over its Unix socket, trust)".to_owned(),
+        endpoint: Endpoint {
+            host: dir,
+            ..ctx.upstream.clone()
+        },
+        // libpq does not use TLS on a Unix-domain socket.
+        tls_unsupported: Some("direct-unix: no TLS on a Unix-domain socket".to_owned()),
+        children: Vec::new(),
+        _dir: None,
+    })
+}
+
+/// The socket directory as libpq and tollgate's `[upstream] host` take it.
+fn socket_dir(ctx: &StartContext<'_>, kind: TargetKind) -> Result<String, String> {
+    let dir = ctx.upstream_socket_dir.ok_or_else(|| {
+        format!("{kind}: needs the throwaway cluster's Unix socket (not with --upstream)")
+    })?;
+    dir.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{kind}: socket directory {} is not UTF-8", dir.display()))
+}
+
 /// tollgate with a fresh token and `workers = shards`; as `kind`
 /// `TollgateMetrics`, also the admin listener, which turns on the relay's
-/// latency histograms; as `TollgateNopool`, without session pooling.
+/// latency histograms; as `TollgateNopool`, without session pooling; as
+/// `TollgateUnixUpstream`, with the upstream leg over Postgres' Unix socket.
 pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("tollgate: {e}");
     let dir = TempDir::new("loadtest-tollgate", None).map_err(err)?;
     let port = free_port().map_err(err)?;
     let up = ctx.upstream;
+    // A host that is a path is a socket directory, as in libpq. The
+    // cluster's pg_hba has `trust` for the socket and SCRAM for TCP: that
+    // changes what a login costs, not what a transaction does.
+    let upstream_host = if kind == TargetKind::TollgateUnixUpstream {
+        socket_dir(ctx, kind)?
+    } else {
+        up.host.clone()
+    };
     // `[log] level = "warn"`: per-connection info lines would distort -C runs.
     // `[upstream] tls = "disable"`: the upstream leg stays plaintext, as
     // PgBouncer's does (its default, prefer, would encrypt it whenever
@@ -234,7 +306,7 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
          [log]\n\
          level = \"warn\"\n",
         shards = ctx.shards,
-        host = toml_str(&up.host),
+        host = toml_str(&upstream_host),
         upport = up.port,
         user = toml_str(&up.user),
         password = toml_str(&up.password),
@@ -270,6 +342,7 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     let extra = match kind {
         TargetKind::TollgateMetrics => ", metrics on",
         TargetKind::TollgateNopool => ", pooling off",
+        TargetKind::TollgateUnixUpstream => ", upstream over Unix socket",
         _ => "",
     };
     Ok(Target {

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::net::unix_socket::SocketFile;
 use crate::net::{Peer, Stream};
+use crate::session::latch::Latch;
 use crate::session::{self, ShardContext, Shared};
 
 pub mod bus;
@@ -284,36 +285,8 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
     let shard = ctx.shard;
     let fd = listener.fd();
     ctx.accept_loop_started();
-    // Draining shuts the listener down, which fails the accept in flight.
-    // Cancelling that accept instead would race with the kernel: a
-    // connection it completes just then would be lost, and its client
-    // would see a reset.
     let unix = matches!(listener, Listener::Unix(_));
-    // Fires once the listener is shut down: a Unix-domain socket's accept
-    // does not fail on shutdown(2) (the socket stays listening), so its
-    // loop stops on this instead.
-    let closed = Rc::new(session::latch::Latch::default());
-    {
-        let ctx = ctx.clone();
-        let closed = closed.clone();
-        monoio::spawn(async move {
-            ctx.draining.wait().await;
-            if unix {
-                // A Unix-domain socket's queue cannot move to another
-                // process as TCP's can: the loop serves what it holds
-                // first. Nothing new arrives (the path is gone or is
-                // another process's by now), so this ends quickly.
-                let until = std::time::Instant::now() + UNIX_QUEUE_DRAIN;
-                while fds::client_queued(fd) && std::time::Instant::now() < until {
-                    monoio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            // SAFETY: shutdown(2) on the listener's own fd, which stays
-            // open until the process exits; it touches no memory.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-            closed.set();
-        });
-    }
+    let closed = shut_down_on_drain(&ctx, fd, unix);
     let mut reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
@@ -373,6 +346,35 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
     ctx.accept_loop_stopped();
     let _open_until_exit = listener;
     std::future::pending::<()>().await
+}
+
+/// Shuts the listener down when the shard drains. Shutting down fails
+/// the TCP accept in flight; cancelling that accept instead would race
+/// with the kernel (a connection it completes just then would be lost, its
+/// client reset). A Unix-domain socket's accept does not fail on
+/// shutdown(2) (the socket stays listening), so its loop stops on the
+/// returned latch, set once the socket is shut down.
+fn shut_down_on_drain(ctx: &Rc<ShardContext>, fd: std::os::fd::RawFd, unix: bool) -> Rc<Latch> {
+    let closed = Rc::new(Latch::default());
+    let (ctx, done) = (ctx.clone(), closed.clone());
+    monoio::spawn(async move {
+        ctx.draining.wait().await;
+        if unix {
+            // A Unix-domain socket's queue cannot move to another process
+            // as TCP's can: the loop serves what it holds first. Nothing
+            // new arrives (the path is gone or is another process's by
+            // now), so this ends quickly.
+            let until = std::time::Instant::now() + UNIX_QUEUE_DRAIN;
+            while fds::client_queued(fd) && std::time::Instant::now() < until {
+                monoio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        // SAFETY: shutdown(2) on the listener's own fd, which stays open
+        // until the process exits; it touches no memory.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        done.set();
+    });
+    closed
 }
 
 /// The shard's own tasks beside the accept loops: the token watcher, the

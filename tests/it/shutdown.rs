@@ -41,7 +41,7 @@ fn sigterm_lets_queries_finish_then_ends_idle_sessions_and_exits_0() {
     let (idle, idle_end) = rt.block_on(connect_watched(&conn));
     let (busy, _busy_end) = rt.block_on(connect_watched(&conn));
     let query = rt.spawn(async move {
-        busy.query_one("select pg_sleep(2)::text, 42", &[])
+        busy.query_one("select pg_sleep(1.5)::text, 42", &[])
             .await
             .map(|row| row.get::<_, i32>(1))
     });

@@ -208,7 +208,11 @@ fn socket_only() {
 /// client (no address).
 #[test]
 fn an_upstream_over_its_unix_socket() {
-    let mut env = Env::new();
+    // One shard: the second client must reach the pool the first left.
+    let mut env = Env::build(EnvOptions {
+        workers: 1,
+        ..EnvOptions::default()
+    });
     let token = env.create_token(&["--user", "app"]);
     let text = std::fs::read_to_string(&env.config).unwrap();
     let socket_dir = env.cluster.socket_dir().display().to_string();
