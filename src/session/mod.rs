@@ -44,8 +44,6 @@ use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
-
-use crate::net::{Peer, Stream};
 use monoio::time::timeout_at;
 use tracing::{warn, Instrument};
 
@@ -53,6 +51,7 @@ use crate::audit::{Attempt, SessionId};
 use crate::error::ClientError;
 use crate::handshake::{AwaitStartup, Phase};
 use crate::metrics::ShardMetrics;
+use crate::net::{Peer, Stream};
 use crate::protocol::sqlstate;
 use crate::tls::ALPN_POSTGRESQL;
 
@@ -211,13 +210,9 @@ async fn admit(
     let Some(pending) = ctx.pending.enter(start.peer.ip()) else {
         return Err(ClientError::too_many_pending_from_source().into());
     };
-    let config = &start.settings.config;
-    if config.proxy_protocol
+    if start.settings.config.proxy_protocol
         && input.is_empty()
-        && !config
-            .proxy_trusted
-            .iter()
-            .any(|c| c.contains(start.peer.ip()))
+        && !proxy_header::from_trusted_balancer(start)
     {
         proxy_header::refuse_untrusted(client, input, start).await?;
     }

@@ -4,13 +4,13 @@
 //! rejection reaches the client as the same 28P01 bytes and the audit log
 //! with its real reason, and counts against the source's failure limit.
 
-use crate::net::Peer;
 use std::time::{Instant, SystemTime};
 
 use crate::audit::Attempt;
 use crate::auth::{Grant, Presenter};
 use crate::error::ClientError;
 use crate::handshake::ClientStartup;
+use crate::net::Peer;
 use crate::secret::Secret;
 
 use super::refusal::{Refusal, Reply};

@@ -23,7 +23,7 @@ fi
 
 if [ ! -d "$dest/py/psycopg_binary" ]; then
     echo "== installing $PSYCOPG (libpq 18) into $dest/py"
-    python3 -m pip install --quiet --disable-pip-version-check --target "$dest/py" "$PSYCOPG"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --target "$dest/py" "$PSYCOPG"
 fi
 PYTHONPATH="$dest/py" python3 -c 'import psycopg; print("libpq", psycopg.pq.version())'
 

@@ -1,6 +1,6 @@
-//! The pump for plain sockets (TCP, or Unix-domain) on both sides: waits for readiness holding no
-//! buffer, and borrows one from the shard's [`BufferPool`] only while bytes
-//! are in flight.
+//! The pump for plain sockets (TCP or Unix-domain) on both sides: waits
+//! for readiness holding no buffer, and borrows one from the shard's
+//! [`BufferPool`] only while bytes are in flight.
 //!
 //! An idle session therefore holds no relay memory at all; the kernel
 //! keeps the unread bytes. Both sockets switch to monoio's poll-io mode
