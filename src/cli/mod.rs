@@ -239,5 +239,8 @@ fn start(
             },
         )?;
     }
+    // Last: a start that fails before this never takes the socket path
+    // from a running process.
+    shards.publish_unix_socket()?;
     Ok((shards, control))
 }

@@ -34,13 +34,19 @@ pub fn socket_path(dir: &Path, port: u16) -> PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
 }
 
-/// A bound, listening socket file and its lock, removed on [`release`]
-/// (or drop) while they are still this process's.
+/// A bound, listening socket and its lock. It listens under a staging
+/// name first and takes the path only on [`publish`], once the rest of the
+/// start-up succeeded: a start that fails later never takes a running
+/// process's path away. [`release`] (or drop) removes what is still this
+/// process's.
 ///
+/// [`publish`]: SocketFile::publish
 /// [`release`]: SocketFile::release
 pub struct SocketFile {
     pub path: PathBuf,
     lock: PathBuf,
+    /// Where it listens until published.
+    staging: Option<PathBuf>,
     listener: std::os::unix::net::UnixListener,
     /// (device, inode) of the socket file this process bound.
     identity: (u64, u64),
@@ -48,41 +54,54 @@ pub struct SocketFile {
 }
 
 impl SocketFile {
-    /// Claims `<dir>/.s.PGSQL.<port>` (see the module's rules), binds and
-    /// listens on it with file mode `mode`.
+    /// Claims `<dir>/.s.PGSQL.<port>` (see the module's rules), and binds
+    /// and listens under a staging name beside it with file mode `mode`.
     pub fn bind(dir: &Path, port: u16, mode: u32, backlog: i32) -> io::Result<SocketFile> {
         let path = socket_path(dir, port);
         let lock = lock_path(&path);
-        if path.as_os_str().len() > SUN_PATH_MAX {
+        let own = std::process::id();
+        // The longer of the two names bind(2) sees.
+        let staging = dir.join(format!(".s.PGSQL.{port}.{own}.new"));
+        if staging.as_os_str().len() > SUN_PATH_MAX {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "Unix-domain socket path \"{}\" is longer than {SUN_PATH_MAX} bytes",
+                    "Unix-domain socket path \"{}\" is too long: with a temporary suffix it \
+                     must fit in {SUN_PATH_MAX} bytes",
                     path.display()
                 ),
             ));
         }
         claim(&path, &lock)?;
-        let own = std::process::id();
-        let staging = dir.join(format!(".s.PGSQL.{port}.{own}.new"));
         let _ = std::fs::remove_file(&staging);
         let listener = listen_at(&staging, mode, backlog).inspect_err(|_| {
             let _ = std::fs::remove_file(&staging);
         })?;
-        // Atomic: a client connecting now finds the old socket or this one.
-        std::fs::rename(&staging, &path).inspect_err(|_| {
-            let _ = std::fs::remove_file(&staging);
-        })?;
-        let meta = std::fs::metadata(&path)?;
-        write_lock(&lock, own, &path)?;
-        info!(socket = %path.display(), "listening on a Unix-domain socket");
+        let meta = std::fs::metadata(&staging)?;
         Ok(SocketFile {
             path,
             lock,
+            staging: Some(staging),
             listener,
             identity: (meta.dev(), meta.ino()),
             released: false,
         })
+    }
+
+    /// Takes the path: renames the socket into place (atomically, so that
+    /// a connecting client finds the old socket or this one) and writes
+    /// the lock.
+    pub fn publish(&mut self) -> io::Result<()> {
+        let Some(staging) = self.staging.take() else {
+            return Ok(());
+        };
+        if let Err(e) = std::fs::rename(&staging, &self.path) {
+            let _ = std::fs::remove_file(&staging);
+            return Err(e);
+        }
+        write_lock(&self.lock, std::process::id(), &self.path)?;
+        info!(socket = %self.path.display(), "listening on a Unix-domain socket");
+        Ok(())
     }
 
     /// Another handle on the listening socket, for one more shard: every
@@ -92,9 +111,14 @@ impl SocketFile {
     }
 
     /// Removes the socket file and the lock if they are still this
-    /// process's (an upgrade may have taken them over).
+    /// process's (an upgrade may have taken them over); before
+    /// [`publish`](Self::publish), only the staging file.
     pub fn release(&mut self) {
         if std::mem::replace(&mut self.released, true) {
+            return;
+        }
+        if let Some(staging) = self.staging.take() {
+            let _ = std::fs::remove_file(staging);
             return;
         }
         let ours = std::fs::symlink_metadata(&self.path)
@@ -102,7 +126,9 @@ impl SocketFile {
         if ours {
             let _ = std::fs::remove_file(&self.path);
         }
-        if read_lock(&self.lock).is_some_and(|o| o.pid == std::process::id() as i32) {
+        if read_lock(&self.lock)
+            .is_ok_and(|o| o.is_some_and(|o| o.pid == std::process::id() as i32))
+        {
             let _ = std::fs::remove_file(&self.lock);
         }
     }
@@ -126,12 +152,22 @@ struct Owner {
     tollgate: bool,
 }
 
-fn read_lock(lock: &Path) -> Option<Owner> {
-    let text = std::fs::read_to_string(lock).ok()?;
+/// The lock's owner; `Ok(None)` when there is no lock, or one whose
+/// first line is not a pid (left half-written); an error when a lock is
+/// there but cannot be read (another user's, say), which is never taken
+/// for stale.
+fn read_lock(lock: &Path) -> io::Result<Option<Owner>> {
+    let text = match std::fs::read_to_string(lock) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut lines = text.lines();
-    let pid = lines.next()?.trim().parse().ok()?;
+    let Some(pid) = lines.next().and_then(|l| l.trim().parse().ok()) else {
+        return Ok(None);
+    };
     let tollgate = lines.next().is_some_and(|l| l.trim() == LOCK_MARK);
-    Some(Owner { pid, tollgate })
+    Ok(Some(Owner { pid, tollgate }))
 }
 
 /// Whether process `pid` exists (signal 0 checks without sending).
@@ -157,7 +193,13 @@ fn claim(path: &Path, lock: &Path) -> io::Result<()> {
         )
     };
     let own = std::process::id() as i32;
-    match read_lock(lock) {
+    let owner = read_lock(lock).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot read the lock file {}: {e}", lock.display()),
+        )
+    })?;
+    match owner {
         // A lock naming this very process is left from an earlier life
         // with the same pid (a container restarted): stale.
         Some(o) if o.pid != own && alive(o.pid) => {
@@ -183,9 +225,16 @@ fn claim(path: &Path, lock: &Path) -> io::Result<()> {
             remove_if_socket(path)?;
         }
         None if path.exists() => {
-            // No lock (or an unreadable one): a live listener answers.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(in_use("a listener without a lock file".into()));
+            // No lock: only a socket nobody listens on is reclaimed (a
+            // refused connect); any other answer may be someone's live one.
+            match std::os::unix::net::UnixStream::connect(path) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+                Ok(_) => return Err(in_use("a listener without a lock file".into())),
+                Err(e) => {
+                    return Err(in_use(format!(
+                        "something that could not be checked ({e}), without a lock file"
+                    )))
+                }
             }
             warn!(socket = %path.display(), "reclaiming a Unix-domain socket left without a lock");
             remove_if_socket(path)?;
@@ -247,6 +296,9 @@ mod tests {
         let d = dir();
         let mut s = SocketFile::bind(d.path(), 6432, 0o770, 16).unwrap();
         let path = d.path().join(".s.PGSQL.6432");
+        // Nothing at the path until published.
+        assert!(!path.exists());
+        s.publish().unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o770);
         let lock = std::fs::read_to_string(d.path().join(".s.PGSQL.6432.lock")).unwrap();
@@ -265,7 +317,8 @@ mod tests {
         // cannot exist.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         std::fs::write(d.path().join(".s.PGSQL.7000.lock"), "999999999\ntollgate\n").unwrap();
-        let _s = SocketFile::bind(d.path(), 7000, 0o777, 16).unwrap();
+        let mut s = SocketFile::bind(d.path(), 7000, 0o777, 16).unwrap();
+        s.publish().unwrap();
         std::os::unix::net::UnixStream::connect(&path).unwrap();
     }
 
@@ -286,14 +339,23 @@ mod tests {
     fn a_live_tollgate_is_taken_over_and_keeps_nothing_of_the_new_one() {
         let d = dir();
         let path = d.path().join(".s.PGSQL.7001");
+        let lock = d.path().join(".s.PGSQL.7001.lock");
         let mut old = SocketFile::bind(d.path(), 7001, 0o777, 16).unwrap();
+        old.publish().unwrap();
         // The lock now names this process, alive: pretend it is another
         // tollgate by naming pid 1 instead.
-        std::fs::write(d.path().join(".s.PGSQL.7001.lock"), "1\ntollgate\n").unwrap();
+        std::fs::write(&lock, "1\ntollgate\n").unwrap();
         let mut new = SocketFile::bind(d.path(), 7001, 0o777, 16).unwrap();
-        // The old one's release leaves the new socket where it is.
+        // Not published yet: the old socket is still the one at the path.
+        let before = std::fs::metadata(&path).unwrap().ino();
+        new.publish().unwrap();
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), before);
+        // The new owner is another process for the old one: pid 1 again.
+        std::fs::write(&lock, "1\ntollgate\n").unwrap();
+        // The old one's release leaves the new socket and lock where they are.
         old.release();
         assert!(path.exists());
+        assert!(std::fs::read_to_string(&lock).unwrap().starts_with("1\n"));
         std::os::unix::net::UnixStream::connect(&path).unwrap();
         new.release();
         assert!(!path.exists());
@@ -312,6 +374,6 @@ mod tests {
     fn a_path_too_long_for_sun_path_is_refused() {
         let long = PathBuf::from(format!("/tmp/{}", "d".repeat(120)));
         let e = SocketFile::bind(&long, 6432, 0o777, 16).err().unwrap();
-        assert!(e.to_string().contains("longer than"), "{e}");
+        assert!(e.to_string().contains("is too long"), "{e}");
     }
 }

@@ -18,7 +18,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::net::unix_socket::SocketFile;
 use crate::net::{Peer, Stream};
-use crate::session::latch::Latch;
 use crate::session::{self, ShardContext, Shared};
 
 pub mod bus;
@@ -29,9 +28,6 @@ use bus::Bus;
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
-/// On a drain, how long the Unix-domain socket's queue may take to empty
-/// before the socket is shut down anyway.
-const UNIX_QUEUE_DRAIN: Duration = Duration::from_secs(1);
 /// io_uring submission queue entries per shard.
 const URING_ENTRIES: u32 = 1024;
 
@@ -47,6 +43,13 @@ pub struct Shards {
 }
 
 impl Shards {
+    /// Puts the Unix-domain socket at its path, once the whole start-up
+    /// succeeded (see [`SocketFile::publish`]).
+    pub fn publish_unix_socket(&self) -> std::io::Result<()> {
+        let mut file = self.unix_socket.lock().unwrap_or_else(|e| e.into_inner());
+        file.as_mut().map_or(Ok(()), SocketFile::publish)
+    }
+
     /// Removes the Unix-domain socket file and its lock (if still this
     /// process's): new clients then find no server there, as when
     /// PostgreSQL stops, while the listening socket itself closes with
@@ -286,7 +289,7 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
     let fd = listener.fd();
     ctx.accept_loop_started();
     let unix = matches!(listener, Listener::Unix(_));
-    let closed = shut_down_on_drain(&ctx, fd, unix);
+    shut_down_on_drain(&ctx, fd);
     let mut reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
@@ -302,22 +305,15 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
             monoio::time::sleep(fds::RETRY).await;
             continue;
         }
-        let accepted = if unix {
-            // Cancelling this accept is safe once `closed` fired: the
-            // queue is empty and the path leads elsewhere by then.
-            monoio::select! {
-                a = listener.accept() => a,
-                _ = closed.wait() => break,
-            }
-        } else {
-            listener.accept().await
-        };
+        let accepted = listener.accept().await;
         if ctx.draining.is_set() {
-            // Accepted in the last moment before the shutdown: serve it,
-            // and on the Unix-domain socket whatever else is queued.
+            // Accepted in the last moment before the shutdown: serve it.
+            // A shut-down Unix-domain socket still hands out what it had
+            // queued (its queue cannot move to another process, as TCP's
+            // can with tcp_migrate_req), then fails: serve all of it.
             if let Ok((stream, peer)) = accepted {
                 spawn_session(&ctx, stream, peer);
-                if unix && fds::client_queued(fd) {
+                if unix {
                     continue;
                 }
             }
@@ -349,32 +345,17 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
 }
 
 /// Shuts the listener down when the shard drains. Shutting down fails
-/// the TCP accept in flight; cancelling that accept instead would race
-/// with the kernel (a connection it completes just then would be lost, its
-/// client reset). A Unix-domain socket's accept does not fail on
-/// shutdown(2) (the socket stays listening), so its loop stops on the
-/// returned latch, set once the socket is shut down.
-fn shut_down_on_drain(ctx: &Rc<ShardContext>, fd: std::os::fd::RawFd, unix: bool) -> Rc<Latch> {
-    let closed = Rc::new(Latch::default());
-    let (ctx, done) = (ctx.clone(), closed.clone());
+/// the accept in flight; cancelling that accept instead would race with
+/// the kernel (a connection it completes just then would be lost, its
+/// client reset).
+fn shut_down_on_drain(ctx: &Rc<ShardContext>, fd: std::os::fd::RawFd) {
+    let ctx = ctx.clone();
     monoio::spawn(async move {
         ctx.draining.wait().await;
-        if unix {
-            // A Unix-domain socket's queue cannot move to another process
-            // as TCP's can: the loop serves what it holds first. Nothing
-            // new arrives (the path is gone or is another process's by
-            // now), so this ends quickly.
-            let until = std::time::Instant::now() + UNIX_QUEUE_DRAIN;
-            while fds::client_queued(fd) && std::time::Instant::now() < until {
-                monoio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
         // SAFETY: shutdown(2) on the listener's own fd, which stays open
         // until the process exits; it touches no memory.
         unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        done.set();
     });
-    closed
 }
 
 /// The shard's own tasks beside the accept loops: the token watcher, the

@@ -61,7 +61,11 @@ use crate::protocol::backend::BackendKey;
 /// connection after this returns.
 pub(super) async fn handle(ctx: &ShardContext, mut request: CancelRequest) {
     if let Some(fleet) = &ctx.fleet {
-        if let Some(original) = fleet.forwarded(request.client.ip(), &request.secret_key) {
+        // A Unix-socket client counts as 127.0.0.1, never as a peer.
+        let forwarded = (!request.client.is_local())
+            .then(|| fleet.forwarded(request.client.ip(), &request.secret_key))
+            .flatten();
+        if let Some(original) = forwarded {
             request.secret_key = original.into();
             request.from_peer = true;
         } else {
