@@ -599,6 +599,14 @@ impl Config {
             raw.unix_socket_permissions,
             base,
         )?;
+        if !listen_tcp && raw.fleet.is_some() {
+            // The other instances forward cancels to `listen` over TCP.
+            return Err(
+                "listen_tcp = false cannot go with [fleet]: instances forward cancels \
+                        to each other's TCP listener"
+                    .into(),
+            );
+        }
         if !listen_tcp && (unix_socket.is_none() || listen.port() == 0) {
             return Err(
                 "listen_tcp = false needs unix_socket_dir, and a port in listen to name the \
@@ -1151,6 +1159,12 @@ file = "tokens.toml"
         assert!(!c.listen_tcp);
         let e = load(&format!("listen_tcp = false\n{MINIMAL}")).unwrap_err();
         assert!(e.message.contains("unix_socket_dir"), "{e}");
+        let e = load(&format!(
+            "listen_tcp = false\nunix_socket_dir = \"/run/tollgate\"\n{MINIMAL}\n[fleet]\n\
+             cancel_key = \"0123456789abcdef0123456789abcdef\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("[fleet]"), "{e}");
         let e = load(&format!(
             "unix_socket_dir = \"/run/tollgate\"\nunix_socket_permissions = 1000\n{MINIMAL}"
         ))
