@@ -497,6 +497,20 @@ pub fn psql_ok(conn: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Asserts that a check program (another driver's test, in
+/// `tests/tools/`) exited 0 and printed just "ok"; shows all it printed
+/// otherwise.
+pub fn assert_printed_ok(out: &std::process::Output) {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.trim() == "ok",
+        "{stdout}\n{stderr}"
+    );
+}
+
 /// What a finished pgbench run reported.
 #[derive(Debug)]
 pub struct PgbenchSummary {

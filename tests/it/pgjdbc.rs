@@ -43,13 +43,6 @@ fn pgjdbc_sees_its_own_backend() {
         .args(["app", &token])
         .output()
         .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "{stdout}\n{stderr}"
-    );
+    assert_printed_ok(&out);
     env.assert_log_clean();
 }
