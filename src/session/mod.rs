@@ -30,7 +30,7 @@ pub mod watch;
 
 pub use borrow::maintain as maintain_pools;
 pub use context::{ShardContext, Shared};
-pub use refusal::refuse_out_of_fds;
+pub use refusal::out_of_fds_response;
 /// The relay's per-session tracking, public for `bench/tracks.rs`.
 pub use relay::{SessionStats, Timing, Tracks};
 pub use settings::{Route, Settings};

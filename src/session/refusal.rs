@@ -134,15 +134,14 @@ pub(super) async fn close_with<C: AsyncReadRent + AsyncWriteRent>(mut client: C,
     let _ = monoio::time::timeout(std::time::Duration::from_millis(500), drain).await;
 }
 
-/// Tells a client accepted while the process is out of file descriptors
-/// why it cannot be served, without reading anything.
-pub async fn refuse_out_of_fds<C: AsyncReadRent + AsyncWriteRent>(client: C) {
-    let e = ClientError::new(
+/// What a client accepted while the process is out of file descriptors is
+/// told before it is let go, without anything of it read.
+pub fn out_of_fds_response() -> BytesMut {
+    encode(&ClientError::new(
         sqlstate::TOO_MANY_CONNECTIONS,
         "out_of_fds",
         "tollgate is out of file descriptors; try again later",
-    );
-    close_with(client, encode(&e)).await;
+    ))
 }
 
 /// A tollgate error as the bytes of its ErrorResponse.

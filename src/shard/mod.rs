@@ -290,7 +290,7 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
     ctx.accept_loop_started();
     let unix = matches!(listener, Listener::Unix(_));
     shut_down_on_drain(&ctx, fd);
-    let mut reserve = fds::Reserve::open();
+    let reserve = fds::Reserve::open();
     // Out of fds since the last accept failed so; logged once each way.
     let mut starved = false;
     loop {
@@ -326,7 +326,7 @@ async fn accept_loop(ctx: Rc<ShardContext>, listener: Listener) {
                 }
                 spawn_session(&ctx, stream, peer);
             }
-            Err(e) => accept_failed(&ctx, e, &mut reserve, &mut starved, fd).await,
+            Err(e) => accept_failed(&ctx, e, &reserve, &mut starved, fd).await,
         }
     }
     // Draining: shut the listener down so new connections go elsewhere
@@ -375,17 +375,21 @@ fn spawn_services(ctx: &Rc<ShardContext>, inbox: Option<flume::Receiver<bus::Req
 async fn accept_failed(
     ctx: &ShardContext,
     e: std::io::Error,
-    reserve: &mut fds::Reserve,
+    reserve: &fds::Reserve,
     starved: &mut bool,
     listener_fd: std::os::fd::RawFd,
 ) {
     let shard = ctx.shard;
     if fds::out_of_fds(&e) {
         starving(shard, starved, &e);
-        if let Some((stream, peer)) = reserve.accept_queued(listener_fd) {
-            warn!(shard, client = %peer, "out of file descriptors: connection refused");
+        if let Some(refused) = reserve.accept_queued(listener_fd) {
+            warn!(shard, client = %refused.peer, "out of file descriptors: connection refused");
             ctx.metrics.rejected("out_of_fds");
-            monoio::spawn(session::refuse_out_of_fds(stream));
+            monoio::spawn(async move {
+                refused
+                    .tell_and_close(&session::out_of_fds_response())
+                    .await
+            });
         }
         // The failed accept did not wait for a client: wait here
         // instead of spinning, until fds are free or one queues.
