@@ -150,6 +150,7 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
     fixed!(unix_socket, "unix_socket_dir or unix_socket_permissions");
     fixed!(workers, "workers");
     fixed!(pin_cpus, "pin_cpus");
+    fixed!(io_driver, "io_driver");
     fixed!(buffer_size, "buffer_size");
     fixed!(tokens, "[tokens] file or postgres");
     fixed!(fleet, "[fleet]");

@@ -39,7 +39,7 @@ pub struct AdminState {
     pub bus: Arc<Bus>,
     pub store: Arc<LiveStore>,
     pub started: Instant,
-    pub io_uring: bool,
+    pub driver: crate::shard::driver::Driver,
     /// Required for `/sessions` when set (always set off loopback; the
     /// configuration refuses otherwise).
     pub bearer: Option<Secret>,
@@ -192,7 +192,7 @@ async fn metrics(state: &AdminState) -> Reply {
         shards: state.bus.shards(),
         tokens_loaded: state.store.published.get().len() as u64,
         uptime: state.started.elapsed(),
-        io_uring: state.io_uring,
+        driver: state.driver,
         reloads: state.control.reloads(),
         draining: state.control.is_draining(),
         token_store: state

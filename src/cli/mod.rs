@@ -233,7 +233,7 @@ fn start(
                 bus: shards.bus(),
                 store,
                 started,
-                io_uring: shards.io_uring,
+                driver: shards.driver,
                 bearer: a.token,
                 control: control.clone(),
             },

@@ -54,6 +54,7 @@ struct RawConfig {
     #[serde(default)]
     workers: usize,
     pin_cpus: Option<bool>,
+    io_driver: Option<String>,
     startup_timeout: Option<String>,
     shutdown_timeout: Option<String>,
     tcp_keepalive: Option<String>,
@@ -245,6 +246,9 @@ pub struct Config {
     /// shares few cores with busy neighbours, letting the scheduler move
     /// shards can cut tail latency; measure both.
     pub pin_cpus: bool,
+    /// What the shards run on (`io_driver`): io_uring where the kernel
+    /// has it, or epoll.
+    pub io_driver: IoDriver,
     pub startup_timeout: Duration,
     /// On SIGTERM: how long open sessions may go on before they are ended.
     pub shutdown_timeout: Duration,
@@ -445,6 +449,27 @@ pub struct UpstreamConfig {
     pub require_auth: AuthMethods,
     /// How server connections to it are kept (`[pool]`, overridden here).
     pub pool: PoolConfig,
+}
+
+/// `io_driver`: `"auto"` (the default) runs the shards on io_uring where
+/// the kernel offers it and on epoll elsewhere; `"epoll"` always on epoll
+/// (a kernel whose io_uring misbehaves, or to compare).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoDriver {
+    Auto,
+    Epoll,
+}
+
+impl IoDriver {
+    fn parse(raw: Option<&str>) -> Result<IoDriver, String> {
+        match raw {
+            None | Some("auto") => Ok(IoDriver::Auto),
+            Some("epoll") => Ok(IoDriver::Epoll),
+            Some(other) => Err(format!(
+                "io_driver: {other:?} is neither \"auto\" nor \"epoll\""
+            )),
+        }
+    }
 }
 
 /// `unix_socket_dir`: a listener on `<dir>/.s.PGSQL.<port of listen>`, as
@@ -679,6 +704,7 @@ impl Config {
             unix_socket,
             workers,
             pin_cpus: raw.pin_cpus.unwrap_or(true),
+            io_driver: IoDriver::parse(raw.io_driver.as_deref())?,
             shutdown_timeout: duration(
                 "shutdown_timeout",
                 raw.shutdown_timeout,

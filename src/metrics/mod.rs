@@ -288,7 +288,7 @@ pub struct ProcessFacts {
     pub shards: usize,
     pub tokens_loaded: u64,
     pub uptime: Duration,
-    pub io_uring: bool,
+    pub driver: crate::shard::driver::Driver,
     /// Config reloads since start: successful, failed.
     pub reloads: (u64, u64),
     pub draining: bool,
@@ -311,15 +311,18 @@ pub fn render(shards: &[ShardSnapshot], facts: &ProcessFacts) -> String {
 /// The process-wide gauges and counters; `responding`: shards that
 /// answered this scrape.
 fn render_process(e: &mut Exposition, facts: &ProcessFacts, responding: usize) {
-    let io = if facts.io_uring { "io_uring" } else { "epoll" };
     e.family(
         "tollgate_build_info",
         "gauge",
-        "Always 1; labels say which build and I/O driver run.",
+        "Always 1; labels say which build and I/O driver run, and the io_uring set-up flags.",
     );
     e.sample(
         "tollgate_build_info",
-        &[("version", facts.version), ("driver", io)],
+        &[
+            ("version", facts.version),
+            ("driver", facts.driver.name()),
+            ("ring_flags", facts.driver.ring_flags()),
+        ],
         1.0,
     );
     e.family(
@@ -610,7 +613,9 @@ mod tests {
             shards: 2,
             tokens_loaded: 4,
             uptime: Duration::from_secs(1),
-            io_uring: true,
+            driver: crate::shard::driver::Driver::IoUring(
+                crate::shard::driver::RingSetup::DeferTaskrun,
+            ),
             reloads: (2, 1),
             draining: false,
             token_store: Some((true, Duration::from_millis(2500))),

@@ -21,10 +21,12 @@ use crate::net::{Peer, Stream};
 use crate::session::{self, ShardContext, Shared};
 
 pub mod bus;
+pub mod driver;
 mod fds;
 mod services;
 
 use bus::Bus;
+use driver::Driver;
 
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -36,7 +38,7 @@ pub struct Shards {
     /// The TCP listeners' address (with `listen_tcp = false`, the
     /// configured one, which names the Unix-domain socket).
     pub local_addr: SocketAddr,
-    pub io_uring: bool,
+    pub driver: Driver,
     bus: Arc<Bus>,
     /// The Unix-domain socket file, removed when the drain starts.
     unix_socket: std::sync::Mutex<Option<SocketFile>>,
@@ -127,8 +129,8 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
         listeners.push((tcp.next(), unix));
     }
     small_pages_only();
-    let io_uring = monoio::utils::detect_uring();
-    if !io_uring {
+    let driver = Driver::choose(config.io_driver);
+    if driver == Driver::Epoll && config.io_driver != crate::config::IoDriver::Epoll {
         warn!("io_uring is unavailable here (old kernel or seccomp); using the epoll driver");
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -149,15 +151,24 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                     warn!(shard, error = ?e, "could not pin shard to a CPU");
                 }
                 let ctx = ShardContext::new(shard, &shared);
-                if io_uring {
-                    match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                        .with_entries(URING_ENTRIES)
-                        .enable_timer()
-                        .build()
-                    {
-                        Ok(mut rt) => return rt.block_on(run(ctx, listener, inbox)),
-                        Err(e) => warn!(shard, error = %e, "io_uring runtime failed; using epoll"),
+                if let Driver::IoUring(best) = driver {
+                    for setup in std::iter::once(best).chain(best.fallbacks()) {
+                        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                            .uring_builder(setup.builder())
+                            .with_entries(URING_ENTRIES)
+                            .enable_timer()
+                            .build()
+                        {
+                            Ok(mut rt) => return rt.block_on(run(ctx, listener, inbox)),
+                            Err(e) => warn!(
+                                shard,
+                                ring_flags = setup.name(),
+                                error = %e,
+                                "io_uring runtime failed with these flags"
+                            ),
+                        }
                     }
+                    warn!(shard, "no io_uring runtime would build; using epoll");
                 }
                 match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                     .enable_timer()
@@ -170,10 +181,18 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
         threads += 1;
     }
     let unix = unix_socket.as_ref().map(|u| u.path.display().to_string());
-    info!(addr = %addr, tcp = config.listen_tcp, unix_socket = unix, shards = threads, io_uring, "tollgate listening");
+    info!(
+        addr = %addr,
+        tcp = config.listen_tcp,
+        unix_socket = unix,
+        shards = threads,
+        io_driver = driver.name(),
+        ring_flags = driver.ring_flags(),
+        "tollgate listening"
+    );
     Ok(Shards {
         local_addr: addr,
-        io_uring,
+        driver,
         bus,
         unix_socket: std::sync::Mutex::new(unix_socket),
     })

@@ -157,38 +157,7 @@ fn psql_and_pgbench_work_through_the_proxy() {
 
     // pgbench: initialise (COPY included), then select-only over the
     // extended protocol, all through tollgate.
-    let addr = env.addr();
-    let pgbench = |args: &[&str]| {
-        pg_tool("pgbench")
-            .args([
-                "-h",
-                &addr.ip().to_string(),
-                "-p",
-                &addr.port().to_string(),
-                "-U",
-                "app",
-            ])
-            .args(args)
-            .arg("appdb")
-            .env("PGPASSWORD", &token)
-            .env("PGSSLMODE", "disable")
-            .output()
-            .unwrap()
-    };
-    let init = pgbench(&["-i", "-s", "1", "-q"]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = pgbench(&["-S", "-M", "extended", "-c", "4", "-j", "2", "-T", "3"]);
-    let PgbenchSummary {
-        processed,
-        failed,
-        output,
-    } = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
-    assert_eq!(failed, 0, "{output}");
-    assert!(processed > 100, "only {processed} transactions");
+    pgbench_through(env.addr(), &token, "extended", 3);
     env.assert_log_clean();
 }
 

@@ -524,6 +524,39 @@ pub struct PgbenchSummary {
 
 /// Reads pgbench's summary from its output: `Err` with everything it
 /// printed when it exited non-zero or printed no summary.
+/// pgbench through tollgate at `addr` as `app` on `appdb`: makes its
+/// tables (COPY included), then runs select-only with four clients for
+/// `secs` seconds in query `mode`; fails the test on any failed
+/// transaction or when hardly any ran.
+pub fn pgbench_through(addr: SocketAddr, token: &str, mode: &str, secs: u32) {
+    let pgbench = |args: &[&str]| {
+        pg_tool("pgbench")
+            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+            .args(["-U", "app"])
+            .args(args)
+            .arg("appdb")
+            .env("PGPASSWORD", token)
+            .env("PGSSLMODE", "disable")
+            .output()
+            .unwrap()
+    };
+    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let secs = secs.to_string();
+    let run = pgbench(&["-S", "-M", mode, "-c", "4", "-j", "2", "-T", &secs]);
+    let PgbenchSummary {
+        processed,
+        failed,
+        output,
+    } = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+    assert_eq!(failed, 0, "{output}");
+    assert!(processed > 100, "only {processed} transactions");
+}
+
 pub fn pgbench_summary(out: &std::process::Output) -> Result<PgbenchSummary, String> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let output = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));

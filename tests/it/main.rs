@@ -9,6 +9,7 @@
 mod harness;
 
 mod clients;
+mod drivers;
 mod fleet;
 mod floods;
 mod fuzz_replay;

@@ -1,0 +1,126 @@
+//! The I/O drivers: the epoll fallback, forced with `io_driver = "epoll"`,
+//! serves everything io_uring does (sessions, COPY both ways, pipelined
+//! queries, cancel, pgbench); and `/metrics` names the driver and the
+//! ring set-up that run.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+
+use crate::harness::*;
+
+/// An env whose proxy runs with `top` (top-level keys) and the admin
+/// listener on a free port, and a token for `app` on `appdb`.
+fn env_with(top: &str) -> (Env, String, SocketAddr) {
+    let port = free_port();
+    let mut env = Env::build(EnvOptions {
+        top: top.into(),
+        tables: format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["--user", "app", "--database", "appdb"]);
+    env.start_proxy();
+    (env, token, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// The `tollgate_build_info` sample's labels.
+fn build_info(admin: SocketAddr) -> String {
+    let metrics = http(admin, "GET", "/metrics", None).body;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("tollgate_build_info{"))
+        .expect("tollgate_build_info")
+        .to_owned()
+}
+
+#[test]
+fn the_epoll_fallback_serves_everything() {
+    let (env, token, admin) = env_with("io_driver = \"epoll\"\n");
+    let info = build_info(admin);
+    assert!(info.contains("driver=\"epoll\""), "{info}");
+    assert!(info.contains("ring_flags=\"-\""), "{info}");
+
+    runtime().block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&env.conn_str("app", "appdb", &token), tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        client
+            .batch_execute("create temp table t (id int, payload text)")
+            .await
+            .unwrap();
+
+        // COPY in and out: 20,000 rows, many relay buffers each way.
+        let sink = client
+            .copy_in::<_, Bytes>("copy t from stdin")
+            .await
+            .unwrap();
+        let mut sink = std::pin::pin!(sink);
+        let mut sent = 0u64;
+        for chunk in 0..20 {
+            let rows: String = (0..1000)
+                .map(|i| format!("{}\t{}\n", chunk * 1000 + i, "x".repeat(100)))
+                .collect();
+            sent += rows.len() as u64;
+            sink.send(Bytes::from(rows)).await.unwrap();
+        }
+        assert_eq!(sink.finish().await.unwrap(), 20_000);
+        let out = client.copy_out("copy t to stdout").await.unwrap();
+        let mut out = std::pin::pin!(out);
+        let mut got = 0u64;
+        while let Some(chunk) = out.next().await {
+            got += chunk.unwrap().len() as u64;
+        }
+        assert_eq!(got, sent);
+
+        // Pipelined: all sent before the first answer is read.
+        let queries = (0..50).map(|i| {
+            let client = &client;
+            async move {
+                let row = client.query_one("select $1::int + 1", &[&i]).await.unwrap();
+                row.get::<_, i32>(0)
+            }
+        });
+        let answers = futures_util::future::join_all(queries).await;
+        assert_eq!(answers, (1..=50).collect::<Vec<i32>>());
+
+        // Cancel.
+        let cancel = client.cancel_token();
+        let sleeping = client.simple_query("select pg_sleep(30)");
+        let started = Instant::now();
+        let canceller = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        };
+        let (r, ()) = tokio::join!(sleeping, canceller);
+        assert_eq!(r.unwrap_err().code().unwrap().code(), "57014");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    });
+
+    // pgbench, its tables made through tollgate too, four clients at once.
+    pgbench_through(env.addr(), &token, "prepared", 2);
+    env.assert_log_clean();
+}
+
+#[test]
+fn metrics_name_the_ring_set_up_that_runs() {
+    let (_env, _token, admin) = env_with("");
+    let info = build_info(admin);
+    let known = [
+        "ring_flags=\"single_issuer,defer_taskrun\"",
+        "ring_flags=\"coop_taskrun,taskrun_flag\"",
+        "ring_flags=\"none\"",
+    ];
+    if info.contains("driver=\"io_uring\"") {
+        assert!(known.iter().any(|k| info.contains(k)), "{info}");
+    } else {
+        // A machine without io_uring: the fallback, and no flags.
+        assert!(
+            info.contains("driver=\"epoll\"") && info.contains("ring_flags=\"-\""),
+            "{info}"
+        );
+    }
+}
