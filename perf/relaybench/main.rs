@@ -36,7 +36,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strategy::{Flags, Strategy};
 
@@ -98,6 +98,7 @@ fn usage(why: &str) -> ! {
 struct Figures {
     round_trips: u64,
     cpu: Duration,
+    window: Duration,
     syscalls: Option<u64>,
 }
 
@@ -148,7 +149,11 @@ fn main() {
     let base = median(results[0].iter().map(per_rt_us).collect());
     for (setup, figs) in setups.iter().zip(&results) {
         let cpu = median(figs.iter().map(per_rt_us).collect());
-        let rate = median(figs.iter().map(|f| f.round_trips as f64 / o.secs).collect());
+        let rate = median(
+            figs.iter()
+                .map(|f| f.round_trips as f64 / f.window.as_secs_f64())
+                .collect(),
+        );
         let sys = figs
             .iter()
             .map(|f| f.syscalls.map(|s| s as f64 / f.round_trips as f64))
@@ -206,14 +211,20 @@ fn run(setup: Setup, o: &Options, server: SocketAddr, perf: bool) -> Figures {
         .collect();
     std::thread::sleep(Duration::from_millis(300));
     let clock = thread_clock(&relay);
-    let (rt0, cpu0) = (count.load(Ordering::Relaxed), cpu_time(clock));
-    let syscalls = if perf {
-        perf_syscalls(tid, o.secs)
-    } else {
-        std::thread::sleep(Duration::from_secs_f64(o.secs));
-        None
+    let sample = || {
+        (
+            count.load(Ordering::Relaxed),
+            cpu_time(clock),
+            Instant::now(),
+        )
     };
-    let (rt1, cpu1) = (count.load(Ordering::Relaxed), cpu_time(clock));
+    let ((rt0, cpu0, t0), (rt1, cpu1, t1), syscalls) = if perf {
+        perf_window(tid, o.secs, sample)
+    } else {
+        let start = sample();
+        std::thread::sleep(Duration::from_secs_f64(o.secs));
+        (start, sample(), None)
+    };
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap();
@@ -222,6 +233,7 @@ fn run(setup: Setup, o: &Options, server: SocketAddr, perf: bool) -> Figures {
     Figures {
         round_trips: rt1 - rt0,
         cpu: cpu1.saturating_sub(cpu0),
+        window: t1 - t0,
         syscalls,
     }
 }
@@ -293,21 +305,32 @@ fn perf_available() -> bool {
         .unwrap_or(false)
 }
 
-/// Syscalls the thread makes over `secs` (perf stat on the one thread).
-fn perf_syscalls(tid: i32, secs: f64) -> Option<u64> {
-    let out = std::process::Command::new("perf")
+/// Syscalls the thread makes over about `secs` (perf stat on the one
+/// thread), and `sample()` taken when counting starts and ends: perf runs
+/// a shell that prints a line, sleeps and prints another, and the samples
+/// are taken as those lines arrive, so that the round trips and CPU time
+/// cover the window perf counted (to a few ms, perf's own start and exit
+/// outside the shell).
+fn perf_window<S: Copy>(tid: i32, secs: f64, sample: impl Fn() -> S) -> (S, S, Option<u64>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("perf")
         .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-t"])
         .arg(tid.to_string())
-        .args(["--", "sleep"])
-        .arg(format!("{secs}"))
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stderr)
+        .args(["--", "sh", "-c"])
+        .arg(format!("echo start; sleep {secs}; echo end"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("perf");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let _ = lines.next();
+    let start = sample();
+    let _ = lines.next();
+    let end = sample();
+    let out = child.wait_with_output().expect("perf");
+    let syscalls = String::from_utf8_lossy(&out.stderr)
         .lines()
-        .find(|l| l.contains("sys_enter"))?
-        .split(',')
-        .next()?
-        .trim()
-        .parse()
-        .ok()
+        .find(|l| l.contains("sys_enter"))
+        .and_then(|l| l.split(',').next()?.trim().parse().ok());
+    (start, end, syscalls)
 }

@@ -12,17 +12,15 @@
 //! the ring signals an eventfd that monoio reads, and each wake-up costs
 //! monoio's own enter plus this ring's.
 
-use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::strategy::Flags;
+use tollgate::net::ring::{ProvidedBuffers, GROUP};
 
-const ENTRIES: u16 = 256;
 const BUF: usize = 16 * 1024;
-const GROUP: u16 = 0;
 
 /// user_data: the kind in the top byte, the socket's index or the
 /// buffer id below.
@@ -32,75 +30,10 @@ const SEND: u64 = 2 << 56;
 /// io_uring_enter(2): run deferred work and post completions.
 const IORING_ENTER_GETEVENTS: u32 = 1;
 
-/// The provided-buffer ring: `ENTRIES` slots the kernel takes buffers
-/// from, and the memory they point at.
-struct BufRing {
-    slots: *mut io_uring::types::BufRingEntry,
-    memory: Vec<u8>,
-    tail: u16,
-}
-
-impl BufRing {
-    fn new(ring: &IoUring) -> io::Result<BufRing> {
-        let bytes = ENTRIES as usize * std::mem::size_of::<types::BufRingEntry>();
-        // SAFETY: a fresh anonymous private mapping; checked below.
-        let slots = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if slots == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let mut r = BufRing {
-            slots: slots.cast(),
-            memory: vec![0; ENTRIES as usize * BUF],
-            tail: 0,
-        };
-        // SAFETY: the mapping lives as long as the ring (leaked with it).
-        unsafe {
-            ring.submitter()
-                .register_buf_ring(slots as u64, ENTRIES, GROUP)?
-        };
-        for bid in 0..ENTRIES {
-            r.push(bid);
-        }
-        r.publish();
-        Ok(r)
-    }
-
-    fn buf(&self, bid: u16) -> *const u8 {
-        self.memory[bid as usize * BUF..].as_ptr()
-    }
-
-    fn push(&mut self, bid: u16) {
-        let slot = (self.tail & (ENTRIES - 1)) as usize;
-        // SAFETY: `slot` < ENTRIES, inside the mapping.
-        let e = unsafe { &mut *self.slots.add(slot) };
-        e.set_addr(self.memory[bid as usize * BUF..].as_ptr() as u64);
-        e.set_len(BUF as u32);
-        e.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    fn publish(&self) {
-        // SAFETY: the tail lives in the first slot's reserved field.
-        unsafe {
-            let tail = types::BufRingEntry::tail(self.slots) as *const std::sync::atomic::AtomicU16;
-            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
-        }
-    }
-}
-
 /// The relay's state: its ring, buffers and sockets.
 struct Relay {
     ring: IoUring,
-    bufs: BufRing,
+    bufs: ProvidedBuffers,
     socks: Vec<TcpStream>,
     fds: Vec<RawFd>,
     done: Vec<bool>,
@@ -115,7 +48,14 @@ impl Relay {
             .builder()
             .build(1024)
             .expect("io_uring with these flags");
-        let bufs = BufRing::new(&ring).expect("provided buffer ring");
+        let mut bufs = ProvidedBuffers::new(BUF).expect("buffer memory");
+        // SAFETY: the buffers live beside the ring in `Relay`, and the
+        // mapping is never unmapped.
+        unsafe { bufs.register(&ring).expect("provided buffer ring") };
+        // 256 buffers: plenty for the bench's clients.
+        for _ in 0..4 {
+            bufs.grow();
+        }
         // Socket i is relayed to socket i ^ 1.
         let mut socks: Vec<TcpStream> = Vec::new();
         for _ in 0..clients {
@@ -192,7 +132,7 @@ impl Relay {
                 // A send finished (the bench's messages always fit the
                 // socket buffer, so it never ends short): its buffer goes
                 // back to the ring.
-                self.bufs.push(id as u16);
+                self.bufs.give(id as u16);
                 returned = true;
             }
         }
@@ -201,7 +141,7 @@ impl Relay {
         }
         let mut sends = std::mem::take(&mut self.sends);
         for (to, bid, len) in sends.drain(..) {
-            let e = opcode::Send::new(types::Fd(self.fds[to]), self.bufs.buf(bid), len)
+            let e = opcode::Send::new(types::Fd(self.fds[to]), self.bufs.as_ptr(bid), len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
                 .user_data(SEND | bid as u64);

@@ -614,7 +614,7 @@ mod tests {
             tokens_loaded: 4,
             uptime: Duration::from_secs(1),
             driver: crate::shard::driver::Driver::IoUring(
-                crate::shard::driver::RingSetup::DeferTaskrun,
+                crate::shard::driver::RingSetup::SingleIssuerCoop,
             ),
             reloads: (2, 1),
             draining: false,

@@ -1,8 +1,9 @@
 //! Client and server sockets: TCP or Unix-domain, as one type for the
 //! session and the pool, the client's address, and the Unix-domain socket
-//! listener with its lock file.
+//! listener with its lock file; and the shard's relay ring.
 
 mod peer;
+pub mod ring;
 mod stream;
 pub mod unix_socket;
 

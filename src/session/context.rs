@@ -46,7 +46,7 @@ pub struct ShardContext {
     /// connection limit.
     pub pools: crate::server::Pools,
     /// Relay buffers, lent to sessions while bytes are in flight.
-    pub(super) relay_buffers: Rc<relay::BufferPool>,
+    pub relay_buffers: Rc<relay::BufferPool>,
     /// Cancel keys of this shard's sessions, and the way to other shards'.
     pub(super) cancel_keys: Rc<cancel::Keys>,
     pub(crate) cancels: Arc<cancel::Router>,

@@ -38,6 +38,8 @@ pub const RETRY: Duration = Duration::from_millis(10);
 /// How long a refused client has to read its error and close before its
 /// fd is taken back regardless.
 const LINGER: Duration = Duration::from_millis(500);
+/// And the most it reads from it meanwhile.
+const LINGER_BYTES: usize = 64 * 1024;
 
 pub fn out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
@@ -109,12 +111,16 @@ impl Reserve {
 }
 
 /// The fd every reserve is a copy of: one /dev/null for the process,
-/// opened at first use (at start, when fds are free).
+/// opened at first use (at start, when fds are free), and tried again
+/// later if that failed. Copies share its open file, so a reserve frees a
+/// slot in the process's fd table, not in the system's file table: at the
+/// system-wide limit (ENFILE) clients wait for a free file instead.
 fn null_fd() -> Option<BorrowedFd<'static>> {
-    static NULL: OnceLock<Option<OwnedFd>> = OnceLock::new();
-    NULL.get_or_init(|| std::fs::File::open("/dev/null").ok().map(OwnedFd::from))
-        .as_ref()
-        .map(|fd| fd.as_fd())
+    static NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if NULL.get().is_none() {
+        let _ = NULL.set(std::fs::File::open("/dev/null").ok()?.into());
+    }
+    NULL.get().map(|fd| fd.as_fd())
 }
 
 /// A client accepted with the reserve fd, to be told why it cannot be
@@ -142,13 +148,14 @@ impl Refused {
             let _ = self.socket.shutdown(std::net::Shutdown::Write);
             let until = Instant::now() + LINGER;
             let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
-            loop {
+            // Bounded in time and bytes: a client that keeps sending must
+            // not hold the shard's thread.
+            let mut budget = LINGER_BYTES;
+            while Instant::now() < until && budget > 0 {
                 match self.socket.recv_with_flags(&mut sink, libc::MSG_DONTWAIT) {
                     Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < until => {
-                        monoio::time::sleep(RETRY).await
-                    }
+                    Ok(n) => budget = budget.saturating_sub(n),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => monoio::time::sleep(RETRY).await,
                     Err(_) => break,
                 }
             }
@@ -172,11 +179,15 @@ impl Refused {
         let fd = socket.into_raw_fd();
         // SAFETY: `fd` is the socket's own fd, ours since into_raw_fd; dup3
         // closes the socket and leaves `fd` open on /dev/null, which the
-        // OwnedFd then owns. On failure `fd` is still the socket, owned and
-        // closed by the OwnedFd all the same.
-        unsafe {
-            libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC);
-            reserve.set(Some(OwnedFd::from_raw_fd(fd)));
+        // OwnedFd then owns. On failure `fd` is still the socket, and the
+        // OwnedFd closes it at once; the loop refills its reserve when an
+        // fd is free.
+        let fd = unsafe {
+            let ok = libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) == fd;
+            (ok, OwnedFd::from_raw_fd(fd))
+        };
+        if let (true, fd) = fd {
+            reserve.set(Some(fd));
         }
     }
 }

@@ -159,7 +159,12 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                             .enable_timer()
                             .build()
                         {
-                            Ok(mut rt) => return rt.block_on(run(ctx, listener, inbox)),
+                            Ok(mut rt) => {
+                                return rt.block_on(async move {
+                                    start_relay_ring(&ctx);
+                                    run(ctx, listener, inbox).await
+                                })
+                            }
                             Err(e) => warn!(
                                 shard,
                                 ring_flags = setup.name(),
@@ -196,6 +201,23 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
         bus,
         unix_socket: std::sync::Mutex::new(unix_socket),
     })
+}
+
+/// Gives an io_uring shard its relay ring ([`crate::net::ring`]) and starts
+/// the ring's reactor; without one (a kernel before 5.19) the plain relay
+/// uses poll-io, as on epoll.
+fn start_relay_ring(ctx: &ShardContext) {
+    match crate::net::ring::RelayRing::new(ctx.relay_buffers.buffer_size()) {
+        Ok(ring) => {
+            ctx.relay_buffers.set_ring(ring.clone());
+            monoio::spawn(ring.drive());
+        }
+        Err(e) => warn!(
+            shard = ctx.shard,
+            error = %e,
+            "no relay ring (provided-buffer rings need Linux 5.19); the plain relay uses poll-io"
+        ),
+    }
 }
 
 /// Opts the process out of transparent huge pages. The allocator asks for

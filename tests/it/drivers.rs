@@ -110,7 +110,7 @@ fn metrics_name_the_ring_set_up_that_runs() {
     let (_env, _token, admin) = env_with("");
     let info = build_info(admin);
     let known = [
-        "ring_flags=\"single_issuer,defer_taskrun\"",
+        "ring_flags=\"single_issuer,coop_taskrun,taskrun_flag\"",
         "ring_flags=\"coop_taskrun,taskrun_flag\"",
         "ring_flags=\"none\"",
     ];

@@ -72,6 +72,9 @@ fn expiry_terminates_or_keeps_open_sessions() {
     let mut env = Env::new();
     let short = env.create_token(&["--user", "app", "--ttl", "2s"]);
     let kept = env.create_token(&["--user", "app", "--ttl", "2s", "--on-expiry", "keep"]);
+    // Its expiry is no later than this (creating it took some time, more on
+    // a loaded machine, after `short`'s).
+    let kept_expired = Instant::now() + Duration::from_secs(2);
     env.start_proxy();
     runtime().block_on(async {
         let (_a, a_end) = connect_watched(&env.conn_str("app", "appdb", &short)).await;
@@ -80,7 +83,7 @@ fn expiry_terminates_or_keeps_open_sessions() {
         assert_eq!(code, "57P01");
         assert!(message.contains("expired"), "{message}");
         // `keep`: the open session runs on; new logins are refused.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep_until((kept_expired + Duration::from_millis(300)).into()).await;
         b.simple_query("select 1").await.unwrap();
         let (code, _) = connect_error(&env.conn_str("app", "appdb", &kept)).await;
         assert_eq!(code, "28P01");

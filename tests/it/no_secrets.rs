@@ -506,9 +506,9 @@ fn no_secret_in_log_or_admin_api_on_any_auth_path() {
             .is_some_and(|a| a.contains("SCRAM"))),
         "upstream login was not SCRAM: {started_events:?}"
     );
-    // tollgate has no trace!() call sites of its own: the TRACE lines come
-    // from dependencies through the log bridge (mio), which still proves
-    // the filter is at TRACE; tollgate's own finest events are DEBUG.
+    // tollgate's one trace!() call site is the relay's start (which pump
+    // a session runs on); dependencies add their own through the log
+    // bridge. Either proves the filter is at TRACE.
     let level = |l: &&Value, lv: &str| l["level"] == lv;
     assert!(
         lines.iter().any(|l| level(&l, "TRACE")),

@@ -20,8 +20,8 @@ use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
 use bytes::BytesMut;
 
 use super::{
-    before_terminate, open, reset_plan, session_ended, BufferPool, EndAction, Ended, EndedBy, Kept,
-    Pump, ServerSide, Tracks,
+    before_terminate, goodbye_sent, open, reset_plan, session_ended, BufferPool, EndAction, Ended,
+    EndedBy, Kept, Pump, ServerSide, Tracks,
 };
 use crate::net::{Stream, StreamPoll};
 use crate::server::reset::Plan;
@@ -185,11 +185,7 @@ async fn client_to_server(
             return EndedBy::ServerIo;
         }
         if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
-            goodbye.set(true);
-            if tracks.borrow().in_flight() {
-                std::future::pending::<()>().await;
-            }
-            return EndedBy::ClientClosed;
+            return goodbye_sent(goodbye, tracks).await;
         }
         take_turns(&mut turn).await;
     }

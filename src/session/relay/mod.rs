@@ -5,10 +5,13 @@
 //! and writes the same buffer to the other side. Nothing on the
 //! per-message path allocates, locks, or touches memory another shard reads.
 //!
-//! Two pumps share this logic. [`lent`] serves plain TCP on both sides: it
+//! Three pumps share this logic. [`ringed`] serves plain sockets on both
+//! sides on an io_uring shard: receives posted to the shard's relay ring
+//! take a provided buffer only when data arrives, and sends go out from
+//! that buffer, so an idle session holds none. [`lent`] does the same job
+//! on the epoll driver (or a kernel without provided-buffer rings): it
 //! waits for readiness holding no buffer and borrows one from the shard's
-//! pool only while bytes are in flight, so an idle session costs a few
-//! hundred bytes instead of two buffers. [`owned`] serves TLS (whose
+//! pool only while bytes are in flight. [`owned`] serves TLS (whose
 //! plaintext may be buffered inside rustls, so socket readiness says
 //! nothing): one buffer per direction for the session's life.
 //!
@@ -33,6 +36,7 @@
 mod lent;
 mod owned;
 pub mod pool;
+mod ringed;
 mod tracks;
 
 use std::cell::{Cell, RefCell};
@@ -196,6 +200,18 @@ fn before_terminate(tracks: &Tracks, chunk: &[u8]) -> Option<usize> {
     .then(|| chunk.len() - TERMINATE.len())
 }
 
+/// With a kept server, after the chunk that ended with the client's
+/// Terminate was forwarded (without it): notes the goodbye, and if
+/// answers are still due, leaves it to the other direction to end the
+/// session once they are relayed.
+async fn goodbye_sent(goodbye: &Cell<bool>, tracks: &RefCell<Tracks>) -> EndedBy {
+    goodbye.set(true);
+    if tracks.borrow().in_flight() {
+        std::future::pending::<()>().await;
+    }
+    EndedBy::ClientClosed
+}
+
 /// What the relay starts with, besides the sockets.
 pub struct Opening {
     /// The server's login messages (AuthenticationOk through
@@ -269,9 +285,22 @@ where
         keep,
         said_goodbye,
     };
+    // The finest level: which pump a session runs on, for whoever debugs
+    // the relay itself.
+    let plain = matches!(server, ServerSide::Plain(_));
+    tracing::trace!(
+        plain_server = plain,
+        ring = pump.pool.ring().is_some(),
+        "relay starts"
+    );
     match server {
         ServerSide::Plain(server) => match client.into_plain() {
-            Ok(client) => Box::pin(lent::run(client, server, pump)),
+            Ok(client) => match pump.pool.ring() {
+                Some(ring) => {
+                    Box::pin(async move { ringed::run(client, server, pump, &ring).await })
+                }
+                None => Box::pin(lent::run(client, server, pump)),
+            },
             Err(client) => Box::pin(owned::run(client, server, pump)),
         },
         ServerSide::Tls(server) => Box::pin(owned::run(client, *server, pump)),

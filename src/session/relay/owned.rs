@@ -16,8 +16,8 @@ use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split, Splitable};
 
 use super::{
-    before_terminate, open, reset_plan, session_ended, EndAction, Ended, EndedBy, Kept, Pump,
-    ServerSide, Tracks,
+    before_terminate, goodbye_sent, open, reset_plan, session_ended, EndAction, Ended, EndedBy,
+    Kept, Pump, ServerSide, Tracks,
 };
 use crate::server::reset::{Plan, RESET_TIMEOUT};
 use crate::session::kill::KillSwitch;
@@ -290,11 +290,7 @@ async fn client_to_server<R: AsyncReadRent, W: AsyncWriteRent>(
             return EndedBy::ServerIo;
         }
         if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
-            goodbye.set(true);
-            if tracks.borrow().in_flight() {
-                std::future::pending::<()>().await;
-            }
-            return EndedBy::ClientClosed;
+            return goodbye_sent(goodbye, tracks).await;
         }
     }
 }

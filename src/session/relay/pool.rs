@@ -2,7 +2,10 @@
 //! flight. Shard-local: taking and returning one is a `Vec` pop and push,
 //! no lock and, once the pool is warm, no allocation.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
+use std::rc::Rc;
+
+use crate::net::ring::RelayRing;
 
 /// Free buffers kept per shard; beyond this, returned buffers are freed, so
 /// a burst of activity does not pin its peak memory forever.
@@ -11,6 +14,9 @@ const MAX_IDLE_BUFFERS: usize = 64;
 pub struct BufferPool {
     buffer_size: usize,
     free: RefCell<Vec<Vec<u8>>>,
+    /// On an io_uring shard, the relay ring whose provided buffers the
+    /// plain relay uses instead of these.
+    ring: OnceCell<Rc<RelayRing>>,
 }
 
 impl BufferPool {
@@ -18,7 +24,17 @@ impl BufferPool {
         BufferPool {
             buffer_size,
             free: RefCell::new(Vec::with_capacity(MAX_IDLE_BUFFERS)),
+            ring: OnceCell::new(),
         }
+    }
+
+    /// Gives the shard's relay ring to the plain relay (once, at start).
+    pub fn set_ring(&self, ring: Rc<RelayRing>) {
+        let _ = self.ring.set(ring);
+    }
+
+    pub fn ring(&self) -> Option<Rc<RelayRing>> {
+        self.ring.get().cloned()
     }
 
     pub fn buffer_size(&self) -> usize {
