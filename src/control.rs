@@ -151,6 +151,7 @@ fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
     fixed!(workers, "workers");
     fixed!(pin_cpus, "pin_cpus");
     fixed!(io_driver, "io_driver");
+    fixed!(plain_relay, "plain_relay");
     fixed!(buffer_size, "buffer_size");
     fixed!(tokens, "[tokens] file or postgres");
     fixed!(fleet, "[fleet]");

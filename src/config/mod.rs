@@ -55,6 +55,7 @@ struct RawConfig {
     workers: usize,
     pin_cpus: Option<bool>,
     io_driver: Option<String>,
+    plain_relay: Option<String>,
     startup_timeout: Option<String>,
     shutdown_timeout: Option<String>,
     tcp_keepalive: Option<String>,
@@ -249,6 +250,8 @@ pub struct Config {
     /// What the shards run on (`io_driver`): io_uring where the kernel
     /// has it, or epoll.
     pub io_driver: IoDriver,
+    /// How the relay moves bytes between plain sockets (`plain_relay`).
+    pub plain_relay: PlainRelay,
     pub startup_timeout: Duration,
     /// On SIGTERM: how long open sessions may go on before they are ended.
     pub shutdown_timeout: Duration,
@@ -467,6 +470,29 @@ impl IoDriver {
             Some("epoll") => Ok(IoDriver::Epoll),
             Some(other) => Err(format!(
                 "io_driver: {other:?} is neither \"auto\" nor \"epoll\""
+            )),
+        }
+    }
+}
+
+/// `plain_relay`: how sessions without TLS relay bytes on an io_uring
+/// shard. `"readiness"` (the default) waits for a socket to be readable
+/// holding no buffer, then reads and writes it; `"completion"` posts
+/// receives to the shard's relay ring that take a buffer only when data
+/// arrives ([`crate::net::ring`]). On epoll both mean readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlainRelay {
+    Readiness,
+    Completion,
+}
+
+impl PlainRelay {
+    fn parse(raw: Option<&str>) -> Result<PlainRelay, String> {
+        match raw {
+            None | Some("readiness") => Ok(PlainRelay::Readiness),
+            Some("completion") => Ok(PlainRelay::Completion),
+            Some(other) => Err(format!(
+                "plain_relay: {other:?} is neither \"readiness\" nor \"completion\""
             )),
         }
     }
@@ -705,6 +731,7 @@ impl Config {
             workers,
             pin_cpus: raw.pin_cpus.unwrap_or(true),
             io_driver: IoDriver::parse(raw.io_driver.as_deref())?,
+            plain_relay: PlainRelay::parse(raw.plain_relay.as_deref())?,
             shutdown_timeout: duration(
                 "shutdown_timeout",
                 raw.shutdown_timeout,

@@ -80,6 +80,17 @@ pub struct ProvidedBuffers {
     memory: Vec<Box<[u8]>>,
     size: usize,
     tail: u16,
+    /// Buffers in the ring now (given and not yet taken by a receive).
+    in_ring: usize,
+}
+
+/// Freed only with the process: a ring being closed is torn down by the
+/// kernel asynchronously, and a receive still posted could write into
+/// memory freed before that.
+impl Drop for ProvidedBuffers {
+    fn drop(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.memory));
+    }
 }
 
 impl ProvidedBuffers {
@@ -106,6 +117,7 @@ impl ProvidedBuffers {
             memory: Vec::new(),
             size,
             tail: 0,
+            in_ring: 0,
         })
     }
 
@@ -151,6 +163,17 @@ impl ProvidedBuffers {
         e.set_len(buf.len() as u32);
         e.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
+        self.in_ring += 1;
+    }
+
+    /// Notes that a receive took a buffer out of the ring.
+    pub fn taken(&mut self) {
+        self.in_ring = self.in_ring.saturating_sub(1);
+    }
+
+    /// Buffers the kernel can take now.
+    pub fn available(&self) -> usize {
+        self.in_ring
     }
 
     /// Lets the kernel see the buffers given since the last publish.
@@ -180,6 +203,9 @@ struct Inner {
     queued: u32,
     /// Receives that found no buffer, waiting for one to come back.
     starved: Vec<Waker>,
+    /// Entries that found the submission queue full and could not be
+    /// submitted at once; pushed first in the next turn.
+    backlog: Vec<squeue::Entry>,
 }
 
 /// A shard's relay ring; see the module doc.
@@ -217,6 +243,7 @@ impl RelayRing {
                 free: Vec::new(),
                 queued: 0,
                 starved: Vec::new(),
+                backlog: Vec::new(),
             }),
             eventfd: Cell::new(Some(efd)),
             reactor: Cell::new(None),
@@ -256,8 +283,10 @@ impl RelayRing {
             self.reactor.take();
             if let Some((res, mut buf)) = signalled {
                 if let Err(e) = res {
-                    tracing::error!(error = %e, "relay ring: reading its eventfd failed");
-                    return;
+                    // Never seen; if it happens, the ring is still served,
+                    // by looking every millisecond.
+                    tracing::error!(error = %e, "relay ring: reading its eventfd failed; polling");
+                    monoio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
                 buf.clear();
                 read.set(file.read_at(buf, 0));
@@ -268,8 +297,15 @@ impl RelayRing {
     /// Submits what is queued and hands out the completions there are.
     fn turn(&self) {
         let mut inner = self.inner.borrow_mut();
+        for e in std::mem::take(&mut inner.backlog) {
+            self.push(&mut inner, e);
+        }
         let queued = inner.queued;
-        if queued > 0 || inner.ring.submission().taskrun() {
+        let (taskrun, overflow) = {
+            let sq = inner.ring.submission();
+            (sq.taskrun(), sq.cq_overflow())
+        };
+        if queued > 0 || taskrun || overflow {
             // SAFETY: no argument struct is passed.
             let res = unsafe {
                 inner.ring.submitter().enter::<libc::sigset_t>(
@@ -302,6 +338,9 @@ impl RelayRing {
             }
             let slot = &mut slots[id as usize];
             let took = cqueue::buffer_select(cqe.flags());
+            if took.is_some() {
+                bufs.taken();
+            }
             match std::mem::replace(slot, Slot::Free) {
                 Slot::Pending { waker, holds } => {
                     *slot = Slot::Done {
@@ -339,13 +378,21 @@ impl RelayRing {
         // SAFETY: every entry's memory outlives its completion: receives
         // write only into provided buffers, and a send's buffer is held by
         // its slot until it completes.
-        while unsafe { inner.ring.submission().push(&e) }.is_err() {
-            // Full: submit what is there first.
-            match inner.ring.submit() {
-                Ok(n) => inner.queued -= n as u32,
-                Err(_) => {
-                    let _ = inner.ring.submitter().squeue_wait();
+        if unsafe { inner.ring.submission().push(&e) }.is_err() {
+            // Full: submit what is there, then try again; if the kernel
+            // takes nothing now (its completion queue overflowed), the
+            // entry waits for the next turn, which reaps first.
+            let submitted = inner.ring.submit();
+            if let Ok(n) = submitted {
+                inner.queued -= n as u32;
+            }
+            // SAFETY: as above.
+            if submitted.is_err() || unsafe { inner.ring.submission().push(&e) }.is_err() {
+                inner.backlog.push(e);
+                if let Some(w) = self.reactor.take() {
+                    w.wake();
                 }
+                return;
             }
         }
         inner.queued += 1;
@@ -430,10 +477,18 @@ impl RelayRing {
                     .build()
                     .user_data(CANCEL);
                 self.push(&mut inner, e);
+                // Submitted now, not at the reactor's next turn: the
+                // session's sockets close once its futures are dropped,
+                // and an entry still queued then would name an fd number
+                // the next accepted connection may already have. In the
+                // kernel, an operation holds its file open until it ends.
+                if let Ok(n) = inner.ring.submit() {
+                    inner.queued -= n as u32;
+                }
             }
-            Slot::Done { res, flags, holds } => {
+            Slot::Done { flags, holds, .. } => {
                 inner.free.push(id);
-                let took = (res > 0).then(|| cqueue::buffer_select(flags)).flatten();
+                let took = cqueue::buffer_select(flags);
                 for bid in holds.into_iter().chain(took) {
                     inner.bufs.give(bid);
                 }
@@ -464,8 +519,13 @@ impl RelayRing {
     /// After a receive found no buffer: more if the ring has room,
     /// otherwise waits until one comes back.
     async fn wait_for_buffers(&self) {
-        if self.inner.borrow_mut().bufs.grow() {
-            return;
+        {
+            let mut inner = self.inner.borrow_mut();
+            // Some came back since the receive found none, or the ring can
+            // take more: post again at once.
+            if inner.bufs.available() > 0 || inner.bufs.grow() {
+                return;
+            }
         }
         let mut asked = false;
         poll_fn(|cx| {
@@ -480,16 +540,25 @@ impl RelayRing {
     }
 }
 
+/// The relay ring, set up as well as the kernel allows. The completion
+/// queue has room for four completions per submission slot: a busy shard
+/// has up to four operations per session in flight.
 fn build_ring() -> io::Result<IoUring> {
+    let cq = 4 * SQ_ENTRIES;
     let mut best = IoUring::builder();
-    best.setup_single_issuer()
+    best.setup_cqsize(cq)
+        .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_taskrun_flag();
     let mut coop = IoUring::builder();
-    coop.setup_coop_taskrun().setup_taskrun_flag();
+    coop.setup_cqsize(cq)
+        .setup_coop_taskrun()
+        .setup_taskrun_flag();
+    let mut plain = IoUring::builder();
+    plain.setup_cqsize(cq);
     best.build(SQ_ENTRIES)
         .or_else(|_| coop.build(SQ_ENTRIES))
-        .or_else(|_| IoUring::new(SQ_ENTRIES))
+        .or_else(|_| plain.build(SQ_ENTRIES))
 }
 
 /// Bytes received into a provided buffer; the buffer goes back to the
@@ -566,12 +635,16 @@ impl<'r> Receiver<'r> {
     }
 
     fn chunk(&self, res: i32, flags: u32) -> io::Result<Option<Chunk<'r>>> {
+        let Some(bid) = cqueue::buffer_select(flags) else {
+            return match res {
+                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                _ => Ok(None),
+            };
+        };
         if res < 0 {
+            self.ring.give_back(bid);
             return Err(io::Error::from_raw_os_error(-res));
         }
-        let Some(bid) = cqueue::buffer_select(flags) else {
-            return Ok(None);
-        };
         let chunk = Chunk {
             ring: self.ring,
             bid,
@@ -583,7 +656,9 @@ impl<'r> Receiver<'r> {
     /// Withdraws the posted receive and returns what it got before the
     /// cancel reached it, so that a socket handed on loses no bytes.
     pub async fn withdraw(mut self) -> io::Result<Option<Chunk<'r>>> {
-        let Some(id) = self.posted.take() else {
+        // `posted` stays set until the result is in: dropped before, this
+        // receiver abandons the receive as usual.
+        let Some(id) = self.posted else {
             return Ok(None);
         };
         {
@@ -594,6 +669,7 @@ impl<'r> Receiver<'r> {
             self.ring.push(&mut inner, e);
         }
         let (res, flags, _) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
+        self.posted = None;
         match res {
             r if r == -libc::ECANCELED || r == -libc::ENOBUFS => Ok(None),
             r => self.chunk(r, flags),

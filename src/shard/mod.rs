@@ -28,6 +28,8 @@ mod services;
 use bus::Bus;
 use driver::Driver;
 
+use crate::config::PlainRelay;
+
 /// Pending connections per listener; the kernel caps it at somaxconn.
 const LISTEN_BACKLOG: i32 = 4096;
 /// io_uring submission queue entries per shard.
@@ -138,6 +140,7 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
     let mut threads = 0;
     for (shard, listener) in listeners.into_iter().enumerate() {
         let pin_cpus = config.pin_cpus;
+        let plain_relay = config.plain_relay;
         let shared = shared.clone();
         let inbox = bus.take_inbox(shard);
         // Detached: shards run until the process exits.
@@ -161,7 +164,9 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
                         {
                             Ok(mut rt) => {
                                 return rt.block_on(async move {
-                                    start_relay_ring(&ctx);
+                                    if plain_relay == PlainRelay::Completion {
+                                        start_relay_ring(&ctx);
+                                    }
                                     run(ctx, listener, inbox).await
                                 })
                             }
@@ -204,8 +209,8 @@ pub fn start(shared: Arc<Shared>) -> std::io::Result<Shards> {
 }
 
 /// Gives an io_uring shard its relay ring ([`crate::net::ring`]) and starts
-/// the ring's reactor; without one (a kernel before 5.19) the plain relay
-/// uses poll-io, as on epoll.
+/// the ring's reactor (`plain_relay = "completion"`); without one (a kernel
+/// before 5.19) the plain relay waits for readiness, as on epoll.
 fn start_relay_ring(ctx: &ShardContext) {
     match crate::net::ring::RelayRing::new(ctx.relay_buffers.buffer_size()) {
         Ok(ring) => {
@@ -215,7 +220,7 @@ fn start_relay_ring(ctx: &ShardContext) {
         Err(e) => warn!(
             shard = ctx.shard,
             error = %e,
-            "no relay ring (provided-buffer rings need Linux 5.19); the plain relay uses poll-io"
+            "no relay ring (provided-buffer rings need Linux 5.19); the plain relay waits for readiness"
         ),
     }
 }

@@ -41,10 +41,67 @@ fn the_epoll_fallback_serves_everything() {
     let info = build_info(admin);
     assert!(info.contains("driver=\"epoll\""), "{info}");
     assert!(info.contains("ring_flags=\"-\""), "{info}");
+    serves_everything(&env, &token);
+}
 
+/// The completion-driven plain relay (the shard's relay ring): the same,
+/// and a server connection it hands back to the pool serves the next
+/// client.
+#[test]
+fn the_completion_relay_serves_everything() {
+    let (env, token, admin) = env_with("plain_relay = \"completion\"\n");
+    // Each shard has two rings: monoio's, and its relay ring.
+    let metrics = http(admin, "GET", "/metrics", None).body;
+    let shards: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_shards "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("tollgate_shards");
+    let rings = std::fs::read_dir(format!("/proc/{}/fd", env.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy() == "anon_inode:[io_uring]")
+        .count();
+    if build_info(admin).contains("driver=\"io_uring\"") {
+        assert_eq!(rings, 2 * shards, "{shards} shards, {rings} rings");
+    }
+    serves_everything(&env, &token);
+    runtime().block_on(async {
+        let conn = env.conn_str("app", "appdb", &token);
+        let first = backend_pid(&pg_connect(&conn).await.unwrap()).await;
+        // The reset runs after the client left: a client arriving at once
+        // may get another connection meanwhile.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut others = Vec::new();
+        loop {
+            let c = pg_connect(&conn).await.unwrap();
+            let p = backend_pid(&c).await;
+            if p == first {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "backend {first} was never pooled again"
+            );
+            others.push(c);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Sessions, COPY both ways, pipelined queries, a cancel and pgbench, all
+/// through the proxy `env` runs.
+fn serves_everything(env: &Env, token: &str) {
     runtime().block_on(async {
         let (client, conn) =
-            tokio_postgres::connect(&env.conn_str("app", "appdb", &token), tokio_postgres::NoTls)
+            tokio_postgres::connect(&env.conn_str("app", "appdb", token), tokio_postgres::NoTls)
                 .await
                 .unwrap();
         tokio::spawn(conn);
@@ -101,7 +158,7 @@ fn the_epoll_fallback_serves_everything() {
     });
 
     // pgbench, its tables made through tollgate too, four clients at once.
-    pgbench_through(env.addr(), &token, "prepared", 2);
+    pgbench_through(env.addr(), token, "prepared", 2);
     env.assert_log_clean();
 }
 
