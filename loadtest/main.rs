@@ -91,6 +91,7 @@ struct Args {
     connect: bool,
     /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
     /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client,
+    /// tollgate-completion for the completion-driven relay,
     /// direct-unix and tollgate-unix-upstream for Postgres over its Unix socket]
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,

@@ -272,7 +272,8 @@ fn start_target(
         TargetKind::Tollgate
         | TargetKind::TollgateUnixUpstream
         | TargetKind::TollgateMetrics
-        | TargetKind::TollgateNopool => {
+        | TargetKind::TollgateNopool
+        | TargetKind::TollgateCompletion => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
             targets::tollgate(ctx, bin, kind).map(Some)
         }

@@ -60,6 +60,9 @@ pub enum TargetKind {
     /// tollgate with `[pool] mode = "off"`: a login per client, as before
     /// session pooling (not in the default set).
     TollgateNopool,
+    /// tollgate with `plain_relay = "completion"`: the relay ring, to
+    /// compare with `tollgate` in one run (not in the default set).
+    TollgateCompletion,
     Pgbouncer,
     Relay,
 }
@@ -80,6 +83,7 @@ impl TargetKind {
             TargetKind::TollgateUnixUpstream => "tollgate-unix-upstream",
             TargetKind::TollgateMetrics => "tollgate-metrics",
             TargetKind::TollgateNopool => "tollgate-nopool",
+            TargetKind::TollgateCompletion => "tollgate-completion",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::Relay => "relay",
         }
@@ -93,6 +97,7 @@ impl TargetKind {
                 | TargetKind::TollgateUnixUpstream
                 | TargetKind::TollgateMetrics
                 | TargetKind::TollgateNopool
+                | TargetKind::TollgateCompletion
         )
     }
 
@@ -272,6 +277,7 @@ fn socket_dir(ctx: &StartContext<'_>, kind: TargetKind) -> Result<String, String
 /// tollgate with a fresh token and `workers = shards`; as `kind`
 /// `TollgateMetrics`, also the admin listener, which turns on the relay's
 /// latency histograms; as `TollgateNopool`, without session pooling; as
+/// `TollgateCompletion`, with the completion-driven plain relay; as
 /// `TollgateUnixUpstream`, with the upstream leg over Postgres' Unix socket.
 pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("tollgate: {e}");
@@ -322,6 +328,14 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     if kind == TargetKind::TollgateNopool {
         config.push_str("\n[pool]\nmode = \"off\"\n");
     }
+    if kind == TargetKind::TollgateCompletion {
+        // A top-level key: it goes before the first table.
+        config = config.replacen(
+            "\n[upstream]\n",
+            "plain_relay = \"completion\"\n\n[upstream]\n",
+            1,
+        );
+    }
     if kind == TargetKind::TollgateMetrics {
         let admin_port = free_port().map_err(err)?;
         config.push_str(&format!(
@@ -342,6 +356,7 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     let extra = match kind {
         TargetKind::TollgateMetrics => ", metrics on",
         TargetKind::TollgateNopool => ", pooling off",
+        TargetKind::TollgateCompletion => ", completion relay",
         TargetKind::TollgateUnixUpstream => ", upstream over Unix socket",
         _ => "",
     };
