@@ -208,6 +208,14 @@ struct Inner {
     backlog: Vec<squeue::Entry>,
 }
 
+/// How a reactor turn went.
+#[derive(PartialEq, Eq)]
+enum Turn {
+    Done,
+    /// The kernel took nothing from the submission queue this time.
+    Stalled,
+}
+
 /// A shard's relay ring; see the module doc.
 pub struct RelayRing {
     inner: RefCell<Inner>,
@@ -271,11 +279,17 @@ impl RelayRing {
             // this task waits, queue their next operations and wake it
             // again, and once all is quiet the shard parks in monoio (which
             // is also when monoio's own timers and completions are seen).
-            self.turn();
+            if self.turn() == Turn::Stalled {
+                // The kernel took nothing: give it a moment rather than
+                // spin on the shard's thread.
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
             let signalled = poll_fn(|cx| {
-                if self.inner.borrow().queued > 0 {
+                let inner = self.inner.borrow();
+                if inner.queued > 0 || !inner.backlog.is_empty() {
                     return Poll::Ready(None);
                 }
+                drop(inner);
                 self.reactor.set(Some(cx.waker().clone()));
                 read.as_mut().poll(cx).map(Some)
             })
@@ -295,7 +309,7 @@ impl RelayRing {
     }
 
     /// Submits what is queued and hands out the completions there are.
-    fn turn(&self) {
+    fn turn(&self) -> Turn {
         let mut inner = self.inner.borrow_mut();
         for e in std::mem::take(&mut inner.backlog) {
             self.push(&mut inner, e);
@@ -305,6 +319,7 @@ impl RelayRing {
             let sq = inner.ring.submission();
             (sq.taskrun(), sq.cq_overflow())
         };
+        let mut outcome = Turn::Done;
         if queued > 0 || taskrun || overflow {
             // SAFETY: no argument struct is passed.
             let res = unsafe {
@@ -319,8 +334,13 @@ impl RelayRing {
                 Ok(n) => inner.queued -= n as u32,
                 // EBUSY/EAGAIN: completions must be reaped first; the
                 // entries stay queued for the next turn.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {}
-                Err(e) => tracing::error!(error = %e, "relay ring: io_uring_enter failed"),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) => {
+                    outcome = Turn::Stalled;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "relay ring: io_uring_enter failed");
+                    outcome = Turn::Stalled;
+                }
             }
         }
         let mut returned = false;
@@ -372,6 +392,7 @@ impl RelayRing {
         if returned {
             self.buffers_returned();
         }
+        outcome
     }
 
     fn push(&self, inner: &mut Inner, e: squeue::Entry) {
