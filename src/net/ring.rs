@@ -8,8 +8,11 @@
 //! operation types and gives no access to its ring (no buffer-select recv,
 //! no way to register a provided-buffer ring), so the relay's operations go
 //! to this ring instead. `perf/relaybench` measured this design (`bridge`)
-//! at 0.61× the CPU per round trip of the poll-io relay it replaces, as
-//! cheap as a bare ring outside monoio.
+//! at 0.61× the CPU per round trip of the readiness relay when the relay
+//! thread is saturated, as cheap as a bare ring outside monoio; in the
+//! load harness, where a wake-up finds about one session's work, it cost
+//! 1.08× (8 clients) and 1.13× (1 client), so it is opt-in
+//! (`plain_relay = "completion"`).
 //!
 //! How the two rings meet: this ring signals an eventfd on every
 //! completion, and the shard's reactor task ([`RelayRing::drive`]) keeps a

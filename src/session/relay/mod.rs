@@ -5,13 +5,14 @@
 //! and writes the same buffer to the other side. Nothing on the
 //! per-message path allocates, locks, or touches memory another shard reads.
 //!
-//! Three pumps share this logic. [`ringed`] serves plain sockets on both
-//! sides on an io_uring shard: receives posted to the shard's relay ring
-//! take a provided buffer only when data arrives, and sends go out from
-//! that buffer, so an idle session holds none. [`lent`] does the same job
-//! on the epoll driver (or a kernel without provided-buffer rings): it
-//! waits for readiness holding no buffer and borrows one from the shard's
-//! pool only while bytes are in flight. [`owned`] serves TLS (whose
+//! Three pumps share this logic. [`lent`] serves plain sockets (TCP or
+//! Unix-domain) on both sides by default: it waits for readiness holding
+//! no buffer and borrows one from the shard's pool only while bytes are in
+//! flight, so an idle session holds none. [`ringed`] does the same job
+//! with `plain_relay = "completion"` on an io_uring shard: receives posted
+//! to the shard's relay ring take a provided buffer only when data
+//! arrives, and sends go out from that buffer (opt-in until it measures
+//! cheaper in the proxy; see README, Performance). [`owned`] serves TLS (whose
 //! plaintext may be buffered inside rustls, so socket readiness says
 //! nothing): one buffer per direction for the session's life.
 //!
