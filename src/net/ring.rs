@@ -261,10 +261,6 @@ impl RelayRing {
         }))
     }
 
-    pub fn buffer_size(&self) -> usize {
-        self.inner.borrow().bufs.size
-    }
-
     /// The shard's reactor: submits what sessions queued and hands out
     /// completions, sleeping in monoio (on the eventfd) when there is
     /// neither. Runs for the shard's life.
