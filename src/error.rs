@@ -242,6 +242,17 @@ impl ClientError {
         )
     }
 
+    /// Transaction pooling: the client held a server connection idle in a
+    /// transaction past `idle_transaction_timeout`. Postgres's own words
+    /// for its `idle_in_transaction_session_timeout`.
+    pub fn idle_in_transaction_timeout() -> Self {
+        ClientError::new(
+            sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+            "idle_transaction_timeout",
+            "terminating connection due to idle-in-transaction timeout",
+        )
+    }
+
     /// A session ended through the admin API: Postgres's own words and
     /// code for pg_terminate_backend.
     pub fn admin_terminated() -> Self {

@@ -1266,7 +1266,12 @@ file = "tokens.toml"
         assert_eq!(main.idle_timeout, Duration::from_secs(60), "inherited");
         assert_eq!(other.max_server_connections, 20);
         assert_eq!(other.mode, PoolMode::Session);
-        let bad = text.replace("mode = \"off\"", "mode = \"transaction\"");
+        let tx = text.replace("mode = \"off\"", "mode = \"transaction\"");
+        assert_eq!(
+            load(&tx).unwrap().upstreams[0].pool.mode,
+            PoolMode::Transaction
+        );
+        let bad = text.replace("mode = \"off\"", "mode = \"statement\"");
         assert!(load(&bad).is_err());
         let unknown = text.replace("idle_timeout", "idle_timout");
         assert!(load(&unknown).is_err());

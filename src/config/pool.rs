@@ -26,14 +26,26 @@ pub enum PoolMode {
     /// leaves, the connection is reset and kept for the next client.
     #[default]
     Session,
+    /// A client holds a server connection for one transaction at a time:
+    /// lent at the transaction's first message, taken back at the
+    /// ReadyForQuery that ends it idle, with no reset in between. A
+    /// client that makes session state (see README, "Transaction
+    /// pooling") keeps its connection for the rest of its session.
+    Transaction,
     /// A fresh login per client, closed when the client leaves.
     Off,
 }
 
 impl PoolMode {
+    /// Whether server connections outlive their clients.
+    pub fn pooled(self) -> bool {
+        self != PoolMode::Off
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
             PoolMode::Off => "off",
         }
     }
@@ -51,6 +63,7 @@ pub(super) struct RawPool {
     reset_query: Option<String>,
     checkout_timeout: Option<String>,
     check_after: Option<String>,
+    idle_transaction_timeout: Option<String>,
 }
 
 /// One upstream's pool settings, resolved.
@@ -76,6 +89,11 @@ pub struct PoolConfig {
     /// A connection idle longer than this is checked with a round trip
     /// before a client gets it.
     pub check_after: Duration,
+    /// Transaction pooling: a client that leaves its transaction open and
+    /// idle this long is ended (25P03, as Postgres's own
+    /// `idle_in_transaction_session_timeout`), so that it cannot hold a
+    /// server connection for good. `None`: no limit.
+    pub idle_transaction_timeout: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -89,6 +107,7 @@ impl Default for PoolConfig {
             reset_query: DEFAULT_RESET_QUERY.to_owned(),
             checkout_timeout: DEFAULT_CHECKOUT_TIMEOUT,
             check_after: DEFAULT_CHECK_AFTER,
+            idle_transaction_timeout: None,
         }
     }
 }
@@ -126,6 +145,15 @@ impl PoolConfig {
                 None => base.check_after,
                 Some(s) => {
                     super::parse_duration(&s).map_err(|e| format!("{at} check_after: {e}"))?
+                }
+            },
+            // Zero turns it off, as in Postgres.
+            idle_transaction_timeout: match raw.idle_transaction_timeout {
+                None => base.idle_transaction_timeout,
+                Some(s) => {
+                    let d = super::parse_duration(&s)
+                        .map_err(|e| format!("{at} idle_transaction_timeout: {e}"))?;
+                    (!d.is_zero()).then_some(d)
                 }
             },
         };

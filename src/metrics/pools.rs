@@ -26,6 +26,11 @@ pub struct PoolView {
     /// Connections closed, by reason.
     #[serde(serialize_with = "labeled")]
     pub closed: Labeled,
+    /// Transaction pooling: connections taken back at a transaction's end.
+    pub transaction_lends: u64,
+    /// Transaction pooling: clients pinned to their connection, by reason.
+    #[serde(serialize_with = "labeled")]
+    pub pins: Labeled,
     #[serde(skip)]
     pub checkout_wait: Latency,
 }
@@ -61,7 +66,12 @@ const GAUGES: [(&str, &str, Read); 2] = [
     ),
 ];
 
-const COUNTERS: [(&str, &str, Read); 4] = [
+const COUNTERS: [(&str, &str, Read); 5] = [
+    (
+        "tollgate_pool_transaction_lends_total",
+        "Transaction pooling: server connections taken back at the end of a client's transaction.",
+        |v| v.transaction_lends,
+    ),
     (
         "tollgate_pool_checkouts_waited_total",
         "Checkouts that waited in line for a server connection.",
@@ -84,7 +94,7 @@ const COUNTERS: [(&str, &str, Read); 4] = [
     ),
 ];
 
-const SPLIT: [Split; 3] = [
+const SPLIT: [Split; 4] = [
     ("tollgate_pool_server_connections", "gauge", "state", |v| {
         let mut l = Labeled::default();
         l.add("idle", v.idle as u64);
@@ -103,12 +113,16 @@ const SPLIT: [Split; 3] = [
         "reason",
         |v| v.closed.clone(),
     ),
+    ("tollgate_pool_pins_total", "counter", "reason", |v| {
+        v.pins.clone()
+    }),
 ];
 
-const SPLIT_HELP: [&str; 3] = [
+const SPLIT_HELP: [&str; 4] = [
     "Server connections per upstream and shard, by state.",
     "Server connections handed to clients: reused from the pool, or a new login.",
     "Server connections closed, by reason.",
+    "Transaction pooling: clients pinned to their server connection for the rest of their session, by reason.",
 ];
 
 pub(super) fn render(e: &mut Exposition, shards: &[ShardSnapshot]) {

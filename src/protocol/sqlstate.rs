@@ -41,5 +41,8 @@ pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
 pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
 /// 57P05: a client exceeded an idle or login timeout (idle_session_timeout's code).
 pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
+/// 25P03: idle_in_transaction_session_timeout's code, and tollgate's
+/// `idle_transaction_timeout` under transaction pooling.
+pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: SqlState = SqlState("25P03");
 /// XX000: a failure inside tollgate.
 pub const INTERNAL_ERROR: SqlState = SqlState("XX000");

@@ -59,7 +59,12 @@ pub async fn prepare(
         answer(conn, &mut reader).await
     };
     match timeout(RESET_TIMEOUT, exchange).await {
-        Ok(Ok((changed, None))) => Ok(changed),
+        Ok(Ok((changed, None))) => {
+            for (k, v) in &changed {
+                conn.state.reported(k, v);
+            }
+            Ok(changed)
+        }
         Ok(Ok((_, Some(fatal)))) => Err(PrepareError::Refused(fatal)),
         Ok(Err(e)) => Err(PrepareError::Broken(e.as_str())),
         Err(_) => Err(PrepareError::Broken(WireError::TimedOut.as_str())),

@@ -52,6 +52,13 @@ pub struct ConnState {
     /// at once.
     retire_at: Instant,
     idle_since: Instant,
+    /// Reported parameters whose value changed since the login or the
+    /// last reset, as the server reported them (transaction pooling
+    /// carries a client's values from lend to lend without a reset).
+    /// Boxed: most idle connections have none, and each pooled one pays
+    /// for the field (8 bytes instead of a `Vec`'s 24).
+    #[allow(clippy::box_collection)]
+    changed: Option<Box<Vec<(String, String)>>>,
     /// Clients served before the current one.
     pub served: u64,
     /// Its place under the upstream's limit, given back when it closes.
@@ -117,6 +124,7 @@ impl ServerConn {
             created: now,
             retire_at: now + jittered(max_lifetime),
             idle_since: now,
+            changed: None,
             served: 0,
             seat,
         };
@@ -152,9 +160,31 @@ impl ConnState {
     /// The reported value of `name` (case-insensitive) after a login or a
     /// reset.
     pub fn param(&self, name: &str) -> Option<&str> {
+        let changed = self.changed.iter().flat_map(|c| c.iter());
+        if let Some((_, v)) = changed.rev().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            return Some(v);
+        }
         params(&self.login[self.greeting_len..])
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
+    }
+
+    /// Notes a ParameterStatus the server sent after the login.
+    pub fn reported(&mut self, name: &str, value: &str) {
+        let changed = self.changed.get_or_insert_with(Default::default);
+        match changed.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) if v == value => {}
+            Some((_, v)) => {
+                v.clear();
+                v.push_str(value);
+            }
+            None => changed.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// After a reset: the parameters are the login's again.
+    pub fn forget_changes(&mut self) {
+        self.changed = None;
     }
 
     /// What a client is shown of the login: the greeting, the parameters

@@ -19,6 +19,6 @@ mod route;
 pub mod wire;
 
 pub use conn::{ConnState, NotPoolable, ServerConn};
-pub use key::{split_params, PoolKey};
+pub use key::{is_reported, split_params, PoolKey, REPORTED};
 pub use pool::{Claim, PoolCounters, PoolFull, Pools, RoutePool, Seat};
 pub use route::Route;

@@ -79,6 +79,10 @@ pub struct PoolCounters {
     pub reset_failures: u64,
     /// Connections closed, by reason.
     pub closed: crate::metrics::Labeled,
+    /// Transaction pooling: connections taken back at a transaction's end.
+    pub lends: u64,
+    /// Transaction pooling: clients pinned to their connection, by reason.
+    pub pins: crate::metrics::Labeled,
 }
 
 /// One upstream's pool on one shard.
@@ -430,6 +434,8 @@ impl Pools {
                     resets: c.resets,
                     reset_failures: c.reset_failures,
                     closed: c.closed.clone(),
+                    transaction_lends: c.lends,
+                    pins: c.pins.clone(),
                     checkout_wait: p.checkout_wait.borrow().clone(),
                 }
             })

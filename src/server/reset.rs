@@ -146,6 +146,9 @@ pub async fn complete(
     leftover: BytesMut,
 ) -> Result<(), ResetError> {
     let mut reader = Reader::resuming(framer, leftover);
+    // The reset puts the parameters back to the login's; what it reports
+    // on the way is noted again as it comes.
+    conn.state.forget_changes();
     match timeout(RESET_TIMEOUT, read_answers(conn, plan, &mut reader)).await {
         Ok(r) => r,
         Err(_) => Err(ResetError::Wire(WireError::TimedOut)),
@@ -184,13 +187,19 @@ async fn read_answers(
     }
 }
 
-/// The next message. ParameterStatus messages (the reset query putting
-/// parameters back) need no note: the next client is shown the login's.
+/// The next message. A ParameterStatus (the reset query putting a
+/// parameter back) is noted on the connection.
 async fn next(conn: &mut ServerConn, reader: &mut Reader) -> Result<Message, ResetError> {
-    reader
+    let m = reader
         .next(&mut conn.stream)
         .await
-        .map_err(ResetError::Wire)
+        .map_err(ResetError::Wire)?;
+    if m.tag == b'S' {
+        if let Some((k, v)) = wire::parameter_status(&m.body) {
+            conn.state.reported(&k, &v);
+        }
+    }
+    Ok(m)
 }
 
 /// Reads up to ReadyForQuery: whether an ErrorResponse came first, and the

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
+use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::handshake::ClientStartup;
 use crate::protocol::backend::BackendKey;
@@ -51,6 +52,9 @@ pub(super) struct Borrowed {
     pub reused: bool,
     /// From the token check's end to a ready connection.
     pub checkout: Duration,
+    /// Transaction pooling: how the session's later connections are
+    /// logged in.
+    pub lending: Option<Login>,
 }
 
 impl ServerLink {
@@ -119,33 +123,85 @@ pub(super) async fn check_out(
     let config = &route.config.pool;
     let began = Instant::now();
     let minor = wanted.startup.version.minor;
-    let (key, settable) = split_params(&wanted.startup.user, minor, wanted.params, wanted.fixed);
+    let transaction = config.mode == PoolMode::Transaction;
+    let (key, settable) = split_params(
+        &wanted.startup.user,
+        minor,
+        wanted.params,
+        wanted.fixed,
+        transaction,
+    );
     let key = pool.intern(key, Some(began));
     let deadline = start
         .deadline
         .min(monoio::time::Instant::now() + config.checkout_timeout);
+    let login = Login {
+        token_id: wanted.token_id.to_owned(),
+        password: wanted.password,
+        version: wanted.startup.version,
+        route: route.clone(),
+        key,
+    };
+    let (conn, reused, changed) = acquire(ctx, &pool, &login, &settable, deadline, began).await?;
+    let issued = issue_key(ctx, cancel_key, &conn, route, transaction);
+    let mut for_client = BytesMut::with_capacity(512);
+    conn.state
+        .greeting_for(&changed, issued.as_ref(), &mut for_client);
+    Ok(Borrowed {
+        conn,
+        pool,
+        for_client,
+        reused,
+        checkout: began.elapsed(),
+        lending: transaction.then_some(login),
+    })
+}
+
+/// How a client's connections are logged in, kept for its session under
+/// transaction pooling (each transaction may need a new login).
+pub(super) struct Login {
+    pub token_id: String,
+    /// tollgate's own credential for the upstream role (never the token).
+    pub password: Option<Secret>,
+    pub version: ProtocolVersion,
+    pub route: Arc<Route>,
+    pub key: Rc<PoolKey>,
+}
+
+/// An idle connection with `login`'s key (checked, and readied with
+/// `settable` where it differs), or a new login, before `deadline`. Also
+/// says whether the connection served a client before, and what its
+/// readying changed.
+pub(super) async fn acquire(
+    ctx: &ShardContext,
+    pool: &Rc<RoutePool>,
+    login: &Login,
+    settable: &[(String, String)],
+    deadline: monoio::time::Instant,
+    began: Instant,
+) -> Result<(ServerConn, bool, Vec<(String, String)>), Refusal> {
+    let config = &login.route.config.pool;
     loop {
-        let claimed = pool.claim(&key, deadline).await;
+        let claimed = pool.claim(&login.key, deadline).await;
         let Ok((claim, waited)) = claimed else {
-            return Err(pool_full(&pool));
+            return Err(pool_full(pool));
         };
         if waited {
             pool.waited(began.elapsed());
         }
         let (mut conn, reused) = match claim {
-            Claim::Idle(conn) => match usable(&pool, conn) {
+            Claim::Idle(conn) => match usable(pool, conn) {
                 Some(conn) => (conn, true),
                 None => continue,
             },
             Claim::Login(seat) => {
-                let login = (&key, wanted.password.clone(), wanted.startup.version);
-                let conn = log_in(ctx, start, wanted.token_id, route, login, seat).await?;
+                let conn = log_in(ctx, deadline, login, seat).await?;
                 pool.counters.borrow_mut().logins += 1;
                 (conn, false)
             }
         };
         let check = reused && conn.state.idle_for(Instant::now()) >= config.check_after;
-        let changed = match prepare(&mut conn, &settable, check).await {
+        let changed = match prepare(&mut conn, settable, check).await {
             Ok(changed) => changed,
             Err(PrepareError::Broken(reason)) if reused => {
                 // Never used by this client: it sees nothing of it.
@@ -153,23 +209,13 @@ pub(super) async fn check_out(
                 pool.closed("broken");
                 continue;
             }
-            Err(e) => return Err(not_ready(&pool, conn, e)),
+            Err(e) => return Err(not_ready(pool, conn, e)),
         };
         if reused {
             pool.counters.borrow_mut().reused += 1;
             conn.state.served += 1;
         }
-        let issued = issue_key(ctx, cancel_key, &conn, route);
-        let mut for_client = BytesMut::with_capacity(512);
-        conn.state
-            .greeting_for(&changed, issued.as_ref(), &mut for_client);
-        return Ok(Borrowed {
-            conn,
-            pool,
-            for_client,
-            reused,
-            checkout: began.elapsed(),
-        });
+        return Ok((conn, reused, changed));
     }
 }
 
@@ -178,14 +224,19 @@ pub(super) async fn check_out(
 /// (each client gets its own on checkout).
 async fn log_in(
     ctx: &ShardContext,
-    start: &Start,
-    token_id: &str,
-    route: &Arc<Route>,
-    (key, password, version): (&Rc<PoolKey>, Option<Secret>, ProtocolVersion),
+    deadline: monoio::time::Instant,
+    login: &Login,
     seat: crate::server::Seat,
 ) -> Result<ServerConn, Refusal> {
-    let login = login_params(key, password, version);
-    let up = connect_upstream(ctx, start, token_id, route, login).await?;
+    let Login {
+        token_id,
+        password,
+        version,
+        route,
+        key,
+    } = login;
+    let params = login_params(key, password.clone(), *version);
+    let up = connect_upstream(ctx, deadline, token_id, route, params).await?;
     let max_lifetime = route.config.pool.max_lifetime;
     ServerConn::from_login(up, route.clone(), key.clone(), seat, max_lifetime).map_err(|e| {
         warn!(reason = e.0, "a new server connection cannot be pooled");
@@ -259,16 +310,25 @@ fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
 /// The client's BackendKeyData: the backend's real process id with this
 /// session's own secret (sealed in a fleet), of the length the protocol
 /// version in force uses.
+///
+/// Under transaction pooling (`synthetic`) the process id is none of the
+/// backends': the client's queries run on whichever is lent.
 fn issue_key(
     ctx: &ShardContext,
     cancel_key: &cancel::Reservation,
     conn: &ServerConn,
     route: &Arc<Route>,
+    synthetic: bool,
 ) -> Option<BackendKey> {
     let real = conn.state.upstream_key.as_ref()?;
+    let process_id = if synthetic {
+        cancel_key.synthetic_pid()
+    } else {
+        real.process_id
+    };
     let mut secret = cancel_key.secret;
     if let Some(seal) = ctx.cancel_keys.sealer() {
-        seal(real.process_id, &mut secret);
+        seal(process_id, &mut secret);
     }
     let len = if conn.state.minor >= ProtocolVersion::LONG_CANCEL_KEYS {
         ISSUED_KEY_LEN
@@ -276,7 +336,7 @@ fn issue_key(
         4
     };
     let issued = BackendKey {
-        process_id: real.process_id,
+        process_id,
         secret_key: secret[..len].into(),
     };
     cancel_key.activate(&issued, real.clone(), route.clone());
@@ -331,12 +391,19 @@ pub(super) async fn give_back(
         return;
     }
     pool.counters.borrow_mut().resets += 1;
+    put_back(ctx, &pool, conn).await;
+}
+
+/// Pools a connection whose session is known clean, unless it may no
+/// longer serve (shutting down, past its lifetime, or logged in as the
+/// settings no longer say), in which case it is closed.
+pub(super) async fn put_back(ctx: &ShardContext, pool: &RoutePool, conn: ServerConn) {
     let now = Instant::now();
     let retire = if ctx.draining.is_set() {
         Some("shutdown")
     } else if conn.state.retired(now) {
         Some("lifetime")
-    } else if pool.config().mode != crate::config::PoolMode::Session
+    } else if !pool.config().mode.pooled()
         || !conn
             .state
             .route
@@ -459,7 +526,7 @@ fn min_idle_share(shards: usize, config: &crate::config::PoolConfig) -> usize {
 /// than `min_idle` idle, while seats are free and nobody waits.
 fn keep_min_idle(ctx: &Rc<ShardContext>, pool: &Rc<RoutePool>) {
     let config = pool.config();
-    if config.min_idle == 0 || config.mode != crate::config::PoolMode::Session {
+    if config.min_idle == 0 || !config.mode.pooled() {
         return;
     }
     let min = min_idle_share(ctx.pools.shards(), &config);
@@ -492,14 +559,15 @@ fn foresee_keys(ctx: &ShardContext) {
     let settings = ctx.settings();
     for route in &settings.routes {
         let config = &route.config;
-        if config.pool.min_idle == 0 || config.pool.mode != crate::config::PoolMode::Session {
+        if config.pool.min_idle == 0 || !config.pool.mode.pooled() {
             continue;
         }
         let pool = ctx.pools.for_route(route);
         for db in config.databases.iter().filter(|d| *d != "*") {
             for user in config.credentials.keys() {
                 let params = vec![("database".to_owned(), db.clone())];
-                let (key, _) = split_params(user, 0, params, &[]);
+                let transaction = config.pool.mode == PoolMode::Transaction;
+                let (key, _) = split_params(user, 0, params, &[], transaction);
                 pool.intern(key, None);
             }
         }

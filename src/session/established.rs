@@ -17,7 +17,7 @@ use crate::upstream::{self, UpstreamStream};
 
 use super::borrow::{self, ServerLink};
 use super::startup::Established;
-use super::{relay, watch, RelayTask, ShardContext, Start};
+use super::{relay, txpool, watch, RelayTask, ShardContext, Start};
 
 /// Starts relaying for a logged-in session and returns the relay task,
 /// which logs the session's end.
@@ -43,6 +43,117 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         server,
     } = est;
     let backend_pid = server.backend_pid();
+    let mut watched = watched(start, tls, stats, token_id, &grant, jwt_id, startup);
+    watched.backend_pid = backend_pid;
+    let registration = ctx.tokens.with(&ctx.store.published, |store| {
+        ctx.registry.register(watched, store, SystemTime::now())
+    });
+    let kill = registration.watched.kill.clone();
+    // Transaction pooling, when both sides are plain sockets; otherwise
+    // the session keeps its connection (pinned, reason `tls`).
+    let rest = Rest {
+        tracks,
+        kill,
+        route,
+        cancel_key,
+        token_slot,
+        registration,
+    };
+    let (b, login) = match server {
+        ServerLink::Pooled(mut b) => match b.lending.take() {
+            Some(login) => (b, login),
+            None => return established_on(ctx, client, input, ServerLink::Pooled(b), rest),
+        },
+        server => return established_on(ctx, client, input, server, rest),
+    };
+    let plain_server = matches!(b.conn.stream, UpstreamStream::Plain(_));
+    match client.into_plain() {
+        Ok(c) if plain_server => established_tx(ctx, c, input, (b, login), rest, start),
+        // A TLS leg: transaction pooling relays plain sockets only.
+        Ok(c) => {
+            txpool::pinned_for_tls(&b.pool, start.id);
+            established_on(ctx, c, input, ServerLink::Pooled(b), rest)
+        }
+        Err(c) => {
+            txpool::pinned_for_tls(&b.pool, start.id);
+            established_on(ctx, c, input, ServerLink::Pooled(b), rest)
+        }
+    }
+}
+
+/// The relay of a session under transaction pooling (see [`txpool`]).
+fn established_tx(
+    ctx: &Rc<ShardContext>,
+    client: crate::net::Stream,
+    input: BytesMut,
+    (b, login): (borrow::Borrowed, borrow::Login),
+    rest: Rest,
+    start: &Start,
+) -> RelayTask {
+    let Rest {
+        tracks,
+        kill,
+        route: _,
+        cancel_key,
+        token_slot,
+        registration,
+    } = rest;
+    let borrow::Borrowed {
+        conn,
+        pool,
+        for_client,
+        ..
+    } = b;
+    let lending = txpool::Lending {
+        ctx: ctx.clone(),
+        pool: pool.clone(),
+        login,
+        cancel_key,
+        kill,
+        buffers: ctx.relay_buffers.clone(),
+        reset_query: Rc::from(pool.config().reset_query.as_str()),
+        session: start.id,
+    };
+    let relay = txpool::run(lending, client, conn, for_client, input, tracks);
+    let ctx = ctx.clone();
+    Box::pin(async move {
+        let out = relay.await;
+        drop(token_slot);
+        record_end(&ctx.metrics, &registration, out.by.as_str());
+        drop(registration);
+        if let Some((state, kept)) = out.held {
+            Box::pin(borrow::give_back(&ctx, pool, state, kept)).await;
+        }
+    })
+}
+
+/// What a session relays with besides its sockets.
+struct Rest {
+    tracks: relay::Tracks,
+    kill: Rc<crate::session::kill::KillSwitch>,
+    route: std::sync::Arc<super::Route>,
+    cancel_key: super::cancel::Reservation,
+    token_slot: Option<super::limits::TokenSlot>,
+    registration: watch::Registration,
+}
+
+/// The relay of a session that keeps one server connection throughout:
+/// its own login, or a pooled one for its session.
+fn established_on<C: relay::ClientSide + 'static>(
+    ctx: &Rc<ShardContext>,
+    client: C,
+    input: BytesMut,
+    server: ServerLink,
+    rest: Rest,
+) -> RelayTask {
+    let Rest {
+        tracks,
+        kill,
+        route,
+        cancel_key,
+        token_slot,
+        registration,
+    } = rest;
     let (stream, for_client, leftover, key, pooled) = match server {
         ServerLink::Own(up) => (
             up.stream,
@@ -77,11 +188,6 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
             Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
         }
     };
-    let mut watched = watched(start, tls, stats, token_id, &grant, jwt_id, startup);
-    watched.backend_pid = backend_pid;
-    let registration = ctx.tokens.with(&ctx.store.published, |store| {
-        ctx.registry.register(watched, store, SystemTime::now())
-    });
     let server = match stream {
         UpstreamStream::Plain(s) => relay::ServerSide::Plain(s),
         UpstreamStream::Tls(s) => relay::ServerSide::Tls(s),
@@ -93,7 +199,6 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         keep,
     };
     let pool = ctx.relay_buffers.clone();
-    let kill = registration.watched.kill.clone();
     let relay = relay::run(client, server, opening, tracks, pool, kill, abandon);
     let ctx = ctx.clone();
     Box::pin(async move {

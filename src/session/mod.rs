@@ -26,6 +26,7 @@ mod relay;
 mod settings;
 mod startup;
 mod token_check;
+pub mod txpool;
 pub mod watch;
 
 pub use borrow::maintain as maintain_pools;

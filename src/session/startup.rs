@@ -17,7 +17,7 @@ use tracing::warn;
 
 use crate::audit::Attempt;
 use crate::auth::Grant;
-use crate::config::{ClientTlsMode, Config, PoolMode};
+use crate::config::{ClientTlsMode, Config};
 use crate::error::ClientError;
 use crate::handshake::{self, ClientStartup, Phase, Progress, StartupPolicy};
 use crate::io_util::read_append;
@@ -109,7 +109,7 @@ pub(super) async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
     let (route, password) = choose_route(ctx, start, &startup, &checked.grant)?;
     // Replication connections speak another protocol after start-up and
     // are never pooled.
-    let pooled = route.config.pool.mode == PoolMode::Session && !startup.is_replication();
+    let pooled = route.config.pool.mode.pooled() && !startup.is_replication();
     let (server, cancel_key) = if pooled {
         let cancel_key = ctx.cancel_keys.reserve();
         let wanted = Wanted {
@@ -334,7 +334,7 @@ async fn log_in(
         issued_secret: cancel_key.secret,
         seal: ctx.cancel_keys.sealer(),
     };
-    let upstream = connect_upstream(ctx, start, token_id, route, login).await?;
+    let upstream = connect_upstream(ctx, start.deadline, token_id, route, login).await?;
     if let (Some(issued), Some(real)) = (&upstream.ready.issued_key, &upstream.ready.upstream_key) {
         cancel_key.activate(issued, real.clone(), route.clone());
     }
@@ -346,7 +346,7 @@ async fn log_in(
 /// failing upstream is the operator's problem, not the client's).
 pub(super) async fn connect_upstream<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     ctx: &ShardContext,
-    start: &Start,
+    deadline: monoio::time::Instant,
     token_id: &str,
     route: &Route,
     login: upstream::LoginParams<'a, P>,
@@ -355,7 +355,7 @@ pub(super) async fn connect_upstream<'a, P: Iterator<Item = (&'a str, &'a str)>>
     let login =
         upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys);
     let connecting = Instant::now();
-    let upstream = timeout_at(start.deadline, login)
+    let upstream = timeout_at(deadline, login)
         .await
         .map_err(|_| {
             // The client did its part; the server's login ran out the

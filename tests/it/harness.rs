@@ -529,17 +529,7 @@ pub struct PgbenchSummary {
 /// `secs` seconds in query `mode`; fails the test on any failed
 /// transaction or when hardly any ran.
 pub fn pgbench_through(addr: SocketAddr, token: &str, mode: &str, secs: u32) {
-    let pgbench = |args: &[&str]| {
-        pg_tool("pgbench")
-            .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-            .args(["-U", "app"])
-            .args(args)
-            .arg("appdb")
-            .env("PGPASSWORD", token)
-            .env("PGSSLMODE", "disable")
-            .output()
-            .unwrap()
-    };
+    let pgbench = |args: &[&str]| pgbench_at(addr, token, args);
     let init = pgbench(&["-i", "-s", "1", "-q"]);
     assert!(
         init.status.success(),
@@ -555,6 +545,33 @@ pub fn pgbench_through(addr: SocketAddr, token: &str, mode: &str, secs: u32) {
     } = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
     assert_eq!(failed, 0, "{output}");
     assert!(processed > 100, "only {processed} transactions");
+}
+
+/// Runs pgbench with `args` through tollgate at `addr`, as `app` on
+/// `appdb`.
+pub fn pgbench_at(addr: SocketAddr, token: &str, args: &[&str]) -> std::process::Output {
+    pg_tool("pgbench")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args(["-U", "app"])
+        .args(args)
+        .arg("appdb")
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .unwrap()
+}
+
+/// The app role's client backends, as the server counts them (less the
+/// asking one).
+pub async fn app_backends(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "select count(*) from pg_stat_activity where usename = 'app' \
+         and backend_type = 'client backend' and pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 pub fn pgbench_summary(out: &std::process::Output) -> Result<PgbenchSummary, String> {

@@ -32,5 +32,6 @@ mod resources;
 mod shutdown;
 mod timing;
 mod tls;
+mod txpool;
 mod unix_sockets;
 mod upgrade;

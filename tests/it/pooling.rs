@@ -383,17 +383,6 @@ fn raw_session_retrying(addr: SocketAddr, token: &str, pid: u32) -> (Raw, u32) {
 }
 
 /// Backends of role `app` other than the caller's own.
-async fn app_backends(c: &tokio_postgres::Client) -> i64 {
-    c.query_one(
-        "select count(*) from pg_stat_activity where usename = 'app' \
-         and backend_type = 'client backend' and pid <> pg_backend_pid()",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
 #[test]
 fn max_server_connections_caps_the_backends_and_the_rest_wait_in_line() {
     let mut env = env_with(2, "max_server_connections = 5", HbaAuth::ScramSha256);

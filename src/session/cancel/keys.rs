@@ -41,9 +41,59 @@ struct Entry {
     reservation: u64,
     /// The secret the client was given.
     issued: Box<[u8]>,
+    /// Where a matching cancel goes.
+    target: Target,
+}
+
+/// Where a session's cancels go.
+enum Target {
     /// The server's real key, and the server: routing may have chosen one
     /// of several, and a reload may have moved it since.
-    upstream: (BackendKey, Arc<Route>),
+    Server(BackendKey, Arc<Route>),
+    /// The session itself (transaction pooling): only it knows which
+    /// connection, if any, runs its query right now.
+    Session(Rc<CancelSignal>),
+}
+
+/// A transaction-pooled session's inbox for cancels of its key. Each
+/// request carries a sender the session drops once it has acted on it (a
+/// cancel sent to the connection lent to it, or nothing when none was),
+/// so that the requester can wait for that, as clients wait for the
+/// server to close a cancel connection.
+#[derive(Default)]
+pub struct CancelSignal {
+    waiting: RefCell<Vec<flume::Sender<()>>>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl CancelSignal {
+    fn request(&self) -> flume::Receiver<()> {
+        let (done, wait) = flume::bounded(1);
+        self.waiting.borrow_mut().push(done);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+        wait
+    }
+
+    /// Resolves when a cancel is waiting.
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.waiting.borrow().is_empty() {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    /// The waiting cancels: dropping them tells their requesters they were
+    /// acted on.
+    pub fn take(&self) -> Vec<flume::Sender<()>> {
+        std::mem::take(&mut self.waiting.borrow_mut())
+    }
 }
 
 /// What a shard's table says of a cancel's key.
@@ -52,6 +102,9 @@ pub enum Lookup {
     None,
     /// One session: the server's key, and the server.
     One(BackendKey, Arc<Route>),
+    /// One session, which acts on the cancel itself; the receiver ends
+    /// when it has.
+    Delegated(flume::Receiver<()>),
     /// More than one session has this key: cancel none.
     Ambiguous,
 }
@@ -117,18 +170,22 @@ impl Keys {
         };
         // Constant time per comparison: it must not tell a guesser how much
         // of the secret was right. Lengths are public (4 or 32 bytes).
-        let mut found = Lookup::None;
+        let mut found: Option<&Target> = None;
+        let mut matches = 0;
         for e in entries {
-            let matches = e.issued.len() == request.secret_key.len()
+            let matched = e.issued.len() == request.secret_key.len()
                 && bool::from(e.issued.ct_eq(&request.secret_key));
-            if matches {
-                found = match found {
-                    Lookup::None => Lookup::One(e.upstream.0.clone(), e.upstream.1.clone()),
-                    _ => Lookup::Ambiguous,
-                };
+            if matched {
+                matches += 1;
+                found = Some(&e.target);
             }
         }
-        found
+        match (matches, found) {
+            (1, Some(Target::Server(key, route))) => Lookup::One(key.clone(), route.clone()),
+            (1, Some(Target::Session(signal))) => Lookup::Delegated(signal.request()),
+            (0, _) | (_, None) => Lookup::None,
+            _ => Lookup::Ambiguous,
+        }
     }
 
     #[cfg(test)]
@@ -158,9 +215,34 @@ impl Reservation {
         table.entry(issued.process_id).or_default().push(Entry {
             reservation: self.id,
             issued: issued.secret_key.clone(),
-            upstream: (upstream, server),
+            target: Target::Server(upstream, server),
         });
         self.process_id.set(Some(issued.process_id));
+    }
+
+    /// Hands the key's cancels to the session itself (transaction
+    /// pooling; see [`CancelSignal`]), once activated.
+    pub fn delegate(&self, signal: Rc<CancelSignal>) {
+        let Some(pid) = self.process_id.get() else {
+            return;
+        };
+        let mut table = self.keys.table.borrow_mut();
+        let entry = table
+            .get_mut(&pid)
+            .and_then(|es| es.iter_mut().find(|e| e.reservation == self.id));
+        if let Some(e) = entry {
+            e.target = Target::Session(signal);
+        }
+    }
+
+    /// A process id for a client under transaction pooling, whose queries
+    /// run on whichever backend is lent: none of the backends' own, so
+    /// that a client never takes another client's backend for its own
+    /// (Postgres process ids are positive `int4`s).
+    pub fn synthetic_pid(&self) -> u32 {
+        let mut b = [0u8; 4];
+        let _ = self.keys.rng.fill(&mut b);
+        (u32::from_be_bytes(b) & 0x7fff_ffff).max(1)
     }
 
     fn release(&self, table: &mut HashMap<u32, Vec<Entry>>) {

@@ -34,7 +34,7 @@ mod keys;
 mod router;
 
 pub use fleet::{Destination, Fleet, FORWARD_MARK};
-pub use keys::{Keys, Lookup, Reservation};
+pub use keys::{CancelSignal, Keys, Lookup, Reservation};
 pub use router::{CancelRequest, Router};
 
 use std::net::SocketAddr;
@@ -92,6 +92,12 @@ pub(super) async fn handle(ctx: &ShardContext, mut request: CancelRequest) {
         // Two sessions with this key: cancelling either could stop the
         // wrong query.
         Lookup::Ambiguous => "ambiguous_key",
+        // The session acts on it: a cancel to the connection lent to it,
+        // if any. Waited for, as a server's close is.
+        Lookup::Delegated(done) => {
+            let _ = monoio::time::timeout(FORWARD_CANCEL_TIMEOUT, done.recv_async()).await;
+            "delegated"
+        }
         // A shard that did not answer may hold it: not the client's fault.
         Lookup::None if !all_answered => "unanswered",
         Lookup::None => {
@@ -130,7 +136,7 @@ async fn find_session(ctx: &ShardContext, request: &CancelRequest) -> (Lookup, b
             answered += 1;
             found = match (std::mem::replace(&mut found, Lookup::None), answer) {
                 (f, Lookup::None) => f,
-                (Lookup::None, one @ Lookup::One(..)) => one,
+                (Lookup::None, one @ (Lookup::One(..) | Lookup::Delegated(_))) => one,
                 _ => Lookup::Ambiguous,
             };
         }

@@ -109,7 +109,7 @@ where
 
 /// Waits until `from` has bytes, then reads them into a lent buffer.
 /// `Ok(None)` is end of stream. While waiting, no buffer is held.
-async fn read_lent(
+pub(in crate::session) async fn read_lent(
     from: &RefCell<StreamPoll>,
     pool: &BufferPool,
 ) -> io::Result<Option<(Vec<u8>, usize)>> {
@@ -142,7 +142,10 @@ async fn read_lent(
 /// Writes all of `bytes`, waiting for the peer to read when its socket
 /// buffer is full: backpressure, with this one buffer as the only memory
 /// held meanwhile.
-async fn write_all(to: &RefCell<StreamPoll>, mut bytes: &[u8]) -> io::Result<()> {
+pub(in crate::session) async fn write_all(
+    to: &RefCell<StreamPoll>,
+    mut bytes: &[u8],
+) -> io::Result<()> {
     while !bytes.is_empty() {
         let n = poll_fn(|cx| Pin::new(&mut *to.borrow_mut()).poll_write(cx, bytes)).await?;
         if n == 0 {
@@ -252,7 +255,7 @@ async fn server_to_client(
 }
 
 /// Yields to the shard's other tasks every [`READS_PER_TURN`] reads.
-async fn take_turns(turn: &mut u32) {
+pub(in crate::session) async fn take_turns(turn: &mut u32) {
     *turn += 1;
     if *turn >= READS_PER_TURN {
         *turn = 0;

@@ -34,7 +34,7 @@
 //! client that vanishes while a query runs gets that query cancelled before
 //! the server connection is closed, so the server stops the work.
 
-mod lent;
+pub(in crate::session) mod lent;
 mod owned;
 pub mod pool;
 mod ringed;
@@ -70,6 +70,9 @@ pub enum EndedBy {
     /// Ended by tollgate: the token no longer allows it, or an operator
     /// ended it.
     Killed(KillReason),
+    /// Transaction pooling: idle in a transaction past
+    /// `idle_transaction_timeout`.
+    IdleInTransaction,
 }
 
 impl EndedBy {
@@ -82,6 +85,7 @@ impl EndedBy {
             EndedBy::ClientProtocol => "client_protocol_error",
             EndedBy::ServerProtocol => "server_protocol_error",
             EndedBy::Killed(r) => r.as_str(),
+            EndedBy::IdleInTransaction => "idle_transaction_timeout",
         }
     }
 }
@@ -93,7 +97,7 @@ impl Tracks {
     /// What to do once a pump stopped, before both sockets close.
     /// After the client's Terminate, the server closes too, and its EOF
     /// may win the race with the client's: the client still ended it.
-    fn attribute(&self, ended_by: EndedBy) -> EndedBy {
+    pub(in crate::session) fn attribute(&self, ended_by: EndedBy) -> EndedBy {
         match ended_by {
             EndedBy::ServerClosed if self.client.last_tag() == TAG_TERMINATE => {
                 EndedBy::ClientClosed
@@ -102,7 +106,7 @@ impl Tracks {
         }
     }
 
-    fn end_action(&self, ended_by: EndedBy) -> EndAction {
+    pub(in crate::session) fn end_action(&self, ended_by: EndedBy) -> EndAction {
         match ended_by {
             EndedBy::Killed(_) if self.client.at_boundary() => {
                 // Close the server side cleanly, as a client would.
@@ -132,7 +136,7 @@ impl Tracks {
     }
 }
 
-enum EndAction {
+pub(in crate::session) enum EndAction {
     Nothing,
     TellServer(BytesMut),
     TellClient(BytesMut),
@@ -186,14 +190,14 @@ pub struct Kept {
 fn client_side(ended_by: EndedBy) -> bool {
     matches!(
         ended_by,
-        EndedBy::ClientClosed | EndedBy::ClientIo | EndedBy::Killed(_)
+        EndedBy::ClientClosed | EndedBy::ClientIo | EndedBy::Killed(_) | EndedBy::IdleInTransaction
     )
 }
 
 /// The client's Terminate, when `chunk` (already scanned) ends with it:
 /// with a kept server it is not forwarded. Returns how much of the chunk
 /// to forward, or `None` when the chunk does not end the session.
-fn before_terminate(tracks: &Tracks, chunk: &[u8]) -> Option<usize> {
+pub(in crate::session) fn before_terminate(tracks: &Tracks, chunk: &[u8]) -> Option<usize> {
     const TERMINATE: [u8; 5] = [TAG_TERMINATE, 0, 0, 0, 4];
     (tracks.client.last_tag() == TAG_TERMINATE
         && tracks.client.at_boundary()
@@ -340,7 +344,7 @@ struct Pump<A> {
 /// end: the reset's plan, whether a cancel must go first, and the prologue
 /// to send. `None` when the server is not kept, or the end was the
 /// server's.
-fn reset_plan(
+pub(in crate::session) fn reset_plan(
     keep: Option<&str>,
     tracks: &RefCell<Tracks>,
     ended_by: EndedBy,
@@ -386,7 +390,7 @@ fn query_in_flight(client: &Framer, asked: u64, finished: u64) -> bool {
 }
 
 /// The FATAL error that ends a session from outside.
-fn session_ended(reason: KillReason) -> BytesMut {
+pub(in crate::session) fn session_ended(reason: KillReason) -> BytesMut {
     let mut out = BytesMut::with_capacity(128);
     match reason {
         KillReason::Token(r) => ClientError::session_ended(r),

@@ -23,6 +23,7 @@ use tracing::info;
 use crate::metrics::{ShardMetrics, TokenLatency, Totals};
 use crate::protocol::backend::TAG_READY_FOR_QUERY;
 use crate::protocol::{FrameError, FrameVisitor, Framer};
+use crate::session::txpool::TxScan;
 
 /// Client messages that belong to a query cycle (and start one when none
 /// is open).
@@ -291,6 +292,8 @@ pub struct Tracks {
     cycle_open: bool,
     timing: Option<Timing>,
     audit: Option<Box<QueryAudit>>,
+    /// Transaction pooling's reading of the messages.
+    pub tx: Option<Box<TxScan>>,
 }
 
 impl Tracks {
@@ -306,6 +309,7 @@ impl Tracks {
             cycle_open: false,
             timing,
             audit,
+            tx: None,
         }
     }
 
@@ -348,6 +352,7 @@ impl Tracks {
             opened: 0,
             ended: 0,
             audit: self.audit.as_deref_mut(),
+            tx: self.tx.as_deref_mut(),
         };
         self.client.scan_with(chunk, &mut v)?;
         let (opened, ended) = (v.opened, v.ended);
@@ -370,6 +375,7 @@ impl Tracks {
             stats: &self.stats,
             timing: self.timing.as_mut(),
             now: None,
+            tx: self.tx.as_deref_mut(),
         };
         self.server.scan_with(chunk, &mut v)?;
         bump(&self.stats.bytes_from_server, chunk.len() as u64);
@@ -382,6 +388,7 @@ struct ClientVisitor<'a> {
     opened: u32,
     ended: u32,
     audit: Option<&'a mut QueryAudit>,
+    tx: Option<&'a mut TxScan>,
 }
 
 impl FrameVisitor for ClientVisitor<'_> {
@@ -398,6 +405,9 @@ impl FrameVisitor for ClientVisitor<'_> {
         if let Some(a) = self.audit.as_deref_mut() {
             a.start(tag);
         }
+        if let Some(t) = self.tx.as_deref_mut() {
+            t.client_start(tag);
+        }
     }
 
     #[inline]
@@ -405,12 +415,18 @@ impl FrameVisitor for ClientVisitor<'_> {
         if let Some(a) = self.audit.as_deref_mut() {
             a.payload(bytes);
         }
+        if let Some(t) = self.tx.as_deref_mut() {
+            t.client_payload(bytes);
+        }
     }
 
     #[inline]
     fn end(&mut self, tag: u8, _last_byte: u8) {
         if let Some(a) = self.audit.as_deref_mut() {
             a.end(tag);
+        }
+        if let Some(t) = self.tx.as_deref_mut() {
+            t.client_end();
         }
     }
 }
@@ -420,9 +436,24 @@ struct ServerVisitor<'a> {
     timing: Option<&'a mut Timing>,
     /// Read once per chunk, at its first ReadyForQuery.
     now: Option<Instant>,
+    tx: Option<&'a mut TxScan>,
 }
 
 impl FrameVisitor for ServerVisitor<'_> {
+    #[inline]
+    fn start(&mut self, tag: u8) {
+        if let Some(t) = self.tx.as_deref_mut() {
+            t.server_start(tag);
+        }
+    }
+
+    #[inline]
+    fn payload(&mut self, tag: u8, bytes: &[u8]) {
+        if let Some(t) = self.tx.as_deref_mut() {
+            t.server_payload(tag, bytes);
+        }
+    }
+
     #[inline]
     fn end(&mut self, tag: u8, status: u8) {
         if tag != TAG_READY_FOR_QUERY {
@@ -553,6 +584,7 @@ mod tests {
             opened: 0,
             ended: 0,
             audit: Some(&mut a),
+            tx: None,
         };
         // Split inside the statement name and inside the SQL.
         for c in parse.chunks(3) {

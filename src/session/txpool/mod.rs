@@ -1,0 +1,713 @@
+//! Transaction pooling (`[pool] mode = "transaction"`): a client holds a
+//! server connection only while a transaction of its own runs on it.
+//!
+//! The connection is lent at the first message of a transaction (a Query,
+//! or the first extended-protocol message of a cycle) and taken back at
+//! the ReadyForQuery that leaves the session idle (`I`), once nothing the
+//! client sent is unanswered and neither stream is inside a message: a
+//! pipelined client keeps its connection until the pipeline is drained.
+//! In between, the relay is the plain one: bytes pass untouched, only
+//! headers are read. No reset runs between two clients' transactions, so
+//! the pool's connections must never hold session state: what could leave
+//! some is found as it passes ([`pin`]) and pins its client to its
+//! connection for the rest of the session (counted by reason, logged once);
+//! such a connection is reset (`reset_query`) when its client leaves.
+//!
+//! What a client's session looks like besides its transactions follows it
+//! from connection to connection: the reported parameters
+//! ([`crate::server::REPORTED`]: its start-up values and its own `SET`s of
+//! them, as the server reported them) are applied to each lent connection
+//! where they differ, with the answers kept from the client. Its cancels
+//! come to the session itself ([`cancel::CancelSignal`]): sent on to the
+//! connection lent to it, or dropped between transactions, and a
+//! connection is not given back while a cancel to it is on its way, so a
+//! cancel never reaches the query of a client the connection serves next.
+//!
+//! For now this runs on plain sockets (TCP or Unix-domain) on both sides;
+//! a TLS session under transaction pooling keeps its connection for its
+//! whole session (pinned, reason `tls`).
+//!
+//! <https://www.postgresql.org/docs/current/protocol-flow.html>
+
+mod pin;
+mod scan;
+
+pub use pin::Pin;
+pub use scan::TxScan;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tracing::{debug, info, warn};
+
+use super::borrow::{self, acquire, Login};
+use super::cancel;
+use super::kill::KillSwitch;
+use super::refusal::Reply;
+use super::relay::lent::{read_lent, take_turns, write_all};
+use super::relay::{
+    before_terminate, reset_plan, session_ended, BufferPool, EndAction, EndedBy, Kept, ServerSide,
+    Tracks,
+};
+use super::ShardContext;
+use crate::audit::SessionId;
+use crate::error::ClientError;
+use crate::net::{Stream, StreamPoll};
+use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
+use crate::upstream::UpstreamStream;
+
+/// Everything a transaction-pooled session needs besides its sockets.
+pub(super) struct Lending {
+    pub ctx: Rc<ShardContext>,
+    pub pool: Rc<RoutePool>,
+    pub login: Login,
+    /// Dropped before the session's last connection goes back: a late
+    /// cancel with the client's key must find nothing.
+    pub cancel_key: cancel::Reservation,
+    pub kill: Rc<KillSwitch>,
+    pub buffers: Rc<BufferPool>,
+    pub reset_query: Rc<str>,
+    pub session: SessionId,
+}
+
+/// How a transaction-pooled session ended, and the connection it still
+/// held, for [`borrow::give_back`]: its state, and the stream with its
+/// reset begun (`None`: close it).
+pub(super) struct Outcome {
+    pub by: EndedBy,
+    pub held: Option<(ConnState, Option<Kept>)>,
+}
+
+/// A connection lent to the session.
+struct Lent {
+    stream: RefCell<StreamPoll>,
+    state: RefCell<ConnState>,
+}
+
+/// How the serving of one lent connection stopped.
+enum Served {
+    /// Taken back at a transaction's end; the client goes on.
+    Released,
+    /// The session ended; `writing`: a write of client bytes to the
+    /// server was cut.
+    Ended { by: EndedBy, writing: bool },
+}
+
+/// What a session under transaction pooling keeps besides its sockets.
+struct Session {
+    l: Lending,
+    tracks: RefCell<Tracks>,
+    /// The reported parameters the client's session has, by the server's
+    /// names and values.
+    params: RefCell<Vec<(String, String)>>,
+    pinned: Cell<Option<Pin>>,
+    /// The client sent Terminate (kept from the server).
+    goodbye: Cell<bool>,
+    /// Cancels of the client's key, for the session to act on.
+    cancels: Rc<cancel::CancelSignal>,
+    /// A cancel is being sent to the lent connection: it stays lent
+    /// until the server has taken it.
+    cancelling: Cell<bool>,
+    /// Since when the session is idle in a transaction block (the server
+    /// answered everything with status `T` or `E`, and the client has sent
+    /// nothing since).
+    idle_since: Cell<Option<Instant>>,
+    idle_transaction_timeout: Option<Duration>,
+}
+
+/// Relays a session under transaction pooling. `first` is the connection
+/// its login was shown from (readied with its start-up parameters), lent
+/// until the client's first transaction ends.
+pub(super) async fn run(
+    l: Lending,
+    client: Stream,
+    first: ServerConn,
+    for_client: BytesMut,
+    client_pending: BytesMut,
+    mut tracks: Tracks,
+) -> Outcome {
+    tracks.tx = Some(Box::default());
+    let params = REPORTED
+        .iter()
+        .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
+        .collect();
+    let config = l.pool.config();
+    let s = Session {
+        l,
+        tracks: RefCell::new(tracks),
+        params: RefCell::new(params),
+        pinned: Cell::new(None),
+        goodbye: Cell::new(false),
+        cancels: Rc::default(),
+        cancelling: Cell::new(false),
+        idle_since: Cell::new(None),
+        idle_transaction_timeout: config.idle_transaction_timeout,
+    };
+    s.l.cancel_key.delegate(s.cancels.clone());
+    let client = match client.try_into_poll_io() {
+        Ok(c) => RefCell::new(c),
+        Err(_) => {
+            s.release(first).await;
+            return s.ended(EndedBy::ClientIo, None);
+        }
+    };
+    if write_all(&client, &for_client).await.is_err() {
+        s.release(first).await;
+        return s.ended(EndedBy::ClientIo, None);
+    }
+    drop(for_client);
+    let mut first = Some(first);
+    let mut pending = (!client_pending.is_empty()).then_some(client_pending);
+    loop {
+        // Between transactions: no connection, no buffer, until the
+        // client sends something (or is ended).
+        let chunk = match pending.take() {
+            Some(bytes) => Chunk::Owned(bytes),
+            None => {
+                if let Some(conn) = first.take() {
+                    s.release(conn).await;
+                }
+                let res = loop {
+                    let read = read_lent(&client, &s.l.buffers);
+                    monoio::select! {
+                        r = read => break r,
+                        reason = s.l.kill.wait() => {
+                            let _ = write_all(&client, &session_ended(reason)).await;
+                            return s.ended(EndedBy::Killed(reason), None);
+                        }
+                        // Nothing runs: acted on by doing nothing.
+                        _ = s.cancels.wait() => drop(s.cancels.take()),
+                    }
+                };
+                match res {
+                    Ok(Some((buf, n))) => Chunk::Lent(buf, n),
+                    Ok(None) => return s.ended(EndedBy::ClientClosed, None),
+                    Err(_) => return s.ended(EndedBy::ClientIo, None),
+                }
+            }
+        };
+        let Some(forward) = s.saw_client(chunk.bytes()) else {
+            chunk.give_back(&s.l.buffers);
+            if let Some(conn) = first.take() {
+                s.release(conn).await;
+            }
+            return s.ended(EndedBy::ClientProtocol, None);
+        };
+        if forward == 0 && s.goodbye.get() {
+            // Terminate alone: nothing to lend for.
+            chunk.give_back(&s.l.buffers);
+            if let Some(conn) = first.take() {
+                s.release(conn).await;
+            }
+            return s.ended(EndedBy::ClientClosed, None);
+        }
+        let conn = match first.take() {
+            Some(conn) => Ok(conn),
+            None => s.lend(&client).await,
+        };
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(by) => {
+                chunk.give_back(&s.l.buffers);
+                return s.ended(by, None);
+            }
+        };
+        let lent = match s.start_lend(conn) {
+            Ok(lent) => lent,
+            Err(by) => {
+                chunk.give_back(&s.l.buffers);
+                return s.ended(by, None);
+            }
+        };
+        let served = s.serve(&client, &lent, &chunk.bytes()[..forward]).await;
+        chunk.give_back(&s.l.buffers);
+        match served {
+            Served::Released => match s.end_lend(lent) {
+                Some(conn) => s.release(conn).await,
+                None => s.l.pool.closed("broken"),
+            },
+            Served::Ended { by, writing } => return s.end_lent(&client, lent, by, writing).await,
+        }
+    }
+}
+
+/// Client bytes about to be forwarded.
+enum Chunk {
+    Lent(Vec<u8>, usize),
+    Owned(BytesMut),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Lent(buf, n) => &buf[..*n],
+            Chunk::Owned(b) => b,
+        }
+    }
+
+    fn give_back(self, buffers: &BufferPool) {
+        if let Chunk::Lent(buf, _) = self {
+            buffers.put(buf);
+        }
+    }
+}
+
+impl Session {
+    /// Follows client bytes: framing, the statements that pin, and the
+    /// Terminate that ends the session (kept from the server; noted in
+    /// `goodbye`). Returns how many bytes to forward, or `None` for a
+    /// corrupt stream.
+    fn saw_client(&self, chunk: &[u8]) -> Option<usize> {
+        let mut tracks = self.tracks.borrow_mut();
+        tracks.saw_client(chunk).ok()?;
+        let pin = tracks.tx.as_mut().and_then(|t| t.take_pin());
+        let forward = match before_terminate(&tracks, chunk) {
+            Some(n) => {
+                self.goodbye.set(true);
+                n
+            }
+            None => chunk.len(),
+        };
+        drop(tracks);
+        if let Some(pin) = pin {
+            self.pin(pin);
+        }
+        Some(forward)
+    }
+
+    /// Pins the client to its connection for the rest of its session.
+    fn pin(&self, why: Pin) {
+        if self.pinned.get().is_some() {
+            return;
+        }
+        self.pinned.set(Some(why));
+        self.l.pool.counters.borrow_mut().pins.add(why.as_str(), 1);
+        info!(
+            session = %self.l.session,
+            reason = why.as_str(),
+            "client pinned to its server connection for the rest of its session"
+        );
+    }
+
+    /// Follows server bytes, and notes the parameters they report on the
+    /// connection and in the client's session.
+    fn saw_server(&self, chunk: &[u8], state: &RefCell<ConnState>) -> bool {
+        let mut tracks = self.tracks.borrow_mut();
+        if tracks.saw_server(chunk).is_err() {
+            return false;
+        }
+        let Some(tx) = tracks.tx.as_mut() else {
+            return true;
+        };
+        let pin = tx.take_pin();
+        let mut params = self.params.borrow_mut();
+        tx.drain_reports(|k, v| {
+            state.borrow_mut().reported(k, v);
+            if let Some(p) = params.iter_mut().find(|(p, _)| p.eq_ignore_ascii_case(k)) {
+                p.1.clear();
+                p.1.push_str(v);
+            }
+        });
+        drop(params);
+        drop(tracks);
+        if let Some(pin) = pin {
+            self.pin(pin);
+        }
+        true
+    }
+
+    /// How long the session has been idle in a transaction block.
+    fn idle_in_transaction_for(&self) -> Duration {
+        self.idle_since
+            .get()
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    /// Whether the lent connection can go back now: unpinned, every cycle
+    /// the client asked for answered, both streams between messages, and
+    /// the session idle (not in a transaction block).
+    fn releasable(&self, writing: bool) -> bool {
+        let tracks = self.tracks.borrow();
+        self.pinned.get().is_none()
+            && !writing
+            && !self.cancelling.get()
+            && tracks.drained()
+            && tracks.client.at_boundary()
+            && tracks.stats.status.get() == b'I'
+    }
+
+    /// A connection for the client's next transaction: claimed in turn,
+    /// readied with the client's parameters, its cancel key pointed at it.
+    /// The client is told and the session ends when none comes free in
+    /// time, or the session is ended meanwhile.
+    async fn lend(&self, client: &RefCell<StreamPoll>) -> Result<ServerConn, EndedBy> {
+        let began = Instant::now();
+        let config = self.l.pool.config();
+        let deadline = monoio::time::Instant::now() + config.checkout_timeout;
+        let settable = self.params.borrow().clone();
+        let acquired = {
+            let acquire = acquire(
+                &self.l.ctx,
+                &self.l.pool,
+                &self.l.login,
+                &settable,
+                deadline,
+                began,
+            );
+            monoio::select! {
+                r = acquire => r,
+                reason = self.l.kill.wait() => {
+                    let _ = write_all(client, &session_ended(reason)).await;
+                    return Err(EndedBy::Killed(reason));
+                }
+            }
+        };
+        match acquired {
+            Ok((conn, _, _)) => Ok(conn),
+            Err(refusal) => {
+                debug!(
+                    reason = refusal.reason,
+                    "no server connection for a transaction"
+                );
+                let bytes = match refusal.reply {
+                    Reply::Client(e) => {
+                        let mut out = BytesMut::with_capacity(256);
+                        e.encode(&mut out);
+                        out.to_vec()
+                    }
+                    Reply::Relay(bytes) => bytes,
+                    Reply::Nothing | Reply::Close => Vec::new(),
+                };
+                let _ = write_all(client, &bytes).await;
+                Err(EndedBy::ServerIo)
+            }
+        }
+    }
+
+    /// Switches a connection to readiness I/O for the relay.
+    fn start_lend(&self, conn: ServerConn) -> Result<Lent, EndedBy> {
+        let ServerConn { stream, state } = conn;
+        let UpstreamStream::Plain(stream) = stream else {
+            // Transaction pooling serves plain sockets only (see `established`).
+            self.l.pool.closed("broken");
+            return Err(EndedBy::ServerIo);
+        };
+        let Ok(stream) = stream.try_into_poll_io() else {
+            self.l.pool.closed("broken");
+            return Err(EndedBy::ServerIo);
+        };
+        Ok(Lent {
+            stream: RefCell::new(stream),
+            state: RefCell::new(state),
+        })
+    }
+
+    /// The lent connection back in completion mode. `None` if the stream
+    /// cannot switch back.
+    fn end_lend(&self, lent: Lent) -> Option<ServerConn> {
+        let stream = lent.stream.into_inner().try_into_comp_io()?;
+        Some(ServerConn {
+            stream: UpstreamStream::Plain(stream),
+            state: lent.state.into_inner(),
+        })
+    }
+
+    /// Gives a clean connection back to the pool.
+    async fn release(&self, conn: ServerConn) {
+        self.l.pool.counters.borrow_mut().lends += 1;
+        borrow::put_back(&self.l.ctx, &self.l.pool, conn).await;
+    }
+
+    /// Relays between the client and a lent connection, starting with
+    /// `first` (client bytes already followed), until the transaction ends
+    /// or the session does.
+    async fn serve(&self, client: &RefCell<StreamPoll>, lent: &Lent, first: &[u8]) -> Served {
+        let writing = Cell::new(true);
+        let res = write_all(&lent.stream, first).await;
+        writing.set(false);
+        if res.is_err() {
+            return Served::Ended {
+                by: EndedBy::ServerIo,
+                writing: true,
+            };
+        }
+        if self.goodbye.get() && self.tracks.borrow().drained() {
+            return Served::Ended {
+                by: EndedBy::ClientClosed,
+                writing: false,
+            };
+        }
+        if !self.goodbye.get() && self.releasable(false) {
+            return Served::Released;
+        }
+        let up = self.client_to_server(client, lent, &writing);
+        let down = self.server_to_client(lent, client, &writing);
+        let canceller = self.canceller(lent, &writing);
+        let served = monoio::select! {
+            s = up => s,
+            s = down => s,
+            s = canceller => s,
+        };
+        match served {
+            Served::Ended { by, .. } => Served::Ended {
+                by: self.tracks.borrow().attribute(by),
+                writing: writing.get(),
+            },
+            released => released,
+        }
+    }
+
+    /// Sends the client's cancels on to the lent connection, each once the
+    /// one before was taken; the lend ends here when the transaction ended
+    /// while one was on its way.
+    async fn canceller(&self, lent: &Lent, writing: &Cell<bool>) -> Served {
+        loop {
+            self.cancels.wait().await;
+            let requests = self.cancels.take();
+            self.cancelling.set(true);
+            self.cancel_running(&lent.state).await;
+            self.cancelling.set(false);
+            // Their requesters learn it was acted on.
+            drop(requests);
+            if !self.goodbye.get() && self.releasable(writing.get()) {
+                return Served::Released;
+            }
+        }
+    }
+
+    /// Client to server while lent. Ends the lend when what the client
+    /// sent needs no answer and leaves the session releasable (a lone
+    /// Flush, say).
+    async fn client_to_server(
+        &self,
+        client: &RefCell<StreamPoll>,
+        lent: &Lent,
+        writing: &Cell<bool>,
+    ) -> Served {
+        let ended = |by| Served::Ended { by, writing: false };
+        let mut turn = 0;
+        loop {
+            if self.goodbye.get() {
+                // The other direction ends the session once all is answered.
+                std::future::pending::<()>().await;
+            }
+            let res = match self.idle_transaction_timeout {
+                None => read_lent(client, &self.l.buffers).await,
+                Some(limit) => {
+                    // Looked at every quarter of the limit: the status
+                    // changes as the server answers.
+                    let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    loop {
+                        let read = read_lent(client, &self.l.buffers);
+                        monoio::select! {
+                            r = read => break r,
+                            _ = monoio::time::sleep(tick) => {}
+                        }
+                        if self.idle_in_transaction_for() >= limit {
+                            let mut out = BytesMut::with_capacity(128);
+                            ClientError::idle_in_transaction_timeout().encode(&mut out);
+                            let _ = write_all(client, &out).await;
+                            return ended(EndedBy::IdleInTransaction);
+                        }
+                    }
+                }
+            };
+            self.idle_since.set(None);
+            let (buf, n) = match res {
+                Ok(Some(read)) => read,
+                Ok(None) => return ended(EndedBy::ClientClosed),
+                Err(_) => return ended(EndedBy::ClientIo),
+            };
+            let Some(forward) = self.saw_client(&buf[..n]) else {
+                self.l.buffers.put(buf);
+                return ended(EndedBy::ClientProtocol);
+            };
+            writing.set(true);
+            let res = write_all(&lent.stream, &buf[..forward]).await;
+            writing.set(false);
+            self.l.buffers.put(buf);
+            if res.is_err() {
+                return ended(EndedBy::ServerIo);
+            }
+            if self.goodbye.get() {
+                if self.tracks.borrow().drained() {
+                    return ended(EndedBy::ClientClosed);
+                }
+                continue;
+            }
+            if self.releasable(false) {
+                return Served::Released;
+            }
+            take_turns(&mut turn).await;
+        }
+    }
+
+    /// Server to client while lent, until the transaction ends (the lend
+    /// is over), either side fails, or the session is ended from outside
+    /// (at a message boundary, with a FATAL error to the client).
+    async fn server_to_client(
+        &self,
+        lent: &Lent,
+        client: &RefCell<StreamPoll>,
+        writing: &Cell<bool>,
+    ) -> Served {
+        let ended = |by| Served::Ended { by, writing: false };
+        let kill = &self.l.kill;
+        let at_boundary = || self.tracks.borrow().server.at_boundary();
+        let mut turn = 0;
+        let reason = loop {
+            if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
+                break reason;
+            }
+            let read = read_lent(&lent.stream, &self.l.buffers);
+            let res = if at_boundary() {
+                monoio::select! {
+                    r = read => r,
+                    reason = kill.wait() => break reason,
+                }
+            } else {
+                read.await
+            };
+            let (buf, n) = match res {
+                Ok(Some(read)) => read,
+                Ok(None) => return ended(EndedBy::ServerClosed),
+                Err(_) => return ended(EndedBy::ServerIo),
+            };
+            // After a kill, forward only up to the end of the message in flight.
+            let n = match kill.fired() {
+                Some(_) => self
+                    .tracks
+                    .borrow()
+                    .server
+                    .bytes_to_boundary(&buf[..n])
+                    .unwrap_or(n),
+                None => n,
+            };
+            if !self.saw_server(&buf[..n], &lent.state) {
+                self.l.buffers.put(buf);
+                return ended(EndedBy::ServerProtocol);
+            }
+            let res = write_all(client, &buf[..n]).await;
+            self.l.buffers.put(buf);
+            if res.is_err() {
+                return ended(EndedBy::ClientIo);
+            }
+            if self.goodbye.get() && self.tracks.borrow().drained() {
+                return ended(EndedBy::ClientClosed);
+            }
+            let idle_in_block = {
+                let t = self.tracks.borrow();
+                t.drained() && t.stats.status.get() != b'I'
+            };
+            if idle_in_block && self.idle_since.get().is_none() {
+                self.idle_since.set(Some(Instant::now()));
+            }
+            if self.releasable(writing.get()) && kill.fired().is_none() {
+                return Served::Released;
+            }
+            take_turns(&mut turn).await;
+        };
+        let _ = write_all(client, &session_ended(reason)).await;
+        ended(EndedBy::Killed(reason))
+    }
+
+    /// The session ended while a connection was lent: a clean one goes
+    /// straight back; otherwise its reset begins (what runs is cancelled
+    /// first, when the client vanished mid-query), or it is closed when
+    /// the server side failed.
+    async fn end_lent(
+        &self,
+        client: &RefCell<StreamPoll>,
+        lent: Lent,
+        by: EndedBy,
+        writing: bool,
+    ) -> Outcome {
+        let client_left = matches!(
+            by,
+            EndedBy::ClientClosed
+                | EndedBy::ClientIo
+                | EndedBy::Killed(_)
+                | EndedBy::IdleInTransaction
+        );
+        if client_left && self.releasable(writing) {
+            match self.end_lend(lent) {
+                Some(conn) => self.release(conn).await,
+                None => self.l.pool.closed("broken"),
+            }
+            return self.ended(by, None);
+        }
+        let said_goodbye = self.goodbye.get();
+        let kept = reset_plan(
+            Some(&self.l.reset_query),
+            &self.tracks,
+            by,
+            (!writing, said_goodbye),
+            true,
+        );
+        if let Some((plan, cancel, prologue)) = kept {
+            if cancel {
+                self.cancel_running(&lent.state).await;
+            }
+            let mut plan = plan;
+            if write_all(&lent.stream, &prologue).await.is_err() {
+                plan = crate::server::reset::Plan::Close("broken");
+            }
+            let Lent { stream, state, .. } = lent;
+            let kept = stream.into_inner().try_into_comp_io().map(|s| Kept {
+                server: ServerSide::Plain(s),
+                plan,
+                framer: self.tracks.borrow().server.clone(),
+                leftover: BytesMut::new(),
+            });
+            return self.ended(by, Some((state.into_inner(), kept)));
+        }
+        // The server side ended: tell whoever must be told, and close.
+        let action = self.tracks.borrow().end_action(by);
+        match action {
+            EndAction::TellClient(bytes) => {
+                let _ = write_all(client, &bytes).await;
+            }
+            EndAction::TellServer(bytes) => {
+                let _ = write_all(&lent.stream, &bytes).await;
+            }
+            EndAction::Abandon => self.cancel_running(&lent.state).await,
+            EndAction::Nothing => {}
+        }
+        self.ended(by, Some((lent.state.into_inner(), None)))
+    }
+
+    /// Cancels what runs on a lent connection whose client vanished.
+    async fn cancel_running(&self, state: &RefCell<ConnState>) {
+        // Not borrowed across the send: the relay notes parameters on it.
+        let (key, route) = {
+            let state = state.borrow();
+            (state.upstream_key.clone(), state.route.clone())
+        };
+        let Some(key) = key else {
+            return;
+        };
+        match crate::upstream::send_cancel(&route.config, route.tls.as_deref(), &key).await {
+            Ok(()) => debug!("query of a departed client cancelled"),
+            Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
+        }
+    }
+
+    fn ended(&self, by: EndedBy, held: Option<(ConnState, Option<Kept>)>) -> Outcome {
+        // Cancels still waiting find no query of this client's running.
+        drop(self.cancels.take());
+        Outcome { by, held }
+    }
+}
+
+/// A TLS session under transaction pooling keeps its connection for its
+/// whole session (see the module doc): counted and logged as a pin.
+pub(super) fn pinned_for_tls(pool: &RoutePool, session: SessionId) {
+    pool.counters.borrow_mut().pins.add(Pin::Tls.as_str(), 1);
+    info!(
+        %session,
+        reason = Pin::Tls.as_str(),
+        "client pinned to its server connection for the rest of its session"
+    );
+}

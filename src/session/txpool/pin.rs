@@ -1,0 +1,663 @@
+//! Which client statements leave state in a server session beyond their
+//! transaction, found from the statement text as it passes.
+//!
+//! Under transaction pooling a client's next transaction may run on
+//! another backend. State that outlives a transaction (a session-level
+//! `SET` of a parameter the server does not report, `LISTEN`, a session
+//! advisory lock, a `WITH HOLD` cursor, a temporary table, SQL `PREPARE`,
+//! a role change, a named prepared statement) would then either be lost
+//! to the client or, worse, be found by the next client of that backend.
+//! A client that makes any of it is pinned to its backend for the rest of
+//! its session instead.
+//!
+//! The scan is a small incremental lexer over the SQL of Query and Parse
+//! messages, fed in whatever pieces the socket delivers, holding at most
+//! one word: it skips string literals, quoted identifiers, comments and
+//! dollar-quoted bodies (in which it still sees function names), splits
+//! on top-level `;`, and looks at each statement's leading words. It errs
+//! towards pinning: a false alarm costs pooling for one client, a miss
+//! could leak state. What it cannot see (a function that runs `SET` by
+//! `EXECUTE` of a string, say) is listed in the README.
+//!
+//! <https://www.postgresql.org/docs/current/sql-commands.html>
+
+#![forbid(unsafe_code)]
+
+use crate::server::is_reported;
+
+/// Why a client keeps its server connection for the rest of its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// `SET` (not `LOCAL`) of a parameter the server does not report.
+    Set,
+    /// `SET ROLE`, `SET SESSION AUTHORIZATION`.
+    Role,
+    /// `set_config(...)`, which may be session-wide.
+    SetConfig,
+    Listen,
+    /// SQL-level `PREPARE`.
+    Prepare,
+    CursorWithHold,
+    TempTable,
+    AdvisoryLock,
+    Load,
+    /// A Parse with a statement name.
+    NamedStatement,
+    /// A ParameterStatus tollgate could not follow.
+    UnknownParameter,
+    /// A TLS client or server: transaction pooling relays plain sockets
+    /// only for now, so such a session keeps its connection.
+    Tls,
+}
+
+impl Pin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pin::Set => "set",
+            Pin::Role => "set_role",
+            Pin::SetConfig => "set_config",
+            Pin::Listen => "listen",
+            Pin::Prepare => "sql_prepare",
+            Pin::CursorWithHold => "cursor_with_hold",
+            Pin::TempTable => "temp_table",
+            Pin::AdvisoryLock => "advisory_lock",
+            Pin::Load => "load",
+            Pin::NamedStatement => "named_statement",
+            Pin::UnknownParameter => "unknown_parameter",
+            Pin::Tls => "tls",
+        }
+    }
+}
+
+/// Longest word kept; longer ones are compared by their first bytes only,
+/// which none of the words looked for needs.
+const MAX_WORD: usize = 64;
+
+/// Where the lexer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    Normal,
+    /// In a word (identifier or keyword).
+    Word,
+    /// In '...'; `escapes` for E'...' (backslash escapes).
+    Quote {
+        escapes: bool,
+    },
+    /// After a backslash in E'...'.
+    QuoteEscape,
+    /// Saw the closing quote: another quote right after is an escaped one.
+    QuoteEnd {
+        escapes: bool,
+    },
+    /// In "...": a quoted identifier, kept as a word.
+    Ident,
+    IdentEnd,
+    /// After `-`: a comment if another follows.
+    Dash,
+    LineComment,
+    /// After `/`: a comment if `*` follows.
+    Slash,
+    /// In /* */, nested `depth` deep; `star`/`slash` just seen.
+    Block {
+        depth: u32,
+        star: bool,
+        slash: bool,
+    },
+    /// After `$` at a token start: `$1` or `$tag$`; the tag so far.
+    DollarOpen,
+    /// In a dollar-quoted body; how much of the closing `$tag$` matched.
+    Dollar {
+        matched: usize,
+    },
+}
+
+/// What the statement in progress is, as far as its leading words tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stmt {
+    /// Nothing looked for (or already decided).
+    Other,
+    Start,
+    Set,
+    SetSession,
+    Declare,
+    /// `temp`: TEMP before the object's kind; `named`: the kind seen
+    /// (TABLE, VIEW, ...); `on_commit`: words of ON COMMIT DROP matched.
+    Create {
+        temp: bool,
+        named: bool,
+        on_commit: u8,
+    },
+    Select,
+}
+
+/// The incremental scan of one client's statement text.
+pub struct PinScan {
+    lex: Lex,
+    word: [u8; MAX_WORD],
+    word_len: usize,
+    tag: [u8; MAX_WORD],
+    tag_len: usize,
+    /// The word before, for two-word phrases (`WITH HOLD`, `INTO TEMP`).
+    prev: Prev,
+    stmt: Stmt,
+    found: Option<Pin>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prev {
+    Other,
+    Without,
+    Into,
+}
+
+impl Default for PinScan {
+    fn default() -> Self {
+        PinScan {
+            lex: Lex::Normal,
+            word: [0; MAX_WORD],
+            word_len: 0,
+            tag: [0; MAX_WORD],
+            tag_len: 0,
+            prev: Prev::Other,
+            stmt: Stmt::Start,
+            found: None,
+        }
+    }
+}
+
+fn is_word_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b == b'.' || b >= 0x80
+}
+
+impl PinScan {
+    /// The first pin found since the last call, if any.
+    pub fn take(&mut self) -> Option<Pin> {
+        self.found.take()
+    }
+
+    /// Notes a pin found outside the text (the first one found wins).
+    pub fn pin(&mut self, p: Pin) {
+        self.found.get_or_insert(p);
+    }
+
+    /// Starts the text of a new message (Query or Parse).
+    pub fn begin(&mut self) {
+        self.lex = Lex::Normal;
+        self.word_len = 0;
+        self.new_statement();
+    }
+
+    /// The message's text ended.
+    pub fn finish(&mut self) {
+        self.end_word();
+        self.end_statement();
+        self.lex = Lex::Normal;
+    }
+
+    fn new_statement(&mut self) {
+        self.stmt = Stmt::Start;
+        self.prev = Prev::Other;
+    }
+
+    fn end_statement(&mut self) {
+        if let Stmt::Create {
+            temp: true,
+            on_commit,
+            ..
+        } = self.stmt
+        {
+            // ON COMMIT DROP: gone with the transaction.
+            if on_commit != 3 {
+                self.pin(Pin::TempTable);
+            }
+        }
+        self.new_statement();
+    }
+
+    /// Feeds statement text.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.byte(b);
+        }
+    }
+
+    fn byte(&mut self, b: u8) {
+        match self.lex {
+            Lex::Normal => self.token_start(b),
+            Lex::Word => {
+                if is_word_byte(b) {
+                    self.push_word(b);
+                } else if b == b'\''
+                    && self.word_len == 1
+                    && self.word[0].eq_ignore_ascii_case(&b'e')
+                {
+                    // E'...': an escape string, not a word.
+                    self.word_len = 0;
+                    self.lex = Lex::Quote { escapes: true };
+                } else {
+                    self.end_word();
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::Quote { escapes } => match b {
+                b'\'' => self.lex = Lex::QuoteEnd { escapes },
+                b'\\' if escapes => self.lex = Lex::QuoteEscape,
+                _ => {}
+            },
+            Lex::QuoteEscape => self.lex = Lex::Quote { escapes: true },
+            Lex::QuoteEnd { escapes } => {
+                if b == b'\'' {
+                    self.lex = Lex::Quote { escapes };
+                } else {
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::Ident => {
+                if b == b'"' {
+                    self.lex = Lex::IdentEnd;
+                } else {
+                    self.push_word(b);
+                }
+            }
+            Lex::IdentEnd => {
+                if b == b'"' {
+                    self.push_word(b);
+                    self.lex = Lex::Ident;
+                } else {
+                    self.end_word();
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::Dash => {
+                if b == b'-' {
+                    self.lex = Lex::LineComment;
+                } else {
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::LineComment => {
+                if b == b'\n' {
+                    self.lex = Lex::Normal;
+                }
+            }
+            Lex::Slash => {
+                if b == b'*' {
+                    self.lex = Lex::Block {
+                        depth: 1,
+                        star: false,
+                        slash: false,
+                    };
+                } else {
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::Block { depth, star, slash } => {
+                self.lex = if star && b == b'/' {
+                    if depth == 1 {
+                        Lex::Normal
+                    } else {
+                        Lex::Block {
+                            depth: depth - 1,
+                            star: false,
+                            slash: false,
+                        }
+                    }
+                } else if slash && b == b'*' {
+                    Lex::Block {
+                        depth: depth.saturating_add(1),
+                        star: false,
+                        slash: false,
+                    }
+                } else {
+                    Lex::Block {
+                        depth,
+                        star: b == b'*',
+                        slash: b == b'/',
+                    }
+                };
+            }
+            Lex::DollarOpen => {
+                if b == b'$' {
+                    self.lex = Lex::Dollar { matched: 0 };
+                } else if (b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80)
+                    && !(self.tag_len == 0 && b.is_ascii_digit())
+                {
+                    if self.tag_len < MAX_WORD {
+                        self.tag[self.tag_len] = b;
+                    }
+                    self.tag_len += 1;
+                } else {
+                    // `$1` (a parameter) or a stray `$`.
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
+                }
+            }
+            Lex::Dollar { matched } => self.dollar_body(b, matched),
+        }
+    }
+
+    /// The closing `$tag$` is `$`, the tag, `$`; `matched` bytes of it
+    /// are behind. Words in the body are looked at for function names.
+    fn dollar_body(&mut self, b: u8, matched: usize) {
+        let tag_len = self.tag_len.min(MAX_WORD);
+        let want = if matched == 0 || matched == tag_len + 1 {
+            b'$'
+        } else {
+            self.tag[matched - 1]
+        };
+        if b == want {
+            if matched == tag_len + 1 {
+                self.word_len = 0;
+                self.lex = Lex::Normal;
+                return;
+            }
+            self.lex = Lex::Dollar {
+                matched: matched + 1,
+            };
+            return;
+        }
+        self.lex = Lex::Dollar {
+            matched: usize::from(b == b'$'),
+        };
+        if is_word_byte(b) && b != b'$' {
+            self.push_word(b);
+        } else if self.word_len > 0 {
+            self.body_word();
+        }
+    }
+
+    fn token_start(&mut self, b: u8) {
+        match b {
+            b'\'' => self.lex = Lex::Quote { escapes: false },
+            b'"' => {
+                self.word_len = 0;
+                self.lex = Lex::Ident;
+            }
+            b'-' => self.lex = Lex::Dash,
+            b'/' => self.lex = Lex::Slash,
+            b'$' => {
+                self.tag_len = 0;
+                self.lex = Lex::DollarOpen;
+            }
+            b';' => self.end_statement(),
+            _ if is_word_byte(b) => {
+                self.word_len = 0;
+                self.push_word(b);
+                self.lex = Lex::Word;
+            }
+            _ => {}
+        }
+    }
+
+    fn push_word(&mut self, b: u8) {
+        if self.word_len < MAX_WORD {
+            self.word[self.word_len] = b;
+        }
+        self.word_len += 1;
+    }
+
+    fn end_word(&mut self) {
+        if self.word_len == 0 {
+            return;
+        }
+        let len = self.word_len.min(MAX_WORD);
+        let mut w = [0u8; MAX_WORD];
+        w[..len].copy_from_slice(&self.word[..len]);
+        self.word_len = 0;
+        self.word(&w[..len]);
+    }
+
+    /// A word inside a dollar-quoted body: only function names count.
+    fn body_word(&mut self) {
+        let len = self.word_len.min(MAX_WORD);
+        let mut w = [0u8; MAX_WORD];
+        w[..len].copy_from_slice(&self.word[..len]);
+        self.word_len = 0;
+        self.function_name(&w[..len]);
+    }
+
+    fn function_name(&mut self, w: &[u8]) {
+        // Schema-qualified or not.
+        let name = match w.iter().rposition(|b| *b == b'.') {
+            Some(i) => &w[i + 1..],
+            None => w,
+        };
+        const LOCKS: [&[u8]; 4] = [
+            b"pg_advisory_lock",
+            b"pg_advisory_lock_shared",
+            b"pg_try_advisory_lock",
+            b"pg_try_advisory_lock_shared",
+        ];
+        if name.eq_ignore_ascii_case(b"set_config") {
+            self.pin(Pin::SetConfig);
+        } else if LOCKS.iter().any(|l| name.eq_ignore_ascii_case(l)) {
+            self.pin(Pin::AdvisoryLock);
+        }
+    }
+
+    /// A word at the top level of the statement in progress.
+    fn word(&mut self, w: &[u8]) {
+        self.function_name(w);
+        let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+        match self.stmt {
+            Stmt::Start => {
+                self.stmt = Stmt::Other;
+                if is("set") {
+                    self.stmt = Stmt::Set;
+                } else if is("listen") {
+                    self.pin(Pin::Listen);
+                } else if is("prepare") {
+                    self.pin(Pin::Prepare);
+                } else if is("load") {
+                    self.pin(Pin::Load);
+                } else if is("declare") {
+                    self.stmt = Stmt::Declare;
+                } else if is("create") {
+                    self.stmt = Stmt::Create {
+                        temp: false,
+                        named: false,
+                        on_commit: 0,
+                    };
+                } else if is("select") || is("with") {
+                    self.stmt = Stmt::Select;
+                }
+            }
+            Stmt::Set => {
+                self.stmt = Stmt::Other;
+                if is("local") || is("transaction") || is("constraints") || is("time") {
+                    // Ends with the transaction, or TimeZone (reported).
+                } else if is("session") {
+                    self.stmt = Stmt::SetSession;
+                } else if is("role") {
+                    self.pin(Pin::Role);
+                } else {
+                    self.set_parameter(w);
+                }
+            }
+            Stmt::SetSession => {
+                self.stmt = Stmt::Other;
+                if is("authorization") || is("role") {
+                    self.pin(Pin::Role);
+                } else if is("characteristics") {
+                    self.pin(Pin::Set);
+                } else if !is("time") {
+                    self.set_parameter(w);
+                }
+            }
+            Stmt::Declare => {
+                if is("hold") && self.prev != Prev::Without {
+                    self.pin(Pin::CursorWithHold);
+                }
+            }
+            Stmt::Create {
+                temp,
+                named,
+                on_commit,
+            } => {
+                // CREATE [OR REPLACE] [LOCAL|GLOBAL] TEMP[ORARY] TABLE ...
+                let temp = temp || (!named && (is("temp") || is("temporary")));
+                let named = named || !(is("or") || is("replace") || is("local") || is("global"));
+                // ON COMMIT DROP, word by word.
+                let on_commit = match on_commit {
+                    3 => 3,
+                    1 if is("commit") => 2,
+                    2 if is("drop") => 3,
+                    _ if is("on") => 1,
+                    _ => 0,
+                };
+                self.stmt = Stmt::Create {
+                    temp,
+                    named,
+                    on_commit,
+                };
+            }
+            Stmt::Select => {
+                if self.prev == Prev::Into && (is("temp") || is("temporary")) {
+                    self.pin(Pin::TempTable);
+                }
+            }
+            Stmt::Other => {}
+        }
+        self.prev = if is("without") {
+            Prev::Without
+        } else if is("into") {
+            Prev::Into
+        } else {
+            Prev::Other
+        };
+    }
+
+    fn set_parameter(&mut self, name: &[u8]) {
+        let reported = std::str::from_utf8(name).is_ok_and(is_reported);
+        if !reported {
+            self.pin(Pin::Set);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(sql: &str) -> Option<Pin> {
+        // Fed byte by byte: the pieces a socket delivers can split anything.
+        let mut s = PinScan::default();
+        s.begin();
+        for b in sql.as_bytes() {
+            s.feed(std::slice::from_ref(b));
+        }
+        s.finish();
+        let whole = {
+            let mut w = PinScan::default();
+            w.begin();
+            w.feed(sql.as_bytes());
+            w.finish();
+            w.take()
+        };
+        let piecewise = s.take();
+        assert_eq!(piecewise, whole, "{sql}");
+        piecewise
+    }
+
+    #[test]
+    fn session_state_pins() {
+        let cases = [
+            ("set statement_timeout = 0", Pin::Set),
+            ("SET search_path TO app, public", Pin::Set),
+            ("set session work_mem = '1MB'", Pin::Set),
+            ("set myapp.tenant = 7", Pin::Set),
+            ("set \"work_mem\" = '1MB'", Pin::Set),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                Pin::Set,
+            ),
+            ("set role other", Pin::Role),
+            ("set session authorization other", Pin::Role),
+            ("select set_config('x.y', '1', false)", Pin::SetConfig),
+            ("select pg_catalog.pg_advisory_lock(1)", Pin::AdvisoryLock),
+            (
+                "SELECT PG_TRY_ADVISORY_LOCK_SHARED(1, 2)",
+                Pin::AdvisoryLock,
+            ),
+            ("listen jobs", Pin::Listen),
+            ("prepare p as select 1", Pin::Prepare),
+            ("load 'auto_explain'", Pin::Load),
+            (
+                "declare c cursor with hold for select 1",
+                Pin::CursorWithHold,
+            ),
+            ("create temp table t(x int)", Pin::TempTable),
+            ("CREATE LOCAL TEMPORARY TABLE t AS SELECT 1", Pin::TempTable),
+            ("create or replace temp view v as select 1", Pin::TempTable),
+            ("select 1 into temp t", Pin::TempTable),
+            ("select 1; set work_mem = '2MB'", Pin::Set),
+            (
+                "do $$ begin perform pg_advisory_lock(1); end $$",
+                Pin::AdvisoryLock,
+            ),
+            (
+                "do $f$ begin perform set_config('a.b', '1', false); end $f$",
+                Pin::SetConfig,
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(scan(sql), Some(want), "{sql}");
+        }
+    }
+
+    #[test]
+    fn what_ends_with_the_transaction_does_not() {
+        let cases = [
+            "select 1",
+            "set local work_mem = '1MB'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "set constraints all deferred",
+            "set application_name = 'x'",
+            "SET TimeZone TO 'UTC'",
+            "set time zone 'UTC'",
+            "set session timezone = 'UTC'",
+            "set datestyle = 'ISO, DMY'",
+            "select pg_advisory_xact_lock(1)",
+            "declare c cursor without hold for select 1",
+            "create temp table t(x int) on commit drop",
+            "create table temp(x int)",
+            "update t set x = 1",
+            "alter role app set work_mem = '1MB'",
+            "select 'set work_mem = 0; listen x'",
+            "select E'it\\'s; listen x'",
+            "select 'a''; listen x'",
+            "select 1 -- ; listen x\n",
+            "select /* ; listen /* nested */ x */ 1",
+            "select \"listen\" from t",
+            "create function f() returns int language sql set search_path = public as $b$ select 1 $b$",
+            "do $$ begin create temp table t(x int); end $$",
+            "select $1::int",
+            "reset all",
+            "discard all",
+            "unlisten *",
+            "deallocate all",
+            "select pg_advisory_lock_fake(1)",
+        ];
+        for sql in cases {
+            assert_eq!(scan(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn statements_restart_after_each_message() {
+        let mut s = PinScan::default();
+        s.begin();
+        s.feed(b"select 'unterminated");
+        s.finish();
+        s.begin();
+        s.feed(b"listen x");
+        s.finish();
+        assert_eq!(s.take(), Some(Pin::Listen));
+        assert_eq!(s.take(), None);
+    }
+}

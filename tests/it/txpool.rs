@@ -1,0 +1,395 @@
+//! Transaction pooling (`[pool] mode = "transaction"`): clients hold a
+//! server connection only for a transaction; whatever would leave session
+//! state pins the client to its connection instead of leaking it; a
+//! client's reported parameters and its cancels follow it from backend to
+//! backend. Each test runs against a real PostgreSQL.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::cluster::HbaAuth;
+
+use crate::harness::*;
+
+/// An environment with `workers` shards, transaction pooling, `pool`
+/// inside `[pool]`, and an admin listener (returned).
+fn env_tx(workers: usize, pool: &str) -> (Env, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let env = Env::build(EnvOptions {
+        auth: HbaAuth::ScramSha256,
+        workers,
+        tables: format!("[pool]\nmode = \"transaction\"\n{pool}\n[admin]\nlisten = \"{admin}\"\n"),
+        ..EnvOptions::default()
+    });
+    (env, admin)
+}
+
+/// The first column of the first row, by the simple protocol (no named
+/// statement, so no pin).
+async fn simple_one(c: &tokio_postgres::Client, sql: &str) -> String {
+    for m in c.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap_or_default().to_owned();
+        }
+    }
+    panic!("no row from {sql}");
+}
+
+/// Samples the app role's backends on a thread of its own until `done`,
+/// returning the most seen.
+fn sample_backends(direct: String, done: Arc<AtomicBool>) -> std::thread::JoinHandle<i64> {
+    std::thread::spawn(move || {
+        runtime().block_on(async {
+            let watcher = pg_connect(&direct).await.unwrap();
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                most = most.max(app_backends(&watcher).await);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            most
+        })
+    })
+}
+
+fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let body = http(admin, "GET", "/metrics", None).body;
+    body.lines()
+        .filter(|l| l.starts_with(line_start))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .reduce(|a, b| a + b)
+}
+
+#[test]
+fn many_clients_share_few_backends_and_every_transaction_commits() {
+    let (mut env, admin) = env_tx(2, "max_server_connections = 4");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let direct = env.direct_conn_str();
+    let pgbench = |args: &[&str]| pgbench_at(addr, &token, args);
+    let init = pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(direct.clone(), done.clone());
+    // TPC-B-like, 40 clients over 4 server connections, simple and
+    // extended (unnamed statements) protocol.
+    let mut processed = 0;
+    for mode in ["simple", "extended"] {
+        let run = pgbench(&["-n", "-M", mode, "-c", "40", "-j", "2", "-T", "3"]);
+        let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+        assert_eq!(s.failed, 0, "{}", s.output);
+        assert!(s.processed > 100, "only {} transactions", s.processed);
+        processed += s.processed;
+    }
+    done.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(most <= 4, "{most} backends at once, limit 4");
+    assert!(most >= 2, "the sampler saw the pool at work ({most})");
+    // Every transaction's updates are there, whole.
+    let check = |sql: &str| env.cluster.psql("appdb", sql).unwrap().trim().to_owned();
+    let history = check("select coalesce(sum(delta), 0) from pgbench_history");
+    for table in ["accounts", "tellers", "branches"] {
+        let col = &table[..1];
+        let sum = check(&format!(
+            "select coalesce(sum({col}balance), 0) from pgbench_{table}"
+        ));
+        assert_eq!(sum, history, "pgbench_{table} against pgbench_history");
+    }
+    let rows: u64 = check("select count(*) from pgbench_history")
+        .parse()
+        .unwrap();
+    assert_eq!(rows, processed, "one history row per transaction");
+    // Lent per transaction, never pinned.
+    let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
+    assert!(lends >= processed as f64, "{lends} lends for {processed}");
+    assert_eq!(metric(admin, "tollgate_pool_pins_total"), None);
+    env.assert_log_clean();
+}
+
+#[test]
+fn session_state_pins_its_client_and_never_reaches_another() {
+    let (mut env, admin) = env_tx(1, "max_server_connections = 3");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let cases = [
+            ("set statement_timeout = '1234ms'", "set"),
+            ("create temp table mine(x int)", "temp_table"),
+            ("select pg_advisory_lock(7)", "advisory_lock"),
+            ("listen jobs", "listen"),
+            ("prepare p as select 1", "sql_prepare"),
+            ("set role app", "set_role"),
+        ];
+        for (sql, reason) in cases {
+            let pinned = pg_connect(&conn).await.unwrap();
+            pinned.batch_execute(sql).await.unwrap();
+            // Pinned from here on (each transaction before may have run
+            // on another backend).
+            let pid = simple_one(&pinned, "select pg_backend_pid()::text").await;
+            let other = pg_connect(&conn).await.unwrap();
+            for _ in 0..5 {
+                // The pinned client keeps its backend, and its state...
+                assert_eq!(
+                    simple_one(&pinned, "select pg_backend_pid()::text").await,
+                    pid,
+                    "{sql}"
+                );
+                // ...which the other client never gets.
+                assert_ne!(
+                    simple_one(&other, "select pg_backend_pid()::text").await,
+                    pid,
+                    "{sql}"
+                );
+                assert_eq!(
+                    simple_one(&other, "select current_setting('statement_timeout')").await,
+                    "0",
+                    "{sql}"
+                );
+            }
+            drop(pinned);
+            drop(other);
+            let pins = format!(
+                "tollgate_pool_pins_total{{upstream=\"default\",shard=\"0\",reason=\"{reason}\"}}"
+            );
+            assert_eq!(metric(admin, &pins), Some(1.0), "{sql}");
+        }
+        // Once the pinned clients left, their backends were reset: nobody
+        // finds their state.
+        let c = pg_connect(&conn).await.unwrap();
+        for _ in 0..6 {
+            assert_eq!(
+                simple_one(&c, "select current_setting('statement_timeout')").await,
+                "0"
+            );
+            assert_eq!(
+                simple_one(
+                    &c,
+                    "select coalesce(to_regclass('pg_temp.mine')::text, 'none')"
+                )
+                .await,
+                "none"
+            );
+            assert_eq!(
+                simple_one(&c, "select count(*)::text from pg_listening_channels()").await,
+                "0"
+            );
+        }
+    });
+    let log = env.log();
+    assert!(
+        log.contains("client pinned to its server connection"),
+        "{log}"
+    );
+}
+
+#[test]
+fn each_clients_reported_parameters_follow_it_across_backends() {
+    // One server connection: every transaction of either client runs on it.
+    let (mut env, admin) = env_tx(1, "max_server_connections = 1");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let a = pg_connect(&format!("{conn} application_name=alpha"))
+            .await
+            .unwrap();
+        let b = pg_connect(&format!("{conn} application_name=beta"))
+            .await
+            .unwrap();
+        a.batch_execute("set timezone = 'Asia/Tokyo'")
+            .await
+            .unwrap();
+        b.batch_execute("set datestyle = 'German'").await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                simple_one(&a, "select current_setting('application_name')").await,
+                "alpha"
+            );
+            assert_eq!(
+                simple_one(&b, "select current_setting('application_name')").await,
+                "beta"
+            );
+            assert_eq!(
+                simple_one(&a, "select current_setting('TimeZone')").await,
+                "Asia/Tokyo"
+            );
+            assert_eq!(
+                simple_one(&b, "select current_setting('TimeZone')").await,
+                "Etc/UTC"
+            );
+            assert_eq!(
+                simple_one(&a, "select current_setting('DateStyle')").await,
+                "ISO, MDY"
+            );
+            assert_eq!(
+                simple_one(&b, "select current_setting('DateStyle')").await,
+                "German, DMY"
+            );
+        }
+        // A SET rolled back is rolled back for the client too.
+        a.batch_execute("begin; set application_name = 'gone'; rollback")
+            .await
+            .unwrap();
+        assert_eq!(simple_one(&b, "select 1::text").await, "1");
+        assert_eq!(
+            simple_one(&a, "select current_setting('application_name')").await,
+            "alpha"
+        );
+    });
+    assert_eq!(
+        metric(admin, "tollgate_pool_pins_total"),
+        None,
+        "nothing pinned"
+    );
+    let backends = env
+        .cluster
+        .psql(
+            "postgres",
+            "select count(*) from pg_stat_activity where usename = 'app' and backend_type = 'client backend'",
+        )
+        .unwrap();
+    assert!(backends.trim().parse::<i64>().unwrap() <= 1, "{backends}");
+}
+
+#[test]
+fn a_cancel_stops_the_clients_own_query_and_a_late_one_stops_nothing() {
+    // One server connection: the late cancel's target, if it had one,
+    // would be the other client's query.
+    let (mut env, _admin) = env_tx(1, "max_server_connections = 1");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let a = pg_connect(&conn).await.unwrap();
+        let b = pg_connect(&conn).await.unwrap();
+        let cancel = a.cancel_token();
+        let running = tokio::spawn(async move {
+            let r = a.simple_query("select pg_sleep(20)").await;
+            (a, r)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let (a, r) = running.await.unwrap();
+        let e = r.expect_err("cancelled");
+        assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Between transactions the key points at nothing: a late cancel
+        // must not touch whoever runs on that backend now.
+        let b_run = tokio::spawn(async move { b.simple_query("select pg_sleep(1)").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        b_run
+            .await
+            .unwrap()
+            .expect("another client's query runs on");
+        assert_eq!(simple_one(&a, "select 'still here'").await, "still here");
+    });
+}
+
+#[test]
+fn a_revoked_client_holding_a_connection_mid_transaction_ends_and_the_connection_is_rolled_back() {
+    let (mut env, _admin) = env_tx(1, "max_server_connections = 1");
+    let revoked = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let other = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.cluster
+        .psql(
+            "appdb",
+            "create table tx_t(x int); grant all on tx_t to app",
+        )
+        .unwrap();
+    env.start_proxy();
+    let id = revoked.split('_').nth(1).unwrap().to_owned();
+    runtime().block_on(async {
+        let (c, watch) = connect_watched(&env.conn_str("app", "appdb", &revoked)).await;
+        c.batch_execute("begin; insert into tx_t values (1)")
+            .await
+            .unwrap();
+        let revoked_at = Instant::now();
+        env.token_cmd(&["revoke", &id]);
+        let (code, _) = ended(watch, Duration::from_secs(3)).await;
+        assert_eq!(code, "57P01");
+        assert!(revoked_at.elapsed() < Duration::from_secs(2));
+        // The one server connection was rolled back and serves the next.
+        let n = pg_connect(&env.conn_str("app", "appdb", &other))
+            .await
+            .unwrap();
+        assert_eq!(simple_one(&n, "select count(*)::text from tx_t").await, "0");
+    });
+}
+
+#[test]
+fn a_client_idle_in_a_transaction_too_long_is_ended_and_a_waiting_one_served() {
+    let (mut env, _admin) = env_tx(
+        1,
+        "max_server_connections = 1\nidle_transaction_timeout = \"300ms\"\ncheckout_timeout = \"5s\"",
+    );
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let (idle, watch) = connect_watched(&conn).await;
+        let waiter = pg_connect(&conn).await.unwrap();
+        idle.batch_execute("begin").await.unwrap();
+        let started = Instant::now();
+        // Waits for the one connection until the idle client is ended.
+        assert_eq!(simple_one(&waiter, "select 'served'").await, "served");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let (code, message) = ended(watch, Duration::from_secs(3)).await;
+        assert_eq!(code, "25P03", "{message}");
+    });
+}
+
+#[test]
+fn a_client_that_waits_past_checkout_timeout_gets_53300() {
+    let (mut env, _admin) = env_tx(
+        1,
+        "max_server_connections = 1\ncheckout_timeout = \"300ms\"",
+    );
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        // Both log in while the connection is free (a login needs one
+        // for the server's greeting).
+        let holder = pg_connect(&conn).await.unwrap();
+        let late = pg_connect(&conn).await.unwrap();
+        holder.batch_execute("begin").await.unwrap();
+        let e = late
+            .simple_query("select 1")
+            .await
+            .expect_err("no connection free");
+        let code = e
+            .as_db_error()
+            .map(|d| d.code().code().to_owned())
+            .unwrap_or_default();
+        assert_eq!(code, "53300", "{e}");
+        holder.batch_execute("commit").await.unwrap();
+        assert_eq!(simple_one(&holder, "select 'ok'").await, "ok");
+    });
+}
+
+#[test]
+fn named_prepared_statements_pin_and_keep_working() {
+    let (mut env, admin) = env_tx(1, "max_server_connections = 2");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let c = pg_connect(&conn).await.unwrap();
+        let stmt = c.prepare("select $1::int + 1").await.unwrap();
+        for i in 0..10i32 {
+            let row = c.query_one(&stmt, &[&i]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), i + 1);
+        }
+    });
+    let pins =
+        "tollgate_pool_pins_total{upstream=\"default\",shard=\"0\",reason=\"named_statement\"}";
+    assert_eq!(metric(admin, pins), Some(1.0));
+}
