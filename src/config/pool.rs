@@ -15,6 +15,8 @@ pub const DEFAULT_CHECKOUT_TIMEOUT: Duration = Duration::from_secs(10);
 /// socket, which costs no round trip).
 pub const DEFAULT_CHECK_AFTER: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESET_QUERY: &str = "DISCARD ALL";
+/// PgBouncer's default for the same setting.
+pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 200;
 /// Longest reset query accepted; it is sent as one simple Query.
 const MAX_RESET_QUERY: usize = 4096;
 
@@ -64,6 +66,7 @@ pub(super) struct RawPool {
     checkout_timeout: Option<String>,
     check_after: Option<String>,
     idle_transaction_timeout: Option<String>,
+    max_prepared_statements: Option<usize>,
 }
 
 /// One upstream's pool settings, resolved.
@@ -94,6 +97,9 @@ pub struct PoolConfig {
     /// `idle_in_transaction_session_timeout`), so that it cannot hold a
     /// server connection for good. `None`: no limit.
     pub idle_transaction_timeout: Option<Duration>,
+    /// Transaction pooling: prepared statements kept per server connection
+    /// (the least recently used is closed beyond it).
+    pub max_prepared_statements: usize,
 }
 
 impl Default for PoolConfig {
@@ -108,6 +114,7 @@ impl Default for PoolConfig {
             checkout_timeout: DEFAULT_CHECKOUT_TIMEOUT,
             check_after: DEFAULT_CHECK_AFTER,
             idle_transaction_timeout: None,
+            max_prepared_statements: DEFAULT_MAX_PREPARED_STATEMENTS,
         }
     }
 }
@@ -156,6 +163,10 @@ impl PoolConfig {
                     (!d.is_zero()).then_some(d)
                 }
             },
+            max_prepared_statements: raw
+                .max_prepared_statements
+                .unwrap_or(base.max_prepared_statements)
+                .max(1),
         };
         let query = pool.reset_query.trim();
         if query.is_empty() || query.len() > MAX_RESET_QUERY || query.contains('\0') {

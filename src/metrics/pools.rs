@@ -31,6 +31,9 @@ pub struct PoolView {
     /// Transaction pooling: clients pinned to their connection, by reason.
     #[serde(serialize_with = "labeled")]
     pub pins: Labeled,
+    /// Transaction pooling: prepared statements used where the lent
+    /// connection held them, prepared because it did not, and evicted.
+    pub statements: [u64; 3],
     #[serde(skip)]
     pub checkout_wait: Latency,
 }
@@ -94,7 +97,7 @@ const COUNTERS: [(&str, &str, Read); 5] = [
     ),
 ];
 
-const SPLIT: [Split; 4] = [
+const SPLIT: [Split; 5] = [
     ("tollgate_pool_server_connections", "gauge", "state", |v| {
         let mut l = Labeled::default();
         l.add("idle", v.idle as u64);
@@ -116,13 +119,29 @@ const SPLIT: [Split; 4] = [
     ("tollgate_pool_pins_total", "counter", "reason", |v| {
         v.pins.clone()
     }),
+    (
+        "tollgate_pool_prepared_statements_total",
+        "counter",
+        "result",
+        |v| {
+            let mut l = Labeled::default();
+            let [hit, prepared, evicted] = v.statements;
+            if hit + prepared + evicted > 0 {
+                l.add("hit", hit);
+                l.add("prepared", prepared);
+                l.add("evicted", evicted);
+            }
+            l
+        },
+    ),
 ];
 
-const SPLIT_HELP: [&str; 4] = [
+const SPLIT_HELP: [&str; 5] = [
     "Server connections per upstream and shard, by state.",
     "Server connections handed to clients: reused from the pool, or a new login.",
     "Server connections closed, by reason.",
     "Transaction pooling: clients pinned to their server connection for the rest of their session, by reason.",
+    "Transaction pooling: prepared statements a lent connection held (hit), prepared on it first (prepared), or closed to stay under max_prepared_statements (evicted).",
 ];
 
 pub(super) fn render(e: &mut Exposition, shards: &[ShardSnapshot]) {

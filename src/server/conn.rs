@@ -12,6 +12,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::key::PoolKey;
 use super::pool::Seat;
+use super::statements::StatementCache;
 use super::wire::parameter_status;
 use super::Route;
 use crate::protocol::backend::{self, BackendKey, MAX_LOGIN_MESSAGE_LEN};
@@ -59,6 +60,9 @@ pub struct ConnState {
     /// for the field (8 bytes instead of a `Vec`'s 24).
     #[allow(clippy::box_collection)]
     changed: Option<Box<Vec<(String, String)>>>,
+    /// Transaction pooling: the prepared statements it holds (boxed, as
+    /// `changed`).
+    statements: Option<Box<StatementCache>>,
     /// Clients served before the current one.
     pub served: u64,
     /// Its place under the upstream's limit, given back when it closes.
@@ -125,6 +129,7 @@ impl ServerConn {
             retire_at: now + jittered(max_lifetime),
             idle_since: now,
             changed: None,
+            statements: None,
             served: 0,
             seat,
         };
@@ -182,9 +187,16 @@ impl ConnState {
         }
     }
 
-    /// After a reset: the parameters are the login's again.
-    pub fn forget_changes(&mut self) {
+    /// After a reset: the parameters are the login's again, and no
+    /// prepared statement is left.
+    pub fn forget_session(&mut self) {
         self.changed = None;
+        self.statements = None;
+    }
+
+    /// The prepared statements it holds.
+    pub fn statements(&mut self) -> &mut StatementCache {
+        self.statements.get_or_insert_with(Default::default)
     }
 
     /// What a client is shown of the login: the greeting, the parameters

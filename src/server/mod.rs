@@ -16,6 +16,7 @@ mod key;
 mod pool;
 pub mod reset;
 mod route;
+pub mod statements;
 pub mod wire;
 
 pub use conn::{ConnState, NotPoolable, ServerConn};

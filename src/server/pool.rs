@@ -83,6 +83,12 @@ pub struct PoolCounters {
     pub lends: u64,
     /// Transaction pooling: clients pinned to their connection, by reason.
     pub pins: crate::metrics::Labeled,
+    /// Transaction pooling: uses of a prepared statement the lent
+    /// connection held, Parses sent because it did not, and statements
+    /// closed to stay under `max_prepared_statements`.
+    pub statements_hit: u64,
+    pub statements_prepared: u64,
+    pub statements_evicted: u64,
 }
 
 /// One upstream's pool on one shard.
@@ -436,6 +442,11 @@ impl Pools {
                     closed: c.closed.clone(),
                     transaction_lends: c.lends,
                     pins: c.pins.clone(),
+                    statements: [
+                        c.statements_hit,
+                        c.statements_prepared,
+                        c.statements_evicted,
+                    ],
                     checkout_wait: p.checkout_wait.borrow().clone(),
                 }
             })

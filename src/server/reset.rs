@@ -146,9 +146,9 @@ pub async fn complete(
     leftover: BytesMut,
 ) -> Result<(), ResetError> {
     let mut reader = Reader::resuming(framer, leftover);
-    // The reset puts the parameters back to the login's; what it reports
-    // on the way is noted again as it comes.
-    conn.state.forget_changes();
+    // The reset puts the parameters back to the login's (what it reports
+    // on the way is noted again as it comes) and drops every statement.
+    conn.state.forget_session();
     match timeout(RESET_TIMEOUT, read_answers(conn, plan, &mut reader)).await {
         Ok(r) => r,
         Err(_) => Err(ResetError::Wire(WireError::TimedOut)),

@@ -375,21 +375,145 @@ fn a_client_that_waits_past_checkout_timeout_gets_53300() {
     });
 }
 
+/// A small deterministic generator (xorshift), so a failure repeats.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
 #[test]
-fn named_prepared_statements_pin_and_keep_working() {
-    let (mut env, admin) = env_tx(1, "max_server_connections = 2");
+fn named_prepared_statements_work_from_any_backend_without_pinning() {
+    // Two server connections holding at most three statements each, for
+    // six clients using five statements: statements are prepared where
+    // missing, evicted, closed and prepared again, all interleaved.
+    let (mut env, admin) = env_tx(1, "max_server_connections = 2\nmax_prepared_statements = 3");
     let token = env.create_token(&["-u", "app", "-d", "appdb"]);
     env.start_proxy();
     let conn = env.conn_str("app", "appdb", &token);
     runtime().block_on(async {
-        let c = pg_connect(&conn).await.unwrap();
-        let stmt = c.prepare("select $1::int + 1").await.unwrap();
-        for i in 0..10i32 {
-            let row = c.query_one(&stmt, &[&i]).await.unwrap();
-            assert_eq!(row.get::<_, i32>(0), i + 1);
+        let clients = (0..6u64).map(|seed| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let c = pg_connect(&conn).await.unwrap();
+                let mut rng = Rng(seed * 7919 + 17);
+                let mut held: Vec<Option<tokio_postgres::Statement>> = vec![None; 5];
+                for round in 0..120 {
+                    let k = rng.below(5) as usize;
+                    match rng.below(4) {
+                        // Forget it: tokio-postgres Closes it.
+                        0 => held[k] = None,
+                        _ => {
+                            if held[k].is_none() {
+                                let sql = format!(
+                                    "select $1::int + {k}, current_setting('application_name')"
+                                );
+                                held[k] = Some(c.prepare(&sql).await.unwrap());
+                            }
+                            let stmt = held[k].as_ref().unwrap();
+                            let i: i32 = round;
+                            let row = c.query_one(stmt, &[&i]).await.unwrap_or_else(|e| {
+                                panic!("client {seed} round {round} statement {k}: {e}")
+                            });
+                            assert_eq!(row.get::<_, i32>(0), i + k as i32, "client {seed}");
+                        }
+                    }
+                    if round % 10 == 0 {
+                        // A transaction block between, which holds its backend.
+                        c.batch_execute("begin; select 1; commit").await.unwrap();
+                    }
+                }
+            })
+        });
+        for c in clients.collect::<Vec<_>>() {
+            c.await.unwrap();
         }
     });
-    let pins =
-        "tollgate_pool_pins_total{upstream=\"default\",shard=\"0\",reason=\"named_statement\"}";
-    assert_eq!(metric(admin, pins), Some(1.0));
+    assert_eq!(
+        metric(admin, "tollgate_pool_pins_total"),
+        None,
+        "nothing pinned"
+    );
+    let stat = |r: &str| {
+        metric(
+            admin,
+            &format!("tollgate_pool_prepared_statements_total{{upstream=\"default\",shard=\"0\",result=\"{r}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(stat("hit") > 0.0, "shared statements were used where held");
+    assert!(stat("prepared") > 0.0 && stat("evicted") > 0.0);
+}
+
+#[test]
+fn a_statement_whose_plan_went_stale_after_ddl_recovers() {
+    let (mut env, _admin) = env_tx(1, "max_server_connections = 1");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.cluster
+        .psql(
+            "appdb",
+            "create table ddl_t(a int); insert into ddl_t values (1); grant all on ddl_t to app",
+        )
+        .unwrap();
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        let c = pg_connect(&conn).await.unwrap();
+        let stmt = c.prepare("select * from ddl_t").await.unwrap();
+        assert_eq!(c.query(&stmt, &[]).await.unwrap().len(), 1);
+        env.cluster
+            .psql("appdb", "alter table ddl_t add column b int")
+            .unwrap();
+        // As on a direct connection: the old statement fails once...
+        let e = c.query(&stmt, &[]).await.expect_err("stale plan");
+        assert_eq!(e.code().map(|c| c.code()), Some("0A000"), "{e}");
+        // ...and the same SQL prepared again works, on the same backend.
+        let again = c.prepare("select * from ddl_t").await.unwrap();
+        let rows = c.query(&again, &[]).await.unwrap();
+        assert_eq!(rows[0].len(), 2);
+        let other = pg_connect(&conn).await.unwrap();
+        let s = other.prepare("select * from ddl_t").await.unwrap();
+        assert_eq!(other.query(&s, &[]).await.unwrap()[0].len(), 2);
+    });
+}
+
+#[test]
+fn pgbench_prepared_runs_over_few_backends() {
+    let (mut env, admin) = env_tx(2, "max_server_connections = 4");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let init = pgbench_at(addr, &token, &["-i", "-s", "1", "-q"]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    // One client per thread: pgbench prepares its statements with the
+    // synchronous PQprepare, which would stall a thread's other clients,
+    // some holding a server connection in an open transaction, until the
+    // statement's Parse gets a connection of its own.
+    let run = pgbench_at(
+        addr,
+        &token,
+        &["-n", "-M", "prepared", "-c", "20", "-j", "20", "-T", "3"],
+    );
+    let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+    assert_eq!(s.failed, 0, "{}", s.output);
+    assert!(s.processed > 100, "only {} transactions", s.processed);
+    let check = |sql: &str| env.cluster.psql("appdb", sql).unwrap().trim().to_owned();
+    let history = check("select coalesce(sum(delta), 0) from pgbench_history");
+    assert_eq!(
+        check("select coalesce(sum(abalance), 0) from pgbench_accounts"),
+        history
+    );
+    assert_eq!(
+        metric(admin, "tollgate_pool_pins_total"),
+        None,
+        "nothing pinned"
+    );
 }

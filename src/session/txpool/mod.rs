@@ -29,7 +29,10 @@
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html>
 
+mod answers;
+mod expect;
 mod pin;
+mod rewrite;
 mod scan;
 
 pub use pin::Pin;
@@ -57,6 +60,9 @@ use crate::error::ClientError;
 use crate::net::{Stream, StreamPoll};
 use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
 use crate::upstream::UpstreamStream;
+use answers::{Action, Answers};
+use expect::Expectations;
+use rewrite::{Lend, Rewriter, StatementCounts};
 
 /// Everything a transaction-pooled session needs besides its sockets.
 pub(super) struct Lending {
@@ -114,6 +120,21 @@ struct Session {
     /// answered everything with status `T` or `E`, and the client has sent
     /// nothing since).
     idle_since: Cell<Option<Instant>>,
+    /// The client's prepared statements, and its messages as the lent
+    /// connection gets them.
+    rewriter: RefCell<Rewriter>,
+    /// The answers due on the lent connection, in order.
+    expect: RefCell<Expectations>,
+    /// The server's answers as the client gets them.
+    answers: RefCell<Answers>,
+    actions: RefCell<Vec<Action>>,
+    /// tollgate's own answers are at the head of `expect`, with nothing
+    /// from the server before them.
+    answers_due: Flag,
+    /// The client sent DISCARD ALL or DEALLOCATE ALL: its statements go.
+    discarded: Cell<bool>,
+    /// `max_prepared_statements`.
+    statement_capacity: usize,
     idle_transaction_timeout: Option<Duration>,
 }
 
@@ -143,6 +164,13 @@ pub(super) async fn run(
         cancels: Rc::default(),
         cancelling: Cell::new(false),
         idle_since: Cell::new(None),
+        rewriter: RefCell::default(),
+        expect: RefCell::default(),
+        answers: RefCell::default(),
+        actions: RefCell::default(),
+        answers_due: Flag::default(),
+        discarded: Cell::new(false),
+        statement_capacity: config.max_prepared_statements,
         idle_transaction_timeout: config.idle_transaction_timeout,
     };
     s.l.cancel_key.delegate(s.cancels.clone());
@@ -263,6 +291,9 @@ impl Session {
         let mut tracks = self.tracks.borrow_mut();
         tracks.saw_client(chunk).ok()?;
         let pin = tracks.tx.as_mut().and_then(|t| t.take_pin());
+        if tracks.tx.as_mut().is_some_and(|t| t.take_discard()) {
+            self.discarded.set(true);
+        }
         let forward = match before_terminate(&tracks, chunk) {
             Some(n) => {
                 self.goodbye.set(true);
@@ -318,6 +349,106 @@ impl Session {
         true
     }
 
+    /// Client bytes as the lent connection gets them (see [`rewrite`]), in
+    /// a buffer of the shard's; `None` for a corrupt stream.
+    fn rewrite(&self, lent: &Lent, bytes: &[u8]) -> Option<Vec<u8>> {
+        let mut out = self.l.buffers.take();
+        out.clear();
+        let mut state = lent.state.borrow_mut();
+        let mut rewriter = self.rewriter.borrow_mut();
+        if self.discarded.take() {
+            rewriter.forget_all();
+            *state.statements() = Default::default();
+        }
+        let mut counts = StatementCounts::default();
+        let mut expect = self.expect.borrow_mut();
+        let mut lend = Lend {
+            cache: state.statements(),
+            expect: &mut expect,
+            capacity: self.statement_capacity,
+            counts: &mut counts,
+        };
+        let res = rewriter.feed(bytes, &mut lend, &mut out);
+        if matches!(expect.front(), Some(expect::Expect::Own(_))) {
+            self.answers_due.raise();
+        }
+        drop(expect);
+        if counts.hits + counts.misses > 0 {
+            let mut c = self.l.pool.counters.borrow_mut();
+            c.statements_hit += counts.hits;
+            c.statements_prepared += counts.misses;
+            c.statements_evicted += counts.evictions;
+        }
+        match res {
+            Ok(()) => Some(out),
+            Err(_) => {
+                self.l.buffers.put(out);
+                None
+            }
+        }
+    }
+
+    /// Relays a chunk of server bytes (already followed) as the client gets
+    /// them: hidden answers left out, tollgate's own put in.
+    async fn relay_answers(
+        &self,
+        client: &RefCell<StreamPoll>,
+        state: &RefCell<ConnState>,
+        chunk: &[u8],
+    ) -> std::io::Result<()> {
+        let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
+        self.answers.borrow_mut().sort(
+            chunk,
+            &mut self.expect.borrow_mut(),
+            state.borrow_mut().statements(),
+            &mut actions,
+        );
+        let res = match actions.as_slice() {
+            [Action::Relay(r)] if r.start == 0 && r.end == chunk.len() => {
+                write_all(client, chunk).await
+            }
+            _ => {
+                let mut out = self.l.buffers.take();
+                out.clear();
+                for a in &actions {
+                    match a {
+                        Action::Relay(r) => out.extend_from_slice(&chunk[r.clone()]),
+                        Action::Answer(tag) => out.extend_from_slice(&[*tag, 0, 0, 0, 4]),
+                        Action::Header(h) => out.extend_from_slice(h),
+                    }
+                }
+                let res = write_all(client, &out).await;
+                self.l.buffers.put(out);
+                res
+            }
+        };
+        *self.actions.borrow_mut() = actions;
+        res
+    }
+
+    /// Sends tollgate's own answers now at the head of the expectations.
+    async fn answer_due(&self, client: &RefCell<StreamPoll>) -> std::io::Result<()> {
+        let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
+        Answers::due(&mut self.expect.borrow_mut(), &mut actions);
+        let mut out = [0u8; 5 * 8];
+        let mut res = Ok(());
+        for batch in actions.chunks(8) {
+            let mut n = 0;
+            for a in batch {
+                if let Action::Answer(tag) = a {
+                    out[n..n + 5].copy_from_slice(&[*tag, 0, 0, 0, 4]);
+                    n += 5;
+                }
+            }
+            res = write_all(client, &out[..n]).await;
+            if res.is_err() {
+                break;
+            }
+        }
+        *self.actions.borrow_mut() = actions;
+        res
+    }
+
     /// How long the session has been idle in a transaction block.
     fn idle_in_transaction_for(&self) -> Duration {
         self.idle_since
@@ -333,6 +464,7 @@ impl Session {
         self.pinned.get().is_none()
             && !writing
             && !self.cancelling.get()
+            && self.expect.borrow().is_empty()
             && tracks.drained()
             && tracks.client.at_boundary()
             && tracks.stats.status.get() == b'I'
@@ -398,6 +530,10 @@ impl Session {
             self.l.pool.closed("broken");
             return Err(EndedBy::ServerIo);
         };
+        tracing::trace!(session = %self.l.session, pid = ?state.pid(), "server connection lent");
+        self.rewriter.borrow_mut().new_lend();
+        self.expect.borrow_mut().clear();
+        *self.answers.borrow_mut() = Answers::default();
         Ok(Lent {
             stream: RefCell::new(stream),
             state: RefCell::new(state),
@@ -416,6 +552,7 @@ impl Session {
 
     /// Gives a clean connection back to the pool.
     async fn release(&self, conn: ServerConn) {
+        tracing::trace!(session = %self.l.session, pid = ?conn.state.pid(), "server connection taken back");
         self.l.pool.counters.borrow_mut().lends += 1;
         borrow::put_back(&self.l.ctx, &self.l.pool, conn).await;
     }
@@ -425,7 +562,19 @@ impl Session {
     /// or the session does.
     async fn serve(&self, client: &RefCell<StreamPoll>, lent: &Lent, first: &[u8]) -> Served {
         let writing = Cell::new(true);
-        let res = write_all(&lent.stream, first).await;
+        let res = match self.rewrite(lent, first) {
+            Some(out) => {
+                let res = write_all(&lent.stream, &out).await;
+                self.l.buffers.put(out);
+                res
+            }
+            None => {
+                return Served::Ended {
+                    by: EndedBy::ClientProtocol,
+                    writing: false,
+                }
+            }
+        };
         writing.set(false);
         if res.is_err() {
             return Served::Ended {
@@ -524,10 +673,15 @@ impl Session {
                 self.l.buffers.put(buf);
                 return ended(EndedBy::ClientProtocol);
             };
-            writing.set(true);
-            let res = write_all(&lent.stream, &buf[..forward]).await;
-            writing.set(false);
+            let out = self.rewrite(lent, &buf[..forward]);
             self.l.buffers.put(buf);
+            let Some(out) = out else {
+                return ended(EndedBy::ClientProtocol);
+            };
+            writing.set(true);
+            let res = write_all(&lent.stream, &out).await;
+            writing.set(false);
+            self.l.buffers.put(out);
             if res.is_err() {
                 return ended(EndedBy::ServerIo);
             }
@@ -566,6 +720,17 @@ impl Session {
                 monoio::select! {
                     r = read => r,
                     reason = kill.wait() => break reason,
+                    _ = self.answers_due.wait() => {
+                        // tollgate's own answers, with nothing from the
+                        // server before them.
+                        if self.answer_due(client).await.is_err() {
+                            return ended(EndedBy::ClientIo);
+                        }
+                        if self.releasable(writing.get()) && kill.fired().is_none() {
+                            return Served::Released;
+                        }
+                        continue;
+                    }
                 }
             } else {
                 read.await
@@ -589,7 +754,7 @@ impl Session {
                 self.l.buffers.put(buf);
                 return ended(EndedBy::ServerProtocol);
             }
-            let res = write_all(client, &buf[..n]).await;
+            let res = self.relay_answers(client, &lent.state, &buf[..n]).await;
             self.l.buffers.put(buf);
             if res.is_err() {
                 return ended(EndedBy::ClientIo);
@@ -698,6 +863,35 @@ impl Session {
         // Cancels still waiting find no query of this client's running.
         drop(self.cancels.take());
         Outcome { by, held }
+    }
+}
+
+/// A one-shot wake-up between the two directions of a lend.
+#[derive(Default)]
+struct Flag {
+    raised: Cell<bool>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl Flag {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once raised, lowering it.
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.raised.take() {
+                std::task::Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 }
 

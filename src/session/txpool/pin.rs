@@ -5,7 +5,7 @@
 //! another backend. State that outlives a transaction (a session-level
 //! `SET` of a parameter the server does not report, `LISTEN`, a session
 //! advisory lock, a `WITH HOLD` cursor, a temporary table, SQL `PREPARE`,
-//! a role change, a named prepared statement) would then either be lost
+//! a role change) would then either be lost
 //! to the client or, worse, be found by the next client of that backend.
 //! A client that makes any of it is pinned to its backend for the rest of
 //! its session instead.
@@ -41,8 +41,6 @@ pub enum Pin {
     TempTable,
     AdvisoryLock,
     Load,
-    /// A Parse with a statement name.
-    NamedStatement,
     /// A ParameterStatus tollgate could not follow.
     UnknownParameter,
     /// A TLS client or server: transaction pooling relays plain sockets
@@ -62,7 +60,6 @@ impl Pin {
             Pin::TempTable => "temp_table",
             Pin::AdvisoryLock => "advisory_lock",
             Pin::Load => "load",
-            Pin::NamedStatement => "named_statement",
             Pin::UnknownParameter => "unknown_parameter",
             Pin::Tls => "tls",
         }
@@ -127,6 +124,8 @@ enum Stmt {
         named: bool,
         on_commit: u8,
     },
+    /// DISCARD or DEALLOCATE: ALL drops every prepared statement.
+    Drops,
     Select,
 }
 
@@ -141,6 +140,8 @@ pub struct PinScan {
     prev: Prev,
     stmt: Stmt,
     found: Option<Pin>,
+    /// A statement dropped every prepared statement of the session.
+    discard: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +162,7 @@ impl Default for PinScan {
             prev: Prev::Other,
             stmt: Stmt::Start,
             found: None,
+            discard: false,
         }
     }
 }
@@ -173,6 +175,12 @@ impl PinScan {
     /// The first pin found since the last call, if any.
     pub fn take(&mut self) -> Option<Pin> {
         self.found.take()
+    }
+
+    /// Whether a statement since the last call dropped every prepared
+    /// statement (`DISCARD ALL`, `DEALLOCATE [PREPARE] ALL`).
+    pub fn take_discard(&mut self) -> bool {
+        std::mem::take(&mut self.discard)
     }
 
     /// Notes a pin found outside the text (the first one found wins).
@@ -465,6 +473,8 @@ impl PinScan {
                     };
                 } else if is("select") || is("with") {
                     self.stmt = Stmt::Select;
+                } else if is("discard") || is("deallocate") {
+                    self.stmt = Stmt::Drops;
                 }
             }
             Stmt::Set => {
@@ -515,6 +525,15 @@ impl PinScan {
                     named,
                     on_commit,
                 };
+            }
+            Stmt::Drops => {
+                // DEALLOCATE [PREPARE] ALL, DISCARD ALL.
+                if is("all") {
+                    self.discard = true;
+                    self.stmt = Stmt::Other;
+                } else if !is("prepare") {
+                    self.stmt = Stmt::Other;
+                }
             }
             Stmt::Select => {
                 if self.prev == Prev::Into && (is("temp") || is("temporary")) {
@@ -645,6 +664,24 @@ mod tests {
         ];
         for sql in cases {
             assert_eq!(scan(sql), None, "{sql}");
+        }
+    }
+
+    #[test]
+    fn discard_all_and_deallocate_all_are_seen() {
+        for (sql, want) in [
+            ("discard all", true),
+            ("DEALLOCATE PREPARE ALL", true),
+            ("deallocate all", true),
+            ("deallocate s1", false),
+            ("discard plans", false),
+            ("select 'discard all'", false),
+        ] {
+            let mut s = PinScan::default();
+            s.begin();
+            s.feed(sql.as_bytes());
+            s.finish();
+            assert_eq!(s.take_discard(), want, "{sql}");
         }
     }
 

@@ -1,6 +1,6 @@
 //! What transaction pooling reads of the messages the relay already
 //! frames: the SQL of the client's Query and Parse messages (for
-//! [`PinScan`]), whether a Parse names its statement, and the server's
+//! [`PinScan`]), and the server's
 //! ParameterStatus messages (the client's reported parameters follow it
 //! from backend to backend). Nothing else is looked at; nothing is
 //! rewritten.
@@ -19,10 +19,8 @@ const MAX_REPORTS: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Capture {
     Off,
-    /// In Parse's statement name; `first`: no byte of it seen yet.
-    Name {
-        first: bool,
-    },
+    /// In Parse's statement name.
+    Name,
     Sql,
 }
 
@@ -81,29 +79,21 @@ impl TxScan {
                 self.pins.begin();
                 Capture::Sql
             }
-            b'P' => Capture::Name { first: true },
+            b'P' => Capture::Name,
             _ => Capture::Off,
         };
     }
 
     #[inline]
     pub fn client_payload(&mut self, mut bytes: &[u8]) {
-        if let Capture::Name { first } = self.capture {
-            if first && bytes.first().is_some_and(|b| *b != 0) {
-                self.pins_found(Pin::NamedStatement);
-            }
+        if self.capture == Capture::Name {
             match memchr::memchr(0, bytes) {
                 Some(i) => {
                     bytes = &bytes[i + 1..];
                     self.pins.begin();
                     self.capture = Capture::Sql;
                 }
-                None => {
-                    if !bytes.is_empty() {
-                        self.capture = Capture::Name { first: false };
-                    }
-                    return;
-                }
+                None => return,
             }
         }
         if self.capture != Capture::Sql {
@@ -128,9 +118,10 @@ impl TxScan {
         self.capture = Capture::Off;
     }
 
-    fn pins_found(&mut self, p: Pin) {
-        // Through the scanner's own slot, so the first pin wins.
-        self.pins.pin(p);
+    /// Whether a statement dropped all the session's prepared statements
+    /// (`DISCARD ALL`, `DEALLOCATE ALL`) since the last call.
+    pub fn take_discard(&mut self) -> bool {
+        self.pins.take_discard()
     }
 
     #[inline]

@@ -1,0 +1,131 @@
+//! What the server will answer, message by message, to what was sent on
+//! a lent connection, and what of it the client sees.
+//!
+//! The client's named prepared statements live on the server under
+//! tollgate's names, prepared on each connection when first needed
+//! ([`super::rewrite`]). That adds messages the client did not send
+//! (their answers are hidden) and drops some it did (answered by tollgate
+//! itself, in place). The server answers extended-protocol messages in
+//! order, so a queue of expectations, one per message sent (or answered
+//! by tollgate), says for each server message whose answer it is.
+//!
+//! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-EXT-QUERY>
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// A message whose answers are expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Parse,
+    Bind,
+    /// Describe of a statement: ParameterDescription, then RowDescription
+    /// or NoData.
+    DescribeStatement,
+    /// Describe of a portal: RowDescription or NoData.
+    DescribePortal,
+    Execute,
+    Close,
+    /// Sync, Query and FunctionCall: answered up to ReadyForQuery, errors
+    /// included.
+    Sync,
+}
+
+impl Kind {
+    /// Whether a server message with `tag` is the last answer to this one.
+    /// (An ErrorResponse also ends the extended-protocol kinds; see
+    /// [`Kind::ends_on_error`].)
+    pub fn ended_by(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Close => tag == b'3',
+            Kind::DescribeStatement | Kind::DescribePortal => tag == b'T' || tag == b'n',
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Sync => tag == b'Z',
+        }
+    }
+
+    /// An ErrorResponse answers it, and the server then skips to Sync.
+    pub fn ends_on_error(self) -> bool {
+        self != Kind::Sync
+    }
+}
+
+/// One expected answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The server's answers to one message: relayed when `show`, else
+    /// hidden (an ErrorResponse is always relayed: it is the client's
+    /// failure). `stmt`: the server-side statement it concerns.
+    Server {
+        kind: Kind,
+        show: bool,
+        stmt: Option<Rc<[u8]>>,
+    },
+    /// tollgate's own answer (ParseComplete or CloseComplete) to a client
+    /// message not forwarded, given in its place.
+    Own(u8),
+}
+
+/// The expectations of one session, in the order the answers will come.
+#[derive(Debug, Default)]
+pub struct Expectations {
+    queue: VecDeque<Expect>,
+}
+
+impl Expectations {
+    pub fn push(&mut self, e: Expect) {
+        self.queue.push_back(e);
+    }
+
+    pub fn server(&mut self, kind: Kind, show: bool, stmt: Option<Rc<[u8]>>) {
+        self.push(Expect::Server { kind, show, stmt });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub fn front(&self) -> Option<&Expect> {
+        self.queue.front()
+    }
+
+    pub fn pop(&mut self) -> Option<Expect> {
+        self.queue.pop_front()
+    }
+
+    /// tollgate's own answers now at the head.
+    pub fn take_own(&mut self, mut each: impl FnMut(u8)) {
+        while let Some(Expect::Own(tag)) = self.queue.front() {
+            each(*tag);
+            self.queue.pop_front();
+        }
+    }
+
+    /// After an ErrorResponse to an extended-protocol message: the server
+    /// skips everything up to the next Sync, which it answers. Returns
+    /// the statements whose Parse was skipped.
+    pub fn skip_to_sync(&mut self, mut skipped_parse: impl FnMut(Rc<[u8]>)) {
+        while let Some(e) = self.queue.front() {
+            match e {
+                Expect::Server {
+                    kind: Kind::Sync, ..
+                } => return,
+                Expect::Server {
+                    kind: Kind::Parse,
+                    stmt: Some(s),
+                    ..
+                } => skipped_parse(s.clone()),
+                _ => {}
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+}

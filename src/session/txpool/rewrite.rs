@@ -1,0 +1,508 @@
+//! The client's messages as a lent connection gets them: everything
+//! passes through as sent, except what names a prepared statement.
+//!
+//! A client's named statement is kept by tollgate (its name, its SQL and
+//! parameter types) and lives on the servers under a name derived from its
+//! content (`tg_` and 32 hex digits of a SHA-256), shared by every client
+//! that prepares the same. So:
+//!
+//! - Parse of a name is forwarded under the content name, or, when the
+//!   connection already holds it, not forwarded and answered by tollgate;
+//! - Bind and Describe of a name are forwarded under the content name,
+//!   after a Parse of it (answer hidden) when the connection lacks it;
+//! - Close of a name only forgets it (shared statements stay), answered
+//!   by tollgate.
+//!
+//! Each Parse tollgate adds is preceded by a Close of the same name
+//! (answer hidden; closing a statement that does not exist is no error),
+//! so that what tollgate believes a connection holds can never make a
+//! Parse fail. The unnamed statement is the client's own too: before the
+//! first Bind or Describe of it on a lent connection that has not seen the
+//! client's Parse of it, the client's last one is replayed (or the
+//! connection's is closed, so that no other client's can be bound).
+//!
+//! <https://www.postgresql.org/docs/current/protocol-message-formats.html>
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::expect::{Expect, Expectations, Kind};
+use crate::server::statements::StatementCache;
+
+/// Longest client message tollgate holds whole to rewrite (Parse, Bind,
+/// Describe, Close): Postgres's own limit for a message,
+/// `PQ_LARGE_MESSAGE_LIMIT` (src/include/libpq/libpq.h).
+const MAX_HELD_MESSAGE: usize = 0x3fff_ffff;
+
+/// A client's named statement.
+pub struct Prepared {
+    /// The name on the servers.
+    pub name: Rc<[u8]>,
+    /// Its Parse under that name, whole.
+    pub parse: Box<[u8]>,
+}
+
+/// The counts a rewrite adds to, per shard and upstream.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StatementCounts {
+    /// Uses of a statement the connection held.
+    pub hits: u64,
+    /// Parses sent because the connection did not hold it.
+    pub misses: u64,
+    /// Statements closed to stay under `max_prepared_statements`.
+    pub evictions: u64,
+}
+
+/// What one rewrite works on besides the client's bytes.
+pub struct Lend<'a> {
+    pub cache: &'a mut StatementCache,
+    pub expect: &'a mut Expectations,
+    pub capacity: usize,
+    pub counts: &'a mut StatementCounts,
+}
+
+/// A corrupt client stream.
+#[derive(Debug)]
+pub struct Malformed;
+
+/// One client's statements, and its messages in flight.
+#[derive(Default)]
+pub struct Rewriter {
+    header: [u8; 5],
+    header_len: usize,
+    tag: u8,
+    /// Payload bytes of the current message still to come.
+    remaining: usize,
+    /// The current message is held whole (`held`) rather than streamed.
+    holding: bool,
+    held: Vec<u8>,
+    statements: HashMap<Box<[u8]>, Rc<Prepared>>,
+    /// The client's last Parse of the unnamed statement, whole.
+    unnamed: Option<Box<[u8]>>,
+    /// The lent connection has the client's unnamed statement (or none).
+    unnamed_here: bool,
+    /// The statement of the last Bind, for the Execute that follows.
+    last_bind: Option<Rc<[u8]>>,
+}
+
+fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let i = memchr::memchr(0, b)?;
+    Some((&b[..i], &b[i + 1..]))
+}
+
+fn put_message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
+    let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
+    out.push(tag);
+    out.extend_from_slice(&(len as i32).to_be_bytes());
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+}
+
+/// The content name of a statement: `tg_` and 32 hex digits of the
+/// SHA-256 of its SQL and parameter types (what follows the name in its
+/// Parse).
+fn content_name(rest: &[u8]) -> Rc<[u8]> {
+    let d = ring::digest::digest(&ring::digest::SHA256, rest);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut name = Vec::with_capacity(35);
+    name.extend_from_slice(b"tg_");
+    for b in &d.as_ref()[..16] {
+        name.push(HEX[usize::from(b >> 4)]);
+        name.push(HEX[usize::from(b & 15)]);
+    }
+    name.into()
+}
+
+impl Rewriter {
+    /// A new lend begins: the connection has none of the client's unnamed
+    /// statement.
+    pub fn new_lend(&mut self) {
+        self.unnamed_here = false;
+        self.last_bind = None;
+    }
+
+    /// The client dropped all its statements (`DEALLOCATE ALL`, `DISCARD
+    /// ALL`).
+    pub fn forget_all(&mut self) {
+        self.statements.clear();
+        self.unnamed = None;
+    }
+
+    /// Rewrites client bytes into `out` for the lent connection, noting
+    /// the answers to expect.
+    pub fn feed(
+        &mut self,
+        mut chunk: &[u8],
+        lend: &mut Lend<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Malformed> {
+        while !chunk.is_empty() {
+            if self.remaining == 0 && !self.holding {
+                // A header.
+                let take = (5 - self.header_len).min(chunk.len());
+                self.header[self.header_len..self.header_len + take]
+                    .copy_from_slice(&chunk[..take]);
+                self.header_len += take;
+                chunk = &chunk[take..];
+                if self.header_len < 5 {
+                    return Ok(());
+                }
+                self.header_len = 0;
+                let tag = self.header[0];
+                let len = i32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                if len < 4 || len as usize > MAX_HELD_MESSAGE {
+                    return Err(Malformed);
+                }
+                self.tag = tag;
+                self.remaining = len as usize - 4;
+                if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                    self.holding = true;
+                    self.held.clear();
+                    self.held.extend_from_slice(&self.header);
+                } else {
+                    self.started(tag, lend);
+                    out.extend_from_slice(&self.header);
+                }
+                if self.remaining == 0 && self.holding {
+                    self.complete(lend, out)?;
+                }
+                continue;
+            }
+            let take = self.remaining.min(chunk.len());
+            if self.holding {
+                self.held.extend_from_slice(&chunk[..take]);
+            } else {
+                out.extend_from_slice(&chunk[..take]);
+            }
+            self.remaining -= take;
+            chunk = &chunk[take..];
+            if self.remaining == 0 && self.holding {
+                self.complete(lend, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A streamed message starts: its answers are expected.
+    fn started(&mut self, tag: u8, lend: &mut Lend<'_>) {
+        match tag {
+            b'E' => lend
+                .expect
+                .server(Kind::Execute, true, self.last_bind.clone()),
+            b'S' | b'Q' | b'F' => lend.expect.server(Kind::Sync, true, None),
+            // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
+            _ => {}
+        }
+    }
+
+    /// A held message is whole: forwarded, rewritten, or answered here.
+    fn complete(&mut self, lend: &mut Lend<'_>, out: &mut Vec<u8>) -> Result<(), Malformed> {
+        self.holding = false;
+        let msg = std::mem::take(&mut self.held);
+        let res = self.rewrite(&msg, lend, out);
+        self.held = msg;
+        // A large Bind is not kept for the session's life.
+        if self.held.capacity() > 64 * 1024 {
+            self.held = Vec::new();
+        }
+        res
+    }
+
+    fn rewrite(
+        &mut self,
+        msg: &[u8],
+        lend: &mut Lend<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Malformed> {
+        let tag = msg[0];
+        let body = &msg[5..];
+        match tag {
+            b'P' => {
+                let (name, rest) = cstr(body).ok_or(Malformed)?;
+                if name.is_empty() {
+                    self.unnamed = Some(msg.into());
+                    self.unnamed_here = true;
+                    out.extend_from_slice(msg);
+                    lend.expect.server(Kind::Parse, true, None);
+                    return Ok(());
+                }
+                let server = content_name(rest);
+                let mut parse = Vec::with_capacity(5 + server.len() + 1 + rest.len());
+                put_message(&mut parse, b'P', &[&server, &[0], rest]);
+                let prepared = Rc::new(Prepared {
+                    name: server,
+                    parse: parse.into(),
+                });
+                // A name prepared again replaces the old one (where
+                // Postgres would refuse it: drivers never do this).
+                self.statements.insert(name.into(), prepared.clone());
+                if lend.cache.has(&prepared.name) {
+                    lend.counts.hits += 1;
+                    lend.expect.push(Expect::Own(b'1'));
+                } else {
+                    self.send_parse(&prepared, true, lend, out);
+                }
+            }
+            b'B' => {
+                let (portal, rest) = cstr(body).ok_or(Malformed)?;
+                let (stmt, rest) = cstr(rest).ok_or(Malformed)?;
+                let server = self.use_statement(stmt, lend, out);
+                match &server {
+                    Some(s) => put_message(out, b'B', &[portal, &[0], s, &[0], rest]),
+                    None => out.extend_from_slice(msg),
+                }
+                self.last_bind = server.clone();
+                lend.expect.server(Kind::Bind, true, server);
+            }
+            b'D' => {
+                let (&kind, rest) = body.split_first().ok_or(Malformed)?;
+                let (name, _) = cstr(rest).ok_or(Malformed)?;
+                if kind == b'S' {
+                    let server = self.use_statement(name, lend, out);
+                    match &server {
+                        Some(s) => put_message(out, b'D', &[b"S", s, &[0]]),
+                        None => out.extend_from_slice(msg),
+                    }
+                    lend.expect.server(Kind::DescribeStatement, true, server);
+                } else {
+                    out.extend_from_slice(msg);
+                    lend.expect.server(Kind::DescribePortal, true, None);
+                }
+            }
+            b'C' => {
+                let (&kind, rest) = body.split_first().ok_or(Malformed)?;
+                let (name, _) = cstr(rest).ok_or(Malformed)?;
+                if kind == b'S' && !name.is_empty() {
+                    // Shared on the server: only the client's name goes.
+                    self.statements.remove(name);
+                    lend.expect.push(Expect::Own(b'3'));
+                } else {
+                    if kind == b'S' {
+                        self.unnamed = None;
+                    }
+                    out.extend_from_slice(msg);
+                    lend.expect.server(Kind::Close, true, None);
+                }
+            }
+            _ => return Err(Malformed),
+        }
+        Ok(())
+    }
+
+    /// Readies the statement a Bind or Describe names on the lent
+    /// connection: its content name for a named one the client prepared
+    /// (`None`: unnamed, or a name the client never prepared, which goes
+    /// through as sent for the server to refuse).
+    fn use_statement(
+        &mut self,
+        name: &[u8],
+        lend: &mut Lend<'_>,
+        out: &mut Vec<u8>,
+    ) -> Option<Rc<[u8]>> {
+        if name.is_empty() {
+            if !self.unnamed_here {
+                match &self.unnamed {
+                    Some(parse) => {
+                        out.extend_from_slice(parse);
+                        lend.expect.server(Kind::Parse, false, None);
+                    }
+                    None => {
+                        put_message(out, b'C', &[b"S", &[0]]);
+                        lend.expect.server(Kind::Close, false, None);
+                    }
+                }
+                self.unnamed_here = true;
+            }
+            return None;
+        }
+        let prepared = self.statements.get(name)?.clone();
+        if lend.cache.has(&prepared.name) {
+            lend.counts.hits += 1;
+        } else {
+            self.send_parse(&prepared, false, lend, out);
+        }
+        Some(prepared.name.clone())
+    }
+
+    /// Prepares a statement on the lent connection: a Close of whatever
+    /// the connection had under its name first (and of the least recently
+    /// used one, beyond the cache's capacity), answers hidden.
+    fn send_parse(&mut self, p: &Prepared, show: bool, lend: &mut Lend<'_>, out: &mut Vec<u8>) {
+        lend.counts.misses += 1;
+        if let Some(old) = lend.cache.parsing(p.name.clone(), lend.capacity) {
+            lend.counts.evictions += 1;
+            put_message(out, b'C', &[b"S", &old, &[0]]);
+            lend.expect.server(Kind::Close, false, None);
+        }
+        put_message(out, b'C', &[b"S", &p.name, &[0]]);
+        lend.expect.server(Kind::Close, false, None);
+        out.extend_from_slice(&p.parse);
+        lend.expect.server(Kind::Parse, show, Some(p.name.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::frame::test_message as msg;
+
+    struct World {
+        cache: StatementCache,
+        expect: Expectations,
+        counts: StatementCounts,
+    }
+
+    impl World {
+        fn new() -> Self {
+            World {
+                cache: StatementCache::default(),
+                expect: Expectations::default(),
+                counts: StatementCounts::default(),
+            }
+        }
+
+        fn feed(&mut self, r: &mut Rewriter, bytes: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut lend = Lend {
+                cache: &mut self.cache,
+                expect: &mut self.expect,
+                capacity: 2,
+                counts: &mut self.counts,
+            };
+            // Split anywhere: the result is the same.
+            for c in bytes.chunks(3) {
+                r.feed(c, &mut lend, &mut out).unwrap();
+            }
+            out
+        }
+
+        fn tags(mut out: &[u8]) -> Vec<(u8, Vec<u8>)> {
+            let mut msgs = Vec::new();
+            while !out.is_empty() {
+                let len = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+                msgs.push((out[0], out[5..1 + len].to_vec()));
+                out = &out[1 + len..];
+            }
+            msgs
+        }
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    }
+
+    fn bind(stmt: &str) -> Vec<u8> {
+        msg(b'B', &[b"\0", stmt.as_bytes(), b"\0\0\0\0\0\0\0"].concat())
+    }
+
+    #[test]
+    fn a_named_statement_is_prepared_once_per_connection_under_its_content_name() {
+        let mut w = World::new();
+        let mut a = Rewriter::default();
+        let out = w.feed(
+            &mut a,
+            &[
+                parse("s1", "select 1"),
+                bind("s1"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        );
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        // Close (hidden), Parse, Bind, Execute, Sync.
+        assert_eq!(tags, b"CPBES");
+        let name = content_name(b"select 1\0\0\0");
+        assert!(out.windows(name.len()).any(|w| w == &name[..]));
+        assert!(
+            !out.windows(3).any(|w| w == b"s1\0"),
+            "the client's name never reaches the server"
+        );
+        // Another client, same SQL, same connection: nothing to prepare.
+        let mut b = Rewriter::default();
+        w.expect.clear();
+        let out = w.feed(
+            &mut b,
+            &[parse("other", "select 1"), bind("other"), msg(b'S', b"")].concat(),
+        );
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"BS");
+        assert_eq!(w.expect.pop(), Some(Expect::Own(b'1')));
+        // The first Bind, the second Parse and its Bind.
+        assert_eq!(w.counts.hits, 3);
+    }
+
+    #[test]
+    fn a_statement_missing_on_the_lent_connection_is_prepared_hidden_and_close_answered_here() {
+        let mut w = World::new();
+        let mut a = Rewriter::default();
+        w.feed(&mut a, &parse("s1", "select 2"));
+        // Next lend: another connection, with nothing.
+        w.cache = StatementCache::default();
+        w.expect.clear();
+        a.new_lend();
+        let out = w.feed(
+            &mut a,
+            &[bind("s1"), msg(b'C', b"Ss1\0"), msg(b'S', b"")].concat(),
+        );
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"CPBS");
+        let shown: Vec<bool> = std::iter::from_fn(|| w.expect.pop())
+            .map(|e| match e {
+                Expect::Server { show, .. } => show,
+                Expect::Own(t) => {
+                    assert_eq!(t, b'3');
+                    true
+                }
+            })
+            .collect();
+        assert_eq!(shown, [false, false, true, true, true]);
+        // Closed: the name means nothing now.
+        let out = w.feed(&mut a, &bind("s1"));
+        assert!(
+            out.windows(3).any(|w| w == b"s1\0"),
+            "passed through for the server to refuse"
+        );
+    }
+
+    #[test]
+    fn the_unnamed_statement_is_replayed_or_closed_on_a_new_connection() {
+        let mut w = World::new();
+        let mut a = Rewriter::default();
+        a.new_lend();
+        let out = w.feed(&mut a, &bind(""));
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(
+            tags, b"CB",
+            "no Parse of its own: the connection's is closed"
+        );
+        a.new_lend();
+        w.feed(&mut a, &parse("", "select 3"));
+        a.new_lend();
+        let out = w.feed(&mut a, &[bind(""), bind("")].concat());
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"PBB", "replayed once per lend");
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_capacity() {
+        let mut w = World::new();
+        let mut a = Rewriter::default();
+        for i in 0..4 {
+            w.feed(&mut a, &parse(&format!("s{i}"), &format!("select {i}")));
+        }
+        assert_eq!(w.cache.len(), 2);
+        assert_eq!(w.counts.evictions, 2);
+    }
+}
