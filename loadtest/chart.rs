@@ -28,6 +28,8 @@ fn color(kind: TargetKind) -> RGBColor {
         TargetKind::TollgateNopool => RGBColor(23, 190, 207),
         TargetKind::TollgateCompletion => RGBColor(188, 189, 34),
         TargetKind::Pgbouncer => RGBColor(255, 127, 14),
+        TargetKind::TollgateTx => RGBColor(23, 190, 207),
+        TargetKind::PgbouncerTx => RGBColor(140, 86, 75),
         TargetKind::Relay => RGBColor(44, 160, 44),
     }
 }

@@ -92,6 +92,7 @@ struct Args {
     /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
     /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client,
     /// tollgate-completion for the completion-driven relay,
+    /// tollgate-tx and pgbouncer-tx for transaction pooling over --tx-pool-size,
     /// direct-unix and tollgate-unix-upstream for Postgres over its Unix socket]
     #[arg(long, value_delimiter = ',')]
     targets: Vec<TargetKind>,
@@ -104,6 +105,9 @@ struct Args {
     /// PgBouncer's client authentication
     #[arg(long, value_enum, default_value_t = PgbouncerAuth::ScramSha256)]
     pgbouncer_auth: PgbouncerAuth,
+    /// Server connections in all for tollgate-tx and pgbouncer-tx
+    #[arg(long, default_value_t = 16)]
+    tx_pool_size: u32,
     /// The tollgate binary [default: built with cargo, next to this program]
     #[arg(long, value_name = "PATH")]
     tollgate_bin: Option<PathBuf>,
@@ -157,6 +161,7 @@ pub struct Settings {
     pub max_jobs: u32,
     pub relay: RelayChoice,
     pub pgbouncer_auth: PgbouncerAuth,
+    pub tx_pool_size: u32,
     pub tollgate_bin: Option<PathBuf>,
     pub out: Option<PathBuf>,
     /// The command line as run, password in --upstream masked.
@@ -234,6 +239,7 @@ fn settings(args: Args, command_line: String) -> Result<Settings, String> {
         max_jobs: args.jobs.unwrap_or(cpus as u32).max(1),
         relay: args.relay,
         pgbouncer_auth: args.pgbouncer_auth,
+        tx_pool_size: args.tx_pool_size,
         tollgate_bin: args.tollgate_bin,
         out: args.out,
         command_line,

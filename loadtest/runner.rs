@@ -142,6 +142,7 @@ pub fn run(s: &Settings) -> Result<usize, Stop> {
         tls: tls.as_ref(),
         upstream_tls: upstream.tls,
         unprivileged,
+        tx_pool_size: s.tx_pool_size,
     };
     // Targets drop (stop) before `upstream`: declared after it.
     let mut running: Vec<Target> = Vec::new();
@@ -273,14 +274,20 @@ fn start_target(
         | TargetKind::TollgateUnixUpstream
         | TargetKind::TollgateMetrics
         | TargetKind::TollgateNopool
-        | TargetKind::TollgateCompletion => {
+        | TargetKind::TollgateCompletion
+        | TargetKind::TollgateTx => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
             targets::tollgate(ctx, bin, kind).map(Some)
         }
-        TargetKind::Pgbouncer => match targets::find_program("pgbouncer") {
-            Some(bin) => targets::pgbouncer(ctx, &bin, s.pgbouncer_auth.name()).map(Some),
-            None => Ok(None),
-        },
+        TargetKind::Pgbouncer | TargetKind::PgbouncerTx => {
+            match targets::find_program("pgbouncer") {
+                Some(bin) => {
+                    let transaction = kind == TargetKind::PgbouncerTx;
+                    targets::pgbouncer(ctx, &bin, s.pgbouncer_auth.name(), transaction).map(Some)
+                }
+                None => Ok(None),
+            }
+        }
         TargetKind::Relay => {
             let haproxy = match s.relay {
                 RelayChoice::Builtin => None,

@@ -63,7 +63,13 @@ pub enum TargetKind {
     /// tollgate with `plain_relay = "completion"`: the relay ring, to
     /// compare with `tollgate` in one run (not in the default set).
     TollgateCompletion,
+    /// tollgate with `[pool] mode = "transaction"` and
+    /// `max_server_connections = --tx-pool-size` (not in the default set).
+    TollgateTx,
     Pgbouncer,
+    /// PgBouncer in transaction mode with the same total pool size (not in
+    /// the default set).
+    PgbouncerTx,
     Relay,
 }
 
@@ -84,7 +90,9 @@ impl TargetKind {
             TargetKind::TollgateMetrics => "tollgate-metrics",
             TargetKind::TollgateNopool => "tollgate-nopool",
             TargetKind::TollgateCompletion => "tollgate-completion",
+            TargetKind::TollgateTx => "tollgate-tx",
             TargetKind::Pgbouncer => "pgbouncer",
+            TargetKind::PgbouncerTx => "pgbouncer-tx",
             TargetKind::Relay => "relay",
         }
     }
@@ -98,6 +106,7 @@ impl TargetKind {
                 | TargetKind::TollgateMetrics
                 | TargetKind::TollgateNopool
                 | TargetKind::TollgateCompletion
+                | TargetKind::TollgateTx
         )
     }
 
@@ -232,6 +241,8 @@ pub struct StartContext<'a> {
     pub upstream_tls: bool,
     /// uid/gid for servers that must not run as root.
     pub unprivileged: Option<(u32, u32)>,
+    /// Server connections in all for the transaction-pooling targets.
+    pub tx_pool_size: u32,
 }
 
 /// Postgres itself: nothing to start.
@@ -328,6 +339,12 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     if kind == TargetKind::TollgateNopool {
         config.push_str("\n[pool]\nmode = \"off\"\n");
     }
+    if kind == TargetKind::TollgateTx {
+        config.push_str(&format!(
+            "\n[pool]\nmode = \"transaction\"\nmax_server_connections = {}\n",
+            ctx.tx_pool_size
+        ));
+    }
     if kind == TargetKind::TollgateCompletion {
         // A top-level key: it goes before the first table.
         config = config.replacen(
@@ -353,10 +370,12 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     let child = ChildGuard::spawn("tollgate", cmd, &dir.path().join("tollgate.log"))?;
     let mut children = vec![child];
     wait_listening(&mut children, port)?;
+    let tx_label = format!(", transaction pooling over {}", ctx.tx_pool_size);
     let extra = match kind {
         TargetKind::TollgateMetrics => ", metrics on",
         TargetKind::TollgateNopool => ", pooling off",
         TargetKind::TollgateCompletion => ", completion relay",
+        TargetKind::TollgateTx => &tx_label,
         TargetKind::TollgateUnixUpstream => ", upstream over Unix socket",
         _ => "",
     };
@@ -404,8 +423,15 @@ fn create_token(bin: &Path, config: &Path, user: &str, database: &str) -> Result
     Ok(token)
 }
 
-/// PgBouncer in session mode, `shards` processes on one SO_REUSEPORT port.
-pub fn pgbouncer(ctx: &StartContext<'_>, bin: &Path, auth: &str) -> Result<Target, String> {
+/// PgBouncer, `shards` processes on one SO_REUSEPORT port: in session
+/// mode (`transaction` false), or in transaction mode with
+/// `--tx-pool-size` server connections split over the processes.
+pub fn pgbouncer(
+    ctx: &StartContext<'_>,
+    bin: &Path,
+    auth: &str,
+    transaction: bool,
+) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("pgbouncer: {e}");
     let owner = ctx.unprivileged;
     let dir = TempDir::new("loadtest-pgbouncer", owner).map_err(err)?;
@@ -413,7 +439,12 @@ pub fn pgbouncer(ctx: &StartContext<'_>, bin: &Path, auth: &str) -> Result<Targe
     let up = ctx.upstream;
     // Each process has its own pool and the kernel spreads clients unevenly,
     // so every process must be able to hold all clients on its own.
-    let pool = ctx.max_clients + 4;
+    let processes = ctx.shards.max(1) as u32;
+    let (pool, mode) = if transaction {
+        (ctx.tx_pool_size.div_ceil(processes).max(1), "transaction")
+    } else {
+        (ctx.max_clients + 4, "session")
+    };
     let max_client_conn = (ctx.max_clients * 2).max(100);
     let d = dir.path().display();
     let tls = match ctx.tls {
@@ -434,7 +465,7 @@ pub fn pgbouncer(ctx: &StartContext<'_>, bin: &Path, auth: &str) -> Result<Targe
          listen_port = {port}\n\
          unix_socket_dir =\n\
          so_reuseport = 1\n\
-         pool_mode = session\n\
+         pool_mode = {mode}\n\
          auth_type = {auth}\n\
          auth_file = {d}/userlist.txt\n\
          max_client_conn = {max_client_conn}\n\
@@ -472,11 +503,20 @@ pub fn pgbouncer(ctx: &StartContext<'_>, bin: &Path, auth: &str) -> Result<Targe
     }
     wait_listening(&mut children, port)?;
     Ok(Target {
-        kind: TargetKind::Pgbouncer,
+        kind: if transaction {
+            TargetKind::PgbouncerTx
+        } else {
+            TargetKind::Pgbouncer
+        },
         label: format!(
-            "pgbouncer ({}, {} processes, session pooling, {auth})",
+            "pgbouncer ({}, {} processes, {mode} pooling{}, {auth})",
             tool_version(bin, "--version"),
-            children.len()
+            children.len(),
+            if transaction {
+                format!(" over {} in all", pool * processes)
+            } else {
+                String::new()
+            }
         ),
         endpoint: Endpoint { port, ..up.clone() },
         tls_unsupported: ctx
