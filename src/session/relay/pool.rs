@@ -59,6 +59,17 @@ impl BufferPool {
         }
     }
 
+    /// Gives back a buffer used as scratch (cleared and refilled): made
+    /// whole again first, so that it can be reused; one that grew past the
+    /// shard's size is dropped.
+    #[inline]
+    pub fn put_scratch(&self, mut buf: Vec<u8>) {
+        if buf.len() <= self.buffer_size && buf.capacity() <= 2 * self.buffer_size {
+            buf.resize(self.buffer_size, 0);
+            self.put(buf);
+        }
+    }
+
     #[cfg(test)]
     fn idle(&self) -> usize {
         self.free.borrow().len()

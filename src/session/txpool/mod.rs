@@ -135,6 +135,9 @@ struct Session {
     discarded: Cell<bool>,
     /// `max_prepared_statements`.
     statement_capacity: usize,
+    /// Server bytes are being written to the client: the lent connection
+    /// is not done with until they are.
+    delivering: Cell<bool>,
     idle_transaction_timeout: Option<Duration>,
 }
 
@@ -171,6 +174,7 @@ pub(super) async fn run(
         answers_due: Flag::default(),
         discarded: Cell::new(false),
         statement_capacity: config.max_prepared_statements,
+        delivering: Cell::new(false),
         idle_transaction_timeout: config.idle_transaction_timeout,
     };
     s.l.cancel_key.delegate(s.cancels.clone());
@@ -334,7 +338,16 @@ impl Session {
         };
         let pin = tx.take_pin();
         let mut params = self.params.borrow_mut();
+        let mut unknown = false;
         tx.drain_reports(|k, v| {
+            // Reported, yet not one that follows clients: set out of the
+            // lexer's sight (or by a role or function): the session has
+            // state of its own now.
+            if !crate::server::is_reported(k)
+                && !SERVER_STATE.iter().any(|s| s.eq_ignore_ascii_case(k))
+            {
+                unknown = true;
+            }
             state.borrow_mut().reported(k, v);
             if let Some(p) = params.iter_mut().find(|(p, _)| p.eq_ignore_ascii_case(k)) {
                 p.1.clear();
@@ -345,6 +358,9 @@ impl Session {
         drop(tracks);
         if let Some(pin) = pin {
             self.pin(pin);
+        }
+        if unknown {
+            self.pin(Pin::UnknownParameter);
         }
         true
     }
@@ -382,7 +398,7 @@ impl Session {
         match res {
             Ok(()) => Some(out),
             Err(_) => {
-                self.l.buffers.put(out);
+                self.l.buffers.put_scratch(out);
                 None
             }
         }
@@ -403,6 +419,7 @@ impl Session {
             state.borrow_mut().statements(),
             &mut actions,
         );
+        self.delivering.set(true);
         let res = match actions.as_slice() {
             [Action::Relay(r)] if r.start == 0 && r.end == chunk.len() => {
                 write_all(client, chunk).await
@@ -418,10 +435,11 @@ impl Session {
                     }
                 }
                 let res = write_all(client, &out).await;
-                self.l.buffers.put(out);
+                self.l.buffers.put_scratch(out);
                 res
             }
         };
+        self.delivering.set(false);
         *self.actions.borrow_mut() = actions;
         res
     }
@@ -432,6 +450,7 @@ impl Session {
         Answers::due(&mut self.expect.borrow_mut(), &mut actions);
         let mut out = [0u8; 5 * 8];
         let mut res = Ok(());
+        self.delivering.set(true);
         for batch in actions.chunks(8) {
             let mut n = 0;
             for a in batch {
@@ -445,6 +464,7 @@ impl Session {
                 break;
             }
         }
+        self.delivering.set(false);
         *self.actions.borrow_mut() = actions;
         res
     }
@@ -464,6 +484,7 @@ impl Session {
         self.pinned.get().is_none()
             && !writing
             && !self.cancelling.get()
+            && !self.delivering.get()
             && self.expect.borrow().is_empty()
             && tracks.drained()
             && tracks.client.at_boundary()
@@ -565,7 +586,7 @@ impl Session {
         let res = match self.rewrite(lent, first) {
             Some(out) => {
                 let res = write_all(&lent.stream, &out).await;
-                self.l.buffers.put(out);
+                self.l.buffers.put_scratch(out);
                 res
             }
             None => {
@@ -639,8 +660,11 @@ impl Session {
         let mut turn = 0;
         loop {
             if self.goodbye.get() {
-                // The other direction ends the session once all is answered.
-                std::future::pending::<()>().await;
+                // The other direction ends the session once all is
+                // answered; what cannot be (an unsynced batch, a COPY the
+                // client left) is cut after RESET_TIMEOUT and reset.
+                monoio::time::sleep(crate::server::reset::RESET_TIMEOUT).await;
+                return ended(EndedBy::ClientClosed);
             }
             let res = match self.idle_transaction_timeout {
                 None => read_lent(client, &self.l.buffers).await,
@@ -681,7 +705,7 @@ impl Session {
             writing.set(true);
             let res = write_all(&lent.stream, &out).await;
             writing.set(false);
-            self.l.buffers.put(out);
+            self.l.buffers.put_scratch(out);
             if res.is_err() {
                 return ended(EndedBy::ServerIo);
             }
@@ -865,6 +889,10 @@ impl Session {
         Outcome { by, held }
     }
 }
+
+/// Parameters the server reports about itself, not about the session
+/// (a standby promoted, say): no client set them.
+const SERVER_STATE: [&str; 2] = ["in_hot_standby", "default_transaction_read_only"];
 
 /// A one-shot wake-up between the two directions of a lend.
 #[derive(Default)]

@@ -420,13 +420,29 @@ impl PinScan {
         self.word(&w[..len]);
     }
 
-    /// A word inside a dollar-quoted body: only function names count.
+    /// A word inside a dollar-quoted body (a DO block's or a function's,
+    /// which may run now): function names, and the words of statements
+    /// that make session state, pin whatever surrounds them. A function
+    /// definition that mentions them pins too, wrongly but safely.
     fn body_word(&mut self) {
         let len = self.word_len.min(MAX_WORD);
         let mut w = [0u8; MAX_WORD];
         w[..len].copy_from_slice(&self.word[..len]);
         self.word_len = 0;
-        self.function_name(&w[..len]);
+        let w = &w[..len];
+        self.function_name(w);
+        let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+        if is("temp")
+            || is("temporary")
+            || (w.len() > 8 && w[..8].eq_ignore_ascii_case(b"pg_temp."))
+        {
+            self.pin(Pin::TempTable);
+        } else if is("listen") {
+            self.pin(Pin::Listen);
+        } else if is("set") {
+            // Any SET, `UPDATE ... SET` too: erring towards pinning.
+            self.pin(Pin::Set);
+        }
     }
 
     fn function_name(&mut self, w: &[u8]) {
@@ -510,7 +526,8 @@ impl PinScan {
                 on_commit,
             } => {
                 // CREATE [OR REPLACE] [LOCAL|GLOBAL] TEMP[ORARY] TABLE ...
-                let temp = temp || (!named && (is("temp") || is("temporary")));
+                let in_pg_temp = w.len() > 8 && w[..8].eq_ignore_ascii_case(b"pg_temp.");
+                let temp = temp || (!named && (is("temp") || is("temporary"))) || in_pg_temp;
                 let named = named || !(is("or") || is("replace") || is("local") || is("global"));
                 // ON COMMIT DROP, word by word.
                 let on_commit = match on_commit {
@@ -654,7 +671,6 @@ mod tests {
             "select /* ; listen /* nested */ x */ 1",
             "select \"listen\" from t",
             "create function f() returns int language sql set search_path = public as $b$ select 1 $b$",
-            "do $$ begin create temp table t(x int); end $$",
             "select $1::int",
             "reset all",
             "discard all",
