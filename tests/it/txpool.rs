@@ -517,3 +517,47 @@ fn pgbench_prepared_runs_over_few_backends() {
         "nothing pinned"
     );
 }
+
+#[test]
+fn copy_from_stdin_by_the_extended_protocol_ends_its_lend() {
+    // One server connection: a lend that never ended would stall the
+    // second client.
+    let (mut env, admin) = env_tx(1, "max_server_connections = 1\ncheckout_timeout = \"3s\"");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.cluster
+        .psql(
+            "appdb",
+            "create table copy_t(x int); grant all on copy_t to app",
+        )
+        .unwrap();
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    runtime().block_on(async {
+        use futures_util::SinkExt;
+        let a = pg_connect(&conn).await.unwrap();
+        let b = pg_connect(&conn).await.unwrap();
+        for round in 0..3 {
+            // tokio-postgres: Parse, Describe, Sync; then Bind, Execute,
+            // Sync; CopyData...; CopyDone, Sync.
+            let sink = a
+                .copy_in::<_, bytes::Bytes>("copy copy_t from stdin")
+                .await
+                .unwrap();
+            let mut sink = std::pin::pin!(sink);
+            for i in 0..100 {
+                sink.send(bytes::Bytes::from(format!("{i}\n")))
+                    .await
+                    .unwrap();
+            }
+            assert_eq!(sink.finish().await.unwrap(), 100);
+            let n = simple_one(&b, "select count(*)::text from copy_t").await;
+            assert_eq!(n, ((round + 1) * 100).to_string());
+        }
+        assert_eq!(simple_one(&a, "select 'after'").await, "after");
+    });
+    assert_eq!(
+        metric(admin, "tollgate_pool_pins_total"),
+        None,
+        "nothing pinned"
+    );
+}

@@ -27,6 +27,18 @@ pub enum Action {
     Header([u8; 5]),
 }
 
+/// What a chunk of answers said that the session must act on.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Events {
+    /// An Execute started COPY FROM STDIN: until the client's CopyDone or
+    /// CopyFail, its Syncs are ignored by the server.
+    pub copy_in: bool,
+    /// Expected ReadyForQuery messages that will not come (see `copy_in`).
+    pub syncs_ignored: u64,
+    /// An ErrorResponse came (which also ends copy-in).
+    pub error: bool,
+}
+
 /// Where the server stream is.
 #[derive(Default)]
 pub struct Answers {
@@ -36,6 +48,7 @@ pub struct Answers {
     remaining: usize,
     /// The current message goes to the client.
     show: bool,
+    events: Events,
 }
 
 /// Messages the server may send at any time, answers to nothing.
@@ -44,15 +57,17 @@ fn asynchronous(tag: u8) -> bool {
 }
 
 impl Answers {
-    /// Sorts a chunk of server bytes into `actions`.
+    /// Sorts a chunk of server bytes into `actions`; returns what the
+    /// session must act on.
     pub fn sort(
         &mut self,
         chunk: &[u8],
         expect: &mut Expectations,
         cache: &mut StatementCache,
         actions: &mut Vec<Action>,
-    ) {
+    ) -> Events {
         actions.clear();
+        self.events = Events::default();
         let relay = |actions: &mut Vec<Action>, r: Range<usize>| {
             if r.is_empty() {
                 return;
@@ -116,6 +131,7 @@ impl Answers {
                 expect.take_own(|t| actions.push(Action::Answer(t)));
             }
         }
+        self.events
     }
 
     /// tollgate's own answers due now, with no server message before them.
@@ -135,8 +151,16 @@ impl Answers {
             return true;
         };
         let (kind, show) = (*kind, *show);
+        let stmt = if tag == b'E' { stmt.clone() } else { None };
+        if tag == b'E' {
+            self.events.error = true;
+        }
+        if tag == b'G' && kind == Kind::Execute {
+            self.events.copy_in = true;
+            self.events.syncs_ignored += expect.drop_syncs_after_front();
+        }
         if tag == b'E' && kind.ends_on_error() {
-            if let Some(s) = stmt {
+            if let Some(s) = &stmt {
                 cache.forget(s);
             }
             expect.pop();
@@ -243,6 +267,26 @@ mod tests {
                 Some(crate::server::statements::Held::Prepared)
             );
         }
+    }
+
+    #[test]
+    fn copy_in_by_execute_drops_the_syncs_sent_behind_it() {
+        let mut e = Expectations::default();
+        e.server(Kind::Bind, true, None);
+        e.server(Kind::Execute, true, None);
+        e.server(Kind::Sync, true, None);
+        let mut a = Answers::default();
+        let mut cache = StatementCache::default();
+        let mut actions = Vec::new();
+        let server = [msg(b'2', b""), msg(b'G', b"\0\0\0")].concat();
+        let ev = a.sort(&server, &mut e, &mut cache, &mut actions);
+        assert!(ev.copy_in);
+        assert_eq!(ev.syncs_ignored, 1);
+        // The client's CopyDone and its Sync: CommandComplete, then ready.
+        e.server(Kind::Sync, true, None);
+        let server = [msg(b'C', b"COPY 1\0"), msg(b'Z', b"I")].concat();
+        a.sort(&server, &mut e, &mut cache, &mut actions);
+        assert!(e.is_empty());
     }
 
     #[test]

@@ -128,4 +128,23 @@ impl Expectations {
     pub fn clear(&mut self) {
         self.queue.clear();
     }
+
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// An Execute at the head started COPY FROM STDIN: the Syncs the
+    /// client sent behind it reach the server in copy-in mode, which
+    /// ignores them. Removes their expectations; returns how many.
+    pub fn drop_syncs_after_front(&mut self) -> u64 {
+        let mut n = 0;
+        while let Some(Expect::Server {
+            kind: Kind::Sync, ..
+        }) = self.queue.get(1)
+        {
+            self.queue.remove(1);
+            n += 1;
+        }
+        n
+    }
 }

@@ -138,6 +138,12 @@ struct Session {
     /// Server bytes are being written to the client: the lent connection
     /// is not done with until they are.
     delivering: Cell<bool>,
+    /// The lent connection is in copy-in mode from an extended-protocol
+    /// Execute (see [`answers::Events::copy_in`]).
+    copy_in: Cell<bool>,
+    /// Raised as answers are delivered: a client stopped for a full
+    /// expectation queue may read again.
+    queue_room: Flag,
     idle_transaction_timeout: Option<Duration>,
 }
 
@@ -175,6 +181,8 @@ pub(super) async fn run(
         discarded: Cell::new(false),
         statement_capacity: config.max_prepared_statements,
         delivering: Cell::new(false),
+        copy_in: Cell::new(false),
+        queue_room: Flag::default(),
         idle_transaction_timeout: config.idle_transaction_timeout,
     };
     s.l.cancel_key.delegate(s.cancels.clone());
@@ -383,8 +391,16 @@ impl Session {
             expect: &mut expect,
             capacity: self.statement_capacity,
             counts: &mut counts,
+            copy_in: self.copy_in.get(),
+            syncs_ignored: 0,
+            terminated: false,
         };
         let res = rewriter.feed(bytes, &mut lend, &mut out);
+        self.copy_in.set(lend.copy_in);
+        self.syncs_ignored(lend.syncs_ignored);
+        if lend.terminated {
+            self.goodbye.set(true);
+        }
         if matches!(expect.front(), Some(expect::Expect::Own(_))) {
             self.answers_due.raise();
         }
@@ -413,12 +429,18 @@ impl Session {
         chunk: &[u8],
     ) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
-        self.answers.borrow_mut().sort(
+        let events = self.answers.borrow_mut().sort(
             chunk,
             &mut self.expect.borrow_mut(),
             state.borrow_mut().statements(),
             &mut actions,
         );
+        if events.copy_in {
+            self.copy_in.set(true);
+        } else if events.error {
+            self.copy_in.set(false);
+        }
+        self.syncs_ignored(events.syncs_ignored);
         self.delivering.set(true);
         let res = match actions.as_slice() {
             [Action::Relay(r)] if r.start == 0 && r.end == chunk.len() => {
@@ -440,8 +462,18 @@ impl Session {
             }
         };
         self.delivering.set(false);
+        self.queue_room.raise();
         *self.actions.borrow_mut() = actions;
         res
+    }
+
+    /// Syncs the server ignores (copy-in mode) ask for no ReadyForQuery.
+    fn syncs_ignored(&self, n: u64) {
+        if n > 0 {
+            let tracks = self.tracks.borrow();
+            let asked = &tracks.stats.cycles_asked;
+            asked.set(asked.get().saturating_sub(n));
+        }
     }
 
     /// Sends tollgate's own answers now at the head of the expectations.
@@ -465,6 +497,7 @@ impl Session {
             }
         }
         self.delivering.set(false);
+        self.queue_room.raise();
         *self.actions.borrow_mut() = actions;
         res
     }
@@ -555,6 +588,7 @@ impl Session {
         self.rewriter.borrow_mut().new_lend();
         self.expect.borrow_mut().clear();
         *self.answers.borrow_mut() = Answers::default();
+        self.copy_in.set(false);
         Ok(Lent {
             stream: RefCell::new(stream),
             state: RefCell::new(state),
@@ -665,6 +699,12 @@ impl Session {
                 // client left) is cut after RESET_TIMEOUT and reset.
                 monoio::time::sleep(crate::server::reset::RESET_TIMEOUT).await;
                 return ended(EndedBy::ClientClosed);
+            }
+            // A client that sends faster than it reads the answers (many
+            // answered by tollgate itself, which the server's backpressure
+            // does not bound) waits until they are delivered.
+            while self.expect.borrow().len() >= MAX_EXPECTED {
+                self.queue_room.wait().await;
             }
             let res = match self.idle_transaction_timeout {
                 None => read_lent(client, &self.l.buffers).await,
@@ -820,6 +860,11 @@ impl Session {
                 | EndedBy::Killed(_)
                 | EndedBy::IdleInTransaction
         );
+        if self.cancelling.get() {
+            // A cancel was cut mid-send: it may still reach whatever the
+            // connection runs next. Closed, never reused.
+            return self.ended(by, Some((lent.state.into_inner(), None)));
+        }
         if client_left && self.releasable(writing) {
             match self.end_lend(lent) {
                 Some(conn) => self.release(conn).await,
@@ -889,6 +934,9 @@ impl Session {
         Outcome { by, held }
     }
 }
+
+/// Answers expected at most before the client is read again.
+const MAX_EXPECTED: usize = 4096;
 
 /// Parameters the server reports about itself, not about the session
 /// (a standby promoted, say): no client set them.

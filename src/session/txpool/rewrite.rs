@@ -61,6 +61,13 @@ pub struct Lend<'a> {
     pub expect: &'a mut Expectations,
     pub capacity: usize,
     pub counts: &'a mut StatementCounts,
+    /// In: the server is in copy-in mode (an Execute started COPY FROM
+    /// STDIN); out: until the client's CopyDone or CopyFail.
+    pub copy_in: bool,
+    /// Syncs sent in copy-in mode, which the server ignores.
+    pub syncs_ignored: u64,
+    /// The client sent Terminate (never forwarded).
+    pub terminated: bool,
 }
 
 /// A corrupt client stream.
@@ -167,6 +174,13 @@ impl Rewriter {
                     self.holding = true;
                     self.held.clear();
                     self.held.extend_from_slice(&self.header);
+                } else if tag == b'X' {
+                    // Wherever it falls: the server connection outlives
+                    // the client. Its payload (none is valid) is dropped.
+                    lend.terminated = true;
+                    self.holding = true;
+                    self.held.clear();
+                    self.held.extend_from_slice(&self.header);
                 } else {
                     self.started(tag, lend);
                     out.extend_from_slice(&self.header);
@@ -206,6 +220,9 @@ impl Rewriter {
     /// A held message is whole: forwarded, rewritten, or answered here.
     fn complete(&mut self, lend: &mut Lend<'_>, out: &mut Vec<u8>) -> Result<(), Malformed> {
         self.holding = false;
+        if self.held.first() == Some(&b'X') {
+            return Ok(());
+        }
         let msg = std::mem::take(&mut self.held);
         let res = self.rewrite(&msg, lend, out);
         self.held = msg;
@@ -376,6 +393,9 @@ mod tests {
                 expect: &mut self.expect,
                 capacity: 2,
                 counts: &mut self.counts,
+                copy_in: false,
+                syncs_ignored: 0,
+                terminated: false,
             };
             // Split anywhere: the result is the same.
             for c in bytes.chunks(3) {
