@@ -561,3 +561,172 @@ fn copy_from_stdin_by_the_extended_protocol_ends_its_lend() {
         "nothing pinned"
     );
 }
+
+/// Extended-protocol messages, as a client writes them.
+mod fe {
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(
+            b'P',
+            &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+        )
+    }
+
+    /// Bind of `stmt` to the unnamed portal, text parameters.
+    pub fn bind(stmt: &str, params: &[&str]) -> Vec<u8> {
+        let mut b = vec![0u8];
+        b.extend_from_slice(stmt.as_bytes());
+        b.extend_from_slice(&[0, 0, 0]);
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p.as_bytes());
+        }
+        b.extend_from_slice(&[0, 0]);
+        msg(b'B', &b)
+    }
+
+    pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+        msg(b'D', &[&[kind], name.as_bytes(), b"\0"].concat())
+    }
+
+    pub fn execute() -> Vec<u8> {
+        msg(b'E', b"\0\0\0\0\0")
+    }
+
+    pub fn close(kind: u8, name: &str) -> Vec<u8> {
+        msg(b'C', &[&[kind], name.as_bytes(), b"\0"].concat())
+    }
+
+    pub fn sync() -> Vec<u8> {
+        msg(b'S', b"")
+    }
+
+    pub fn flush() -> Vec<u8> {
+        msg(b'H', b"")
+    }
+}
+
+/// The tags of `n` messages, and the values of their DataRows.
+fn read_n(raw: &mut Raw, n: usize) -> (String, Vec<String>) {
+    let mut tags = String::new();
+    let mut rows = Vec::new();
+    for _ in 0..n {
+        let (tag, body) = raw.read_message();
+        tags.push(tag as char);
+        if tag == b'D' {
+            rows.extend(data_row(&body).into_iter().map(|v| v.unwrap_or_default()));
+        }
+    }
+    (tags, rows)
+}
+
+/// Tags up to and with ReadyForQuery, and the DataRow values.
+fn read_to_ready(raw: &mut Raw) -> (String, Vec<String>) {
+    let mut tags = String::new();
+    let mut rows = Vec::new();
+    loop {
+        let (tag, body) = raw.read_message();
+        tags.push(tag as char);
+        if tag == b'D' {
+            rows.extend(data_row(&body).into_iter().map(|v| v.unwrap_or_default()));
+        }
+        if tag == b'Z' {
+            return (tags, rows);
+        }
+    }
+}
+
+#[test]
+fn pipelined_extended_messages_are_answered_as_postgres_answers_them() {
+    // One server connection holding one statement: the two clients' named
+    // statements evict each other, so each use may need a hidden Parse,
+    // and every answer tollgate gives or hides must land in its place.
+    let (mut env, _admin) = env_tx(1, "max_server_connections = 1\nmax_prepared_statements = 1");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let login = || raw_login(addr, &[("user", "app"), ("database", "appdb")], &token).unwrap();
+    let (mut a, mut b) = (login(), login());
+    let send = |raw: &mut Raw, msgs: &[Vec<u8>]| raw.send(&msgs.concat());
+
+    send(&mut a, &[fe::parse("s1", "select $1::int"), fe::sync()]);
+    assert_eq!(read_to_ready(&mut a).0, "1Z");
+    send(
+        &mut b,
+        &[
+            fe::parse("s2", "select 2"),
+            fe::bind("s2", &[]),
+            fe::execute(),
+            fe::sync(),
+        ],
+    );
+    assert_eq!(read_to_ready(&mut b), ("12DCZ".into(), vec!["2".into()]));
+    // s1 was evicted by s2: prepared again, hidden, before the Bind.
+    send(
+        &mut a,
+        &[
+            fe::bind("s1", &["5"]),
+            fe::describe(b'P', ""),
+            fe::execute(),
+            fe::close(b'S', "s1"),
+            fe::sync(),
+        ],
+    );
+    assert_eq!(read_to_ready(&mut a), ("2TDC3Z".into(), vec!["5".into()]));
+    // Closed: gone for this client, as on a direct connection.
+    send(&mut a, &[fe::describe(b'S', "s1"), fe::sync()]);
+    assert_eq!(read_to_ready(&mut a).0, "EZ");
+    // Parse again under the same name, other SQL; Describe; Flush only.
+    send(
+        &mut a,
+        &[
+            fe::parse("s1", "select $1::int + 1"),
+            fe::describe(b'S', "s1"),
+            fe::flush(),
+        ],
+    );
+    assert_eq!(read_n(&mut a, 3).0, "1tT");
+    send(&mut a, &[fe::bind("s1", &["1"]), fe::execute(), fe::sync()]);
+    assert_eq!(read_to_ready(&mut a), ("2DCZ".into(), vec!["2".into()]));
+    // An error mid-pipeline: the rest up to Sync is skipped, tollgate's own
+    // answers included; the statements stay usable.
+    send(
+        &mut b,
+        &[
+            fe::parse("x", "select 10"),
+            fe::bind("x", &[]),
+            fe::execute(),
+            fe::parse("y", "selec oops"),
+            fe::bind("y", &[]),
+            fe::execute(),
+            fe::close(b'S', "x"),
+            fe::sync(),
+        ],
+    );
+    assert_eq!(read_to_ready(&mut b), ("12DCEZ".into(), vec!["10".into()]));
+    send(&mut b, &[fe::bind("x", &[]), fe::execute(), fe::sync()]);
+    assert_eq!(read_to_ready(&mut b), ("2DCZ".into(), vec!["10".into()]));
+    send(
+        &mut b,
+        &[
+            fe::bind("s2", &[]),
+            fe::execute(),
+            fe::close(b'S', "s2"),
+            fe::sync(),
+        ],
+    );
+    assert_eq!(read_to_ready(&mut b), ("2DC3Z".into(), vec!["2".into()]));
+    // The unnamed statement is each client's own.
+    send(&mut a, &[fe::parse("", "select 'mine'"), fe::sync()]);
+    assert_eq!(read_to_ready(&mut a).0, "1Z");
+    send(&mut b, &[fe::parse("", "select 'theirs'"), fe::sync()]);
+    assert_eq!(read_to_ready(&mut b).0, "1Z");
+    send(&mut a, &[fe::bind("", &[]), fe::execute(), fe::sync()]);
+    assert_eq!(read_to_ready(&mut a), ("2DCZ".into(), vec!["mine".into()]));
+}

@@ -49,6 +49,9 @@ pub struct Answers {
     /// The current message goes to the client.
     show: bool,
     events: Events,
+    /// Changes to the client's statement names the server did not make
+    /// (skipped or refused), last first: to undo.
+    pub undone: Vec<super::expect::Undo>,
 }
 
 /// Messages the server may send at any time, answers to nothing.
@@ -164,14 +167,16 @@ impl Answers {
                 cache.forget(s);
             }
             expect.pop();
-            expect.skip_to_sync(|s| cache.forget(&s));
+            let undo = expect.skip_to_sync(|s| cache.forget(&s));
+            self.undone.extend(undo);
             // The client's failure, even of a message it did not send.
             return true;
         }
         if tag == b'Z' && kind != Kind::Sync {
             // Out of step (cannot happen with a sane server): whatever
             // was expected before the next Sync will not come.
-            expect.skip_to_sync(|s| cache.forget(&s));
+            let undo = expect.skip_to_sync(|s| cache.forget(&s));
+            self.undone.extend(undo);
             expect.pop();
             return true;
         }

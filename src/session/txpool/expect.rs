@@ -16,6 +16,8 @@
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+use super::rewrite::Prepared;
+
 /// A message whose answers are expected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -68,7 +70,33 @@ pub enum Expect {
     /// tollgate's own answer (ParseComplete or CloseComplete) to a client
     /// message not forwarded, given in its place.
     Own(u8),
+    /// What the entry before it did to the client's statement names,
+    /// undone if the server skips or refuses that message (an error
+    /// earlier in the pipeline, or the Parse itself failing), as Postgres
+    /// would not have done it; forgotten once the entry is answered.
+    Undo(Box<Undo>),
 }
+
+/// A statement name as it was before a Parse or Close changed it.
+#[derive(Clone)]
+pub struct Undo {
+    pub name: Box<[u8]>,
+    pub previous: Option<Rc<Prepared>>,
+}
+
+impl std::fmt::Debug for Undo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Undo({})", String::from_utf8_lossy(&self.name))
+    }
+}
+
+impl PartialEq for Undo {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Undo {}
 
 /// The expectations of one session, in the order the answers will come.
 #[derive(Debug, Default)]
@@ -85,35 +113,52 @@ impl Expectations {
         self.push(Expect::Server { kind, show, stmt });
     }
 
+    /// Nothing more is expected (undo records of answered messages aside).
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.iter().all(|e| matches!(e, Expect::Undo(_)))
     }
 
-    pub fn front(&self) -> Option<&Expect> {
+    /// Drops the undo records at the head: their messages were answered.
+    fn settle(&mut self) {
+        while let Some(Expect::Undo(_)) = self.queue.front() {
+            self.queue.pop_front();
+        }
+    }
+
+    pub fn front(&mut self) -> Option<&Expect> {
+        self.settle();
         self.queue.front()
     }
 
     pub fn pop(&mut self) -> Option<Expect> {
+        self.settle();
         self.queue.pop_front()
     }
 
     /// tollgate's own answers now at the head.
     pub fn take_own(&mut self, mut each: impl FnMut(u8)) {
-        while let Some(Expect::Own(tag)) = self.queue.front() {
+        loop {
+            self.settle();
+            let Some(Expect::Own(tag)) = self.queue.front() else {
+                return;
+            };
             each(*tag);
             self.queue.pop_front();
         }
     }
 
-    /// After an ErrorResponse to an extended-protocol message: the server
-    /// skips everything up to the next Sync, which it answers. Returns
-    /// the statements whose Parse was skipped.
-    pub fn skip_to_sync(&mut self, mut skipped_parse: impl FnMut(Rc<[u8]>)) {
+    /// After an ErrorResponse to an extended-protocol message (already
+    /// popped): the server skips everything up to the next Sync, which it
+    /// answers. Tells `skipped_parse` the statements whose Parse was
+    /// skipped, and returns the undo records of what was skipped (the
+    /// failed message's included), last first.
+    pub fn skip_to_sync(&mut self, mut skipped_parse: impl FnMut(Rc<[u8]>)) -> Vec<Undo> {
+        let mut undo = Vec::new();
         while let Some(e) = self.queue.front() {
             match e {
                 Expect::Server {
                     kind: Kind::Sync, ..
-                } => return,
+                } => break,
                 Expect::Server {
                     kind: Kind::Parse,
                     stmt: Some(s),
@@ -121,8 +166,12 @@ impl Expectations {
                 } => skipped_parse(s.clone()),
                 _ => {}
             }
-            self.queue.pop_front();
+            if let Some(Expect::Undo(u)) = self.queue.pop_front() {
+                undo.push(*u);
+            }
         }
+        undo.reverse();
+        undo
     }
 
     pub fn clear(&mut self) {

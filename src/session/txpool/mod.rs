@@ -435,6 +435,15 @@ impl Session {
             state.borrow_mut().statements(),
             &mut actions,
         );
+        {
+            let mut answers = self.answers.borrow_mut();
+            if !answers.undone.is_empty() {
+                let mut rewriter = self.rewriter.borrow_mut();
+                for u in answers.undone.drain(..) {
+                    rewriter.undo(u);
+                }
+            }
+        }
         if events.copy_in {
             self.copy_in.set(true);
         } else if events.error {

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::expect::{Expect, Expectations, Kind};
+use super::expect::{Expect, Expectations, Kind, Undo};
 use crate::server::statements::StatementCache;
 
 /// Longest client message tollgate holds whole to rewrite (Parse, Bind,
@@ -129,6 +129,19 @@ impl Rewriter {
     pub fn new_lend(&mut self) {
         self.unnamed_here = false;
         self.last_bind = None;
+    }
+
+    /// Puts a statement name back as it was before a Parse or Close the
+    /// server skipped or refused.
+    pub fn undo(&mut self, u: Undo) {
+        match u.previous {
+            Some(p) => {
+                self.statements.insert(u.name, p);
+            }
+            None => {
+                self.statements.remove(&u.name);
+            }
+        }
     }
 
     /// The client dropped all its statements (`DEALLOCATE ALL`, `DISCARD
@@ -260,13 +273,17 @@ impl Rewriter {
                 });
                 // A name prepared again replaces the old one (where
                 // Postgres would refuse it: drivers never do this).
-                self.statements.insert(name.into(), prepared.clone());
+                let previous = self.statements.insert(name.into(), prepared.clone());
                 if lend.cache.has(&prepared.name) {
                     lend.counts.hits += 1;
                     lend.expect.push(Expect::Own(b'1'));
                 } else {
                     self.send_parse(&prepared, true, lend, out);
                 }
+                lend.expect.push(Expect::Undo(Box::new(Undo {
+                    name: name.into(),
+                    previous,
+                })));
             }
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
@@ -299,8 +316,12 @@ impl Rewriter {
                 let (name, _) = cstr(rest).ok_or(Malformed)?;
                 if kind == b'S' && !name.is_empty() {
                     // Shared on the server: only the client's name goes.
-                    self.statements.remove(name);
+                    let previous = self.statements.remove(name);
                     lend.expect.push(Expect::Own(b'3'));
+                    lend.expect.push(Expect::Undo(Box::new(Undo {
+                        name: name.into(),
+                        previous,
+                    })));
                 } else {
                     if kind == b'S' {
                         self.unnamed = None;
@@ -485,6 +506,7 @@ mod tests {
                     assert_eq!(t, b'3');
                     true
                 }
+                Expect::Undo(_) => unreachable!("pop settles undo records"),
             })
             .collect();
         assert_eq!(shown, [false, false, true, true, true]);
