@@ -3,9 +3,11 @@
 //! listener with its lock file; and the shard's relay ring.
 
 mod peer;
+mod ready;
 pub mod ring;
 mod stream;
 pub mod unix_socket;
 
 pub use peer::Peer;
+pub use ready::ReadyStream;
 pub use stream::{Stream, StreamPoll};

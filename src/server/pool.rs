@@ -117,6 +117,22 @@ pub struct RoutePool {
     warm_after: Cell<Option<Instant>>,
     /// Background logins in flight.
     pub warming: Cell<usize>,
+    /// Transaction pooling: statements (by server-side name) a server
+    /// logged in with a key has accepted a Parse of, with those keys.
+    vetted: RefCell<Vetted>,
+}
+
+/// Server-side statement names, with the keys of the servers that
+/// accepted a Parse of each.
+type Vetted = HashMap<Rc<[u8]>, Vec<Rc<PoolKey>>>;
+
+/// Statements [`RoutePool::vet`] remembers at most before starting over.
+const MAX_VETTED: usize = 8192;
+
+/// Keys are interned ([`RoutePool::intern`]): the same one is usually the
+/// same allocation.
+fn same_key(a: &PoolKey, b: &PoolKey) -> bool {
+    std::ptr::eq(a, b) || a == b
 }
 
 impl RoutePool {
@@ -135,6 +151,7 @@ impl RoutePool {
             logins: RefCell::default(),
             warm_after: Cell::new(None),
             warming: Cell::new(0),
+            vetted: RefCell::default(),
         })
     }
 
@@ -258,6 +275,44 @@ impl RoutePool {
                 return Err(PoolFull);
             }
         }
+    }
+
+    /// Notes that a server logged in with `key` accepted a Parse of the
+    /// statement `name`.
+    pub fn vet(&self, key: &Rc<PoolKey>, name: &Rc<[u8]>) {
+        let mut vetted = self.vetted.borrow_mut();
+        if let Some(keys) = vetted.get_mut(name) {
+            if !keys.iter().any(|k| same_key(k, key)) {
+                keys.push(key.clone());
+            }
+            return;
+        }
+        if vetted.len() >= MAX_VETTED {
+            // Only a shortcut is lost: each is vetted again by its next
+            // Parse on a server.
+            vetted.clear();
+        }
+        vetted.insert(name.clone(), vec![key.clone()]);
+    }
+
+    /// A server logged in with `key` refused a Parse of `name` (the
+    /// objects it names changed, say).
+    pub fn unvet(&self, key: &PoolKey, name: &[u8]) {
+        let mut vetted = self.vetted.borrow_mut();
+        if let Some(keys) = vetted.get_mut(name) {
+            keys.retain(|k| !same_key(k, key));
+            if keys.is_empty() {
+                vetted.remove(name);
+            }
+        }
+    }
+
+    /// Whether a server logged in with `key` accepted a Parse of `name`.
+    pub fn vetted(&self, key: &PoolKey, name: &[u8]) -> bool {
+        self.vetted
+            .borrow()
+            .get(name)
+            .is_some_and(|keys| keys.iter().any(|k| same_key(k, key)))
     }
 
     /// Marks a claim that had to wait, with how long it waited.

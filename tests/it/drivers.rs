@@ -11,13 +11,13 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::harness::*;
 
-/// An env whose proxy runs with `top` (top-level keys) and the admin
-/// listener on a free port, and a token for `app` on `appdb`.
-fn env_with(top: &str) -> (Env, String, SocketAddr) {
+/// An env whose proxy runs with `top` (top-level keys), `tables` and the
+/// admin listener on a free port, and a token for `app` on `appdb`.
+fn env_with(top: &str, tables: &str) -> (Env, String, SocketAddr) {
     let port = free_port();
     let mut env = Env::build(EnvOptions {
         top: top.into(),
-        tables: format!("[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
+        tables: format!("{tables}[admin]\nlisten = \"127.0.0.1:{port}\"\n"),
         ..EnvOptions::default()
     });
     let token = env.create_token(&["--user", "app", "--database", "appdb"]);
@@ -37,11 +37,33 @@ fn build_info(admin: SocketAddr) -> String {
 
 #[test]
 fn the_epoll_fallback_serves_everything() {
-    let (env, token, admin) = env_with("io_driver = \"epoll\"\n");
+    let (env, token, admin) = env_with("io_driver = \"epoll\"\n", "");
     let info = build_info(admin);
     assert!(info.contains("driver=\"epoll\""), "{info}");
     assert!(info.contains("ring_flags=\"-\""), "{info}");
     serves_everything(&env, &token);
+}
+
+/// Transaction pooling reads its sockets by readiness without leaving
+/// completion mode; on epoll that is monoio's readiness and a `poll(2)`.
+/// The same sessions (the temporary table pins the first client, so COPY,
+/// pipelining and cancel run over its pinned connection), then pgbench
+/// with each transaction lent one of two connections.
+#[test]
+fn the_epoll_fallback_serves_transaction_pooling() {
+    let (env, token, admin) = env_with(
+        "io_driver = \"epoll\"\n",
+        "[pool]\nmode = \"transaction\"\nmax_server_connections = 2\n",
+    );
+    assert!(build_info(admin).contains("driver=\"epoll\""));
+    serves_everything(&env, &token);
+    let metrics = http(admin, "GET", "/metrics", None).body;
+    let lends: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tollgate_pool_transaction_lends_total"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(lends > 100.0, "{lends} lends");
 }
 
 /// The completion-driven plain relay (the shard's relay ring): the same,
@@ -49,7 +71,7 @@ fn the_epoll_fallback_serves_everything() {
 /// client.
 #[test]
 fn the_completion_relay_serves_everything() {
-    let (env, token, admin) = env_with("plain_relay = \"completion\"\n");
+    let (env, token, admin) = env_with("plain_relay = \"completion\"\n", "");
     // Each shard has two rings: monoio's, and its relay ring.
     let metrics = http(admin, "GET", "/metrics", None).body;
     let shards: usize = metrics
@@ -164,7 +186,7 @@ fn serves_everything(env: &Env, token: &str) {
 
 #[test]
 fn metrics_name_the_ring_set_up_that_runs() {
-    let (_env, _token, admin) = env_with("");
+    let (_env, _token, admin) = env_with("", "");
     let info = build_info(admin);
     let known = [
         "ring_flags=\"single_issuer,coop_taskrun,taskrun_flag\"",

@@ -61,6 +61,25 @@ fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
+/// Every committed TPC-B transaction's updates are there, whole: the
+/// account, teller and branch balances each sum to the history's deltas,
+/// and there is one history row per transaction.
+fn assert_tpcb_invariants(env: &Env, processed: u64) {
+    let check = |sql: &str| env.cluster.psql("appdb", sql).unwrap().trim().to_owned();
+    let history = check("select coalesce(sum(delta), 0) from pgbench_history");
+    for table in ["accounts", "tellers", "branches"] {
+        let col = &table[..1];
+        let sum = check(&format!(
+            "select coalesce(sum({col}balance), 0) from pgbench_{table}"
+        ));
+        assert_eq!(sum, history, "pgbench_{table} against pgbench_history");
+    }
+    let rows: u64 = check("select count(*) from pgbench_history")
+        .parse()
+        .unwrap();
+    assert_eq!(rows, processed, "one history row per transaction");
+}
+
 #[test]
 fn many_clients_share_few_backends_and_every_transaction_commits() {
     let (mut env, admin) = env_tx(2, "max_server_connections = 4");
@@ -90,20 +109,7 @@ fn many_clients_share_few_backends_and_every_transaction_commits() {
     let most = sampler.join().unwrap();
     assert!(most <= 4, "{most} backends at once, limit 4");
     assert!(most >= 2, "the sampler saw the pool at work ({most})");
-    // Every transaction's updates are there, whole.
-    let check = |sql: &str| env.cluster.psql("appdb", sql).unwrap().trim().to_owned();
-    let history = check("select coalesce(sum(delta), 0) from pgbench_history");
-    for table in ["accounts", "tellers", "branches"] {
-        let col = &table[..1];
-        let sum = check(&format!(
-            "select coalesce(sum({col}balance), 0) from pgbench_{table}"
-        ));
-        assert_eq!(sum, history, "pgbench_{table} against pgbench_history");
-    }
-    let rows: u64 = check("select count(*) from pgbench_history")
-        .parse()
-        .unwrap();
-    assert_eq!(rows, processed, "one history row per transaction");
+    assert_tpcb_invariants(&env, processed);
     // Lent per transaction, never pinned.
     let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
     assert!(lends >= processed as f64, "{lends} lends for {processed}");
@@ -483,39 +489,41 @@ fn a_statement_whose_plan_went_stale_after_ddl_recovers() {
 }
 
 #[test]
-fn pgbench_prepared_runs_over_few_backends() {
-    let (mut env, admin) = env_tx(2, "max_server_connections = 4");
+fn pgbench_prepared_200_clients_over_10_backends_keep_the_tpcb_invariants() {
+    let (mut env, admin) = env_tx(2, "max_server_connections = 10");
     let token = env.create_token(&["-u", "app", "-d", "appdb"]);
     let addr = env.start_proxy();
-    let init = pgbench_at(addr, &token, &["-i", "-s", "1", "-q"]);
+    let init = pgbench_at(addr, &token, &["-i", "-s", "2", "-q"]);
     assert!(
         init.status.success(),
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    // One client per thread: pgbench prepares its statements with the
-    // synchronous PQprepare, which would stall a thread's other clients,
-    // some holding a server connection in an open transaction, until the
-    // statement's Parse gets a connection of its own.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(env.direct_conn_str(), done.clone());
+    // 100 clients per pgbench thread. pgbench prepares each statement
+    // before its first use with the synchronous PQprepare, so a thread
+    // stops all its clients, some holding a server connection in an open
+    // transaction, until a Parse is answered: that of BEGIN, sent between
+    // transactions, is answered by tollgate once a server has accepted it.
     let run = pgbench_at(
         addr,
         &token,
-        &["-n", "-M", "prepared", "-c", "20", "-j", "20", "-T", "3"],
+        &["-n", "-M", "prepared", "-c", "200", "-j", "2", "-T", "5"],
     );
+    done.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
     let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
     assert_eq!(s.failed, 0, "{}", s.output);
-    assert!(s.processed > 100, "only {} transactions", s.processed);
-    let check = |sql: &str| env.cluster.psql("appdb", sql).unwrap().trim().to_owned();
-    let history = check("select coalesce(sum(delta), 0) from pgbench_history");
-    assert_eq!(
-        check("select coalesce(sum(abalance), 0) from pgbench_accounts"),
-        history
-    );
+    assert!(s.processed > 200, "only {} transactions", s.processed);
+    assert!(most <= 10, "{most} backends at once, limit 10");
+    assert_tpcb_invariants(&env, s.processed);
     assert_eq!(
         metric(admin, "tollgate_pool_pins_total"),
         None,
         "nothing pinned"
     );
+    env.assert_log_clean();
 }
 
 #[test]

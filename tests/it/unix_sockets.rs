@@ -139,6 +139,13 @@ fn a_killed_process_leaves_files_the_next_start_reclaims() {
     let addr = env.start_proxy();
     let socket = dir.path().join(format!(".s.PGSQL.{}", addr.port()));
     let lock = PathBuf::from(format!("{}.lock", socket.display()));
+    // The socket file is published once the whole start-up succeeded,
+    // which can be just after the TCP listener (what start_proxy waits
+    // for) accepts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(socket.exists() && lock.exists()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     env.signal(libc::SIGKILL);
     env.wait_exit(Duration::from_secs(5)).unwrap();
     assert!(socket.exists() && lock.exists());

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::ops::Range;
+use std::rc::Rc;
 
 use super::expect::{Expect, Expectations, Kind};
 use crate::server::statements::StatementCache;
@@ -52,6 +53,9 @@ pub struct Answers {
     /// Changes to the client's statement names the server did not make
     /// (skipped or refused), last first: to undo.
     pub undone: Vec<super::expect::Undo>,
+    /// Statements (server-side names) whose Parse the server accepted
+    /// (`true`) or refused (`false`), for the pool to remember.
+    pub parsed: Vec<(Rc<[u8]>, bool)>,
 }
 
 /// Messages the server may send at any time, answers to nothing.
@@ -165,6 +169,9 @@ impl Answers {
         if tag == b'E' && kind.ends_on_error() {
             if let Some(s) = &stmt {
                 cache.forget(s);
+                if kind == Kind::Parse {
+                    self.parsed.push((s.clone(), false));
+                }
             }
             expect.pop();
             let undo = expect.skip_to_sync(|s| cache.forget(&s));
@@ -188,6 +195,7 @@ impl Answers {
             }) = expect.pop()
             {
                 cache.prepared(&s);
+                self.parsed.push((s, true));
             }
         }
         show

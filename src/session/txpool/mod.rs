@@ -7,11 +7,18 @@
 //! client sent is unanswered and neither stream is inside a message: a
 //! pipelined client keeps its connection until the pipeline is drained.
 //! In between, the relay is the plain one: bytes pass untouched, only
-//! headers are read. No reset runs between two clients' transactions, so
+//! headers are read. Both sockets are read by readiness without leaving
+//! completion mode ([`ReadyStream`]), so lending a connection and taking
+//! it back costs no syscall of its own. No reset runs between two clients' transactions, so
 //! the pool's connections must never hold session state: what could leave
 //! some is found as it passes ([`pin`]) and pins its client to its
 //! connection for the rest of the session (counted by reason, logged once);
 //! such a connection is reset (`reset_query`) when its client leaves.
+//!
+//! A client that prepares a statement between transactions (Parse and
+//! Sync, as `PQprepare` does) needs no connection when a server with its
+//! key has accepted the same statement before: tollgate answers it
+//! ([`rewrite::Rewriter::answer_alone`]).
 //!
 //! What a client's session looks like besides its transactions follows it
 //! from connection to connection: the reported parameters
@@ -49,7 +56,7 @@ use super::borrow::{self, acquire, Login};
 use super::cancel;
 use super::kill::KillSwitch;
 use super::refusal::Reply;
-use super::relay::lent::{read_lent, take_turns, write_all};
+use super::relay::lent::take_turns;
 use super::relay::{
     before_terminate, reset_plan, session_ended, BufferPool, EndAction, EndedBy, Kept, ServerSide,
     Tracks,
@@ -57,7 +64,7 @@ use super::relay::{
 use super::ShardContext;
 use crate::audit::SessionId;
 use crate::error::ClientError;
-use crate::net::{Stream, StreamPoll};
+use crate::net::{ReadyStream, Stream};
 use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
 use crate::upstream::UpstreamStream;
 use answers::{Action, Answers};
@@ -88,7 +95,7 @@ pub(super) struct Outcome {
 
 /// A connection lent to the session.
 struct Lent {
-    stream: RefCell<StreamPoll>,
+    stream: ReadyStream,
     state: RefCell<ConnState>,
 }
 
@@ -186,13 +193,7 @@ pub(super) async fn run(
         idle_transaction_timeout: config.idle_transaction_timeout,
     };
     s.l.cancel_key.delegate(s.cancels.clone());
-    let client = match client.try_into_poll_io() {
-        Ok(c) => RefCell::new(c),
-        Err(_) => {
-            s.release(first).await;
-            return s.ended(EndedBy::ClientIo, None);
-        }
-    };
+    let client = ReadyStream::new(client);
     if write_all(&client, &for_client).await.is_err() {
         s.release(first).await;
         return s.ended(EndedBy::ClientIo, None);
@@ -243,6 +244,19 @@ pub(super) async fn run(
             }
             return s.ended(EndedBy::ClientClosed, None);
         }
+        let alone = (first.is_none() && forward == chunk.bytes().len())
+            .then(|| s.answer_alone(chunk.bytes()))
+            .flatten();
+        if let Some(answers) = alone {
+            // A prepare of a known statement: no connection needed.
+            chunk.give_back(&s.l.buffers);
+            let res = write_all(&client, &answers).await;
+            s.l.buffers.put_scratch(answers);
+            if res.is_err() {
+                return s.ended(EndedBy::ClientIo, None);
+            }
+            continue;
+        }
         let conn = match first.take() {
             Some(conn) => Ok(conn),
             None => s.lend(&client).await,
@@ -264,10 +278,7 @@ pub(super) async fn run(
         let served = s.serve(&client, &lent, &chunk.bytes()[..forward]).await;
         chunk.give_back(&s.l.buffers);
         match served {
-            Served::Released => match s.end_lend(lent) {
-                Some(conn) => s.release(conn).await,
-                None => s.l.pool.closed("broken"),
-            },
+            Served::Released => s.release(s.end_lend(lent)).await,
             Served::Ended { by, writing } => return s.end_lent(&client, lent, by, writing).await,
         }
     }
@@ -373,6 +384,32 @@ impl Session {
         true
     }
 
+    /// tollgate's answers to client bytes sent between transactions that
+    /// need no server (see [`Rewriter::answer_alone`]), followed as if the
+    /// server had sent them; `None`: a connection is needed.
+    fn answer_alone(&self, bytes: &[u8]) -> Option<Vec<u8>> {
+        if self.pinned.get().is_some() || self.goodbye.get() || self.discarded.get() {
+            return None;
+        }
+        let mut out = self.l.buffers.take();
+        out.clear();
+        let key = &self.l.login.key;
+        let parses = self.rewriter.borrow_mut().answer_alone(
+            bytes,
+            |name| self.l.pool.vetted(key, name),
+            &mut out,
+        );
+        let Some(parses) = parses else {
+            self.l.buffers.put_scratch(out);
+            return None;
+        };
+        // Whole messages of tollgate's own, at a boundary: always followed.
+        let followed = self.tracks.borrow_mut().saw_server(&out);
+        debug_assert!(followed.is_ok());
+        self.l.pool.counters.borrow_mut().statements_hit += parses;
+        Some(out)
+    }
+
     /// Client bytes as the lent connection gets them (see [`rewrite`]), in
     /// a buffer of the shard's; `None` for a corrupt stream.
     fn rewrite(&self, lent: &Lent, bytes: &[u8]) -> Option<Vec<u8>> {
@@ -424,7 +461,7 @@ impl Session {
     /// them: hidden answers left out, tollgate's own put in.
     async fn relay_answers(
         &self,
-        client: &RefCell<StreamPoll>,
+        client: &ReadyStream,
         state: &RefCell<ConnState>,
         chunk: &[u8],
     ) -> std::io::Result<()> {
@@ -441,6 +478,14 @@ impl Session {
                 let mut rewriter = self.rewriter.borrow_mut();
                 for u in answers.undone.drain(..) {
                     rewriter.undo(u);
+                }
+            }
+            let key = &self.l.login.key;
+            for (name, accepted) in answers.parsed.drain(..) {
+                if accepted {
+                    self.l.pool.vet(key, &name);
+                } else {
+                    self.l.pool.unvet(key, &name);
                 }
             }
         }
@@ -486,7 +531,7 @@ impl Session {
     }
 
     /// Sends tollgate's own answers now at the head of the expectations.
-    async fn answer_due(&self, client: &RefCell<StreamPoll>) -> std::io::Result<()> {
+    async fn answer_due(&self, client: &ReadyStream) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
         Answers::due(&mut self.expect.borrow_mut(), &mut actions);
         let mut out = [0u8; 5 * 8];
@@ -537,7 +582,7 @@ impl Session {
     /// readied with the client's parameters, its cancel key pointed at it.
     /// The client is told and the session ends when none comes free in
     /// time, or the session is ended meanwhile.
-    async fn lend(&self, client: &RefCell<StreamPoll>) -> Result<ServerConn, EndedBy> {
+    async fn lend(&self, client: &ReadyStream) -> Result<ServerConn, EndedBy> {
         let began = Instant::now();
         let config = self.l.pool.config();
         let deadline = monoio::time::Instant::now() + config.checkout_timeout;
@@ -581,15 +626,11 @@ impl Session {
         }
     }
 
-    /// Switches a connection to readiness I/O for the relay.
+    /// Readies a connection for the relay.
     fn start_lend(&self, conn: ServerConn) -> Result<Lent, EndedBy> {
         let ServerConn { stream, state } = conn;
         let UpstreamStream::Plain(stream) = stream else {
             // Transaction pooling serves plain sockets only (see `established`).
-            self.l.pool.closed("broken");
-            return Err(EndedBy::ServerIo);
-        };
-        let Ok(stream) = stream.try_into_poll_io() else {
             self.l.pool.closed("broken");
             return Err(EndedBy::ServerIo);
         };
@@ -599,19 +640,17 @@ impl Session {
         *self.answers.borrow_mut() = Answers::default();
         self.copy_in.set(false);
         Ok(Lent {
-            stream: RefCell::new(stream),
+            stream: ReadyStream::new(stream),
             state: RefCell::new(state),
         })
     }
 
-    /// The lent connection back in completion mode. `None` if the stream
-    /// cannot switch back.
-    fn end_lend(&self, lent: Lent) -> Option<ServerConn> {
-        let stream = lent.stream.into_inner().try_into_comp_io()?;
-        Some(ServerConn {
-            stream: UpstreamStream::Plain(stream),
+    /// The lent connection, as the pool keeps it.
+    fn end_lend(&self, lent: Lent) -> ServerConn {
+        ServerConn {
+            stream: UpstreamStream::Plain(lent.stream.into_inner()),
             state: lent.state.into_inner(),
-        })
+        }
     }
 
     /// Gives a clean connection back to the pool.
@@ -624,7 +663,7 @@ impl Session {
     /// Relays between the client and a lent connection, starting with
     /// `first` (client bytes already followed), until the transaction ends
     /// or the session does.
-    async fn serve(&self, client: &RefCell<StreamPoll>, lent: &Lent, first: &[u8]) -> Served {
+    async fn serve(&self, client: &ReadyStream, lent: &Lent, first: &[u8]) -> Served {
         let writing = Cell::new(true);
         let res = match self.rewrite(lent, first) {
             Some(out) => {
@@ -695,7 +734,7 @@ impl Session {
     /// Flush, say).
     async fn client_to_server(
         &self,
-        client: &RefCell<StreamPoll>,
+        client: &ReadyStream,
         lent: &Lent,
         writing: &Cell<bool>,
     ) -> Served {
@@ -777,7 +816,7 @@ impl Session {
     async fn server_to_client(
         &self,
         lent: &Lent,
-        client: &RefCell<StreamPoll>,
+        client: &ReadyStream,
         writing: &Cell<bool>,
     ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
@@ -857,7 +896,7 @@ impl Session {
     /// the server side failed.
     async fn end_lent(
         &self,
-        client: &RefCell<StreamPoll>,
+        client: &ReadyStream,
         lent: Lent,
         by: EndedBy,
         writing: bool,
@@ -875,10 +914,7 @@ impl Session {
             return self.ended(by, Some((lent.state.into_inner(), None)));
         }
         if client_left && self.releasable(writing) {
-            match self.end_lend(lent) {
-                Some(conn) => self.release(conn).await,
-                None => self.l.pool.closed("broken"),
-            }
+            self.release(self.end_lend(lent)).await;
             return self.ended(by, None);
         }
         let said_goodbye = self.goodbye.get();
@@ -898,13 +934,13 @@ impl Session {
                 plan = crate::server::reset::Plan::Close("broken");
             }
             let Lent { stream, state, .. } = lent;
-            let kept = stream.into_inner().try_into_comp_io().map(|s| Kept {
-                server: ServerSide::Plain(s),
+            let kept = Kept {
+                server: ServerSide::Plain(stream.into_inner()),
                 plan,
                 framer: self.tracks.borrow().server.clone(),
                 leftover: BytesMut::new(),
-            });
-            return self.ended(by, Some((state.into_inner(), kept)));
+            };
+            return self.ended(by, Some((state.into_inner(), Some(kept))));
         }
         // The server side ended: tell whoever must be told, and close.
         let action = self.tracks.borrow().end_action(by);
@@ -942,6 +978,24 @@ impl Session {
         drop(self.cancels.take());
         Outcome { by, held }
     }
+}
+
+/// Waits until `from` has bytes, then reads them into a buffer of the
+/// shard's. `Ok(None)` is end of stream. While waiting, no buffer is held.
+async fn read_lent(
+    from: &ReadyStream,
+    pool: &BufferPool,
+) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+    let (buf, n) = from.read_with(|| pool.take(), |b| pool.put(b)).await?;
+    if n == 0 {
+        pool.put(buf);
+        return Ok(None);
+    }
+    Ok(Some((buf, n)))
+}
+
+async fn write_all(to: &ReadyStream, bytes: &[u8]) -> std::io::Result<()> {
+    to.write_all(bytes).await
 }
 
 /// Answers expected at most before the client is read again.

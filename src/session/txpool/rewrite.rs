@@ -99,6 +99,18 @@ fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&b[..i], &b[i + 1..]))
 }
 
+/// The first message of `b` if it is whole there: its tag, its payload,
+/// and what follows it.
+fn whole_message(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = b.split_first()?;
+    let len = rest.get(..4)?;
+    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    if len < 4 || len > rest.len() {
+        return None;
+    }
+    Some((tag, &rest[4..len], &rest[len..]))
+}
+
 fn put_message(out: &mut Vec<u8>, tag: u8, parts: &[&[u8]]) {
     let len: usize = 4 + parts.iter().map(|p| p.len()).sum::<usize>();
     out.push(tag);
@@ -149,6 +161,86 @@ impl Rewriter {
     pub fn forget_all(&mut self) {
         self.statements.clear();
         self.unnamed = None;
+    }
+
+    /// Answers, without a server, a cycle sent between transactions that
+    /// needs none: Parses of named statements a server with the client's
+    /// key has already accepted (`vetted`, by server-side name), Closes,
+    /// Flushes, ending with a Sync, all whole in `chunk`. This is what
+    /// `PQprepare` and `PQsendPrepare` send: a client that prepares a
+    /// known statement needs no connection for it, so a thread that
+    /// prepares synchronously for one of its clients while others hold
+    /// connections does not wait on them. Returns how many Parses it
+    /// answered (into `out`, with the statements noted), or `None` with
+    /// nothing changed.
+    pub fn answer_alone(
+        &mut self,
+        chunk: &[u8],
+        vetted: impl Fn(&[u8]) -> bool,
+        out: &mut Vec<u8>,
+    ) -> Option<u64> {
+        if self.remaining != 0 || self.holding || self.header_len != 0 {
+            return None;
+        }
+        let mut prepared = Vec::new();
+        let mut rest = chunk;
+        let mut last = 0;
+        while !rest.is_empty() {
+            let (tag, body, after) = whole_message(rest)?;
+            match tag {
+                b'P' => {
+                    let (name, def) = cstr(body).filter(|(n, _)| !n.is_empty())?;
+                    let server = content_name(def);
+                    if !vetted(&server) {
+                        return None;
+                    }
+                    prepared.push((name, server, def));
+                }
+                b'C' if matches!(body.first(), Some(b'S' | b'P')) && cstr(&body[1..]).is_some() => {
+                }
+                b'H' | b'S' => {}
+                _ => return None,
+            }
+            last = tag;
+            rest = after;
+        }
+        if last != b'S' {
+            return None;
+        }
+        let parses = prepared.len() as u64;
+        let mut prepared = prepared.into_iter();
+        rest = chunk;
+        while let Some((tag, body, after)) = whole_message(rest) {
+            match tag {
+                b'P' => {
+                    let Some((name, server, def)) = prepared.next() else {
+                        break;
+                    };
+                    let mut parse = Vec::with_capacity(5 + server.len() + 1 + def.len());
+                    put_message(&mut parse, b'P', &[&server, &[0], def]);
+                    let p = Rc::new(Prepared {
+                        name: server,
+                        parse: parse.into(),
+                    });
+                    self.statements.insert(name.into(), p);
+                    put_message(out, b'1', &[]);
+                }
+                b'C' => {
+                    if let Some((name, _)) = cstr(&body[1..]).filter(|_| body[0] == b'S') {
+                        if name.is_empty() {
+                            self.unnamed = None;
+                        } else {
+                            self.statements.remove(name);
+                        }
+                    }
+                    put_message(out, b'3', &[]);
+                }
+                b'S' => put_message(out, b'Z', &[b"I"]),
+                _ => {}
+            }
+            rest = after;
+        }
+        Some(parses)
     }
 
     /// Rewrites client bytes into `out` for the lent connection, noting
@@ -535,6 +627,56 @@ mod tests {
         let out = w.feed(&mut a, &[bind(""), bind("")].concat());
         let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
         assert_eq!(tags, b"PBB", "replayed once per lend");
+    }
+
+    #[test]
+    fn a_prepare_of_a_vetted_statement_between_transactions_needs_no_server() {
+        let mut a = Rewriter::default();
+        let known = content_name(b"select 4\0\0\0");
+        let vetted = |n: &[u8]| n == &known[..];
+        // PQprepare: Parse and Sync; then a Close, a Flush and a Sync.
+        let mut out = Vec::new();
+        let cycle = [
+            parse("s4", "select 4"),
+            msg(b'S', b""),
+            msg(b'C', b"Sgone\0"),
+            msg(b'H', b""),
+            msg(b'S', b""),
+        ]
+        .concat();
+        assert_eq!(a.answer_alone(&cycle, vetted, &mut out), Some(1));
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"1Z3Z");
+        assert!(World::tags(&out)
+            .iter()
+            .all(|(t, body)| (*t == b'Z') == (body == b"I")));
+        // The name is the client's now: its Bind uses the content name.
+        let mut w = World::new();
+        a.new_lend();
+        let out = w.feed(&mut a, &bind("s4"));
+        assert!(out.windows(known.len()).any(|w| w == &known[..]));
+        // Anything else needs a connection, and changes nothing.
+        let mut out = Vec::new();
+        for cycle in [
+            // Never accepted by a server.
+            [parse("s5", "select 5"), msg(b'S', b"")].concat(),
+            // The unnamed statement.
+            [parse("", "select 4"), msg(b'S', b"")].concat(),
+            // A Describe (the server's descriptions).
+            [parse("s4", "select 4"), msg(b'D', b"Ss4\0"), msg(b'S', b"")].concat(),
+            // No Sync at the end, or a message cut short.
+            parse("s4", "select 4"),
+            [parse("s4", "select 4"), msg(b'S', b"")].concat()[..10].to_vec(),
+        ] {
+            assert_eq!(a.answer_alone(&cycle, vetted, &mut out), None);
+            assert!(out.is_empty());
+        }
+        let mut w = World::new();
+        let out = w.feed(&mut a, &bind("s5"));
+        assert!(
+            out.windows(3).any(|w| w == b"s5\0"),
+            "s5 was never the client's"
+        );
     }
 
     #[test]

@@ -1,0 +1,131 @@
+//! A plain socket in completion mode driven by readiness: wait until the
+//! kernel says it is readable (an io_uring PollAdd, batched with the
+//! shard's other submissions), then one non-blocking `recv`.
+//!
+//! monoio's poll-io mode does the same through epoll, watched through the
+//! ring: it registers the socket with epoll (an `epoll_ctl` to switch a
+//! socket in, another to switch it back), and since its readiness is only
+//! cleared by a `recv` that finds nothing, every read that finds data is
+//! followed by one that fails with `EAGAIN`. For a socket that changes
+//! hands often (a transaction-pooled server connection, lent per
+//! transaction) both costs are per transaction; here neither exists, and
+//! the socket never leaves completion mode, so it goes back to the pool
+//! as it is.
+//!
+//! Like poll-io, and unlike io_uring's own reads, no buffer is held while
+//! waiting: the caller borrows one only once bytes are there. On the epoll
+//! fallback driver `readable` is monoio's readiness plus a `poll(2)`, so
+//! the same code is correct there.
+
+use std::cell::Cell;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use super::Stream;
+
+/// A [`Stream`] read and written by readiness (see the module doc).
+pub struct ReadyStream {
+    inner: Stream,
+    /// The last read filled its buffer: more may be waiting, so the next
+    /// read tries before it waits.
+    more: Cell<bool>,
+}
+
+impl ReadyStream {
+    pub fn new(inner: Stream) -> ReadyStream {
+        ReadyStream {
+            inner,
+            more: Cell::new(false),
+        }
+    }
+
+    pub fn into_inner(self) -> Stream {
+        self.inner
+    }
+
+    fn fd(&self) -> RawFd {
+        match &self.inner {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    async fn readable(&self) -> io::Result<()> {
+        match &self.inner {
+            Stream::Tcp(s) => s.readable(false).await,
+            Stream::Unix(s) => s.readable(false).await,
+        }
+    }
+
+    async fn writable(&self) -> io::Result<()> {
+        match &self.inner {
+            Stream::Tcp(s) => s.writable(false).await,
+            Stream::Unix(s) => s.writable(false).await,
+        }
+    }
+
+    /// Waits until bytes (or the end of the stream) are there, then reads
+    /// them into the start of a buffer from `take` (filled to its length),
+    /// which is called only then. Returns the buffer and how many bytes it
+    /// got (0: end of stream); a buffer taken for a read that found
+    /// nothing after all goes to `give_back`.
+    pub async fn read_with(
+        &self,
+        take: impl Fn() -> Vec<u8>,
+        give_back: impl Fn(Vec<u8>),
+    ) -> io::Result<(Vec<u8>, usize)> {
+        loop {
+            if !self.more.get() {
+                self.readable().await?;
+            }
+            let mut buf = take();
+            let cap = buf.len();
+            // SAFETY: `recv` writes at most `cap` bytes into the vector's
+            // own (initialised) bytes.
+            let n =
+                unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT) };
+            if n < 0 {
+                give_back(buf);
+                self.more.set(false);
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            let n = n as usize;
+            self.more.set(n == cap && n > 0);
+            return Ok((buf, n));
+        }
+    }
+
+    /// Writes all of `bytes`, waiting for room when the socket buffer is
+    /// full.
+    pub async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            // SAFETY: `send` only reads `bytes`.
+            let n = unsafe {
+                libc::send(
+                    self.fd(),
+                    bytes.as_ptr().cast(),
+                    bytes.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => self.writable().await?,
+                    io::ErrorKind::Interrupted => {}
+                    _ => return Err(e),
+                }
+                continue;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            bytes = &bytes[n as usize..];
+        }
+        Ok(())
+    }
+}
