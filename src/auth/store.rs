@@ -53,6 +53,8 @@ struct RawRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     on_expiry: Option<OnExpiry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool_mode: Option<PoolModeRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_secret_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     previous_valid_until: Option<String>,
@@ -78,6 +80,41 @@ struct RawStore {
     tokens: Vec<RawRecord>,
     #[serde(default, rename = "revoked_jwt", skip_serializing_if = "Vec::is_empty")]
     revoked_jwts: Vec<RawRevokedJwt>,
+}
+
+/// How a token's clients share the server connections of a route that
+/// pools them, in place of the route's `[pool] mode`. A route with
+/// `mode = "off"` logs in per client whatever its tokens say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolModeRule {
+    /// One server connection for the whole session.
+    Session,
+    /// A server connection per transaction.
+    Transaction,
+}
+
+impl PoolModeRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolModeRule::Session => "session",
+            PoolModeRule::Transaction => "transaction",
+        }
+    }
+}
+
+impl std::str::FromStr for PoolModeRule {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "session" => Ok(PoolModeRule::Session),
+            "transaction" => Ok(PoolModeRule::Transaction),
+            other => Err(format!(
+                "pool mode {other:?} is neither \"session\" nor \"transaction\""
+            )),
+        }
+    }
 }
 
 /// What happens to open sessions when their token expires.
@@ -143,6 +180,8 @@ pub struct TokenRecord {
     pub lock_session: bool,
     /// `None` follows the global `[tokens] on_expiry`.
     pub on_expiry: Option<OnExpiry>,
+    /// `None` follows the route's `[pool] mode`.
+    pub pool_mode: Option<PoolModeRule>,
     pub previous: Option<PreviousSecret>,
     /// Names of the upstreams the token may reach (routing picks the first
     /// that serves the database and is listed here); empty: any.
@@ -174,6 +213,7 @@ impl TokenRecord {
             session: Vec::new(),
             lock_session: false,
             on_expiry: None,
+            pool_mode: None,
             previous: None,
             upstreams: Vec::new(),
         }
@@ -268,6 +308,8 @@ pub struct Grant {
     pub lock_session: bool,
     pub expires_at: Option<SystemTime>,
     pub on_expiry: Option<OnExpiry>,
+    /// `None`: the route's `[pool] mode`.
+    pub pool_mode: Option<PoolModeRule>,
     /// Upstreams the session may be routed to; empty: any.
     pub upstreams: Vec<String>,
 }
@@ -618,6 +660,7 @@ impl TokenStore {
                     lock_session: r.lock_session,
                     expires_at: r.expires_at,
                     on_expiry: r.on_expiry,
+                    pool_mode: r.pool_mode,
                     upstreams: r.upstreams.clone(),
                 })
             }
@@ -671,6 +714,8 @@ impl TokenStore {
             lock_session: false,
             expires_at: Some(jwt.expires_at),
             on_expiry: None,
+            // JWTs carry no pool claim: the route's mode applies.
+            pool_mode: None,
             upstreams: Vec::new(),
         })
     }
@@ -799,6 +844,7 @@ fn validate(r: RawRecord) -> Result<TokenRecord, String> {
         lock_session: r.lock_session,
         session: r.session.into_iter().collect(),
         on_expiry: r.on_expiry,
+        pool_mode: r.pool_mode,
         previous,
         upstreams: r.upstreams,
         user: r.user,
@@ -823,6 +869,7 @@ fn to_raw(r: &TokenRecord) -> RawRecord {
         replication: r.replication,
         lock_session: r.lock_session,
         on_expiry: r.on_expiry,
+        pool_mode: r.pool_mode,
         previous_secret_sha256: r.previous.map(|p| hex::encode(p.sha256)),
         previous_valid_until: r.previous.map(|p| t(p.valid_until)),
         upstreams: r.upstreams.clone(),
@@ -1069,6 +1116,7 @@ mod tests {
         r.cidrs = vec!["10.0.0.0/8".parse().unwrap()];
         r.max_connections = Some(3);
         r.on_expiry = Some(OnExpiry::Keep);
+        r.pool_mode = Some(PoolModeRule::Transaction);
         r.session = vec![
             ("default_transaction_read_only".into(), "on".into()),
             ("statement_timeout".into(), "5s".into()),
@@ -1082,6 +1130,7 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let secret_hex = std::str::from_utf8(&t.token.expose()[16..80]).unwrap();
         assert!(!text.contains(secret_hex), "the secret reached the store");
+        assert!(text.contains("pool_mode = \"transaction\""), "{text}");
         let loaded = TokenStore::load(&path).unwrap();
         assert_eq!(loaded.get(&t.id), Some(&r));
         use std::os::unix::fs::PermissionsExt;

@@ -16,6 +16,7 @@ use clap::{Args, Subcommand};
 
 use super::CliError;
 use crate::auth::cidr::Cidr;
+use crate::auth::store::PoolModeRule;
 use crate::auth::store::{validate_session_parameter, PreviousSecret, ANY_DATABASE};
 use crate::auth::OnExpiry;
 use crate::auth::{token, TokenRecord, TokenStore};
@@ -53,6 +54,12 @@ pub struct RuleArgs {
     /// What expiry does to open sessions: terminate (default) or keep.
     #[arg(long, value_name = "terminate|keep")]
     pub on_expiry: Option<OnExpiry>,
+    /// How this token's clients share the server connections of a route
+    /// that pools them, in place of the route's `[pool] mode`: session
+    /// (one connection for the whole session) or transaction (one per
+    /// transaction). A route with `mode = "off"` ignores it.
+    #[arg(long, value_name = "session|transaction")]
+    pub pool_mode: Option<PoolModeRule>,
     /// Not usable before this long from now, like 1h.
     #[arg(long, value_parser = parse_duration)]
     pub starts_in: Option<Duration>,
@@ -308,6 +315,7 @@ pub fn create(
         record.session = rules.session;
         record.lock_session = rules.lock_session;
         record.on_expiry = rules.on_expiry;
+        record.pool_mode = rules.pool_mode;
         record.comment = rules.comment;
         record.upstreams = rules.upstreams;
         store.insert(record);
@@ -388,6 +396,9 @@ fn render_list(store: &TokenStore, now: SystemTime) -> String {
         }
         if r.on_expiry == Some(OnExpiry::Keep) {
             rules.push("on_expiry=keep".into());
+        }
+        if let Some(m) = r.pool_mode {
+            rules.push(format!("pool_mode={}", m.as_str()));
         }
         if let Some(p) = r.previous.filter(|p| p.valid_until > now) {
             rules.push(format!(

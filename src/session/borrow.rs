@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
+use crate::auth::store::PoolModeRule;
 use crate::config::PoolMode;
 use crate::error::ClientError;
 use crate::handshake::ClientStartup;
@@ -106,6 +107,8 @@ pub(super) struct Wanted<'a> {
     pub params: Vec<(String, String)>,
     /// The token's own `session` parameters (they stay in the pool key).
     pub fixed: &'a [(String, String)],
+    /// The token's pool mode, in place of the route's.
+    pub pool_mode: Option<PoolModeRule>,
 }
 
 /// A connection for this client: an idle one with its key, or a new login,
@@ -123,7 +126,10 @@ pub(super) async fn check_out(
     let config = &route.config.pool;
     let began = Instant::now();
     let minor = wanted.startup.version.minor;
-    let transaction = config.mode == PoolMode::Transaction;
+    let transaction = match wanted.pool_mode {
+        Some(mode) => mode == PoolModeRule::Transaction,
+        None => config.mode == PoolMode::Transaction,
+    };
     let (key, settable) = split_params(
         &wanted.startup.user,
         minor,

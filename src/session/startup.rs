@@ -118,6 +118,7 @@ pub(super) async fn start_up<C: AsyncReadRent + AsyncWriteRent>(
             password,
             params,
             fixed: &checked.grant.session,
+            pool_mode: checked.grant.pool_mode,
         };
         let borrowed = check_out(ctx, start, &route, wanted, &cancel_key).await?;
         (ServerLink::Pooled(borrowed), cancel_key)

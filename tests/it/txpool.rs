@@ -738,3 +738,57 @@ fn pipelined_extended_messages_are_answered_as_postgres_answers_them() {
     send(&mut a, &[fe::bind("", &[]), fe::execute(), fe::sync()]);
     assert_eq!(read_to_ready(&mut a), ("2DCZ".into(), vec!["mine".into()]));
 }
+
+/// `token create --pool-mode transaction` on a route that pools by
+/// session: that token's clients share the connections per transaction,
+/// while another token's client keeps one for its whole session.
+#[test]
+fn a_tokens_pool_mode_overrides_the_routes() {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut env = Env::build(EnvOptions {
+        auth: HbaAuth::ScramSha256,
+        workers: 1,
+        tables: format!(
+            "[pool]\nmode = \"session\"\nmax_server_connections = 2\n\
+             checkout_timeout = \"2s\"\n[admin]\nlisten = \"{admin}\"\n"
+        ),
+        ..EnvOptions::default()
+    });
+    let tx = env.create_token(&["-u", "app", "-d", "appdb", "--pool-mode", "transaction"]);
+    let session = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let listing = env.token_cmd(&["list"]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with(&tx[3..15]) && l.contains("pool_mode=transaction")),
+        "{listing}"
+    );
+    env.start_proxy();
+    runtime().block_on(async {
+        // The session-mode client holds one of the two connections.
+        let s = pg_connect(&env.conn_str("app", "appdb", &session))
+            .await
+            .unwrap();
+        let pid = simple_one(&s, "select pg_backend_pid()").await;
+        // Five clients of the transaction-mode token at once share the
+        // other: by session, the second would wait and get 53300.
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(
+                pg_connect(&env.conn_str("app", "appdb", &tx))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for round in 0..3 {
+            for c in &clients {
+                let got = simple_one(c, &format!("select {round} + 1")).await;
+                assert_eq!(got, (round + 1).to_string());
+            }
+        }
+        assert_eq!(simple_one(&s, "select pg_backend_pid()").await, pid);
+    });
+    let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
+    assert!(lends >= 15.0, "{lends} lends");
+    env.assert_log_clean();
+}
