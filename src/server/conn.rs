@@ -169,6 +169,12 @@ impl ConnState {
         if let Some((_, v)) = changed.rev().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
             return Some(v);
         }
+        self.login_param(name)
+    }
+
+    /// The value of `name` (case-insensitive) the server reported at
+    /// login, whatever was set since.
+    pub fn login_param(&self, name: &str) -> Option<&str> {
         params(&self.login[self.greeting_len..])
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)

@@ -55,6 +55,10 @@ pub struct PoolKey {
     pub minor: u16,
     /// The start-up parameters of the login, sorted by name.
     pub params: Vec<(String, String)>,
+    /// Transaction pooling: its connections go from client to client with
+    /// no reset between (what they carry is kept from sharing them with
+    /// session-pooled clients, whose connections come reset).
+    pub transaction: bool,
 }
 
 /// Splits the parameters tollgate would send upstream into the pool key's
@@ -92,6 +96,7 @@ pub fn split_params(
         user: user.to_owned(),
         minor,
         params: key,
+        transaction: reported_only,
     };
     (key, settable)
 }

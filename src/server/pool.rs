@@ -120,13 +120,16 @@ pub struct RoutePool {
     /// Transaction pooling: statements (by server-side name) a server
     /// logged in with a key has accepted a Parse of, with those keys.
     vetted: RefCell<Vetted>,
+    /// (statement, key) pairs in `vetted`.
+    vetted_pairs: Cell<usize>,
 }
 
 /// Server-side statement names, with the keys of the servers that
 /// accepted a Parse of each.
 type Vetted = HashMap<Rc<[u8]>, Vec<Rc<PoolKey>>>;
 
-/// Statements [`RoutePool::vet`] remembers at most before starting over.
+/// (Statement, key) pairs [`RoutePool::vet`] remembers at most before
+/// starting over.
 const MAX_VETTED: usize = 8192;
 
 /// Keys are interned ([`RoutePool::intern`]): the same one is usually the
@@ -152,6 +155,7 @@ impl RoutePool {
             warm_after: Cell::new(None),
             warming: Cell::new(0),
             vetted: RefCell::default(),
+            vetted_pairs: Cell::new(0),
         })
     }
 
@@ -281,18 +285,20 @@ impl RoutePool {
     /// statement `name`.
     pub fn vet(&self, key: &Rc<PoolKey>, name: &Rc<[u8]>) {
         let mut vetted = self.vetted.borrow_mut();
-        if let Some(keys) = vetted.get_mut(name) {
-            if !keys.iter().any(|k| same_key(k, key)) {
-                keys.push(key.clone());
-            }
+        if vetted
+            .get(name)
+            .is_some_and(|keys| keys.iter().any(|k| same_key(k, key)))
+        {
             return;
         }
-        if vetted.len() >= MAX_VETTED {
+        if self.vetted_pairs.get() >= MAX_VETTED {
             // Only a shortcut is lost: each is vetted again by its next
             // Parse on a server.
             vetted.clear();
+            self.vetted_pairs.set(0);
         }
-        vetted.insert(name.clone(), vec![key.clone()]);
+        vetted.entry(name.clone()).or_default().push(key.clone());
+        self.vetted_pairs.set(self.vetted_pairs.get() + 1);
     }
 
     /// A server logged in with `key` refused a Parse of `name` (the
@@ -300,7 +306,10 @@ impl RoutePool {
     pub fn unvet(&self, key: &PoolKey, name: &[u8]) {
         let mut vetted = self.vetted.borrow_mut();
         if let Some(keys) = vetted.get_mut(name) {
+            let before = keys.len();
             keys.retain(|k| !same_key(k, key));
+            self.vetted_pairs
+                .set(self.vetted_pairs.get() - (before - keys.len()));
             if keys.is_empty() {
                 vetted.remove(name);
             }

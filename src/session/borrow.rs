@@ -26,7 +26,7 @@ use crate::protocol::startup::ProtocolVersion;
 use crate::secret::Secret;
 use crate::server::checkout::{prepare, PrepareError};
 use crate::server::reset::{self, Plan};
-use crate::server::{split_params, Claim, ConnState, PoolKey, RoutePool, ServerConn};
+use crate::server::{split_params, Claim, ConnState, PoolKey, RoutePool, ServerConn, REPORTED};
 use crate::upstream::login::ISSUED_KEY_LEN;
 use crate::upstream::{self, Upstream, UpstreamStream};
 
@@ -207,7 +207,13 @@ pub(super) async fn acquire(
             }
         };
         let check = reused && conn.state.idle_for(Instant::now()) >= config.check_after;
-        let changed = match prepare(&mut conn, settable, check).await {
+        let restored = login_values_changed(&conn.state, settable);
+        let settable = if restored.is_empty() {
+            std::borrow::Cow::Borrowed(settable)
+        } else {
+            std::borrow::Cow::Owned([settable, &restored].concat())
+        };
+        let changed = match prepare(&mut conn, &settable, check).await {
             Ok(changed) => changed,
             Err(PrepareError::Broken(reason)) if reused => {
                 // Never used by this client: it sees nothing of it.
@@ -223,6 +229,22 @@ pub(super) async fn acquire(
         }
         return Ok((conn, reused, changed));
     }
+}
+
+/// The login's values of the parameters that follow clients where the
+/// connection has another now and `settable` names none: under
+/// transaction pooling a connection goes from client to client with no
+/// reset, carrying what the last one `SET`, and a client that sent no
+/// value expects the login's (the one its greeting shows).
+fn login_values_changed(state: &ConnState, settable: &[(String, String)]) -> Vec<(String, String)> {
+    REPORTED
+        .iter()
+        .filter(|k| !settable.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)))
+        .filter_map(|k| {
+            let login = state.login_param(k)?;
+            (state.param(k) != Some(login)).then(|| ((*k).to_owned(), login.to_owned()))
+        })
+        .collect()
 }
 
 /// A new login for the pool, under `seat`: the key's parameters only (the

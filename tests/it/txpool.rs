@@ -608,6 +608,11 @@ mod fe {
         msg(b'E', b"\0\0\0\0\0")
     }
 
+    /// Execute of the unnamed portal, at most `rows` rows.
+    pub fn execute_max(rows: i32) -> Vec<u8> {
+        msg(b'E', &[b"\0".as_slice(), &rows.to_be_bytes()].concat())
+    }
+
     pub fn close(kind: u8, name: &str) -> Vec<u8> {
         msg(b'C', &[&[kind], name.as_bytes(), b"\0"].concat())
     }
@@ -618,6 +623,10 @@ mod fe {
 
     pub fn flush() -> Vec<u8> {
         msg(b'H', b"")
+    }
+
+    pub fn query(sql: &str) -> Vec<u8> {
+        msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
     }
 }
 
@@ -791,4 +800,246 @@ fn a_tokens_pool_mode_overrides_the_routes() {
     let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
     assert!(lends >= 15.0, "{lends} lends");
     env.assert_log_clean();
+}
+
+/// Backend messages up to the `readies`-th ReadyForQuery, as compared:
+/// asynchronous ones (ParameterStatus, NoticeResponse) left out, and an
+/// ErrorResponse reduced to its severity and SQLSTATE (its text may name
+/// things differently).
+fn answers_compared(raw: &mut Raw, readies: usize) -> Vec<(char, Vec<u8>)> {
+    let mut got = Vec::new();
+    let mut seen = 0;
+    while seen < readies {
+        let (tag, body) = raw.read_message();
+        match tag {
+            b'S' | b'N' => continue,
+            b'E' => {
+                let mut kept = Vec::new();
+                for field in body.split(|&b| b == 0).filter(|f| !f.is_empty()) {
+                    if matches!(field[0], b'V' | b'C') {
+                        kept.extend_from_slice(field);
+                        kept.push(b' ');
+                    }
+                }
+                got.push(('E', kept));
+            }
+            b'Z' => {
+                seen += 1;
+                got.push(('Z', body));
+            }
+            _ => got.push((tag as char, body)),
+        }
+    }
+    got
+}
+
+/// The state machine of the issue: four clients interleave random
+/// pipelines of Parse/Bind/Describe/Execute/Close/Flush/Sync (errors at
+/// Parse, at Bind and at Execute included, and transaction blocks) over
+/// two server connections that hold two statements each, so statements
+/// are prepared hidden, evicted and shared by content all the time; every
+/// client sends the same bytes to its own direct connection, and every
+/// answer through tollgate must equal Postgres's, message by message.
+/// `TG_SEED` and `TG_STEPS` explore other runs.
+#[test]
+fn random_extended_protocol_pipelines_are_answered_as_a_direct_connection_answers_them() {
+    let mut env = Env::build(EnvOptions {
+        auth: HbaAuth::Password,
+        workers: 1,
+        tables: "[pool]\nmode = \"transaction\"\nmax_server_connections = 2\n\
+                 max_prepared_statements = 2\n"
+            .into(),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let direct_addr: SocketAddr = format!("127.0.0.1:{}", env.cluster.port()).parse().unwrap();
+    let params = [("user", "app"), ("database", "appdb")];
+    let mut clients: Vec<(Raw, Raw)> = (0..4)
+        .map(|_| {
+            let through = raw_login(addr, &params, &token).unwrap();
+            let direct = raw_login(direct_addr, &params, env.cluster.password()).unwrap();
+            (through, direct)
+        })
+        .collect();
+    // Each with one parameter: fine, a syntax error (at Parse), a division
+    // by zero for 0 (at Execute: `random()` keeps the planner from folding
+    // it, which would fail the Bind of a custom plan and not of a generic
+    // one, and a statement shared by clients has its own plan cache),
+    // several rows, two columns.
+    let sqls = [
+        "select $1::int * 2",
+        "selec $1",
+        "select 10 / ($1::int + (random() * 0)::int)",
+        "select $1::int from generate_series(1, 3)",
+        "select 'x' || $1::text as s, 42 as n",
+    ];
+    let names = ["", "a", "b", "c"];
+    let values = ["0", "1", "7"];
+    let seed: u64 = std::env::var("TG_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_1234_abcd);
+    let mut rng = Rng(seed);
+    let mut in_block: Option<usize> = None;
+    let mut compared = 0;
+    let steps: usize = std::env::var("TG_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    for step in 0..steps {
+        let who = rng.below(4) as usize;
+        let mut msgs: Vec<Vec<u8>> = Vec::new();
+        let mut said: Vec<String> = Vec::new();
+        let readies;
+        if in_block.is_none() && rng.below(12) == 0 {
+            msgs.push(fe::query("begin"));
+            said.push("Query begin".into());
+            in_block = Some(who);
+            readies = 1;
+        } else if rng.below(15) == 0 {
+            // A simple Query: it also drops the unnamed statement.
+            msgs.push(fe::query("select 1"));
+            said.push("Query select 1".into());
+            readies = 1;
+        } else if in_block == Some(who) && rng.below(4) == 0 {
+            let end = ["commit", "rollback"][rng.below(2) as usize];
+            msgs.push(fe::query(end));
+            said.push(format!("Query {end}"));
+            in_block = None;
+            readies = 1;
+        } else {
+            for _ in 0..1 + rng.below(5) {
+                let name = names[rng.below(4) as usize];
+                match rng.below(6) {
+                    0 | 1 => {
+                        let sql = sqls[rng.below(sqls.len() as u64) as usize];
+                        if !name.is_empty() {
+                            // As drivers do: a name is closed before it
+                            // is prepared again.
+                            msgs.push(fe::close(b'S', name));
+                            said.push(format!("Close S {name:?}"));
+                        }
+                        msgs.push(fe::parse(name, sql));
+                        said.push(format!("Parse {name:?} {sql:?}"));
+                    }
+                    2 | 3 => {
+                        let v = values[rng.below(3) as usize];
+                        msgs.push(fe::bind(name, &[v]));
+                        said.push(format!("Bind {name:?} {v}"));
+                        if rng.below(2) == 0 {
+                            msgs.push(fe::describe(b'P', ""));
+                            said.push("Describe P".into());
+                        }
+                        if rng.below(3) == 0 {
+                            // In steps: PortalSuspended, then the rest.
+                            msgs.push(fe::execute_max(1));
+                            said.push("Execute 1 row".into());
+                        }
+                        msgs.push(fe::execute());
+                        said.push("Execute".into());
+                        if rng.below(4) == 0 {
+                            msgs.push(fe::close(b'P', ""));
+                            said.push("Close P".into());
+                        }
+                    }
+                    4 => {
+                        msgs.push(fe::describe(b'S', name));
+                        said.push(format!("Describe S {name:?}"));
+                    }
+                    _ => {
+                        msgs.push(fe::close(b'S', name));
+                        said.push(format!("Close S {name:?}"));
+                    }
+                }
+            }
+            if rng.below(5) == 0 {
+                msgs.push(fe::flush());
+                said.push("Flush".into());
+            }
+            msgs.push(fe::sync());
+            said.push("Sync".into());
+            readies = 1;
+        }
+        let bytes = msgs.concat();
+        let (through, direct) = &mut clients[who];
+        direct.send(&bytes);
+        let want = answers_compared(direct, readies);
+        through.send(&bytes);
+        let got = answers_compared(through, readies);
+        assert_eq!(
+            got, want,
+            "step {step}, client {who}, after {compared} equal answers, sent: {said:?}"
+        );
+        compared += want.len();
+    }
+    assert!(compared > 1000, "only {compared} answers compared");
+}
+
+/// A raw login as `app` on `appdb` with no parameter besides: the
+/// TimeZone its greeting shows, and the session.
+fn login_showing_timezone(addr: SocketAddr, token: &str) -> (String, Raw) {
+    let mut raw = Raw::connect(addr);
+    raw.send(&startup_message(&[("user", "app"), ("database", "appdb")]));
+    assert_eq!(raw.read_message().0, b'R');
+    raw.send(&password_message(token));
+    let greeting = raw.read_until_ready_or_error();
+    let tz = greeting
+        .iter()
+        .filter(|(t, _)| *t == b'S')
+        .find_map(|(_, body)| {
+            let mut parts = body.split(|&b| b == 0);
+            let name = parts.next()?;
+            let value = parts.next()?;
+            name.eq_ignore_ascii_case(b"timezone")
+                .then(|| String::from_utf8_lossy(value).into_owned())
+        })
+        .expect("TimeZone in the greeting");
+    (tz, raw)
+}
+
+/// What the server says `SHOW TimeZone` is, over `raw`.
+fn show_timezone(raw: &mut Raw) -> String {
+    raw.send(&fe::query("show timezone"));
+    let (tags, rows) = read_to_ready(raw);
+    assert_eq!(tags, "TDCZ");
+    rows[0].clone()
+}
+
+/// No reset runs between two clients' transactions, so a connection
+/// carries the TimeZone the last client SET: a client that sent none gets
+/// the login's back, the one its greeting shows, whether it pools by
+/// transaction or (another token's, on the same upstream) by session.
+#[test]
+fn a_client_gets_the_login_values_of_what_it_did_not_set_whoever_had_its_connection() {
+    let mut env = Env::build(EnvOptions {
+        auth: HbaAuth::ScramSha256,
+        workers: 1,
+        tables: "[pool]\nmode = \"session\"\nmax_server_connections = 1\n".into(),
+        ..EnvOptions::default()
+    });
+    let tx = env.create_token(&["-u", "app", "-d", "appdb", "--pool-mode", "transaction"]);
+    let session = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let (login_tz, mut setter) = login_showing_timezone(addr, &tx);
+    let other = if login_tz == "Asia/Tokyo" {
+        "Europe/Paris"
+    } else {
+        "Asia/Tokyo"
+    };
+    setter.send(&fe::query(&format!("set timezone = '{other}'")));
+    read_to_ready(&mut setter);
+    assert_eq!(show_timezone(&mut setter), other);
+    // Same key, the only connection: the one the setter left.
+    let (shown, mut next) = login_showing_timezone(addr, &tx);
+    assert_eq!(shown, login_tz);
+    assert_eq!(show_timezone(&mut next), login_tz);
+    // The setter's own value follows it.
+    assert_eq!(show_timezone(&mut setter), other);
+    drop(next);
+    drop(setter);
+    // A session-pooled client of the same upstream and parameters.
+    let (shown, mut by_session) = login_showing_timezone(addr, &session);
+    assert_eq!(shown, login_tz);
+    assert_eq!(show_timezone(&mut by_session), login_tz);
 }

@@ -80,19 +80,54 @@ pub enum Expect {
 /// A statement name as it was before a Parse or Close changed it.
 #[derive(Clone)]
 pub struct Undo {
-    pub name: Box<[u8]>,
-    pub previous: Option<Rc<Prepared>>,
+    pub previous: Previous,
+    /// Set when the message it follows failed, rather than being skipped
+    /// (see [`Expectations::skip_to_sync`]): a failed Parse of the
+    /// unnamed statement has dropped the one before.
+    pub failed: bool,
+}
+
+/// What a name meant before.
+#[derive(Clone)]
+pub enum Previous {
+    /// A named statement of the client's (`None`: no such name).
+    Named {
+        name: Box<[u8]>,
+        prepared: Option<Rc<Prepared>>,
+    },
+    /// The client's unnamed statement (its Parse), and whether the lent
+    /// connection had it.
+    Unnamed {
+        parse: Option<Box<[u8]>>,
+        here: bool,
+    },
+}
+
+impl Undo {
+    pub fn new(previous: Previous) -> Undo {
+        Undo {
+            previous,
+            failed: false,
+        }
+    }
+
+    fn name(&self) -> &[u8] {
+        match &self.previous {
+            Previous::Named { name, .. } => name,
+            Previous::Unnamed { .. } => b"",
+        }
+    }
 }
 
 impl std::fmt::Debug for Undo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Undo({})", String::from_utf8_lossy(&self.name))
+        write!(f, "Undo({})", String::from_utf8_lossy(self.name()))
     }
 }
 
 impl PartialEq for Undo {
     fn eq(&self, other: &Self) -> bool {
-        self.name == other.name
+        self.name() == other.name()
     }
 }
 
@@ -154,6 +189,8 @@ impl Expectations {
     /// failed message's included), last first.
     pub fn skip_to_sync(&mut self, mut skipped_parse: impl FnMut(Rc<[u8]>)) -> Vec<Undo> {
         let mut undo = Vec::new();
+        // The undo records at the head belong to the failed message.
+        let mut failed = true;
         while let Some(e) = self.queue.front() {
             match e {
                 Expect::Server {
@@ -166,8 +203,12 @@ impl Expectations {
                 } => skipped_parse(s.clone()),
                 _ => {}
             }
-            if let Some(Expect::Undo(u)) = self.queue.pop_front() {
-                undo.push(*u);
+            match self.queue.pop_front() {
+                Some(Expect::Undo(mut u)) => {
+                    u.failed = failed;
+                    undo.push(*u);
+                }
+                _ => failed = false,
             }
         }
         undo.reverse();

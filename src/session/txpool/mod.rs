@@ -201,6 +201,7 @@ pub(super) async fn run(
     drop(for_client);
     let mut first = Some(first);
     let mut pending = (!client_pending.is_empty()).then_some(client_pending);
+    let mut turn = 0;
     loop {
         // Between transactions: no connection, no buffer, until the
         // client sends something (or is ended).
@@ -250,11 +251,16 @@ pub(super) async fn run(
         if let Some(answers) = alone {
             // A prepare of a known statement: no connection needed.
             chunk.give_back(&s.l.buffers);
-            let res = write_all(&client, &answers).await;
-            s.l.buffers.put_scratch(answers);
-            if res.is_err() {
-                return s.ended(EndedBy::ClientIo, None);
+            let write = write_all(&client, &answers);
+            monoio::select! {
+                res = write => if res.is_err() {
+                    return s.ended(EndedBy::ClientIo, None);
+                },
+                reason = s.l.kill.wait() => return s.ended(EndedBy::Killed(reason), None),
             }
+            // A client that only prepares never waits on a server: it
+            // takes its turn like one that does.
+            take_turns(&mut turn).await;
             continue;
         }
         let conn = match first.take() {
@@ -388,21 +394,21 @@ impl Session {
     /// need no server (see [`Rewriter::answer_alone`]), followed as if the
     /// server had sent them; `None`: a connection is needed.
     fn answer_alone(&self, bytes: &[u8]) -> Option<Vec<u8>> {
-        if self.pinned.get().is_some() || self.goodbye.get() || self.discarded.get() {
+        if self.pinned.get().is_some()
+            || self.goodbye.get()
+            || self.discarded.get()
+            || bytes.first() != Some(&b'P')
+        {
             return None;
         }
-        let mut out = self.l.buffers.take();
-        out.clear();
+        // Tiny (5 or 6 bytes an answer), and only for a prepare.
+        let mut out = Vec::new();
         let key = &self.l.login.key;
         let parses = self.rewriter.borrow_mut().answer_alone(
             bytes,
             |name| self.l.pool.vetted(key, name),
             &mut out,
-        );
-        let Some(parses) = parses else {
-            self.l.buffers.put_scratch(out);
-            return None;
-        };
+        )?;
         // Whole messages of tollgate's own, at a boundary: always followed.
         let followed = self.tracks.borrow_mut().saw_server(&out);
         debug_assert!(followed.is_ok());
@@ -431,6 +437,7 @@ impl Session {
             copy_in: self.copy_in.get(),
             syncs_ignored: 0,
             terminated: false,
+            aborted: self.tracks.borrow().stats.status.get() == b'E',
         };
         let res = rewriter.feed(bytes, &mut lend, &mut out);
         self.copy_in.set(lend.copy_in);

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::expect::{Expect, Expectations, Kind, Undo};
+use super::expect::{Expect, Expectations, Kind, Previous, Undo};
 use crate::server::statements::StatementCache;
 
 /// Longest client message tollgate holds whole to rewrite (Parse, Bind,
@@ -68,6 +68,9 @@ pub struct Lend<'a> {
     pub syncs_ignored: u64,
     /// The client sent Terminate (never forwarded).
     pub terminated: bool,
+    /// The session is in a failed transaction block: Postgres refuses a
+    /// Parse there (25P02), so none is answered by tollgate.
+    pub aborted: bool,
 }
 
 /// A corrupt client stream.
@@ -147,11 +150,27 @@ impl Rewriter {
     /// server skipped or refused.
     pub fn undo(&mut self, u: Undo) {
         match u.previous {
-            Some(p) => {
-                self.statements.insert(u.name, p);
+            Previous::Named {
+                name,
+                prepared: Some(p),
+            } => {
+                self.statements.insert(name, p);
             }
-            None => {
-                self.statements.remove(&u.name);
+            Previous::Named {
+                name,
+                prepared: None,
+            } => {
+                self.statements.remove(&name);
+            }
+            // Postgres drops the unnamed statement before it parses the
+            // new one: a failed Parse leaves none, here and for the client.
+            Previous::Unnamed { .. } if u.failed => {
+                self.unnamed = None;
+                self.unnamed_here = true;
+            }
+            Previous::Unnamed { parse, here } => {
+                self.unnamed = parse;
+                self.unnamed_here = here;
             }
         }
     }
@@ -196,9 +215,10 @@ impl Rewriter {
                     }
                     prepared.push((name, server, def));
                 }
-                b'C' if matches!(body.first(), Some(b'S' | b'P')) && cstr(&body[1..]).is_some() => {
-                }
-                b'H' | b'S' => {}
+                // Whole and nothing more, or Postgres would refuse it (08P01).
+                b'C' if matches!(body.first(), Some(b'S' | b'P'))
+                    && cstr(&body[1..]).is_some_and(|(_, rest)| rest.is_empty()) => {}
+                b'H' | b'S' if body.is_empty() => {}
                 _ => return None,
             }
             last = tag;
@@ -316,7 +336,15 @@ impl Rewriter {
             b'E' => lend
                 .expect
                 .server(Kind::Execute, true, self.last_bind.clone()),
-            b'S' | b'Q' | b'F' => lend.expect.server(Kind::Sync, true, None),
+            b'Q' => {
+                // A simple Query drops the unnamed statement (Postgres's
+                // exec_simple_query), on the lent connection and so for
+                // the client.
+                self.unnamed = None;
+                self.unnamed_here = true;
+                lend.expect.server(Kind::Sync, true, None);
+            }
+            b'S' | b'F' => lend.expect.server(Kind::Sync, true, None),
             // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
             _ => {}
         }
@@ -350,10 +378,14 @@ impl Rewriter {
             b'P' => {
                 let (name, rest) = cstr(body).ok_or(Malformed)?;
                 if name.is_empty() {
-                    self.unnamed = Some(msg.into());
-                    self.unnamed_here = true;
+                    let previous = Previous::Unnamed {
+                        parse: self.unnamed.replace(msg.into()),
+                        here: std::mem::replace(&mut self.unnamed_here, true),
+                    };
                     out.extend_from_slice(msg);
                     lend.expect.server(Kind::Parse, true, None);
+                    lend.expect
+                        .push(Expect::Undo(Box::new(Undo::new(previous))));
                     return Ok(());
                 }
                 let server = content_name(rest);
@@ -366,16 +398,17 @@ impl Rewriter {
                 // A name prepared again replaces the old one (where
                 // Postgres would refuse it: drivers never do this).
                 let previous = self.statements.insert(name.into(), prepared.clone());
-                if lend.cache.has(&prepared.name) {
+                if lend.cache.has(&prepared.name) && !lend.aborted {
                     lend.counts.hits += 1;
                     lend.expect.push(Expect::Own(b'1'));
                 } else {
                     self.send_parse(&prepared, true, lend, out);
                 }
-                lend.expect.push(Expect::Undo(Box::new(Undo {
-                    name: name.into(),
-                    previous,
-                })));
+                lend.expect
+                    .push(Expect::Undo(Box::new(Undo::new(Previous::Named {
+                        name: name.into(),
+                        prepared: previous,
+                    }))));
             }
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
@@ -410,16 +443,24 @@ impl Rewriter {
                     // Shared on the server: only the client's name goes.
                     let previous = self.statements.remove(name);
                     lend.expect.push(Expect::Own(b'3'));
-                    lend.expect.push(Expect::Undo(Box::new(Undo {
-                        name: name.into(),
-                        previous,
-                    })));
+                    lend.expect
+                        .push(Expect::Undo(Box::new(Undo::new(Previous::Named {
+                            name: name.into(),
+                            prepared: previous,
+                        }))));
                 } else {
-                    if kind == b'S' {
-                        self.unnamed = None;
-                    }
                     out.extend_from_slice(msg);
                     lend.expect.server(Kind::Close, true, None);
+                    if kind == b'S' {
+                        // The connection's unnamed statement goes, whoever's
+                        // it was: it now has the client's (none).
+                        let previous = Previous::Unnamed {
+                            parse: self.unnamed.take(),
+                            here: std::mem::replace(&mut self.unnamed_here, true),
+                        };
+                        lend.expect
+                            .push(Expect::Undo(Box::new(Undo::new(previous))));
+                    }
                 }
             }
             _ => return Err(Malformed),
@@ -509,6 +550,7 @@ mod tests {
                 copy_in: false,
                 syncs_ignored: 0,
                 terminated: false,
+                aborted: false,
             };
             // Split anywhere: the result is the same.
             for c in bytes.chunks(3) {
