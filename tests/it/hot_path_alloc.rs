@@ -168,14 +168,18 @@ fn measure() {
     round_trips(500); // warm up buffers, slabs and caches
     COUNTING.store(true, Ordering::Relaxed);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let began = std::time::Instant::now();
     const N: u32 = 5000;
     round_trips(N);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
     // Measured: 0. A little room for the runtime's own bookkeeping (timer
-    // wheel, the shard watcher); one allocation per message would be ≥ N.
+    // wheel, the shard watcher), which runs by time, not by message: a
+    // loaded machine (CI beside a build) stretches the window. One
+    // allocation per message would be ≥ N.
+    let allowed = 10 + 4 * began.elapsed().as_secs();
     assert!(
-        allocations <= 10,
-        "{allocations} allocations for {N} round trips"
+        allocations <= allowed,
+        "{allocations} allocations for {N} round trips (at most {allowed})"
     );
     eprintln!("{allocations} allocations for {N} round trips");
 }

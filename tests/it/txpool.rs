@@ -1043,3 +1043,43 @@ fn a_client_gets_the_login_values_of_what_it_did_not_set_whoever_had_its_connect
     assert_eq!(shown, login_tz);
     assert_eq!(show_timezone(&mut by_session), login_tz);
 }
+
+/// A client's unnamed statement replayed on a connection that had
+/// another's, in a pipeline where an error makes the server skip the
+/// replay: the next use, still in the same pipeline, replays it again and
+/// never runs the other client's.
+#[test]
+fn a_skipped_replay_of_the_unnamed_statement_is_replayed_again() {
+    let (mut env, _admin) = env_tx(1, "max_server_connections = 1");
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let login = || raw_login(addr, &[("user", "app"), ("database", "appdb")], &token).unwrap();
+    let (mut a, mut b) = (login(), login());
+    a.send(&[fe::parse("", "select 'A'"), fe::sync()].concat());
+    assert_eq!(read_to_ready(&mut a).0, "1Z");
+    // The only connection now has b's unnamed statement.
+    b.send(
+        &[
+            fe::parse("", "select 'B'"),
+            fe::bind("", &[]),
+            fe::execute(),
+            fe::sync(),
+        ]
+        .concat(),
+    );
+    assert_eq!(read_to_ready(&mut b), ("12DCZ".into(), vec!["B".into()]));
+    a.send(
+        &[
+            fe::bind("missing", &[]),
+            fe::bind("", &[]),
+            fe::execute(),
+            fe::sync(),
+            fe::bind("", &[]),
+            fe::execute(),
+            fe::sync(),
+        ]
+        .concat(),
+    );
+    assert_eq!(read_to_ready(&mut a).0, "EZ");
+    assert_eq!(read_to_ready(&mut a), ("2DCZ".into(), vec!["A".into()]));
+}

@@ -215,6 +215,28 @@ impl Expectations {
         undo
     }
 
+    /// Whether a change to the unnamed statement is still unanswered in
+    /// an earlier cycle (before a Sync) than the one being sent: the
+    /// server may yet skip it.
+    pub fn unnamed_in_doubt(&self) -> bool {
+        let mut unanswered = false;
+        let mut changed = false;
+        for e in &self.queue {
+            match e {
+                Expect::Undo(u) => {
+                    if unanswered && matches!(u.previous, Previous::Unnamed { .. }) {
+                        changed = true;
+                    }
+                }
+                Expect::Server {
+                    kind: Kind::Sync, ..
+                } if changed => return true,
+                _ => unanswered = true,
+            }
+        }
+        false
+    }
+
     pub fn clear(&mut self) {
         self.queue.clear();
     }

@@ -479,7 +479,11 @@ impl Rewriter {
         out: &mut Vec<u8>,
     ) -> Option<Rc<[u8]>> {
         if name.is_empty() {
-            if !self.unnamed_here {
+            // What put the client's statement on the connection may still
+            // be skipped, in an earlier cycle of the pipeline whose
+            // answers have not come: then a later cycle cannot count on
+            // it, or it could run another client's.
+            if !self.unnamed_here || lend.expect.unnamed_in_doubt() {
                 match &self.unnamed {
                     Some(parse) => {
                         out.extend_from_slice(parse);
@@ -490,6 +494,15 @@ impl Rewriter {
                         lend.expect.server(Kind::Close, false, None);
                     }
                 }
+                // Skipped (an error earlier in the pipeline), the replay
+                // leaves the connection with whatever it had: replayed
+                // again on the next use.
+                let previous = Previous::Unnamed {
+                    parse: self.unnamed.clone(),
+                    here: false,
+                };
+                lend.expect
+                    .push(Expect::Undo(Box::new(Undo::new(previous))));
                 self.unnamed_here = true;
             }
             return None;
