@@ -13,6 +13,8 @@
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>
 
 pub mod accept;
+pub mod handshake;
+pub mod record;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
