@@ -31,6 +31,12 @@ pub struct ReadyStream {
     more: Cell<bool>,
 }
 
+impl AsRawFd for ReadyStream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
+
 impl ReadyStream {
     pub fn new(inner: Stream) -> ReadyStream {
         ReadyStream {
@@ -75,27 +81,74 @@ impl ReadyStream {
         give_back: impl Fn(Vec<u8>),
     ) -> io::Result<(Vec<u8>, usize)> {
         loop {
-            if !self.more.get() {
-                self.readable().await?;
-            }
+            self.ready().await?;
             let mut buf = take();
-            let cap = buf.len();
-            // SAFETY: `recv` writes at most `cap` bytes into the vector's
-            // own (initialised) bytes.
-            let n =
-                unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT) };
-            if n < 0 {
-                give_back(buf);
-                self.more.set(false);
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
+            match self.try_recv(&mut buf) {
+                Ok(Some(n)) => return Ok((buf, n)),
+                Ok(None) => give_back(buf),
+                Err(e) => {
+                    give_back(buf);
+                    return Err(e);
                 }
             }
-            let n = n as usize;
-            self.more.set(n == cap && n > 0);
-            return Ok((buf, n));
+        }
+    }
+
+    /// Waits until the socket is readable, unless the last read filled its
+    /// buffer (more may be waiting then).
+    pub async fn ready(&self) -> io::Result<()> {
+        if !self.more.get() {
+            self.readable().await?;
+        }
+        Ok(())
+    }
+
+    /// One non-blocking `recv` into `buf`: `Ok(None)` when nothing is
+    /// there after all, `Ok(Some(0))` at the end of the stream.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let cap = buf.len();
+        // SAFETY: `recv` writes at most `cap` bytes into `buf`.
+        let n = unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), cap, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            self.more.set(false);
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let n = n as usize;
+        self.more.set(n == cap && n > 0);
+        Ok(Some(n))
+    }
+
+    /// One non-blocking `send` of `bytes`: how many went (0 when the
+    /// socket buffer is full).
+    pub fn try_send(&self, bytes: &[u8]) -> io::Result<usize> {
+        // SAFETY: `send` only reads `bytes`.
+        let n = unsafe {
+            libc::send(
+                self.fd(),
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        Ok(n as usize)
+    }
+
+    /// Shuts the sending side down (a FIN after what was sent).
+    pub fn shutdown_write(&self) {
+        // SAFETY: a plain syscall on a socket this stream owns.
+        unsafe {
+            libc::shutdown(self.fd(), libc::SHUT_WR);
         }
     }
 
@@ -103,28 +156,10 @@ impl ReadyStream {
     /// full.
     pub async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
-            // SAFETY: `send` only reads `bytes`.
-            let n = unsafe {
-                libc::send(
-                    self.fd(),
-                    bytes.as_ptr().cast(),
-                    bytes.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => self.writable().await?,
-                    io::ErrorKind::Interrupted => {}
-                    _ => return Err(e),
-                }
-                continue;
+            match self.try_send(bytes)? {
+                0 => self.writable().await?,
+                n => bytes = &bytes[n..],
             }
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            bytes = &bytes[n as usize..];
         }
         Ok(())
     }

@@ -67,14 +67,16 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         server => return established_on(ctx, client, input, server, rest),
     };
     let plain_server = matches!(b.conn.stream, UpstreamStream::Plain(_));
-    match client.into_plain() {
-        Ok(c) if plain_server => established_tx(ctx, c, input, (b, login), rest, start),
+    match client.into_client() {
+        relay::Client::Plain(c) if plain_server => {
+            established_tx(ctx, c, input, (b, login), rest, start)
+        }
         // A TLS leg: transaction pooling relays plain sockets only.
-        Ok(c) => {
+        relay::Client::Plain(c) => {
             txpool::pinned_for_tls(&b.pool, start.id);
             established_on(ctx, c, input, ServerLink::Pooled(b), rest)
         }
-        Err(c) => {
+        relay::Client::Tls(c) => {
             txpool::pinned_for_tls(&b.pool, start.id);
             established_on(ctx, c, input, ServerLink::Pooled(b), rest)
         }

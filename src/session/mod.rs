@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::BytesMut;
-use monoio::net::TcpStream;
 use monoio::time::timeout_at;
 use tracing::{warn, Instrument};
 
@@ -54,14 +53,13 @@ use crate::handshake::{AwaitStartup, Phase};
 use crate::metrics::ShardMetrics;
 use crate::net::{Peer, Stream};
 use crate::protocol::sqlstate;
-use crate::tls::ALPN_POSTGRESQL;
 
 use context::Starting;
 use refusal::{close_with, encode, refused, Refusal, Reply};
 use startup::StartupOutcome;
 
 /// The client stream once TLS is up.
-type ClientTls = crate::tls::accept::ServerTlsStream<TcpStream>;
+type ClientTls = crate::tls::stream::TlsStream;
 
 /// The relay phase of a session, boxed so that it runs outside the
 /// session's tracing span: entering a span on every poll of the hot path
@@ -178,8 +176,8 @@ async fn serve(
     };
     // For direct TLS the ClientHello is already in `input`: rustls reads it.
     let prefix = std::mem::take(&mut input).to_vec();
-    let mut tls = accept_tls(&ctx, client, prefix, &start, &mut attempt).await?;
-    if direct && tls.alpn_protocol().as_deref() != Some(ALPN_POSTGRESQL) {
+    let (mut tls, alpn_postgresql) = accept_tls(&ctx, client, prefix, &start, &mut attempt).await?;
+    if direct && !alpn_postgresql {
         // PostgreSQL requires ALPN on direct TLS, so that a TLS connection
         // meant for another protocol cannot be replayed into this one.
         let e = ClientError::new(
@@ -229,7 +227,7 @@ async fn accept_tls(
     prefix: Vec<u8>,
     start: &Start,
     attempt: &mut Attempt,
-) -> Option<ClientTls> {
+) -> Option<(ClientTls, bool)> {
     // The start-up policy offers TLS on TCP only.
     let (Some(tls_config), Stream::Tcp(client)) = (ctx.tls_config(), client) else {
         warn!("TLS requested but no acceptor is configured for this connection");
@@ -237,14 +235,15 @@ async fn accept_tls(
         return None;
     };
     let handshake_started = Instant::now();
-    let accept = crate::tls::accept::accept(tls_config, client, prefix);
+    let pool = ctx.relay_buffers.clone();
+    let accept = crate::tls::accept::accept(tls_config, client, prefix, pool);
     let handshake = timeout_at(start.deadline, accept).await;
     let took = handshake_started.elapsed();
     let failure = match handshake {
-        Ok(Ok((s, version))) => {
+        Ok(Ok((s, accepted))) => {
             ctx.metrics.tls_handshake(true, took);
-            attempt.tls = version;
-            return Some(s);
+            attempt.tls = accepted.version;
+            return Some((s, accepted.alpn_postgresql));
         }
         Ok(Err(e)) => {
             let mut refusal = Refusal::new("tls_handshake", Reply::Nothing);

@@ -15,6 +15,7 @@
 pub mod accept;
 pub mod handshake;
 pub mod record;
+pub mod stream;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -190,6 +191,8 @@ fn build_server_config(
         .with_single_cert(chain, key_der)
         .map_err(|e| TlsConfigError(format!("{} and {}: {e}", cert.display(), key.display())))?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
+    // The record layer after the handshake is tollgate's (record.rs).
+    config.enable_secret_extraction = true;
     config.ticketer = ticketer.clone();
     config.session_storage = session_cache.clone();
     Ok(config)

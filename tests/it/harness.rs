@@ -872,6 +872,34 @@ pub fn tls_on_both_legs(ca: &Ca, files: &Files, client_mode: &str) -> (EnvOption
     (options, ca_file)
 }
 
+/// A TLS client connection.
+pub type TlsClient = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// SSLRequest, 'S', then a TLS handshake verified against `ca` for
+/// "localhost".
+pub fn tls_connect(addr: SocketAddr, ca: &Ca) -> TlsClient {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    sock.write_all(&ssl_request()).unwrap();
+    let mut answer = [0u8; 1];
+    sock.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"S");
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(rustls_client(ca, None), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    tls
+}
+
+/// An SSLRequest packet.
+pub fn ssl_request() -> Vec<u8> {
+    const SSL_REQUEST: u32 = (1234 << 16) | 5679;
+    [&8u32.to_be_bytes()[..], &SSL_REQUEST.to_be_bytes()].concat()
+}
+
 pub fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
     format!(
         "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",

@@ -9,7 +9,6 @@
 //! basic token rejections; these tests cover the rest of the hardening list.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -19,7 +18,6 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// Protocol 3.0, the StartupMessage's code word.
 const V3: u32 = 3 << 16;
-const SSL_REQUEST: u32 = (1234 << 16) | 5679;
 const GSSENC_REQUEST: u32 = (1234 << 16) | 5680;
 const CANCEL_REQUEST: u32 = (1234 << 16) | 5678;
 
@@ -31,10 +29,6 @@ fn packet(len: u32, code: u32, body: &[u8]) -> Vec<u8> {
 /// A protocol 3.0 StartupMessage whose length word matches `body`.
 fn v3_sized(body: &[u8]) -> Vec<u8> {
     packet(8 + body.len() as u32, V3, body)
-}
-
-fn ssl_request() -> Vec<u8> {
-    packet(8, SSL_REQUEST, &[])
 }
 
 /// A tagged message with a length word that matches `body`.
@@ -620,22 +614,12 @@ fn stalled_start_ups_end_at_the_startup_timeout() {
 /// A start-up parameter (name, value).
 type Param<'a> = (&'a str, &'a str);
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+type Tls = TlsClient;
 
 /// SSLRequest, 'S', then a verified TLS handshake with tollgate.
 fn tls_connect(env: &Env, ca: &Ca) -> Tls {
-    let mut sock = TcpStream::connect(env.addr()).unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    sock.write_all(&ssl_request()).unwrap();
-    let mut answer = [0u8; 1];
-    sock.read_exact(&mut answer).unwrap();
-    assert_eq!(&answer, b"S");
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(rustls_client(ca, None), name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    while tls.conn.is_handshaking() {
-        tls.conn.complete_io(&mut tls.sock).unwrap();
-    }
+    let tls = crate::harness::tls_connect(env.addr(), ca);
+    tls.sock.set_read_timeout(Some(WAIT)).unwrap();
     tls
 }
 
@@ -663,6 +647,39 @@ fn tls_env() -> (Env, String, Ca, Files) {
     let token = env.create_token(&["--user", "app", "--database", "appdb"]);
     env.start_proxy();
     (env, token, serving.ca, serving.files)
+}
+
+/// A TLS session ends as a PostgreSQL server ends one, with close_notify,
+/// whoever ended it: a client's TLS library then sees a clean end, not a
+/// truncation (OpenSSL 3 reports "unexpected eof while reading").
+#[test]
+fn a_tls_session_ends_with_close_notify() {
+    let (env, token, ca, _dir) = tls_env();
+    let login = |tls: &mut Tls| {
+        tls.write_all(&startup_message(&[("user", "app"), ("database", "appdb")]))
+            .unwrap();
+        tls.write_all(&password_message(&token)).unwrap();
+        tls.write_all(&tagged(b'Q', b"select 6 * 7\0")).unwrap();
+        tls.flush().unwrap();
+    };
+    // The client says goodbye with Terminate.
+    let mut tls = tls_connect(&env, &ca);
+    login(&mut tls);
+    tls.write_all(&tagged(b'X', b"")).unwrap();
+    tls.flush().unwrap();
+    let (got, how) = tls_read_to_end(&mut tls);
+    assert!(got.windows(2).any(|w| w == b"42"), "the query ran");
+    assert_eq!(how, "close_notify");
+    // tollgate ends it: the token is revoked while the session is idle.
+    let mut tls = tls_connect(&env, &ca);
+    login(&mut tls);
+    let mut first = [0u8; 1];
+    tls.read_exact(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    env.token_cmd(&["revoke", &token[3..15]]);
+    let (got, how) = tls_read_to_end(&mut tls);
+    assert!(String::from_utf8_lossy(&got).contains("revoked"));
+    assert_eq!(how, "close_notify");
 }
 
 /// Inside an established TLS session, a second SSLRequest (or a

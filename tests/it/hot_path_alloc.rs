@@ -1,6 +1,8 @@
 //! The relay allocates nothing per message: the proxy runs in this process
-//! under a counting allocator, and a steady stream of queries through it
-//! must not raise the count (house style rule 4).
+//! under a counting allocator, and a steady stream of queries through it,
+//! plain or over TLS, must not raise the count (house style rule 4). The
+//! client's own allocations (its TLS library's) are not counted: the
+//! client thread marks itself.
 //!
 //! The allocator is the whole test binary's, and the other areas' tests
 //! allocate on their own threads meanwhile, so the measurement runs in a
@@ -9,6 +11,7 @@
 //! switched on there only.
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,8 +35,13 @@ static COUNTING: AtomicBool = AtomicBool::new(false);
 /// Set in the environment of the process that measures.
 const MEASURE_ENV: &str = "TOLLGATE_TEST_COUNT_ALLOCATIONS";
 
+thread_local! {
+    /// Set on the client's thread: its allocations are not the proxy's.
+    static CLIENT_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
 fn count() {
-    if COUNTING.load(Ordering::Relaxed) {
+    if COUNTING.load(Ordering::Relaxed) && !CLIENT_THREAD.with(Cell::get) {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -61,8 +69,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
 /// Reads until `want` ReadyForQuery messages have arrived, into `buf`.
-fn read_until_ready(s: &mut TcpStream, framer: &mut Framer, buf: &mut [u8], mut want: u32) {
+fn read_until_ready(s: &mut dyn Read, framer: &mut Framer, buf: &mut [u8], mut want: u32) {
     while want > 0 {
         let n = match s.read(buf) {
             Ok(n) => n,
@@ -77,14 +88,23 @@ fn read_until_ready(s: &mut TcpStream, framer: &mut Framer, buf: &mut [u8], mut 
 
 #[test]
 fn relaying_queries_allocates_nothing() {
+    in_a_process_of_its_own("relaying_queries_allocates_nothing", false);
+}
+
+#[test]
+fn relaying_queries_over_tls_allocates_nothing() {
+    in_a_process_of_its_own("relaying_queries_over_tls_allocates_nothing", true);
+}
+
+fn in_a_process_of_its_own(test: &str, tls: bool) {
     if std::env::var_os(MEASURE_ENV).is_some() {
         // This is the process of its own: measure here.
-        return measure();
+        return measure(tls);
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "hot_path_alloc::relaying_queries_allocates_nothing",
+            &format!("hot_path_alloc::{test}"),
             "--nocapture",
             "--test-threads=1",
         ])
@@ -102,8 +122,15 @@ fn relaying_queries_allocates_nothing() {
 
 /// Runs the proxy in this process, sends a steady stream of queries
 /// through it, and counts the allocations the stream makes.
-fn measure() {
+fn measure(tls: bool) {
+    CLIENT_THREAD.with(|c| c.set(true));
     let cluster = Cluster::start(&ClusterOptions::default()).unwrap();
+    let serving = crate::harness::ServingCert::new("alloc CA", &["localhost"]);
+    let tls_table = if tls {
+        serving.table("require")
+    } else {
+        String::new()
+    };
     let dir = tempfile::tempdir().unwrap();
     let t = token::generate();
     let mut store = TokenStore::default();
@@ -121,7 +148,7 @@ fn measure() {
         format!(
             "listen = \"127.0.0.1:0\"\nworkers = 1\n[upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
              [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n[tokens]\nfile = \"tokens.toml\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n",
+             [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n{tls_table}",
             cluster.port(),
             cluster.password()
         ),
@@ -132,12 +159,22 @@ fn measure() {
     // Latency histograms and per-token series on: timing must not
     // allocate per message either.
     assert!(config.admin.as_ref().is_some_and(|a| a.latency_histograms));
+    let server_tls = config
+        .tls
+        .as_ref()
+        .map(|t| tollgate::tls::ServerTls::load(&t.cert, &t.key).unwrap());
     let settings = Settings::new(config).unwrap();
-    let shared = Shared::new(settings, live, None, None, None);
+    let shared = Shared::new(settings, live, None, server_tls, None);
     let shards = tollgate::shard::start(Arc::new(shared)).unwrap();
 
-    let mut s = TcpStream::connect(shards.local_addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s: Box<dyn ReadWrite> = if tls {
+        Box::new(crate::harness::tls_connect(shards.local_addr, &serving.ca))
+    } else {
+        let sock = TcpStream::connect(shards.local_addr).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        Box::new(sock)
+    };
     let mut startup = bytes::BytesMut::new();
     tollgate::protocol::startup::encode_startup_message(
         &mut startup,
@@ -145,15 +182,17 @@ fn measure() {
         [("user", "app"), ("database", "appdb")],
     );
     s.write_all(&startup).unwrap();
+    s.flush().unwrap();
     let mut head = [0u8; 9];
     s.read_exact(&mut head).unwrap(); // AuthenticationCleartextPassword
     let mut password = bytes::BytesMut::new();
     postgres_protocol::message::frontend::password_message(t.token.expose(), &mut password)
         .unwrap();
     s.write_all(&password).unwrap();
+    s.flush().unwrap();
     let mut framer = Framer::counting(b'Z');
     let mut buf = vec![0u8; 64 * 1024];
-    read_until_ready(&mut s, &mut framer, &mut buf, 1);
+    read_until_ready(&mut *s, &mut framer, &mut buf, 1);
 
     // A simple query whose answer spans several messages.
     let mut query = bytes::BytesMut::new();
@@ -162,7 +201,8 @@ fn measure() {
     let mut round_trips = |n: u32| {
         for _ in 0..n {
             s.write_all(&query).unwrap();
-            read_until_ready(&mut s, &mut framer, &mut buf, 1);
+            s.flush().unwrap();
+            read_until_ready(&mut *s, &mut framer, &mut buf, 1);
         }
     };
     round_trips(500); // warm up buffers, slabs and caches
@@ -181,5 +221,5 @@ fn measure() {
         allocations <= allowed,
         "{allocations} allocations for {N} round trips (at most {allowed})"
     );
-    eprintln!("{allocations} allocations for {N} round trips");
+    eprintln!("{allocations} allocations for {N} round trips (tls: {tls})");
 }

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
+use monoio::io::AsyncWriteRent;
 
 use bytes::BytesMut;
 
@@ -26,14 +27,16 @@ use super::{
 use crate::net::{Stream, StreamPoll};
 use crate::server::reset::Plan;
 use crate::session::kill::KillSwitch;
+use crate::tls::stream::TlsStream;
 
 /// Reads in a row that found data before a pump lets other sessions of the
 /// shard run: with non-blocking syscalls nothing else yields, and a bulk
 /// COPY must not starve its neighbours.
 const READS_PER_TURN: u32 = 16;
 
-pub(super) async fn run<A, F>(mut client: Stream, mut server: Stream, pump: Pump<A>) -> Ended
+pub(super) async fn run<C, A, F>(mut client: C, mut server: Stream, pump: Pump<A>) -> Ended
 where
+    C: Opener,
     A: FnOnce() -> F,
     F: Future<Output = ()>,
 {
@@ -51,9 +54,8 @@ where
     if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
         return gone(e);
     }
-    let client = match client.try_into_poll_io() {
-        Ok(c) => RefCell::new(c),
-        Err(_) => return gone(EndedBy::ClientIo),
+    let Some(client) = client.into_wire() else {
+        return gone(EndedBy::ClientIo);
     };
     let server = match server.try_into_poll_io() {
         Ok(s) => RefCell::new(s),
@@ -89,6 +91,7 @@ where
             framer: tracks.borrow().server.clone(),
             leftover: BytesMut::new(),
         });
+        client.goodbye();
         return Ended { by: ended_by, kept };
     }
     let action = tracks.borrow().end_action(ended_by);
@@ -98,13 +101,72 @@ where
             let _ = write_all(&server, &bytes).await;
         }
         EndAction::TellClient(bytes) => {
-            let _ = write_all(&client, &bytes).await;
+            let _ = client.write_all(&bytes).await;
         }
         // Boxed: a cancel connects (maybe over TLS), a large future the
         // pump would otherwise carry for the whole session.
         EndAction::Abandon => Box::pin(abandon()).await,
     }
+    client.goodbye();
     gone(ended_by)
+}
+
+/// A client socket as the pump reads and writes it: plain in poll-io
+/// mode, or TLS (records opened in the lent buffer).
+pub(in crate::session) trait Wire {
+    /// Waits for bytes, then returns them at the start of a lent buffer;
+    /// `None` at the end of the stream.
+    async fn read_lent(&self, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize)>>;
+    async fn write_all(&self, bytes: &[u8]) -> io::Result<()>;
+    /// The relay is over: anything to say before the socket closes.
+    fn goodbye(&self) {}
+}
+
+impl Wire for RefCell<StreamPoll> {
+    async fn read_lent(&self, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize)>> {
+        read_lent(self, pool).await
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        write_all(self, bytes).await
+    }
+}
+
+/// A client socket that becomes a [`Wire`] once the opening bytes are
+/// written with the rent API.
+pub(in crate::session) trait Opener: AsyncWriteRent {
+    type Wire: Wire;
+    fn into_wire(self) -> Option<Self::Wire>;
+}
+
+impl Opener for Stream {
+    type Wire = RefCell<StreamPoll>;
+
+    fn into_wire(self) -> Option<Self::Wire> {
+        self.try_into_poll_io().ok().map(RefCell::new)
+    }
+}
+
+impl Opener for TlsStream {
+    type Wire = TlsStream;
+
+    fn into_wire(self) -> Option<Self::Wire> {
+        Some(self)
+    }
+}
+
+impl Wire for TlsStream {
+    async fn read_lent(&self, _: &BufferPool) -> io::Result<Option<(Vec<u8>, usize)>> {
+        TlsStream::read_lent(self).await
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        TlsStream::write_all(self, bytes).await
+    }
+
+    fn goodbye(&self) {
+        self.close();
+    }
 }
 
 /// Waits until `from` has bytes, then reads them into a lent buffer.
@@ -161,7 +223,7 @@ pub(in crate::session) async fn write_all(
 /// here and is noted in `goodbye`; if queries are still in flight, the
 /// other direction ends the session once they are answered.
 async fn client_to_server(
-    from: &RefCell<StreamPoll>,
+    from: &impl Wire,
     to: &RefCell<StreamPoll>,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
@@ -170,7 +232,7 @@ async fn client_to_server(
 ) -> EndedBy {
     let mut turn = 0;
     loop {
-        let (buf, n) = match read_lent(from, pool).await {
+        let (buf, n) = match from.read_lent(pool).await {
             Ok(Some(read)) => read,
             Ok(None) => return EndedBy::ClientClosed,
             Err(_) => return EndedBy::ClientIo,
@@ -199,7 +261,7 @@ async fn client_to_server(
 /// the client a FATAL error naming the reason.
 async fn server_to_client(
     from: &RefCell<StreamPoll>,
-    to: &RefCell<StreamPoll>,
+    to: &impl Wire,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
     kill: &KillSwitch,
@@ -243,14 +305,14 @@ async fn server_to_client(
             pool.put(buf);
             return EndedBy::ServerProtocol;
         }
-        let res = write_all(to, &buf[..n]).await;
+        let res = to.write_all(&buf[..n]).await;
         pool.put(buf);
         if res.is_err() {
             return EndedBy::ClientIo;
         }
         take_turns(&mut turn).await;
     };
-    let _ = write_all(to, &session_ended(reason)).await;
+    let _ = to.write_all(&session_ended(reason)).await;
     EndedBy::Killed(reason)
 }
 

@@ -36,7 +36,6 @@
 
 pub(in crate::session) mod lent;
 mod owned;
-pub mod pool;
 mod ringed;
 mod tracks;
 
@@ -51,11 +50,12 @@ use monoio::net::TcpStream;
 
 use super::kill::{KillReason, KillSwitch};
 use crate::error::ClientError;
+pub use crate::net::BufferPool;
 use crate::net::Stream;
 use crate::protocol::backend::TAG_ERROR_RESPONSE;
 use crate::protocol::Framer;
 use crate::server::reset::{self, Plan};
-pub use pool::BufferPool;
+use crate::tls::stream::TlsStream;
 pub use tracks::{QueryAudit, SessionStats, Timing, Tracks};
 
 /// How a relayed session ended.
@@ -143,21 +143,27 @@ pub(in crate::session) enum EndAction {
     Abandon,
 }
 
-/// The client side, as the relay needs to know it: plain TCP can use the
-/// lent-buffer pump, TLS cannot.
+/// The client side, as the relay needs to know it: the pump for plain
+/// sockets or the one for TLS.
 pub trait ClientSide: Split + AsyncReadRent + AsyncWriteRent + Sized {
-    fn into_plain(self) -> Result<Stream, Self>;
+    fn into_client(self) -> Client;
+}
+
+/// A client connection after its start-up.
+pub enum Client {
+    Plain(Stream),
+    Tls(TlsStream),
 }
 
 impl ClientSide for Stream {
-    fn into_plain(self) -> Result<Stream, Self> {
-        Ok(self)
+    fn into_client(self) -> Client {
+        Client::Plain(self)
     }
 }
 
-impl<T: Split + AsyncReadRent + AsyncWriteRent> ClientSide for monoio_rustls::ServerTlsStream<T> {
-    fn into_plain(self) -> Result<Stream, Self> {
-        Err(self)
+impl ClientSide for TlsStream {
+    fn into_client(self) -> Client {
+        Client::Tls(self)
     }
 }
 
@@ -298,17 +304,20 @@ where
         ring = pump.pool.ring().is_some(),
         "relay starts"
     );
-    match server {
-        ServerSide::Plain(server) => match client.into_plain() {
-            Ok(client) => match pump.pool.ring() {
-                Some(ring) => {
-                    Box::pin(async move { ringed::run(client, server, pump, &ring).await })
-                }
-                None => Box::pin(lent::run(client, server, pump)),
-            },
-            Err(client) => Box::pin(owned::run(client, server, pump)),
+    match (client.into_client(), server) {
+        (Client::Plain(client), ServerSide::Plain(server)) => match pump.pool.ring() {
+            Some(ring) => Box::pin(async move { ringed::run(client, server, pump, &ring).await }),
+            None => Box::pin(lent::run(client, server, pump)),
         },
-        ServerSide::Tls(server) => Box::pin(owned::run(client, *server, pump)),
+        (Client::Tls(client), ServerSide::Plain(server)) => {
+            Box::pin(lent::run(client, server, pump))
+        }
+        (Client::Plain(client), ServerSide::Tls(server)) => {
+            Box::pin(owned::run(client, *server, pump))
+        }
+        (Client::Tls(client), ServerSide::Tls(server)) => {
+            Box::pin(owned::run(client, *server, pump))
+        }
     }
 }
 

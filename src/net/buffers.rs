@@ -5,7 +5,7 @@
 use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 
-use crate::net::ring::RelayRing;
+use super::ring::RelayRing;
 
 /// Free buffers kept per shard; beyond this, returned buffers are freed, so
 /// a burst of activity does not pin its peak memory forever.
@@ -51,10 +51,19 @@ impl BufferPool {
             .unwrap_or_else(|| vec![0; self.buffer_size])
     }
 
+    /// Takes a buffer back. One grown for a long TLS record is kept at
+    /// the shard's size (its capacity stays, so the next long record
+    /// needs no allocation); one grown further is freed.
     #[inline]
-    pub fn put(&self, buf: Vec<u8>) {
+    pub fn put(&self, mut buf: Vec<u8>) {
+        if buf.len() != self.buffer_size {
+            if buf.len() < self.buffer_size || buf.capacity() > 2 * self.buffer_size {
+                return;
+            }
+            buf.truncate(self.buffer_size);
+        }
         let mut free = self.free.borrow_mut();
-        if free.len() < MAX_IDLE_BUFFERS && buf.len() == self.buffer_size {
+        if free.len() < MAX_IDLE_BUFFERS {
             free.push(buf);
         }
     }
