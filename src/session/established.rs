@@ -49,8 +49,8 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         ctx.registry.register(watched, store, SystemTime::now())
     });
     let kill = registration.watched.kill.clone();
-    // Transaction pooling, when both sides are plain sockets; otherwise
-    // the session keeps its connection (pinned, reason `tls`).
+    // Transaction pooling, when the server connection is a plain socket;
+    // otherwise the session keeps its connection (pinned, reason `tls`).
     let rest = Rest {
         tracks,
         kill,
@@ -69,9 +69,19 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
     let plain_server = matches!(b.conn.stream, UpstreamStream::Plain(_));
     match client.into_client() {
         relay::Client::Plain(c) if plain_server => {
+            let c = txpool::ClientWire::Plain(crate::net::ReadyStream::new(c));
             established_tx(ctx, c, input, (b, login), rest, start)
         }
-        // A TLS leg: transaction pooling relays plain sockets only.
+        relay::Client::Tls(c) if plain_server => established_tx(
+            ctx,
+            txpool::ClientWire::Tls(c),
+            input,
+            (b, login),
+            rest,
+            start,
+        ),
+        // TLS to the server: transaction pooling relays plain server
+        // sockets only.
         relay::Client::Plain(c) => {
             txpool::pinned_for_tls(&b.pool, start.id);
             established_on(ctx, c, input, ServerLink::Pooled(b), rest)
@@ -86,7 +96,7 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
 /// The relay of a session under transaction pooling (see [`txpool`]).
 fn established_tx(
     ctx: &Rc<ShardContext>,
-    client: crate::net::Stream,
+    client: txpool::ClientWire,
     input: BytesMut,
     (b, login): (borrow::Borrowed, borrow::Login),
     rest: Rest,

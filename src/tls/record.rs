@@ -58,7 +58,13 @@ const HANDSHAKE_NEW_SESSION_TICKET: u8 = 4;
 const HANDSHAKE_KEY_UPDATE: u8 = 24;
 
 const ALERT_WARNING: u8 = 1;
+const ALERT_FATAL: u8 = 2;
 const ALERT_CLOSE_NOTIFY: u8 = 0;
+const ALERT_UNEXPECTED_MESSAGE: u8 = 10;
+const ALERT_BAD_RECORD_MAC: u8 = 20;
+const ALERT_RECORD_OVERFLOW: u8 = 22;
+const ALERT_DECODE_ERROR: u8 = 50;
+const ALERT_INTERNAL_ERROR: u8 = 80;
 const ALERT_USER_CANCELED: u8 = 90;
 
 /// Why a record could not be taken or made. Each ends the connection.
@@ -99,6 +105,21 @@ impl fmt::Display for RecordError {
 }
 
 impl std::error::Error for RecordError {}
+
+impl RecordError {
+    /// The fatal alert that tells the peer why (RFC 8446 §6.2), when one
+    /// is due: none after the peer's own alert, or when the key ran out.
+    pub fn alert(&self) -> Option<u8> {
+        match self {
+            RecordError::BadRecordMac => Some(ALERT_BAD_RECORD_MAC),
+            RecordError::Overflow => Some(ALERT_RECORD_OVERFLOW),
+            RecordError::Unexpected(_) => Some(ALERT_UNEXPECTED_MESSAGE),
+            RecordError::Decode(_) => Some(ALERT_DECODE_ERROR),
+            RecordError::Rustls(_) | RecordError::Unsupported => Some(ALERT_INTERNAL_ERROR),
+            RecordError::PeerAlert(_) | RecordError::KeyExhausted => None,
+        }
+    }
+}
 
 impl From<RecordError> for io::Error {
     fn from(e: RecordError) -> io::Error {
@@ -273,7 +294,8 @@ impl RecordLayer {
             tx,
             rx,
             kernel,
-            // rustls also renews a little before the limit.
+            // A margin below the cipher's limit, so that the renewal (or,
+            // in TLS 1.2, the end) comes before it.
             tx_limit: limit.saturating_sub(limit / 1024),
             update_tx: false,
             peer_closed: false,
@@ -381,14 +403,15 @@ impl RecordLayer {
                     .key
                     .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(header), body)
                     .map_err(|_| RecordError::BadRecordMac)?;
-                // TLSInnerPlaintext: content, type, zero padding (§5.2).
+                // TLSInnerPlaintext: content, type, zero padding (§5.2),
+                // at most 2^14 + 1 bytes in all (§5.4).
+                if plain.len() > MAX_PLAINTEXT + 1 {
+                    return Err(RecordError::Overflow);
+                }
                 let end = plain
                     .iter()
                     .rposition(|&b| b != 0)
                     .ok_or(RecordError::Unexpected("record without a content type"))?;
-                if end > MAX_PLAINTEXT {
-                    return Err(RecordError::Overflow);
-                }
                 (plain[end], 0..end)
             }
             Version::Tls12 => {
@@ -528,6 +551,15 @@ impl RecordLayer {
     /// A close_notify alert, sealed into `out`; returns its length.
     pub fn seal_close_notify(&mut self, out: &mut [u8]) -> Result<usize, RecordError> {
         self.seal_record(CONTENT_ALERT, &[ALERT_WARNING, ALERT_CLOSE_NOTIFY], out)
+    }
+
+    /// A fatal alert with this description, sealed into `out`.
+    pub fn seal_fatal_alert(
+        &mut self,
+        description: u8,
+        out: &mut [u8],
+    ) -> Result<usize, RecordError> {
+        self.seal_record(CONTENT_ALERT, &[ALERT_FATAL, description], out)
     }
 
     /// A KeyUpdate that asks nothing of the peer, under the old key; the

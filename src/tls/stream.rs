@@ -33,8 +33,14 @@ pub struct TlsStream {
     /// that came with the end of the handshake. `None` while idle.
     held: RefCell<Option<(Vec<u8>, usize)>>,
     unopened: Cell<bool>,
-    /// Plaintext a rent-API reader had no room for (start-up only).
+    /// Plaintext a rent-API reader had no room for (start-up only); the
+    /// next read of either kind returns it first.
     spill: RefCell<Option<(Vec<u8>, std::ops::Range<usize>)>>,
+    /// A record was sealed and not wholly sent (a write cut short): the
+    /// stream is broken, and nothing more may follow on it.
+    torn: Cell<bool>,
+    /// The alert owed to the peer after a record it sent was refused.
+    alert: Cell<Option<u8>>,
     pool: Rc<BufferPool>,
 }
 
@@ -66,6 +72,8 @@ impl TlsStream {
             unopened: Cell::new(held.is_some()),
             held: RefCell::new(held),
             spill: RefCell::new(None),
+            torn: Cell::new(false),
+            alert: Cell::new(None),
             pool,
         }
     }
@@ -74,11 +82,19 @@ impl TlsStream {
     /// (give it back with [`BufferPool::put`]); `None` at the end of the
     /// stream (close_notify, or the socket's end between records).
     pub async fn read_lent(&self) -> io::Result<Option<(Vec<u8>, usize)>> {
+        if let Some((mut plain, range)) = self.spill.borrow_mut().take() {
+            plain.copy_within(range.clone(), 0);
+            return Ok(Some((plain, range.len())));
+        }
         loop {
-            if !self.unopened.get() {
-                if self.held.borrow().is_none() && self.records.borrow().peer_closed() {
-                    return Ok(None);
+            if !self.unopened.get() && self.records.borrow().peer_closed() {
+                // Whatever came after close_notify does not count.
+                if let Some((buf, _)) = self.held.borrow_mut().take() {
+                    self.pool.put(buf);
                 }
+                return Ok(None);
+            }
+            if !self.unopened.get() {
                 // Anything held stays in `self` while waiting, so a read
                 // dropped here (a `select!`) loses nothing.
                 self.io.ready().await?;
@@ -96,6 +112,7 @@ impl TlsStream {
                     Ok(_) => {}
                     Err(e) => {
                         self.pool.put(buf);
+                        self.alert.set(e.alert());
                         return Err(e.into());
                     }
                 }
@@ -125,6 +142,7 @@ impl TlsStream {
                 Ok(opened) => opened,
                 Err(e) => {
                     self.pool.put(buf);
+                    self.alert.set(e.alert());
                     return Err(e.into());
                 }
             };
@@ -163,7 +181,22 @@ impl TlsStream {
     /// Seals and sends all of `plaintext`, from one pool buffer, waiting
     /// for room when the socket buffer is full.
     pub async fn write_all(&self, mut plaintext: &[u8]) -> io::Result<()> {
+        if self.torn.get() {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "TLS stream cut in the middle of a record",
+            ));
+        }
         let mut out = self.pool.take();
+        // Room for the records' overhead too, so that a buffer's worth of
+        // plaintext goes out as one full record, not one and a crumb.
+        let room = plaintext.len().min(out.len()) + 2 * self.records.borrow().overhead();
+        if room > out.len() {
+            out.resize(room, 0);
+        }
+        // Set until every sealed byte is sent: a write dropped in between
+        // (the other direction ended the relay) leaves half a record.
+        self.torn.set(true);
         let res = async {
             loop {
                 let (taken, written) = self.records.borrow_mut().seal(plaintext, &mut out)?;
@@ -178,20 +211,29 @@ impl TlsStream {
             }
         }
         .await;
+        self.torn.set(res.is_err());
         self.pool.put(out);
         res
     }
 
-    /// Says goodbye the TLS way, as a PostgreSQL server does when it
-    /// closes (close_notify, so that a client's TLS library sees a clean
-    /// end and not a truncation), then shuts the sending side down. Never
-    /// waits: a peer that reads nothing does not hold the session, and the
-    /// connection is closing either way.
+    /// Ends the TLS connection as a PostgreSQL server does when it closes:
+    /// close_notify, so that the client's TLS library sees a clean end
+    /// and not a truncation; or, after a record of the peer's was
+    /// refused, the fatal alert that says why. Then the sending side shuts
+    /// down. Never waits: a peer that reads nothing does not hold the
+    /// session, and the connection is closing either way; after a write
+    /// cut short nothing can be added.
     pub fn close(&self) {
-        let mut out = [0; 64];
-        let sealed = self.records.borrow_mut().seal_close_notify(&mut out);
-        if let Ok(n) = sealed {
-            let _ = self.io.try_send(&out[..n]);
+        if !self.torn.get() {
+            let mut out = [0; 64];
+            let mut records = self.records.borrow_mut();
+            let sealed = match self.alert.get() {
+                Some(alert) => records.seal_fatal_alert(alert, &mut out),
+                None => records.seal_close_notify(&mut out),
+            };
+            if let Ok(n) = sealed {
+                let _ = self.io.try_send(&out[..n]);
+            }
         }
         self.io.shutdown_write();
     }

@@ -682,6 +682,49 @@ fn a_tls_session_ends_with_close_notify() {
     assert_eq!(how, "close_notify");
 }
 
+/// Bytes a TLS client sends right behind its login, in the same record,
+/// reach the server whole however the start-up read them.
+#[test]
+fn a_tls_client_pipelining_behind_its_login_loses_nothing() {
+    let (env, token, ca, _dir) = tls_env();
+    let mut tls = tls_connect(&env, &ca);
+    let long = "x".repeat(3000);
+    let mut all = startup_message(&[("user", "app"), ("database", "appdb")]);
+    all.extend_from_slice(&password_message(&token));
+    all.extend_from_slice(&tagged(
+        b'Q',
+        format!("select length('{long}')\0").as_bytes(),
+    ));
+    all.extend_from_slice(&tagged(b'X', b""));
+    // One write: one record, larger than any start-up read.
+    tls.write_all(&all).unwrap();
+    tls.flush().unwrap();
+    let (got, how) = tls_read_to_end(&mut tls);
+    assert!(got.windows(4).any(|w| w == b"3000"), "the query ran whole");
+    assert_eq!(how, "close_notify");
+}
+
+/// A record that fails authentication ends the session with the fatal
+/// alert that says so (bad_record_mac), as RFC 8446 §5.2 asks, not with
+/// a clean close.
+#[test]
+fn a_forged_tls_record_gets_a_fatal_alert() {
+    let (env, token, ca, _dir) = tls_env();
+    let mut tls = tls_connect(&env, &ca);
+    tls.write_all(&startup_message(&[("user", "app"), ("database", "appdb")]))
+        .unwrap();
+    tls.write_all(&password_message(&token)).unwrap();
+    tls.flush().unwrap();
+    let mut first = [0u8; 1];
+    tls.read_exact(&mut first).unwrap();
+    // An application-data record of zeros, sent around the TLS library.
+    let mut forged = vec![23, 3, 3, 0, 40];
+    forged.extend_from_slice(&[0; 40]);
+    tls.sock.write_all(&forged).unwrap();
+    let (_, how) = tls_read_to_end(&mut tls);
+    assert!(how.contains("BadRecordMac"), "{how}");
+}
+
 /// Inside an established TLS session, a second SSLRequest (or a
 /// GSSENCRequest) is FATAL 08P01, sent inside TLS; a login over TLS still
 /// works after.

@@ -80,6 +80,15 @@ fn assert_tpcb_invariants(env: &Env, processed: u64) {
     assert_eq!(rows, processed, "one history row per transaction");
 }
 
+/// A pgbench initialisation went through.
+fn pgbench_init(init: &std::process::Output) {
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 #[test]
 fn many_clients_share_few_backends_and_every_transaction_commits() {
     let (mut env, admin) = env_tx(2, "max_server_connections = 4");
@@ -87,12 +96,7 @@ fn many_clients_share_few_backends_and_every_transaction_commits() {
     let addr = env.start_proxy();
     let direct = env.direct_conn_str();
     let pgbench = |args: &[&str]| pgbench_at(addr, &token, args);
-    let init = pgbench(&["-i", "-s", "1", "-q"]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    pgbench_init(&pgbench(&["-i", "-s", "1", "-q"]));
     let done = Arc::new(AtomicBool::new(false));
     let sampler = sample_backends(direct.clone(), done.clone());
     // TPC-B-like, 40 clients over 4 server connections, simple and
@@ -114,6 +118,69 @@ fn many_clients_share_few_backends_and_every_transaction_commits() {
     let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
     assert!(lends >= processed as f64, "{lends} lends for {processed}");
     assert_eq!(metric(admin, "tollgate_pool_pins_total"), None);
+    env.assert_log_clean();
+}
+
+/// TLS clients are pooled like plain ones: libpq (OpenSSL) runs TPC-B
+/// with prepared statements over TLS, 30 clients through 4 server
+/// connections, and no client is pinned for its TLS.
+#[test]
+fn tls_clients_share_few_backends_like_plain_ones() {
+    let serving = ServingCert::new("tx CA", &["localhost"]);
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut env = Env::build(EnvOptions {
+        auth: HbaAuth::ScramSha256,
+        workers: 2,
+        tables: format!(
+            "[pool]\nmode = \"transaction\"\nmax_server_connections = 4\n\
+             [admin]\nlisten = \"{admin}\"\n{}",
+            serving.table("require")
+        ),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let direct = env.direct_conn_str();
+    let pgbench = |args: &[&str]| {
+        pg_tool("pgbench")
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &addr.port().to_string(),
+                "-U",
+                "app",
+            ])
+            .args(args)
+            .arg("appdb")
+            .env("PGPASSWORD", &token)
+            .env("PGSSLMODE", "require")
+            .output()
+            .unwrap()
+    };
+    pgbench_init(&pgbench(&["-i", "-s", "1", "-q"]));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(direct, done.clone());
+    let run = pgbench(&["-n", "-M", "prepared", "-c", "30", "-j", "2", "-T", "4"]);
+    let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(s.failed, 0, "{}", s.output);
+    assert!(s.processed > 100, "only {} transactions", s.processed);
+    let most = sampler.join().unwrap();
+    assert!(most <= 4, "{most} backends at once, limit 4");
+    assert_tpcb_invariants(&env, s.processed);
+    let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
+    assert!(
+        lends >= s.processed as f64,
+        "{lends} lends for {}",
+        s.processed
+    );
+    assert_eq!(
+        metric(admin, "tollgate_pool_pins_total"),
+        None,
+        "no TLS pin"
+    );
+    assert!(env.log().contains("tls=\"TLSv1_3\"") || env.log().contains("TLSv1_3"));
     env.assert_log_clean();
 }
 

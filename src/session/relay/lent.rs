@@ -24,7 +24,7 @@ use super::{
     before_terminate, goodbye_sent, open, reset_plan, session_ended, BufferPool, EndAction, Ended,
     EndedBy, Kept, Pump, ServerSide, Tracks,
 };
-use crate::net::{Stream, StreamPoll};
+use crate::net::{ReadyStream, Stream, StreamPoll};
 use crate::server::reset::Plan;
 use crate::session::kill::KillSwitch;
 use crate::tls::stream::TlsStream;
@@ -152,6 +152,21 @@ impl Opener for TlsStream {
 
     fn into_wire(self) -> Option<Self::Wire> {
         Some(self)
+    }
+}
+
+impl Wire for ReadyStream {
+    async fn read_lent(&self, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize)>> {
+        let (buf, n) = self.read_with(|| pool.take(), |b| pool.put(b)).await?;
+        if n == 0 {
+            pool.put(buf);
+            return Ok(None);
+        }
+        Ok(Some((buf, n)))
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        ReadyStream::write_all(self, bytes).await
     }
 }
 

@@ -152,6 +152,8 @@ where
                 }
                 None => {
                     end_unkept(&tracks, ended_by, &mut server_w, &mut client_w, &abandon).await;
+                    // A TLS client's close_notify; a plain one's FIN.
+                    let _ = client_w.shutdown().await;
                     return Ended {
                         by: ended_by,
                         kept: None,
@@ -160,6 +162,7 @@ where
             }
         }
     };
+    let _ = client_w.shutdown().await;
     let kept = kept.and_then(|(plan, leftover)| {
         let server = server_r.reunite(server_w).ok()?;
         Some(Kept {

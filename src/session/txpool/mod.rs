@@ -57,7 +57,7 @@ use super::borrow::{self, acquire, Login};
 use super::cancel;
 use super::kill::KillSwitch;
 use super::refusal::Reply;
-use super::relay::lent::take_turns;
+use super::relay::lent::{take_turns, Wire};
 use super::relay::{
     before_terminate, reset_plan, session_ended, BufferPool, EndAction, EndedBy, Kept, ServerSide,
     Tracks,
@@ -65,8 +65,9 @@ use super::relay::{
 use super::ShardContext;
 use crate::audit::SessionId;
 use crate::error::ClientError;
-use crate::net::{ReadyStream, Stream};
+use crate::net::ReadyStream;
 use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
+use crate::tls::stream::TlsStream;
 use crate::upstream::UpstreamStream;
 use answers::{Action, Answers};
 use expect::Expectations;
@@ -160,7 +161,20 @@ struct Session {
 /// until the client's first transaction ends.
 pub(super) async fn run(
     l: Lending,
-    client: Stream,
+    client: ClientWire,
+    first: ServerConn,
+    for_client: BytesMut,
+    client_pending: BytesMut,
+    tracks: Tracks,
+) -> Outcome {
+    let out = relay(l, &client, first, for_client, client_pending, tracks).await;
+    client.goodbye();
+    out
+}
+
+async fn relay(
+    l: Lending,
+    client: &ClientWire,
     first: ServerConn,
     for_client: BytesMut,
     client_pending: BytesMut,
@@ -194,8 +208,7 @@ pub(super) async fn run(
         idle_transaction_timeout: config.idle_transaction_timeout,
     };
     s.l.cancel_key.delegate(s.cancels.clone());
-    let client = ReadyStream::new(client);
-    if write_all(&client, &for_client).await.is_err() {
+    if write_all(client, &for_client).await.is_err() {
         s.release(first).await;
         return s.ended(EndedBy::ClientIo, None);
     }
@@ -213,11 +226,11 @@ pub(super) async fn run(
                     s.release(conn).await;
                 }
                 let res = loop {
-                    let read = read_lent(&client, &s.l.buffers);
+                    let read = read_lent(client, &s.l.buffers);
                     monoio::select! {
                         r = read => break r,
                         reason = s.l.kill.wait() => {
-                            let _ = write_all(&client, &session_ended(reason)).await;
+                            let _ = write_all(client, &session_ended(reason)).await;
                             return s.ended(EndedBy::Killed(reason), None);
                         }
                         // Nothing runs: acted on by doing nothing.
@@ -252,7 +265,7 @@ pub(super) async fn run(
         if let Some(answers) = alone {
             // A prepare of a known statement: no connection needed.
             chunk.give_back(&s.l.buffers);
-            let write = write_all(&client, &answers);
+            let write = write_all(client, &answers);
             monoio::select! {
                 res = write => if res.is_err() {
                     return s.ended(EndedBy::ClientIo, None);
@@ -266,7 +279,7 @@ pub(super) async fn run(
         }
         let conn = match first.take() {
             Some(conn) => Ok(conn),
-            None => s.lend(&client).await,
+            None => s.lend(client).await,
         };
         let conn = match conn {
             Ok(conn) => conn,
@@ -282,11 +295,11 @@ pub(super) async fn run(
                 return s.ended(by, None);
             }
         };
-        let served = s.serve(&client, &lent, &chunk.bytes()[..forward]).await;
+        let served = s.serve(client, &lent, &chunk.bytes()[..forward]).await;
         chunk.give_back(&s.l.buffers);
         match served {
             Served::Released => s.release(s.end_lend(lent)).await,
-            Served::Ended { by, writing } => return s.end_lent(&client, lent, by, writing).await,
+            Served::Ended { by, writing } => return s.end_lent(client, lent, by, writing).await,
         }
     }
 }
@@ -469,7 +482,7 @@ impl Session {
     /// them: hidden answers left out, tollgate's own put in.
     async fn relay_answers(
         &self,
-        client: &ReadyStream,
+        client: &ClientWire,
         state: &RefCell<ConnState>,
         chunk: &[u8],
     ) -> std::io::Result<()> {
@@ -539,7 +552,7 @@ impl Session {
     }
 
     /// Sends tollgate's own answers now at the head of the expectations.
-    async fn answer_due(&self, client: &ReadyStream) -> std::io::Result<()> {
+    async fn answer_due(&self, client: &ClientWire) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
         Answers::due(&mut self.expect.borrow_mut(), &mut actions);
         let mut out = [0u8; 5 * 8];
@@ -590,7 +603,7 @@ impl Session {
     /// readied with the client's parameters, its cancel key pointed at it.
     /// The client is told and the session ends when none comes free in
     /// time, or the session is ended meanwhile.
-    async fn lend(&self, client: &ReadyStream) -> Result<ServerConn, EndedBy> {
+    async fn lend(&self, client: &ClientWire) -> Result<ServerConn, EndedBy> {
         let began = Instant::now();
         let config = self.l.pool.config();
         let deadline = monoio::time::Instant::now() + config.checkout_timeout;
@@ -671,7 +684,7 @@ impl Session {
     /// Relays between the client and a lent connection, starting with
     /// `first` (client bytes already followed), until the transaction ends
     /// or the session does.
-    async fn serve(&self, client: &ReadyStream, lent: &Lent, first: &[u8]) -> Served {
+    async fn serve(&self, client: &ClientWire, lent: &Lent, first: &[u8]) -> Served {
         let writing = Cell::new(true);
         let res = match self.rewrite(lent, first) {
             Some(out) => {
@@ -742,7 +755,7 @@ impl Session {
     /// Flush, say).
     async fn client_to_server(
         &self,
-        client: &ReadyStream,
+        client: &ClientWire,
         lent: &Lent,
         writing: &Cell<bool>,
     ) -> Served {
@@ -824,7 +837,7 @@ impl Session {
     async fn server_to_client(
         &self,
         lent: &Lent,
-        client: &ReadyStream,
+        client: &ClientWire,
         writing: &Cell<bool>,
     ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
@@ -904,7 +917,7 @@ impl Session {
     /// the server side failed.
     async fn end_lent(
         &self,
-        client: &ReadyStream,
+        client: &ClientWire,
         lent: Lent,
         by: EndedBy,
         writing: bool,
@@ -988,22 +1001,45 @@ impl Session {
     }
 }
 
-/// Waits until `from` has bytes, then reads them into a buffer of the
-/// shard's. `Ok(None)` is end of stream. While waiting, no buffer is held.
 async fn read_lent(
-    from: &ReadyStream,
+    from: &impl Wire,
     pool: &BufferPool,
 ) -> std::io::Result<Option<(Vec<u8>, usize)>> {
-    let (buf, n) = from.read_with(|| pool.take(), |b| pool.put(b)).await?;
-    if n == 0 {
-        pool.put(buf);
-        return Ok(None);
-    }
-    Ok(Some((buf, n)))
+    from.read_lent(pool).await
 }
 
-async fn write_all(to: &ReadyStream, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all(to: &impl Wire, bytes: &[u8]) -> std::io::Result<()> {
     to.write_all(bytes).await
+}
+
+/// A client under transaction pooling: a plain socket, or TLS with
+/// tollgate's record layer. Either waits between transactions holding no
+/// buffer.
+pub(in crate::session) enum ClientWire {
+    Plain(ReadyStream),
+    Tls(TlsStream),
+}
+
+impl Wire for ClientWire {
+    async fn read_lent(&self, pool: &BufferPool) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+        match self {
+            ClientWire::Plain(s) => s.read_lent(pool).await,
+            ClientWire::Tls(s) => s.read_lent().await,
+        }
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            ClientWire::Plain(s) => s.write_all(bytes).await,
+            ClientWire::Tls(s) => s.write_all(bytes).await,
+        }
+    }
+
+    fn goodbye(&self) {
+        if let ClientWire::Tls(s) = self {
+            s.close();
+        }
+    }
 }
 
 /// Answers expected at most before the client is read again.
