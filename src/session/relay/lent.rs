@@ -1,9 +1,11 @@
-//! The pump for plain sockets (TCP or Unix-domain) on both sides: waits
-//! for readiness holding no buffer, and borrows one from the shard's
-//! [`BufferPool`] only while bytes are in flight.
+//! The pump for a plain server socket (TCP or Unix-domain) and a plain or
+//! TLS client: waits for readiness holding no buffer, and borrows one
+//! from the shard's [`BufferPool`] only while bytes are in flight.
 //!
 //! An idle session therefore holds no relay memory at all; the kernel
-//! keeps the unread bytes. Both sockets switch to monoio's poll-io mode
+//! keeps the unread bytes. A TLS client is a [`TlsStream`], which opens
+//! and seals records in the lent buffer itself. Plain sockets switch to
+//! monoio's poll-io mode
 //! (readiness from the driver, then a non-blocking `recv`/`send`): a read
 //! that finds nothing hands the buffer straight back, which io_uring's
 //! owned-buffer reads cannot do (the kernel holds the buffer until data

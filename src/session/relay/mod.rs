@@ -5,16 +5,17 @@
 //! and writes the same buffer to the other side. Nothing on the
 //! per-message path allocates, locks, or touches memory another shard reads.
 //!
-//! Three pumps share this logic. [`lent`] serves plain sockets (TCP or
-//! Unix-domain) on both sides by default: it waits for readiness holding
-//! no buffer and borrows one from the shard's pool only while bytes are in
-//! flight, so an idle session holds none. [`ringed`] does the same job
+//! Three pumps share this logic. [`lent`] serves a plain server socket
+//! (TCP or Unix-domain) by default, for plain and TLS clients alike: it
+//! waits for readiness holding no buffer and borrows one from the shard's
+//! pool only while bytes are in flight, so an idle session holds none. [`ringed`] does the same job
 //! with `plain_relay = "completion"` on an io_uring shard: receives posted
 //! to the shard's relay ring take a provided buffer only when data
 //! arrives, and sends go out from that buffer (opt-in until it measures
-//! cheaper in the proxy; see README, Performance). [`owned`] serves TLS (whose
-//! plaintext may be buffered inside rustls, so socket readiness says
-//! nothing): one buffer per direction for the session's life.
+//! cheaper in the proxy; see README, Performance). [`owned`] serves a TLS
+//! server connection (monoio-rustls, whose plaintext may be buffered
+//! inside rustls, so socket readiness says nothing): one buffer per
+//! direction for the session's life.
 //!
 //! A session can be ended from outside (token revoked, expired, rotated):
 //! the server-to-client direction then stops at the next message boundary,

@@ -31,9 +31,11 @@
 //! connection is not given back while a cancel to it is on its way, so a
 //! cancel never reaches the query of a client the connection serves next.
 //!
-//! For now this runs on plain sockets (TCP or Unix-domain) on both sides;
-//! a TLS session under transaction pooling keeps its connection for its
-//! whole session (pinned, reason `tls`).
+//! The client may be plain or TLS ([`ClientWire`]; a TLS client's records
+//! are opened in the lent buffer, so it too waits holding none). The
+//! server side runs on plain sockets (TCP or Unix-domain) for now; a
+//! session whose server leg is TLS keeps its connection for its whole
+//! session (pinned, reason `tls`).
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html>
 
@@ -1078,8 +1080,9 @@ impl Flag {
     }
 }
 
-/// A TLS session under transaction pooling keeps its connection for its
-/// whole session (see the module doc): counted and logged as a pin.
+/// A session with TLS to the server, under transaction pooling, keeps
+/// its connection for its whole session (see the module doc): counted
+/// and logged as a pin.
 pub(super) fn pinned_for_tls(pool: &RoutePool, session: SessionId) {
     pool.counters.borrow_mut().pins.add(Pin::Tls.as_str(), 1);
     info!(
