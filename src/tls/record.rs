@@ -273,6 +273,8 @@ pub struct RecordLayer {
     update_tx: bool,
     /// The peer sent close_notify: nothing it sends later counts.
     peer_closed: bool,
+    /// The start of a post-handshake message split across records.
+    hs_partial: Vec<u8>,
 }
 
 impl RecordLayer {
@@ -299,6 +301,7 @@ impl RecordLayer {
             tx_limit: limit.saturating_sub(limit / 1024),
             update_tx: false,
             peer_closed: false,
+            hs_partial: Vec::new(),
         })
     }
 
@@ -361,6 +364,12 @@ impl RecordLayer {
             }
             let (typ, plain) = self.decrypt(header, &mut buf[body.clone()])?;
             let plain = body.start + plain.start..body.start + plain.end;
+            if typ != CONTENT_HANDSHAKE && !self.hs_partial.is_empty() {
+                // A split message's records come in a row (RFC 8446 §5.1).
+                return Err(RecordError::Unexpected(
+                    "record inside a split handshake message",
+                ));
+            }
             match typ {
                 CONTENT_APPLICATION_DATA => {
                     buf.copy_within(plain.clone(), out);
@@ -465,20 +474,45 @@ impl RecordLayer {
     /// Post-handshake messages: a TLS 1.3 KeyUpdate, and (to a client) a
     /// NewSessionTicket. Anything else (renegotiation, post-handshake
     /// authentication, which tollgate never asks for) ends the
-    /// connection. A message split across records is refused: no TLS
-    /// stack splits these few bytes.
-    fn handshake(&mut self, mut messages: &[u8]) -> Result<(), RecordError> {
-        if messages.is_empty() {
+    /// connection. A message split across records is joined (rare: a
+    /// peer with a small maximum fragment size), in a buffer that exists
+    /// only until it is whole.
+    fn handshake(&mut self, data: &[u8]) -> Result<(), RecordError> {
+        if data.is_empty() {
             return Err(RecordError::Decode("empty handshake record"));
         }
+        if self.hs_partial.is_empty() {
+            let rest = self.handshake_messages(data)?;
+            if !rest.is_empty() {
+                self.hs_partial = rest.to_vec();
+            }
+            return Ok(());
+        }
+        let mut joined = std::mem::take(&mut self.hs_partial);
+        if joined.len() + data.len() > MAX_HANDSHAKE_MESSAGE {
+            return Err(RecordError::Decode("post-handshake message too long"));
+        }
+        joined.extend_from_slice(data);
+        let rest = self.handshake_messages(&joined)?.len();
+        if rest > 0 {
+            joined.drain(..joined.len() - rest);
+            self.hs_partial = joined;
+        }
+        Ok(())
+    }
+
+    /// Acts on the whole messages in `messages`; returns the start of an
+    /// unfinished one.
+    fn handshake_messages<'m>(&mut self, mut messages: &'m [u8]) -> Result<&'m [u8], RecordError> {
         while let [typ, a, b, c, rest @ ..] = messages {
             let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
             let Some(body) = rest.get(..len) else {
-                return Err(RecordError::Unexpected(
-                    "post-handshake message split across records",
-                ));
+                if len + 4 > MAX_HANDSHAKE_MESSAGE {
+                    return Err(RecordError::Decode("post-handshake message too long"));
+                }
+                break;
             };
-            messages = &rest[len..];
+            let after = &rest[len..];
             match (self.version, *typ, &self.kernel) {
                 (Version::Tls13, HANDSHAKE_KEY_UPDATE, _) => {
                     let requested = match body {
@@ -488,7 +522,7 @@ impl RecordLayer {
                     };
                     // The next record is under the new key, so nothing
                     // may follow in this one (RFC 8446 §5.1).
-                    if !messages.is_empty() {
+                    if !after.is_empty() {
                         return Err(RecordError::Unexpected("data after key_update"));
                     }
                     self.rx = Keys::new(self.kernel.update_rx()?)?.0;
@@ -501,11 +535,9 @@ impl RecordLayer {
                 }
                 _ => return Err(RecordError::Unexpected("handshake message after handshake")),
             }
+            messages = after;
         }
-        if !messages.is_empty() {
-            return Err(RecordError::Decode("handshake message header"));
-        }
-        Ok(())
+        Ok(messages)
     }
 
     /// Seals as much of `plaintext` as fits in `out` into records (each
@@ -635,6 +667,10 @@ impl RecordLayer {
         Ok(len)
     }
 }
+
+/// The longest post-handshake message taken, header included (rustls's
+/// own bound on handshake messages).
+const MAX_HANDSHAKE_MESSAGE: usize = 0xffff;
 
 /// A KeyUpdate's payload: type, 3-byte length, one byte.
 const KEY_UPDATE_RECORD: usize = 5;

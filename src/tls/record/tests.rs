@@ -407,3 +407,37 @@ fn a_failed_handshake_says_why_with_an_alert() {
     let mut hs = Handshake::new(conn, vec![0x16, 3, 1, 0x40, 0x00]);
     assert_eq!(hs.advance().unwrap(), Want::Receive);
 }
+
+/// Handshake messages split across many small records (a peer with a
+/// small maximum fragment size) are joined by rustls across the records
+/// the driver shows it one at a time, on both sides.
+#[test]
+fn a_handshake_in_small_fragments_completes() {
+    for suite in [SUITES[0], SUITES[3]] {
+        let certs = certs();
+        // Our server, a client sending 64-byte records.
+        let ours = UnbufferedServerConnection::new(server_config(suite, &certs, true)).unwrap();
+        let mut config = (*client_config(suite, &certs, false)).clone();
+        config.max_fragment_size = Some(64);
+        let mut client =
+            ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+        let (mut ours, leftover) = handshake(ours, &mut client, b"");
+        let mut wire = leftover;
+        wire.extend_from_slice(&send(&mut client, b"after small records"));
+        assert_eq!(open_stream(&mut ours, &wire, 13), b"after small records");
+        // Our client, a server sending 64-byte records.
+        let ours = UnbufferedClientConnection::new(
+            client_config(suite, &certs, true),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut config = (*server_config(suite, &certs, false)).clone();
+        config.max_fragment_size = Some(64);
+        let mut server = ServerConnection::new(Arc::new(config)).unwrap();
+        let (mut ours, leftover) = handshake(ours, &mut server, b"");
+        let mut wire = leftover;
+        wire.extend_from_slice(&drain(&mut server));
+        wire.extend_from_slice(&send(&mut server, b"hello"));
+        assert_eq!(open_stream(&mut ours, &wire, 7), b"hello", "{suite:?}");
+    }
+}
