@@ -141,6 +141,9 @@ impl ReadyStream {
                 _ => Err(e),
             };
         }
+        if n == 0 && !bytes.is_empty() {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
         Ok(n as usize)
     }
 
