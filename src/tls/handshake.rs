@@ -32,45 +32,34 @@ pub trait Side {
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
-impl Side for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
+/// rustls gives both connections the same inherent methods but no trait
+/// over them: one impl, written once.
+macro_rules! side {
+    ($conn:ty, $data:ty, $kernel:ident) => {
+        impl Side for $conn {
+            type Data = $data;
 
-    fn common(&self) -> &CommonState {
-        self
-    }
+            fn common(&self) -> &CommonState {
+                self
+            }
 
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
 
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Server(kernel)))
-    }
+            fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
+                let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
+                Ok((secrets, Kernel::$kernel(kernel)))
+            }
+        }
+    };
 }
 
-impl Side for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-
-    fn common(&self) -> &CommonState {
-        self
-    }
-
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        let (secrets, kernel) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Client(kernel)))
-    }
-}
+side!(UnbufferedServerConnection, ServerConnectionData, Server);
+side!(UnbufferedClientConnection, ClientConnectionData, Client);
 
 /// What the handshake needs next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

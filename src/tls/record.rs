@@ -563,8 +563,8 @@ impl RecordLayer {
             let left = plaintext.len() - taken;
             let room = (out.len() - written).saturating_sub(overhead);
             let n = left.min(MAX_PLAINTEXT).min(room);
-            // One empty record only when asked to seal nothing at all.
-            if n == 0 && (left > 0 || written > 0) {
+            // Nothing to seal, or no room for a record: never an empty one.
+            if n == 0 {
                 break;
             }
             written += self.seal_record(
