@@ -4,6 +4,7 @@
 pub mod cidr;
 pub mod jwt;
 pub mod live;
+pub mod pool_mode;
 pub mod store;
 pub mod token;
 

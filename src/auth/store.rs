@@ -82,40 +82,7 @@ struct RawStore {
     revoked_jwts: Vec<RawRevokedJwt>,
 }
 
-/// How a token's clients share the server connections of a route that
-/// pools them, in place of the route's `[pool] mode`. A route with
-/// `mode = "off"` logs in per client whatever its tokens say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PoolModeRule {
-    /// One server connection for the whole session.
-    Session,
-    /// A server connection per transaction.
-    Transaction,
-}
-
-impl PoolModeRule {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PoolModeRule::Session => "session",
-            PoolModeRule::Transaction => "transaction",
-        }
-    }
-}
-
-impl std::str::FromStr for PoolModeRule {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "session" => Ok(PoolModeRule::Session),
-            "transaction" => Ok(PoolModeRule::Transaction),
-            other => Err(format!(
-                "pool mode {other:?} is neither \"session\" nor \"transaction\""
-            )),
-        }
-    }
-}
+pub use super::pool_mode::PoolModeRule;
 
 /// What happens to open sessions when their token expires.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -714,8 +681,7 @@ impl TokenStore {
             lock_session: false,
             expires_at: Some(jwt.expires_at),
             on_expiry: None,
-            // JWTs carry no pool claim: the route's mode applies.
-            pool_mode: None,
+            pool_mode: jwt.pool_mode,
             upstreams: Vec::new(),
         })
     }

@@ -421,6 +421,17 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Connects with tokio-postgres, driving the connection in the background.
+/// The first column of the first row, by the simple protocol (no named
+/// statement, so no pin).
+pub async fn simple_one(c: &tokio_postgres::Client, sql: &str) -> String {
+    for m in c.simple_query(sql).await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return r.get(0).unwrap_or_default().to_owned();
+        }
+    }
+    panic!("no row from {sql}");
+}
+
 pub async fn pg_connect(conn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

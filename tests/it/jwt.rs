@@ -153,3 +153,66 @@ fn jwts_are_verified_revocable_and_refused_like_any_bad_token() {
     }
     env.assert_log_clean();
 }
+
+/// A JWT's `pool_mode` claim does what `token create --pool-mode` does for
+/// an opaque token: on a route that pools by session, the issuer can make
+/// a fleet of workers share connections per transaction.
+#[test]
+fn a_jwts_pool_mode_claim_overrides_the_routes() {
+    let mut env = Env::build(EnvOptions {
+        workers: 1,
+        tables: format!(
+            "[pool]\nmode = \"session\"\nmax_server_connections = 2\n\
+             checkout_timeout = \"2s\"\n\
+             [jwt]\nissuer = \"https://auth.test\"\naudience = \"tollgate\"\n\
+             [[jwt.hmac]]\nsecret = \"{HMAC_SECRET}\"\n"
+        ),
+        ..EnvOptions::default()
+    });
+    env.start_proxy();
+    let with_mode = |jti: &str, mode: Option<&str>| {
+        let mut c = claims(60, "tollgate", jti);
+        if let Some(mode) = mode {
+            c["pool_mode"] = serde_json::json!(mode);
+        }
+        hs256(&c)
+    };
+    let tx = with_mode("workers", Some("transaction"));
+    let session = with_mode("reports", None);
+    runtime().block_on(async {
+        // The session-mode client holds one of the two connections.
+        let s = pg_connect(&env.conn_str("app", "appdb", &session))
+            .await
+            .unwrap();
+        let pid = simple_one(&s, "select pg_backend_pid()").await;
+        // Five transaction-mode clients at once share the other; by
+        // session the second would wait and get 53300.
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(
+                pg_connect(&env.conn_str("app", "appdb", &tx))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for _ in 0..3 {
+            for c in &clients {
+                // The claim's session parameters follow each client.
+                assert_eq!(simple_one(c, "show statement_timeout").await, "4321ms");
+            }
+        }
+        assert_eq!(simple_one(&s, "select pg_backend_pid()").await, pid);
+    });
+    // A mode tollgate does not know refuses the token, like any bad claim.
+    let bad = with_mode("bad", Some("statement"));
+    runtime().block_on(async {
+        let err = pg_connect(&env.conn_str("app", "appdb", &bad))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
+        );
+    });
+}

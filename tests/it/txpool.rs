@@ -26,17 +26,6 @@ fn env_tx(workers: usize, pool: &str) -> (Env, SocketAddr) {
     (env, admin)
 }
 
-/// The first column of the first row, by the simple protocol (no named
-/// statement, so no pin).
-async fn simple_one(c: &tokio_postgres::Client, sql: &str) -> String {
-    for m in c.simple_query(sql).await.unwrap() {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return r.get(0).unwrap_or_default().to_owned();
-        }
-    }
-    panic!("no row from {sql}");
-}
-
 /// Samples the app role's backends on a thread of its own until `done`,
 /// returning the most seen.
 fn sample_backends(direct: String, done: Arc<AtomicBool>) -> std::thread::JoinHandle<i64> {

@@ -16,6 +16,7 @@ use ring::digest;
 use serde_json::Value;
 
 use super::{JwtRejection, JwtVerifier, VerifiedJwt, ANY_CIDRS, ANY_DATABASE};
+use crate::auth::pool_mode::PoolModeRule;
 
 /// 9999-12-31T23:59:59Z: later "dates" are nonsense, and refusing them keeps
 /// `SystemTime` arithmetic far from overflow.
@@ -128,6 +129,16 @@ impl JwtVerifier {
                     .ok_or(JwtRejection::BadClaim("max_connections"))?,
             ),
         };
+        // Only the two words: a mode tollgate does not know must not be
+        // read as the route's default.
+        let pool_mode = match claims.get(&names.pool_mode) {
+            None => None,
+            Some(Value::String(m)) => Some(
+                m.parse::<PoolModeRule>()
+                    .map_err(|_| JwtRejection::BadClaim("pool_mode"))?,
+            ),
+            Some(_) => return Err(JwtRejection::BadClaim("pool_mode")),
+        };
 
         let log_id = match jti.as_deref() {
             Some(j) if is_loggable_id(j) => format!("jwt:{j}"),
@@ -149,6 +160,7 @@ impl JwtVerifier {
             cidrs,
             session,
             max_connections,
+            pool_mode,
             expires_at,
             not_before,
             log_id,
@@ -228,6 +240,7 @@ mod tests {
 
     use crate::auth::jwt::test_support::*;
     use crate::auth::jwt::{JwtAlg, JwtRejection};
+    use crate::auth::pool_mode::PoolModeRule;
 
     #[test]
     fn expiry_and_not_before_honour_the_leeway() {
@@ -398,6 +411,28 @@ mod tests {
             );
         }
 
+        assert_eq!(fx.check(&fx.token_with(|_| ())).unwrap().pool_mode, None);
+        for (word, mode) in [
+            ("transaction", PoolModeRule::Transaction),
+            ("session", PoolModeRule::Session),
+        ] {
+            assert_eq!(
+                fx.check(&set("pool_mode", json!(word))).unwrap().pool_mode,
+                Some(mode)
+            );
+        }
+        for bad in [
+            json!("Transaction"),
+            json!("statement"),
+            json!(""),
+            json!(1),
+        ] {
+            assert_eq!(
+                fx.check(&set("pool_mode", bad)),
+                Err(JwtRejection::BadClaim("pool_mode"))
+            );
+        }
+
         let no_role = fx.token_with(|c| drop(c.remove("role")));
         assert_eq!(fx.check(&no_role), Err(JwtRejection::MissingClaim("role")));
         for bad in [json!(""), json!(5), json!(["app"])] {
@@ -422,7 +457,8 @@ mod tests {
         let v = fx
             .load(&format!(
                 "{}\n[jwt.claims]\nrole = \"pg_role\"\ndatabases = \"dbs\"\ncidrs = \"nets\"\n\
-                 session = \"params\"\nmax_connections = \"conn_limit\"\n",
+                 session = \"params\"\nmax_connections = \"conn_limit\"\n\
+                 pool_mode = \"tg_pool\"\n",
                 base_config("")
             ))
             .unwrap();
@@ -435,6 +471,8 @@ mod tests {
             c.insert("nets".into(), json!(["192.0.2.0/24", "2001:db8::/32"]));
             c.insert("params".into(), json!({"statement_timeout": "5s"}));
             c.insert("conn_limit".into(), json!(3));
+            c.insert("pool_mode".into(), json!("session"));
+            c.insert("tg_pool".into(), json!("transaction"));
         });
         let ok = v.verify(token.as_bytes(), fx.now).unwrap();
         assert_eq!(ok.role, "reporting");
@@ -445,6 +483,7 @@ mod tests {
             vec![("statement_timeout".to_string(), "5s".to_string())]
         );
         assert_eq!(ok.max_connections, Some(3));
+        assert_eq!(ok.pool_mode, Some(PoolModeRule::Transaction));
         // "role" alone no longer names a role.
         let token = fx.token(JwtAlg::Es256, Some("es256"));
         assert_eq!(

@@ -75,6 +75,7 @@ pub struct JwtClaimNamesRaw {
     pub cidrs: Option<String>,
     pub session: Option<String>,
     pub max_connections: Option<String>,
+    pub pool_mode: Option<String>,
 }
 
 /// A secret written inline in the config: redacted by `Debug` (the raw config
@@ -156,6 +157,7 @@ pub(super) struct ClaimNames {
     pub(super) cidrs: String,
     pub(super) session: String,
     pub(super) max_connections: String,
+    pub(super) pool_mode: String,
 }
 
 impl ClaimNames {
@@ -168,6 +170,7 @@ impl ClaimNames {
             max_connections: raw
                 .max_connections
                 .unwrap_or_else(|| "max_connections".into()),
+            pool_mode: raw.pool_mode.unwrap_or_else(|| "pool_mode".into()),
         };
         let all = [
             ("role", &names.role),
@@ -175,6 +178,7 @@ impl ClaimNames {
             ("cidrs", &names.cidrs),
             ("session", &names.session),
             ("max_connections", &names.max_connections),
+            ("pool_mode", &names.pool_mode),
         ];
         for (i, (rule, claim)) in all.iter().enumerate() {
             let what = format!("[jwt.claims] {rule}");

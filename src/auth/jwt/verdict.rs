@@ -8,6 +8,8 @@
 use std::fmt;
 use std::time::SystemTime;
 
+use crate::auth::pool_mode::PoolModeRule;
+
 /// A verified token, mapped to tollgate's rules. Holds nothing secret: not
 /// the token, not its signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub struct VerifiedJwt {
     /// Start-up parameters to inject, sorted by name.
     pub session: Vec<(String, String)>,
     pub max_connections: Option<u32>,
+    /// The pool mode claim, in place of the route's `[pool] mode`.
+    pub pool_mode: Option<PoolModeRule>,
     /// `exp`, without the leeway.
     pub expires_at: SystemTime,
     pub not_before: Option<SystemTime>,
