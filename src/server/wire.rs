@@ -44,11 +44,11 @@ pub fn query(out: &mut BytesMut, sql: &str) {
 
 /// Writes all of `bytes` to the server.
 pub async fn write(stream: &mut UpstreamStream, bytes: BytesMut) -> Result<(), WireError> {
-    let (res, _) = match stream {
-        UpstreamStream::Plain(s) => s.write_all(bytes).await,
-        UpstreamStream::Tls(s) => s.write_all(bytes).await,
+    let res = match stream {
+        UpstreamStream::Plain(s) => s.write_all(bytes).await.0.map(|_| ()),
+        UpstreamStream::Tls(s) => s.write_all(&bytes).await,
     };
-    res.map(|_| ()).map_err(WireError::Io)
+    res.map_err(WireError::Io)
 }
 
 /// One message as read: its tag and, unless it was too long to keep, its

@@ -613,9 +613,14 @@ async fn warm(ctx: &ShardContext, pool: &RoutePool, key: Rc<PoolKey>, seat: crat
         minor: key.minor,
     };
     let login = login_params(&key, password, version);
-    let up =
-        upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys)
-            .await;
+    let up = upstream::connect_and_login(
+        &route.config,
+        route.tls.as_deref(),
+        login,
+        &ctx.scram_keys,
+        &ctx.relay_buffers,
+    )
+    .await;
     let up = match up {
         Ok(up) => up,
         Err(e) => {

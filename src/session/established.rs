@@ -66,37 +66,17 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         },
         server => return established_on(ctx, client, input, server, rest),
     };
-    let plain_server = matches!(b.conn.stream, UpstreamStream::Plain(_));
-    match client.into_client() {
-        relay::Client::Plain(c) if plain_server => {
-            let c = txpool::ClientWire::Plain(crate::net::ReadyStream::new(c));
-            established_tx(ctx, c, input, (b, login), rest, start)
-        }
-        relay::Client::Tls(c) if plain_server => established_tx(
-            ctx,
-            txpool::ClientWire::Tls(c),
-            input,
-            (b, login),
-            rest,
-            start,
-        ),
-        // TLS to the server: transaction pooling relays plain server
-        // sockets only.
-        relay::Client::Plain(c) => {
-            txpool::pinned_for_tls(&b.pool, start.id);
-            established_on(ctx, c, input, ServerLink::Pooled(b), rest)
-        }
-        relay::Client::Tls(c) => {
-            txpool::pinned_for_tls(&b.pool, start.id);
-            established_on(ctx, c, input, ServerLink::Pooled(b), rest)
-        }
-    }
+    let client = match client.into_client() {
+        relay::Client::Plain(c) => txpool::Link::Plain(crate::net::ReadyStream::new(c)),
+        relay::Client::Tls(c) => txpool::Link::Tls(Box::new(c)),
+    };
+    established_tx(ctx, client, input, (b, login), rest, start)
 }
 
 /// The relay of a session under transaction pooling (see [`txpool`]).
 fn established_tx(
     ctx: &Rc<ShardContext>,
-    client: txpool::ClientWire,
+    client: txpool::Link,
     input: BytesMut,
     (b, login): (borrow::Borrowed, borrow::Login),
     rest: Rest,

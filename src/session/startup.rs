@@ -353,8 +353,13 @@ pub(super) async fn connect_upstream<'a, P: Iterator<Item = (&'a str, &'a str)>>
     login: upstream::LoginParams<'a, P>,
 ) -> Result<Upstream, Refusal> {
     let user = login.user;
-    let login =
-        upstream::connect_and_login(&route.config, route.tls.as_deref(), login, &ctx.scram_keys);
+    let login = upstream::connect_and_login(
+        &route.config,
+        route.tls.as_deref(),
+        login,
+        &ctx.scram_keys,
+        &ctx.relay_buffers,
+    );
     let connecting = Instant::now();
     let upstream = timeout_at(deadline, login)
         .await

@@ -10,18 +10,15 @@ use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use rustls::server::UnbufferedServerConnection;
 use rustls::ServerConfig;
 
-use super::handshake::{Failed, Handshake, Want};
+use super::drive::{drive, invalid};
+use super::handshake::Handshake;
 use super::stream::TlsStream;
 use super::ALPN_POSTGRESQL;
 use crate::net::{BufferPool, Stream};
-
-/// Bytes read from the socket per call during the handshake.
-const READ_SIZE: usize = 16 * 1024;
 
 /// What the handshake settled, besides the stream.
 pub struct Accepted {
@@ -41,40 +38,7 @@ pub async fn accept(
 ) -> io::Result<(TlsStream, Accepted)> {
     let conn = UnbufferedServerConnection::new(config).map_err(invalid)?;
     let mut hs = Handshake::new(conn, prefix);
-    let mut buf = Vec::new();
-    loop {
-        match hs.advance() {
-            Ok(Want::Send) => {
-                let out = std::mem::take(&mut hs.outgoing);
-                let (res, out) = io.write_all(out).await;
-                hs.outgoing = out;
-                res?;
-                hs.sent();
-            }
-            Ok(Want::Receive) => {
-                buf.clear();
-                buf.reserve(READ_SIZE);
-                // monoio reads into the whole capacity and sets the length.
-                let (res, b) = io.read(buf).await;
-                buf = b;
-                if res? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "client closed the connection during the TLS handshake",
-                    ));
-                }
-                hs.incoming.extend_from_slice(&buf);
-            }
-            Ok(Want::Done) => break,
-            Err(Failed { error, alert }) => {
-                // Tell the client why before giving up.
-                if !alert.is_empty() {
-                    let _ = io.write_all(alert).await;
-                }
-                return Err(invalid(error));
-            }
-        }
-    }
+    drive(&mut hs, &mut io, "client").await?;
     let accepted = Accepted {
         version: hs.connection().protocol_version().and_then(|v| v.as_str()),
         alpn_postgresql: hs.connection().alpn_protocol() == Some(ALPN_POSTGRESQL),
@@ -82,8 +46,4 @@ pub async fn accept(
     let (records, leftover) = hs.finish().map_err(io::Error::from)?;
     let stream = TlsStream::new(Stream::Tcp(io), records, leftover, pool);
     Ok((stream, accepted))
-}
-
-fn invalid(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
 }

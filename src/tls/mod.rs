@@ -13,6 +13,8 @@
 //! <https://www.postgresql.org/docs/current/protocol-flow.html#PROTOCOL-FLOW-SSL>
 
 pub mod accept;
+pub mod connect;
+mod drive;
 pub mod handshake;
 pub mod record;
 pub mod stream;
@@ -226,12 +228,7 @@ impl UpstreamTlsMode {
 pub struct UpstreamTls {
     pub mode: UpstreamTlsMode,
     config: Arc<ClientConfig>,
-    verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
 }
-
-/// Where a connection's verifier leaves the server's certificate, for
-/// channel binding.
-pub type CertSlot = Arc<Mutex<Option<Vec<u8>>>>;
 
 impl UpstreamTls {
     /// `None` for `disable`. `ca_file` is required for the verifying modes,
@@ -277,7 +274,7 @@ impl UpstreamTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsConfigError(e.to_string()))?
             .dangerous()
-            .with_custom_certificate_verifier(verifier.clone());
+            .with_custom_certificate_verifier(verifier);
         let mut config = match client_cert {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => builder
@@ -288,10 +285,11 @@ impl UpstreamTls {
         // Every handshake must show the certificate, which channel binding
         // hashes (Postgres disables tickets anyway).
         config.resumption = rustls::client::Resumption::disabled();
+        // After the handshake, records are tollgate's own (`connect`).
+        config.enable_secret_extraction = true;
         Ok(Some(UpstreamTls {
             mode,
             config: Arc::new(config),
-            verifier,
         }))
     }
 
@@ -300,25 +298,10 @@ impl UpstreamTls {
     pub fn client_config(&self) -> Arc<ClientConfig> {
         self.config.clone()
     }
-
-    /// A config for one connection whose verifier records the server's
-    /// certificate in the returned slot. Costs a few `Arc` clones, once per
-    /// upstream login.
-    pub fn for_connection(&self) -> (Arc<ClientConfig>, CertSlot) {
-        let slot = CertSlot::default();
-        let mut config = (*self.config).clone();
-        config
-            .dangerous()
-            .set_certificate_verifier(Arc::new(verify::Capture {
-                inner: self.verifier.clone(),
-                slot: slot.clone(),
-            }));
-        (Arc::new(config), slot)
-    }
 }
 
-/// The real reason behind a TLS failure: monoio-rustls's own `Display`
-/// says only "io error", hiding e.g. an untrusted certificate.
+/// The real reason behind a TLS failure: the rustls error an I/O error
+/// carries (an untrusted certificate, say), not the I/O error's kind.
 pub fn describe_error(e: impl Into<std::io::Error>) -> String {
     let e: std::io::Error = e.into();
     match e.get_ref() {

@@ -115,57 +115,6 @@ impl ServerCertVerifier for IgnoreHostname {
     }
 }
 
-/// Delegates to another verifier and keeps the end-entity certificate of a
-/// successful verification.
-#[derive(Debug)]
-pub struct Capture {
-    pub inner: Arc<dyn ServerCertVerifier>,
-    pub slot: super::CertSlot,
-}
-
-impl ServerCertVerifier for Capture {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, Error> {
-        let verified = self.inner.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(end_entity.to_vec());
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
 /// The hash a certificate's signature uses, as RFC 5929 groups them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SignatureHash {

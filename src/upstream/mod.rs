@@ -9,6 +9,7 @@ pub mod scram;
 
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -17,13 +18,14 @@ use monoio::net::{TcpStream, UnixStream};
 use rustls_pki_types::ServerName;
 
 use crate::config::UpstreamConfig;
-use crate::net::Stream;
+use crate::net::{BufferPool, Stream};
 use crate::protocol::backend::BackendKey;
 use crate::protocol::backend::MAX_LOGIN_MESSAGE_LEN;
 use crate::protocol::frame::peek_frame;
 use crate::protocol::startup::ProtocolVersion;
 use crate::protocol::startup::SSL_REQUEST_CODE;
 use crate::secret::Secret;
+use crate::tls::stream::TlsStream;
 use crate::tls::{UpstreamTls, UpstreamTlsMode};
 use login::{Login, LoginError, LoginStep, Ready, ISSUED_KEY_LEN};
 use scram::{ChannelBinding, KeyCache};
@@ -152,16 +154,20 @@ async fn within_connect_timeout<T>(
 pub enum UpstreamStream {
     /// TCP without TLS, or a Unix-domain socket.
     Plain(Stream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+    /// Boxed: the stream is larger than a plain one, and pooled
+    /// connections and sessions carry this enum.
+    Tls(Box<TlsStream>),
 }
 
 /// A TCP connection, upgraded to TLS as `tls` says (libpq's sslmode rules:
 /// SSLRequest, then 'S' → handshake, 'N' → plaintext only for `prefer`).
 /// Returns the stream, for TLS the channel-binding data, and the socket
-/// under the stream (which the TLS stream does not give access to).
+/// under the stream. A TLS stream takes its buffers from `pool` while
+/// bytes flow.
 pub async fn connect(
     cfg: &UpstreamConfig,
     tls: Option<&UpstreamTls>,
+    pool: &Rc<BufferPool>,
 ) -> Result<(UpstreamStream, Option<Vec<u8>>, RawFd), UpstreamError> {
     let stream = connect_socket(cfg).await?;
     let fd = stream.as_raw_fd();
@@ -200,13 +206,10 @@ pub async fn connect(
     let name = ServerName::try_from(cfg.host.clone()).map_err(|_| {
         UpstreamError::Tls(format!("\"{}\" is not a valid TLS server name", cfg.host))
     })?;
-    let (config, slot) = tls.for_connection();
-    let connector = monoio_rustls::TlsConnector::from(config);
-    let stream = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| UpstreamError::Tls(crate::tls::describe_error(e)))?;
-    let cert = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (stream, cert) =
+        crate::tls::connect::connect(tls.client_config(), name, stream, pool.clone())
+            .await
+            .map_err(|e| UpstreamError::Tls(crate::tls::describe_error(e)))?;
     let binding = cert.as_deref().and_then(crate::tls::tls_server_end_point);
     Ok((UpstreamStream::Tls(Box::new(stream)), binding, fd))
 }
@@ -245,8 +248,9 @@ pub async fn connect_and_login<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     tls: Option<&UpstreamTls>,
     p: LoginParams<'a, P>,
     cache: &std::cell::RefCell<KeyCache>,
+    pool: &Rc<BufferPool>,
 ) -> Result<Upstream, UpstreamError> {
-    within_connect_timeout(cfg, connect_and_login_now(cfg, tls, p, cache)).await
+    within_connect_timeout(cfg, connect_and_login_now(cfg, tls, p, cache, pool)).await
 }
 
 async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
@@ -254,8 +258,9 @@ async fn connect_and_login_now<'a, P: Iterator<Item = (&'a str, &'a str)>>(
     tls: Option<&UpstreamTls>,
     p: LoginParams<'a, P>,
     cache: &std::cell::RefCell<KeyCache>,
+    pool: &Rc<BufferPool>,
 ) -> Result<Upstream, UpstreamError> {
-    let (stream, binding, fd) = connect(cfg, tls).await?;
+    let (stream, binding, fd) = connect(cfg, tls, pool).await?;
     let channel_binding = match (&stream, binding) {
         (UpstreamStream::Plain(_), _) => ChannelBinding::NotSupported,
         (UpstreamStream::Tls(_), Some(hash)) => ChannelBinding::TlsServerEndPoint(hash),
@@ -361,14 +366,20 @@ pub async fn send_cancel(
     msg.extend_from_slice(&crate::protocol::startup::CANCEL_REQUEST_CODE.to_be_bytes());
     msg.extend_from_slice(&key.process_id.to_be_bytes());
     msg.extend_from_slice(&key.secret_key);
+    // Its own small pool: a cancel's TLS session lives for two records.
+    let pool = Rc::new(BufferPool::new(CANCEL_BUFFER));
     let attempt = async {
-        match connect(cfg, tls).await?.0 {
+        match connect(cfg, tls, &pool).await?.0 {
             UpstreamStream::Plain(mut s) => write_and_await_close(&mut s, msg).await,
             UpstreamStream::Tls(mut s) => write_and_await_close(&mut *s, msg).await,
         }
     };
     within_connect_timeout(cfg, attempt).await
 }
+
+/// Buffer size of a cancel connection's TLS stream (grown if a record
+/// needs more).
+const CANCEL_BUFFER: usize = 1024;
 
 /// The server closes a cancel connection when it has acted on it; waiting
 /// for that keeps a cancel from racing the session's next query.
@@ -426,7 +437,8 @@ mod tests {
             .enable_timer()
             .build()
             .unwrap();
-        rt.block_on(connect(cfg, Some(&tls))).map(|_| ())
+        let pool = Rc::new(BufferPool::new(1024));
+        rt.block_on(connect(cfg, Some(&tls), &pool)).map(|_| ())
     }
 
     /// An ErrorResponse in answer to SSLRequest is a TLS failure in every

@@ -495,6 +495,30 @@ pub fn pg_tool(name: &str) -> Command {
 
 /// Runs `sql` with psql over `conn`, asserting success; its output,
 /// unaligned and trimmed.
+/// psql running `sql` from its standard input (no limit on the length of
+/// a statement, unlike `-c`), stopping at the first error; its output.
+pub fn psql_script(conn: &str, sql: &str) -> String {
+    let mut child = pg_tool("psql")
+        .args([conn, "-XAt", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let sql = sql.to_owned();
+    // Written from a thread: psql answers while it reads.
+    let writer = std::thread::spawn(move || stdin.write_all(sql.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn psql_ok(conn: &str, sql: &str) -> String {
     let out = pg_tool("psql")
         .args([conn, "-XAt", "-c", sql])
@@ -860,7 +884,6 @@ impl ServingCert {
     }
 }
 
-/// A `[tls]` table for tollgate's client side.
 /// Certificates for TLS on both legs, from one CA: the cluster's for
 /// `localhost`, tollgate's for `localhost` and 127.0.0.1. Returns the
 /// options (cluster TLS on, upstream `verify-full` by name, `[tls]` in
@@ -911,6 +934,7 @@ pub fn ssl_request() -> Vec<u8> {
     [&8u32.to_be_bytes()[..], &SSL_REQUEST.to_be_bytes()].concat()
 }
 
+/// A `[tls]` table for tollgate's client side.
 pub fn tls_table(cert: &Path, key: &Path, mode: &str) -> String {
     format!(
         "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"{mode}\"\n",

@@ -72,8 +72,16 @@ static GLOBAL: Counting = Counting;
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
-/// Reads until `want` ReadyForQuery messages have arrived, into `buf`.
-fn read_until_ready(s: &mut dyn Read, framer: &mut Framer, buf: &mut [u8], mut want: u32) {
+/// Reads until `want` ReadyForQuery messages have arrived, into `buf`;
+/// returns whether `needle` was in one read.
+fn read_until_ready(
+    s: &mut dyn Read,
+    framer: &mut Framer,
+    buf: &mut [u8],
+    mut want: u32,
+    needle: &[u8],
+) -> bool {
+    let mut seen = false;
     while want > 0 {
         let n = match s.read(buf) {
             Ok(n) => n,
@@ -83,7 +91,9 @@ fn read_until_ready(s: &mut dyn Read, framer: &mut Framer, buf: &mut [u8], mut w
         assert!(n > 0, "proxy closed the connection");
         let scan = framer.scan(&buf[..n]).unwrap();
         want = want.saturating_sub(scan.tagged);
+        seen |= !needle.is_empty() && buf[..n].windows(needle.len()).any(|w| w == needle);
     }
+    seen
 }
 
 #[test]
@@ -124,12 +134,25 @@ fn in_a_process_of_its_own(test: &str, tls: bool) {
 /// through it, and counts the allocations the stream makes.
 fn measure(tls: bool) {
     CLIENT_THREAD.with(|c| c.set(true));
-    let cluster = Cluster::start(&ClusterOptions::default()).unwrap();
     let serving = crate::harness::ServingCert::new("alloc CA", &["localhost"]);
-    let tls_table = if tls {
-        serving.table("require")
+    // Over TLS, TLS on both legs: the server's records go through the
+    // same record layer as the client's.
+    let (pg_cert, pg_key) = serving.ca.leaf(&["localhost"]);
+    let pg_cert = serving.files.write("pg.crt", &pg_cert, false);
+    let pg_key = serving.files.write_server_key("pg.key", &pg_key);
+    let cluster = Cluster::start(&ClusterOptions {
+        extra_conf: if tls {
+            crate::harness::pg_ssl_conf(&pg_cert, &pg_key)
+        } else {
+            Vec::new()
+        },
+        ..ClusterOptions::default()
+    })
+    .unwrap();
+    let (tls_table, upstream_tls) = if tls {
+        (serving.table("require"), "tls = \"require\"\n")
     } else {
-        String::new()
+        (String::new(), "")
     };
     let dir = tempfile::tempdir().unwrap();
     let t = token::generate();
@@ -146,7 +169,7 @@ fn measure(tls: bool) {
     std::fs::write(
         &config_path,
         format!(
-            "listen = \"127.0.0.1:0\"\nworkers = 1\n[upstream]\nhost = \"127.0.0.1\"\nport = {}\n\
+            "listen = \"127.0.0.1:0\"\nworkers = 1\n[upstream]\nhost = \"127.0.0.1\"\nport = {}\n{upstream_tls}\
              [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n[tokens]\nfile = \"tokens.toml\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n{tls_table}",
             cluster.port(),
@@ -192,7 +215,32 @@ fn measure(tls: bool) {
     s.flush().unwrap();
     let mut framer = Framer::counting(b'Z');
     let mut buf = vec![0u8; 64 * 1024];
-    read_until_ready(&mut *s, &mut framer, &mut buf, 1);
+    read_until_ready(&mut *s, &mut framer, &mut buf, 1, b"");
+
+    // The server leg is what the test says it is.
+    let mut ssl = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query(
+        "select ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
+        &mut ssl,
+    )
+    .unwrap();
+    s.write_all(&ssl).unwrap();
+    s.flush().unwrap();
+    let row = |v: &[u8]| {
+        [
+            &b"D\0\0\0"[..],
+            &[10 + v.len() as u8],
+            b"\0\x01\0\0\0",
+            &[v.len() as u8],
+            v,
+        ]
+        .concat()
+    };
+    let expected = if tls { row(b"true") } else { row(b"false") };
+    assert!(
+        read_until_ready(&mut *s, &mut framer, &mut buf, 1, &expected),
+        "the server leg's TLS is not {tls}"
+    );
 
     // A simple query whose answer spans several messages.
     let mut query = bytes::BytesMut::new();
@@ -202,7 +250,7 @@ fn measure(tls: bool) {
         for _ in 0..n {
             s.write_all(&query).unwrap();
             s.flush().unwrap();
-            read_until_ready(&mut *s, &mut framer, &mut buf, 1);
+            read_until_ready(&mut *s, &mut framer, &mut buf, 1, b"");
         }
     };
     round_trips(500); // warm up buffers, slabs and caches

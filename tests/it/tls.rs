@@ -100,7 +100,7 @@ fn openssl_clients_move_large_data_over_tls_1_2_and_1_3() {
     let long = "y".repeat(300_000);
     let sql = format!(
         "select length('{long}');\n\
-         select md5(repeat('x', 4000000)) = md5(r) from (select repeat('x', 4000000) r) t;\n\
+         select repeat('x', 4000000);\n\
          select version from pg_stat_ssl where pid = pg_backend_pid();\n"
     );
     for version in ["TLSv1.2", "TLSv1.3"] {
@@ -109,29 +109,13 @@ fn openssl_clients_move_large_data_over_tls_1_2_and_1_3() {
              password={token} sslmode=require ssl_min_protocol_version={version} \
              ssl_max_protocol_version={version}"
         );
-        let mut child = pg_tool("psql")
-            .args([&conn, "-XAt", "-v", "ON_ERROR_STOP=1", "-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{version}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = psql_script(&conn, &sql);
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines[0], "300000", "{version}");
-        assert_eq!(lines[1], "t", "{version}");
+        assert!(
+            lines[1].len() == 4_000_000 && lines[1].bytes().all(|b| b == b'x'),
+            "{version}"
+        );
         // The upstream leg is plain here: the client's version is in the log.
     }
     let log = env.log();

@@ -110,6 +110,52 @@ fn many_clients_share_few_backends_and_every_transaction_commits() {
     env.assert_log_clean();
 }
 
+/// pgbench (libpq, OpenSSL) through tollgate over TLS.
+fn pgbench_over_tls(addr: SocketAddr, token: &str, args: &[&str]) -> std::process::Output {
+    pg_tool("pgbench")
+        .args([
+            "-h",
+            "localhost",
+            "-p",
+            &addr.port().to_string(),
+            "-U",
+            "app",
+        ])
+        .args(args)
+        .arg("appdb")
+        .env("PGPASSWORD", token)
+        .env("PGSSLMODE", "require")
+        .output()
+        .unwrap()
+}
+
+/// TPC-B with prepared statements, 30 libpq clients over TLS through
+/// `max_server_connections = 4` (set by the caller): no transaction
+/// fails, the balances add up, never more than 4 backends, a lend per
+/// transaction and no pin.
+fn tpcb_over_tls_through_4_connections(env: &mut Env, token: &str, admin: SocketAddr) {
+    let addr = env.start_proxy();
+    let pgbench = |args: &[&str]| pgbench_over_tls(addr, token, args);
+    pgbench_init(&pgbench(&["-i", "-s", "1", "-q"]));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(env.direct_conn_str(), done.clone());
+    let run = pgbench(&["-n", "-M", "prepared", "-c", "30", "-j", "2", "-T", "4"]);
+    let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
+    done.store(true, Ordering::Relaxed);
+    assert_eq!(s.failed, 0, "{}", s.output);
+    assert!(s.processed > 100, "only {} transactions", s.processed);
+    let most = sampler.join().unwrap();
+    assert!(most <= 4, "{most} backends at once, limit 4");
+    assert_tpcb_invariants(env, s.processed);
+    let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
+    assert!(
+        lends >= s.processed as f64,
+        "{lends} lends for {}",
+        s.processed
+    );
+    assert_eq!(metric(admin, "tollgate_pool_pins_total"), None, "no pin");
+}
+
 /// TLS clients are pooled like plain ones: libpq (OpenSSL) runs TPC-B
 /// with prepared statements over TLS, 30 clients through 4 server
 /// connections, and no client is pinned for its TLS.
@@ -128,48 +174,75 @@ fn tls_clients_share_few_backends_like_plain_ones() {
         ..EnvOptions::default()
     });
     let token = env.create_token(&["-u", "app", "-d", "appdb"]);
-    let addr = env.start_proxy();
-    let direct = env.direct_conn_str();
-    let pgbench = |args: &[&str]| {
-        pg_tool("pgbench")
-            .args([
-                "-h",
-                "localhost",
-                "-p",
-                &addr.port().to_string(),
-                "-U",
-                "app",
-            ])
-            .args(args)
-            .arg("appdb")
-            .env("PGPASSWORD", &token)
-            .env("PGSSLMODE", "require")
-            .output()
-            .unwrap()
-    };
-    pgbench_init(&pgbench(&["-i", "-s", "1", "-q"]));
-    let done = Arc::new(AtomicBool::new(false));
-    let sampler = sample_backends(direct, done.clone());
-    let run = pgbench(&["-n", "-M", "prepared", "-c", "30", "-j", "2", "-T", "4"]);
-    let s = pgbench_summary(&run).unwrap_or_else(|all| panic!("pgbench failed:\n{all}"));
-    done.store(true, Ordering::Relaxed);
-    assert_eq!(s.failed, 0, "{}", s.output);
-    assert!(s.processed > 100, "only {} transactions", s.processed);
-    let most = sampler.join().unwrap();
-    assert!(most <= 4, "{most} backends at once, limit 4");
-    assert_tpcb_invariants(&env, s.processed);
-    let lends = metric(admin, "tollgate_pool_transaction_lends_total").unwrap_or(0.0);
-    assert!(
-        lends >= s.processed as f64,
-        "{lends} lends for {}",
-        s.processed
-    );
-    assert_eq!(
-        metric(admin, "tollgate_pool_pins_total"),
-        None,
-        "no TLS pin"
-    );
+    tpcb_over_tls_through_4_connections(&mut env, &token, admin);
     assert!(env.log().contains("tls=\"TLSv1_3\"") || env.log().contains("TLSv1_3"));
+    env.assert_log_clean();
+}
+
+/// A TLS server leg is lent per transaction like a plain one: TLS on both
+/// legs (verify-full to the server, channel binding), TPC-B with prepared
+/// statements from 30 clients through 4 server connections, every
+/// backend of the pool on TLS and no client pinned; then a 4 MB result
+/// and a 300 KB query through a lent TLS connection, and a cancel, which
+/// goes to the server over TLS too.
+#[test]
+fn tls_to_the_server_is_lent_per_transaction_like_plain() {
+    let ca = Ca::new("tx both legs CA");
+    let files = Files::new();
+    let (mut options, _ca_file) = tls_on_both_legs(&ca, &files, "allow");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    options.tables.push_str(&format!(
+        "[pool]\nmode = \"transaction\"\nmax_server_connections = 4\n\
+         [admin]\nlisten = \"{admin}\"\n"
+    ));
+    let mut env = Env::build(options);
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    tpcb_over_tls_through_4_connections(&mut env, &token, admin);
+    let direct = env.direct_conn_str();
+    // The pool's backends, as the server sees them: all on TLS.
+    let on_tls = psql_ok(
+        &direct,
+        "select count(*) filter (where s.ssl) || '/' || count(*) from pg_stat_ssl s \
+         join pg_stat_activity a using (pid) where a.usename = 'app' \
+         and a.pid <> pg_backend_pid()",
+    );
+    let (tls, all) = on_tls.split_once('/').unwrap();
+    assert_eq!(tls, all, "{on_tls} of the pool's backends on TLS");
+    assert!(all.parse::<i64>().unwrap() >= 1, "{on_tls}");
+    assert!(
+        env.log().contains("SCRAM-SHA-256-PLUS"),
+        "no channel binding"
+    );
+
+    // Large data both ways through a lent TLS connection: records longer
+    // than the relay's buffer, many in a row.
+    let conn = env.conn_str("app", "appdb", &token);
+    let long = "x".repeat(300_000);
+    let out = psql_script(
+        &conn,
+        &format!(
+            "select length('{long}');\n\
+             select repeat('z', 4000000);\n\
+             select 'after';\n"
+        ),
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0], "300000");
+    assert!(lines[1].len() == 4_000_000 && lines[1].bytes().all(|b| b == b'z'));
+    assert_eq!(lines[2], "after");
+
+    runtime().block_on(async {
+        let a = pg_connect(&conn).await.unwrap();
+        let cancel = a.cancel_token();
+        let running = tokio::spawn(async move { a.simple_query("select pg_sleep(20)").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = Instant::now();
+        cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        let e = running.await.unwrap().expect_err("cancelled");
+        assert_eq!(e.code().map(|c| c.code()), Some("57014"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    });
     env.assert_log_clean();
 }
 

@@ -1,15 +1,14 @@
-//! The pump for a plain server socket (TCP or Unix-domain) and a plain or
-//! TLS client: waits for readiness holding no buffer, and borrows one
-//! from the shard's [`BufferPool`] only while bytes are in flight.
+//! The pump for every session but the ring's: plain or TLS on either
+//! side. It waits for readiness holding no buffer, and borrows one from
+//! the shard's [`BufferPool`] only while bytes are in flight.
 //!
 //! An idle session therefore holds no relay memory at all; the kernel
-//! keeps the unread bytes. A TLS client is a [`TlsStream`], which opens
-//! and seals records in the lent buffer itself. Plain sockets switch to
-//! monoio's poll-io mode
-//! (readiness from the driver, then a non-blocking `recv`/`send`): a read
-//! that finds nothing hands the buffer straight back, which io_uring's
-//! owned-buffer reads cannot do (the kernel holds the buffer until data
-//! comes).
+//! keeps the unread bytes. A TLS side is a [`TlsStream`], which opens and
+//! seals records in the lent buffer itself. Plain sockets switch to
+//! monoio's poll-io mode (readiness from the driver, then a non-blocking
+//! `recv`/`send`): a read that finds nothing hands the buffer straight
+//! back, which io_uring's owned-buffer reads cannot do (the kernel holds
+//! the buffer until data comes).
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
@@ -36,9 +35,10 @@ use crate::tls::stream::TlsStream;
 /// COPY must not starve its neighbours.
 const READS_PER_TURN: u32 = 16;
 
-pub(super) async fn run<C, A, F>(mut client: C, mut server: Stream, pump: Pump<A>) -> Ended
+pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> Ended
 where
     C: Opener,
+    S: Opener,
     A: FnOnce() -> F,
     F: Future<Output = ()>,
 {
@@ -59,9 +59,8 @@ where
     let Some(client) = client.into_wire() else {
         return gone(EndedBy::ClientIo);
     };
-    let server = match server.try_into_poll_io() {
-        Ok(s) => RefCell::new(s),
-        Err(_) => return gone(EndedBy::ServerIo),
+    let Some(server) = server.into_wire() else {
+        return gone(EndedBy::ServerIo);
     };
     // Set while client bytes are being written to the server: if the
     // relay stops then, the server holds part of a message.
@@ -76,19 +75,20 @@ where
         }
     };
     let ended_by = tracks.borrow().attribute(ended_by);
-    // Poll-io reads hold no data when dropped: the server stream is whole
-    // unless a write to it was cut.
+    // Lent reads hold no data when dropped (a TLS stream keeps what it
+    // read in itself): the server stream is whole unless a write to it
+    // was cut.
     let client_end = (!writing.get(), said_goodbye.get());
     let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
     if let Some((mut plan, cancel, prologue)) = kept {
         if cancel {
             Box::pin(abandon()).await;
         }
-        if write_all(&server, &prologue).await.is_err() {
+        if server.write_all(&prologue).await.is_err() {
             plan = Plan::Close("broken");
         }
-        let kept = server.into_inner().try_into_comp_io().map(|s| Kept {
-            server: ServerSide::Plain(s),
+        let kept = S::kept(server).map(|server| Kept {
+            server,
             plan,
             framer: tracks.borrow().server.clone(),
             leftover: BytesMut::new(),
@@ -100,7 +100,7 @@ where
     match action {
         EndAction::Nothing => {}
         EndAction::TellServer(bytes) => {
-            let _ = write_all(&server, &bytes).await;
+            let _ = server.write_all(&bytes).await;
         }
         EndAction::TellClient(bytes) => {
             let _ = client.write_all(&bytes).await;
@@ -113,8 +113,8 @@ where
     gone(ended_by)
 }
 
-/// A client socket as the pump reads and writes it: plain in poll-io
-/// mode, or TLS (records opened in the lent buffer).
+/// A socket as the pump reads and writes it, on either side: plain in
+/// poll-io mode, or TLS (records opened in the lent buffer).
 pub(in crate::session) trait Wire {
     /// Waits for bytes, then returns them at the start of a lent buffer;
     /// `None` at the end of the stream.
@@ -134,11 +134,13 @@ impl Wire for RefCell<StreamPoll> {
     }
 }
 
-/// A client socket that becomes a [`Wire`] once the opening bytes are
-/// written with the rent API.
+/// A socket that becomes a [`Wire`] once the opening bytes are written
+/// with the rent API.
 pub(in crate::session) trait Opener: AsyncWriteRent {
     type Wire: Wire;
     fn into_wire(self) -> Option<Self::Wire>;
+    /// A server's wire, as a pooled connection keeps it.
+    fn kept(wire: Self::Wire) -> Option<ServerSide>;
 }
 
 impl Opener for Stream {
@@ -147,6 +149,10 @@ impl Opener for Stream {
     fn into_wire(self) -> Option<Self::Wire> {
         self.try_into_poll_io().ok().map(RefCell::new)
     }
+
+    fn kept(wire: Self::Wire) -> Option<ServerSide> {
+        wire.into_inner().try_into_comp_io().map(ServerSide::Plain)
+    }
 }
 
 impl Opener for TlsStream {
@@ -154,6 +160,10 @@ impl Opener for TlsStream {
 
     fn into_wire(self) -> Option<Self::Wire> {
         Some(self)
+    }
+
+    fn kept(wire: Self::Wire) -> Option<ServerSide> {
+        Some(ServerSide::Tls(Box::new(wire)))
     }
 }
 
@@ -241,7 +251,7 @@ pub(in crate::session) async fn write_all(
 /// other direction ends the session once they are answered.
 async fn client_to_server(
     from: &impl Wire,
-    to: &RefCell<StreamPoll>,
+    to: &impl Wire,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
     goodbye: Option<&Cell<bool>>,
@@ -260,7 +270,7 @@ async fn client_to_server(
         }
         let terminate = goodbye.and_then(|_| before_terminate(&tracks.borrow(), &buf[..n]));
         writing.set(true);
-        let res = write_all(to, &buf[..terminate.unwrap_or(n)]).await;
+        let res = to.write_all(&buf[..terminate.unwrap_or(n)]).await;
         writing.set(false);
         pool.put(buf);
         if res.is_err() {
@@ -277,7 +287,7 @@ async fn client_to_server(
 /// `kill` fires, in which case it stops at a message boundary and sends
 /// the client a FATAL error naming the reason.
 async fn server_to_client(
-    from: &RefCell<StreamPoll>,
+    from: &impl Wire,
     to: &impl Wire,
     pool: &BufferPool,
     tracks: &RefCell<Tracks>,
@@ -294,7 +304,7 @@ async fn server_to_client(
         if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
-        let read = read_lent(from, pool);
+        let read = from.read_lent(pool);
         let res = if at_boundary() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {

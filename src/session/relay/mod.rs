@@ -5,17 +5,16 @@
 //! and writes the same buffer to the other side. Nothing on the
 //! per-message path allocates, locks, or touches memory another shard reads.
 //!
-//! Three pumps share this logic. [`lent`] serves a plain server socket
-//! (TCP or Unix-domain) by default, for plain and TLS clients alike: it
-//! waits for readiness holding no buffer and borrows one from the shard's
-//! pool only while bytes are in flight, so an idle session holds none. [`ringed`] does the same job
-//! with `plain_relay = "completion"` on an io_uring shard: receives posted
-//! to the shard's relay ring take a provided buffer only when data
-//! arrives, and sends go out from that buffer (opt-in until it measures
-//! cheaper in the proxy; see README, Performance). [`owned`] serves a TLS
-//! server connection (monoio-rustls, whose plaintext may be buffered
-//! inside rustls, so socket readiness says nothing): one buffer per
-//! direction for the session's life.
+//! Two pumps share this logic. [`lent`] serves every session by default,
+//! plain or TLS on either side: it waits for readiness holding no buffer
+//! and borrows one from the shard's pool only while bytes are in flight
+//! (a TLS side opens and seals its records in that same buffer), so an
+//! idle session holds none. [`ringed`] does the same job for plain
+//! sockets on both sides with `plain_relay = "completion"` on an io_uring
+//! shard: receives posted to the shard's relay ring take a provided
+//! buffer only when data arrives, and sends go out from that buffer
+//! (opt-in until it measures cheaper in the proxy; see README,
+//! Performance).
 //!
 //! A session can be ended from outside (token revoked, expired, rotated):
 //! the server-to-client direction then stops at the next message boundary,
@@ -36,7 +35,6 @@
 //! the server connection is closed, so the server stops the work.
 
 pub(in crate::session) mod lent;
-mod owned;
 mod ringed;
 mod tracks;
 
@@ -47,7 +45,6 @@ use std::rc::Rc;
 
 use bytes::BytesMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Split};
-use monoio::net::TcpStream;
 
 use super::kill::{KillReason, KillSwitch};
 use crate::error::ClientError;
@@ -172,7 +169,7 @@ impl ClientSide for TlsStream {
 pub enum ServerSide {
     /// TCP without TLS, or a Unix-domain socket.
     Plain(Stream),
-    Tls(Box<monoio_rustls::ClientTlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
 }
 
 /// How a relay ended, and the server stream when it outlives the client.
@@ -314,10 +311,10 @@ where
             Box::pin(lent::run(client, server, pump))
         }
         (Client::Plain(client), ServerSide::Tls(server)) => {
-            Box::pin(owned::run(client, *server, pump))
+            Box::pin(lent::run(client, *server, pump))
         }
         (Client::Tls(client), ServerSide::Tls(server)) => {
-            Box::pin(owned::run(client, *server, pump))
+            Box::pin(lent::run(client, *server, pump))
         }
     }
 }
@@ -380,8 +377,8 @@ impl From<Stream> for ServerSide {
     }
 }
 
-impl From<monoio_rustls::ClientTlsStream<TcpStream>> for ServerSide {
-    fn from(s: monoio_rustls::ClientTlsStream<TcpStream>) -> Self {
+impl From<TlsStream> for ServerSide {
+    fn from(s: TlsStream) -> Self {
         ServerSide::Tls(Box::new(s))
     }
 }

@@ -31,11 +31,9 @@
 //! connection is not given back while a cancel to it is on its way, so a
 //! cancel never reaches the query of a client the connection serves next.
 //!
-//! The client may be plain or TLS ([`ClientWire`]; a TLS client's records
-//! are opened in the lent buffer, so it too waits holding none). The
-//! server side runs on plain sockets (TCP or Unix-domain) for now; a
-//! session whose server leg is TLS keeps its connection for its whole
-//! session (pinned, reason `tls`).
+//! Either side may be plain or TLS ([`Link`]): TLS records are opened in
+//! the lent buffer, so a TLS client, or a TLS server connection, waits
+//! holding none either.
 //!
 //! <https://www.postgresql.org/docs/current/protocol-flow.html>
 
@@ -99,7 +97,7 @@ pub(super) struct Outcome {
 
 /// A connection lent to the session.
 struct Lent {
-    stream: ReadyStream,
+    stream: Link,
     state: RefCell<ConnState>,
 }
 
@@ -163,7 +161,7 @@ struct Session {
 /// until the client's first transaction ends.
 pub(super) async fn run(
     l: Lending,
-    client: ClientWire,
+    client: Link,
     first: ServerConn,
     for_client: BytesMut,
     client_pending: BytesMut,
@@ -176,7 +174,7 @@ pub(super) async fn run(
 
 async fn relay(
     l: Lending,
-    client: &ClientWire,
+    client: &Link,
     first: ServerConn,
     for_client: BytesMut,
     client_pending: BytesMut,
@@ -290,13 +288,7 @@ async fn relay(
                 return s.ended(by, None);
             }
         };
-        let lent = match s.start_lend(conn) {
-            Ok(lent) => lent,
-            Err(by) => {
-                chunk.give_back(&s.l.buffers);
-                return s.ended(by, None);
-            }
-        };
+        let lent = s.start_lend(conn);
         let served = s.serve(client, &lent, &chunk.bytes()[..forward]).await;
         chunk.give_back(&s.l.buffers);
         match served {
@@ -484,7 +476,7 @@ impl Session {
     /// them: hidden answers left out, tollgate's own put in.
     async fn relay_answers(
         &self,
-        client: &ClientWire,
+        client: &Link,
         state: &RefCell<ConnState>,
         chunk: &[u8],
     ) -> std::io::Result<()> {
@@ -554,7 +546,7 @@ impl Session {
     }
 
     /// Sends tollgate's own answers now at the head of the expectations.
-    async fn answer_due(&self, client: &ClientWire) -> std::io::Result<()> {
+    async fn answer_due(&self, client: &Link) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
         Answers::due(&mut self.expect.borrow_mut(), &mut actions);
         let mut out = [0u8; 5 * 8];
@@ -605,7 +597,7 @@ impl Session {
     /// readied with the client's parameters, its cancel key pointed at it.
     /// The client is told and the session ends when none comes free in
     /// time, or the session is ended meanwhile.
-    async fn lend(&self, client: &ClientWire) -> Result<ServerConn, EndedBy> {
+    async fn lend(&self, client: &Link) -> Result<ServerConn, EndedBy> {
         let began = Instant::now();
         let config = self.l.pool.config();
         let deadline = monoio::time::Instant::now() + config.checkout_timeout;
@@ -650,28 +642,23 @@ impl Session {
     }
 
     /// Readies a connection for the relay.
-    fn start_lend(&self, conn: ServerConn) -> Result<Lent, EndedBy> {
+    fn start_lend(&self, conn: ServerConn) -> Lent {
         let ServerConn { stream, state } = conn;
-        let UpstreamStream::Plain(stream) = stream else {
-            // Transaction pooling serves plain sockets only (see `established`).
-            self.l.pool.closed("broken");
-            return Err(EndedBy::ServerIo);
-        };
         tracing::trace!(session = %self.l.session, pid = ?state.pid(), "server connection lent");
         self.rewriter.borrow_mut().new_lend();
         self.expect.borrow_mut().clear();
         *self.answers.borrow_mut() = Answers::default();
         self.copy_in.set(false);
-        Ok(Lent {
-            stream: ReadyStream::new(stream),
+        Lent {
+            stream: Link::from_upstream(stream),
             state: RefCell::new(state),
-        })
+        }
     }
 
     /// The lent connection, as the pool keeps it.
     fn end_lend(&self, lent: Lent) -> ServerConn {
         ServerConn {
-            stream: UpstreamStream::Plain(lent.stream.into_inner()),
+            stream: lent.stream.into_upstream(),
             state: lent.state.into_inner(),
         }
     }
@@ -686,7 +673,7 @@ impl Session {
     /// Relays between the client and a lent connection, starting with
     /// `first` (client bytes already followed), until the transaction ends
     /// or the session does.
-    async fn serve(&self, client: &ClientWire, lent: &Lent, first: &[u8]) -> Served {
+    async fn serve(&self, client: &Link, lent: &Lent, first: &[u8]) -> Served {
         let writing = Cell::new(true);
         let res = match self.rewrite(lent, first) {
             Some(out) => {
@@ -755,12 +742,7 @@ impl Session {
     /// Client to server while lent. Ends the lend when what the client
     /// sent needs no answer and leaves the session releasable (a lone
     /// Flush, say).
-    async fn client_to_server(
-        &self,
-        client: &ClientWire,
-        lent: &Lent,
-        writing: &Cell<bool>,
-    ) -> Served {
+    async fn client_to_server(&self, client: &Link, lent: &Lent, writing: &Cell<bool>) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
         let mut turn = 0;
         loop {
@@ -836,12 +818,7 @@ impl Session {
     /// Server to client while lent, until the transaction ends (the lend
     /// is over), either side fails, or the session is ended from outside
     /// (at a message boundary, with a FATAL error to the client).
-    async fn server_to_client(
-        &self,
-        lent: &Lent,
-        client: &ClientWire,
-        writing: &Cell<bool>,
-    ) -> Served {
+    async fn server_to_client(&self, lent: &Lent, client: &Link, writing: &Cell<bool>) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
         let kill = &self.l.kill;
         let at_boundary = || self.tracks.borrow().server.at_boundary();
@@ -917,13 +894,7 @@ impl Session {
     /// straight back; otherwise its reset begins (what runs is cancelled
     /// first, when the client vanished mid-query), or it is closed when
     /// the server side failed.
-    async fn end_lent(
-        &self,
-        client: &ClientWire,
-        lent: Lent,
-        by: EndedBy,
-        writing: bool,
-    ) -> Outcome {
+    async fn end_lent(&self, client: &Link, lent: Lent, by: EndedBy, writing: bool) -> Outcome {
         let client_left = matches!(
             by,
             EndedBy::ClientClosed
@@ -958,7 +929,7 @@ impl Session {
             }
             let Lent { stream, state, .. } = lent;
             let kept = Kept {
-                server: ServerSide::Plain(stream.into_inner()),
+                server: stream.into_server_side(),
                 plan,
                 framer: self.tracks.borrow().server.clone(),
                 leftover: BytesMut::new(),
@@ -1014,31 +985,55 @@ async fn write_all(to: &impl Wire, bytes: &[u8]) -> std::io::Result<()> {
     to.write_all(bytes).await
 }
 
-/// A client under transaction pooling: a plain socket, or TLS with
-/// tollgate's record layer. Either waits between transactions holding no
-/// buffer.
-pub(in crate::session) enum ClientWire {
+/// Either end of the transaction relay, the client or a lent server
+/// connection: a plain socket, or TLS with tollgate's record layer. Either
+/// waits holding no buffer.
+pub(in crate::session) enum Link {
     Plain(ReadyStream),
-    Tls(TlsStream),
+    /// Boxed as the pool keeps it, so lending moves a pointer.
+    Tls(Box<TlsStream>),
 }
 
-impl Wire for ClientWire {
+impl Link {
+    fn from_upstream(stream: UpstreamStream) -> Link {
+        match stream {
+            UpstreamStream::Plain(s) => Link::Plain(ReadyStream::new(s)),
+            UpstreamStream::Tls(s) => Link::Tls(s),
+        }
+    }
+
+    fn into_upstream(self) -> UpstreamStream {
+        match self {
+            Link::Plain(s) => UpstreamStream::Plain(s.into_inner()),
+            Link::Tls(s) => UpstreamStream::Tls(s),
+        }
+    }
+
+    fn into_server_side(self) -> ServerSide {
+        match self {
+            Link::Plain(s) => ServerSide::Plain(s.into_inner()),
+            Link::Tls(s) => ServerSide::Tls(s),
+        }
+    }
+}
+
+impl Wire for Link {
     async fn read_lent(&self, pool: &BufferPool) -> std::io::Result<Option<(Vec<u8>, usize)>> {
         match self {
-            ClientWire::Plain(s) => s.read_lent(pool).await,
-            ClientWire::Tls(s) => s.read_lent().await,
+            Link::Plain(s) => s.read_lent(pool).await,
+            Link::Tls(s) => s.read_lent().await,
         }
     }
 
     async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
-            ClientWire::Plain(s) => s.write_all(bytes).await,
-            ClientWire::Tls(s) => s.write_all(bytes).await,
+            Link::Plain(s) => s.write_all(bytes).await,
+            Link::Tls(s) => s.write_all(bytes).await,
         }
     }
 
     fn goodbye(&self) {
-        if let ClientWire::Tls(s) = self {
+        if let Link::Tls(s) = self {
             s.close();
         }
     }
@@ -1078,16 +1073,4 @@ impl Flag {
         })
         .await
     }
-}
-
-/// A session with TLS to the server, under transaction pooling, keeps
-/// its connection for its whole session (see the module doc): counted
-/// and logged as a pin.
-pub(super) fn pinned_for_tls(pool: &RoutePool, session: SessionId) {
-    pool.counters.borrow_mut().pins.add(Pin::Tls.as_str(), 1);
-    info!(
-        %session,
-        reason = Pin::Tls.as_str(),
-        "client pinned to its server connection for the rest of its session"
-    );
 }

@@ -43,9 +43,6 @@ pub enum Pin {
     Load,
     /// A ParameterStatus tollgate could not follow.
     UnknownParameter,
-    /// A TLS client or server: transaction pooling relays plain sockets
-    /// only for now, so such a session keeps its connection.
-    Tls,
 }
 
 impl Pin {
@@ -61,7 +58,6 @@ impl Pin {
             Pin::AdvisoryLock => "advisory_lock",
             Pin::Load => "load",
             Pin::UnknownParameter => "unknown_parameter",
-            Pin::Tls => "tls",
         }
     }
 }
