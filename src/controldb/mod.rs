@@ -71,6 +71,9 @@ pub async fn connect(db: &ControlDb, timeout: Duration) -> Result<Link, Error> {
                 let mut c = (*tls.client_config()).clone();
                 // Negotiated through SSLRequest, where ALPN is optional.
                 c.alpn_protocols.clear();
+                // tokio-postgres-rustls keeps its own records: no secrets
+                // to hand over.
+                c.enable_secret_extraction = false;
                 let make = tokio_postgres_rustls::MakeRustlsConnect::new(c);
                 let (client, conn) = config.connect(make).await?;
                 Ok((client, drive(conn)))

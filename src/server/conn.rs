@@ -84,7 +84,11 @@ impl ServerConn {
         seat: Seat,
         max_lifetime: Duration,
     ) -> Result<ServerConn, NotPoolable> {
-        if !up.leftover.is_empty() {
+        let quiet = match &up.stream {
+            UpstreamStream::Plain(_) => true,
+            UpstreamStream::Tls(s) => s.is_quiet(),
+        };
+        if !up.leftover.is_empty() || !quiet {
             return Err(NotPoolable("server sent more after ReadyForQuery"));
         }
         let mut greeting = Vec::new();
@@ -143,7 +147,18 @@ impl ServerConn {
     /// it was idle (a FATAL before a shutdown, say): either way it cannot
     /// serve a client. One non-blocking peek, no round trip.
     pub fn closed_by_server(&self) -> bool {
-        crate::io_util::peer_closed_or_spoke(self.state.fd)
+        let stream_holds_more = match &self.stream {
+            UpstreamStream::Plain(_) => false,
+            UpstreamStream::Tls(s) => !s.is_quiet(),
+        };
+        stream_holds_more || crate::io_util::peer_closed_or_spoke(self.state.fd)
+    }
+
+    /// Past its lifetime, or on a TLS 1.2 key near its limit (which would
+    /// end the connection in some client's transaction).
+    pub fn worn_out(&self, now: Instant) -> bool {
+        self.state.retired(now)
+            || matches!(&self.stream, UpstreamStream::Tls(s) if s.key_wearing_out())
     }
 
     /// Sends Terminate, best effort, and closes: the server logs a clean

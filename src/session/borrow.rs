@@ -319,7 +319,7 @@ fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
     let now = Instant::now();
     let reason = if conn.closed_by_server() {
         "broken"
-    } else if conn.state.retired(now) {
+    } else if conn.worn_out(now) {
         "lifetime"
     } else if !conn
         .state
@@ -429,7 +429,7 @@ pub(super) async fn put_back(ctx: &ShardContext, pool: &RoutePool, conn: ServerC
     let now = Instant::now();
     let retire = if ctx.draining.is_set() {
         Some("shutdown")
-    } else if conn.state.retired(now) {
+    } else if conn.worn_out(now) {
         Some("lifetime")
     } else if !pool.config().mode.pooled()
         || !conn
@@ -522,7 +522,7 @@ async fn retire_idle(pool: &Rc<RoutePool>, shards: usize, all: bool) {
             "shutdown"
         } else if c.closed_by_server() {
             "broken"
-        } else if c.state.retired(now) {
+        } else if c.worn_out(now) {
             "lifetime"
         } else if c.state.idle_for(now) >= config.idle_timeout {
             match spare.get_mut(&c.state.key) {

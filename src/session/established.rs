@@ -49,8 +49,8 @@ pub(super) fn established<C: relay::ClientSide + 'static>(
         ctx.registry.register(watched, store, SystemTime::now())
     });
     let kill = registration.watched.kill.clone();
-    // Transaction pooling, when the server connection is a plain socket;
-    // otherwise the session keeps its connection (pinned, reason `tls`).
+    // Transaction pooling, when the route's or the token's mode says so,
+    // with a plain or a TLS server connection alike.
     let rest = Rest {
         tracks,
         kill,

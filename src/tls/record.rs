@@ -96,7 +96,11 @@ impl fmt::Display for RecordError {
             RecordError::Overflow => f.write_str("TLS record too long"),
             RecordError::Unexpected(what) => write!(f, "unexpected TLS message: {what}"),
             RecordError::Decode(what) => write!(f, "malformed TLS message: {what}"),
-            RecordError::PeerAlert(d) => write!(f, "peer sent TLS alert {d}"),
+            RecordError::PeerAlert(d) => write!(
+                f,
+                "peer sent TLS alert {:?} ({d})",
+                rustls::AlertDescription::from(*d)
+            ),
             RecordError::Rustls(e) => write!(f, "TLS: {e}"),
             RecordError::KeyExhausted => f.write_str("TLS key used up (TLS 1.2 cannot renew it)"),
             RecordError::Unsupported => f.write_str("negotiated TLS cipher not supported"),
@@ -306,6 +310,13 @@ impl RecordLayer {
     }
 
     /// The peer closed its side with close_notify.
+    /// A TLS 1.2 session whose sending key has less than an eighth of its
+    /// records left: it cannot renew the key and ends at the limit, so a
+    /// connection that outlives its clients should be retired first.
+    pub fn key_wearing_out(&self) -> bool {
+        self.version != Version::Tls13 && self.tx.seq >= self.tx_limit - self.tx_limit / 8
+    }
+
     pub fn peer_closed(&self) -> bool {
         self.peer_closed
     }

@@ -216,6 +216,22 @@ impl TlsStream {
         res
     }
 
+    /// Nothing received and not handed out, the peer has not closed, and
+    /// the stream is whole: what a connection waiting in a pool must be
+    /// (a look at the socket alone misses bytes the stream holds).
+    pub fn is_quiet(&self) -> bool {
+        self.held.borrow().is_none()
+            && self.spill.borrow().is_none()
+            && !self.records.borrow().peer_closed()
+            && !self.torn.get()
+            && self.alert.get().is_none()
+    }
+
+    /// See [`RecordLayer::key_wearing_out`].
+    pub fn key_wearing_out(&self) -> bool {
+        self.records.borrow().key_wearing_out()
+    }
+
     /// Ends the TLS connection as a PostgreSQL server does when it closes:
     /// close_notify, so that the client's TLS library sees a clean end
     /// and not a truncation; or, after a record of the peer's was

@@ -493,8 +493,6 @@ pub fn pg_tool(name: &str) -> Command {
     c
 }
 
-/// Runs `sql` with psql over `conn`, asserting success; its output,
-/// unaligned and trimmed.
 /// psql running `sql` from its standard input (no limit on the length of
 /// a statement, unlike `-c`), stopping at the first error; its output.
 pub fn psql_script(conn: &str, sql: &str) -> String {
@@ -519,6 +517,8 @@ pub fn psql_script(conn: &str, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `sql` with psql over `conn`, asserting success; its output,
+/// unaligned and trimmed.
 pub fn psql_ok(conn: &str, sql: &str) -> String {
     let out = pg_tool("psql")
         .args([conn, "-XAt", "-c", sql])

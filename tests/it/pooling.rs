@@ -652,8 +652,9 @@ fn mode_off_gives_each_client_a_login_of_its_own() {
     assert!(!env.log().contains("server_reused="));
 }
 
-/// With TLS on both legs (the relay's owned-buffer pump, which stops a
-/// kept server connection differently): a connection is reused clean, and
+/// With TLS on both legs (records opened and sealed by tollgate on both
+/// sides, a server read that a kill cuts short included): a connection is
+/// reused clean, and
 /// one whose client was killed mid-query is cancelled, drained and reused.
 #[test]
 fn pooling_works_with_tls_on_both_legs() {

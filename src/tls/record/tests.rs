@@ -273,8 +273,15 @@ fn our_key_is_renewed_at_its_limit() {
     ours.tx_limit = ours.tx.seq + 3;
     let wire = seal_all(&mut ours, &pattern(100_000), 20_000);
     assert_eq!(give(&mut client, &wire), pattern(100_000));
-    // A TLS 1.2 key cannot be renewed: the connection ends instead.
+    assert!(!ours.key_wearing_out(), "TLS 1.3 renews its key");
+    // A TLS 1.2 key cannot be renewed: the connection ends instead, and
+    // says so ahead, so a pool can retire it first.
     let (mut ours, _client, _) = server_pair(SUITES[3], b"");
+    ours.tx_limit = 1000;
+    ours.tx.seq = 870;
+    assert!(!ours.key_wearing_out());
+    ours.tx.seq = 880;
+    assert!(ours.key_wearing_out());
     ours.tx_limit = ours.tx.seq;
     let mut out = vec![0; 4096];
     assert!(matches!(
