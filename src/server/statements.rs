@@ -13,8 +13,11 @@ use std::rc::Rc;
 /// Whether the server has a statement, as far as tollgate knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Held {
-    /// Its Parse is on its way: later messages may use it.
-    Pending,
+    /// Its Parse is on its way, in the lend's `cycle`-th extended-query
+    /// cycle (Syncs sent before it): later messages of that cycle may use
+    /// it, as they are skipped if it fails; a later cycle may not count
+    /// on it (see [`StatementCache::usable`]).
+    Pending { cycle: u64 },
     /// The server said ParseComplete.
     Prepared,
 }
@@ -41,10 +44,32 @@ impl StatementCache {
         }
     }
 
-    /// Notes a Parse of `name` sent, evicting the least recently used
-    /// statement beyond `capacity`: returned, for the caller to close on
-    /// the server.
-    pub fn parsing(&mut self, name: Rc<[u8]>, capacity: usize) -> Option<Rc<[u8]>> {
+    /// Whether a message of the lend's `cycle` can use `name` without
+    /// preparing it: it is prepared, or its Parse is in this same cycle.
+    /// A Parse in an earlier cycle may yet fail (in a failed transaction
+    /// block every Parse does), and then a message that counted on it
+    /// would get "prepared statement does not exist" where Postgres
+    /// would have answered what the client's own statement gets; so it
+    /// is prepared again (a Close goes first, so a Parse that succeeded
+    /// after all is no duplicate). Notes the use.
+    pub fn usable(&mut self, name: &[u8], cycle: u64) -> bool {
+        self.tick += 1;
+        match self.entries.get_mut(name) {
+            Some((held, used)) => {
+                *used = self.tick;
+                match *held {
+                    Held::Prepared => true,
+                    Held::Pending { cycle: sent } => sent == cycle,
+                }
+            }
+            None => false,
+        }
+    }
+
+    /// Notes a Parse of `name` sent in the lend's `cycle`, evicting the
+    /// least recently used statement beyond `capacity`: returned, for the
+    /// caller to close on the server.
+    pub fn parsing(&mut self, name: Rc<[u8]>, cycle: u64, capacity: usize) -> Option<Rc<[u8]>> {
         self.tick += 1;
         let evicted = if self.entries.len() >= capacity.max(1) && !self.entries.contains_key(&name)
         {
@@ -60,7 +85,8 @@ impl StatementCache {
         } else {
             None
         };
-        self.entries.insert(name, (Held::Pending, self.tick));
+        self.entries
+            .insert(name, (Held::Pending { cycle }, self.tick));
         evicted
     }
 
@@ -101,17 +127,31 @@ mod tests {
     #[test]
     fn the_least_recently_used_is_evicted_beyond_capacity() {
         let mut c = StatementCache::default();
-        assert_eq!(c.parsing(name("a"), 2), None);
-        assert_eq!(c.parsing(name("b"), 2), None);
+        assert_eq!(c.parsing(name("a"), 0, 2), None);
+        assert_eq!(c.parsing(name("b"), 0, 2), None);
         assert!(c.has(b"a"));
-        assert_eq!(c.parsing(name("c"), 2).as_deref(), Some(&b"b"[..]));
+        assert_eq!(c.parsing(name("c"), 0, 2).as_deref(), Some(&b"b"[..]));
         assert!(c.has(b"a") && c.has(b"c") && !c.has(b"b"));
         c.prepared(b"a");
         assert_eq!(c.held(b"a"), Some(Held::Prepared));
-        assert_eq!(c.held(b"c"), Some(Held::Pending));
+        assert_eq!(c.held(b"c"), Some(Held::Pending { cycle: 0 }));
         c.forget(b"a");
         assert_eq!(c.len(), 1);
         // Parsing one already held evicts nothing.
-        assert_eq!(c.parsing(name("c"), 1), None);
+        assert_eq!(c.parsing(name("c"), 0, 1), None);
+    }
+
+    #[test]
+    fn a_pending_statement_serves_only_its_own_cycle() {
+        let mut c = StatementCache::default();
+        c.parsing(name("a"), 3, 8);
+        assert!(
+            c.usable(b"a", 3),
+            "the rest of its cycle is skipped if it fails"
+        );
+        assert!(!c.usable(b"a", 4), "a later cycle prepares it again");
+        c.prepared(b"a");
+        assert!(c.usable(b"a", 4) && c.usable(b"a", 9));
+        assert!(!c.usable(b"b", 0));
     }
 }

@@ -33,5 +33,6 @@ mod shutdown;
 mod timing;
 mod tls;
 mod txpool;
+mod txpool_driver;
 mod unix_sockets;
 mod upgrade;

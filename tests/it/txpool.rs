@@ -42,7 +42,7 @@ fn sample_backends(direct: String, done: Arc<AtomicBool>) -> std::thread::JoinHa
     })
 }
 
-fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
+pub(crate) fn metric(admin: SocketAddr, line_start: &str) -> Option<f64> {
     let body = http(admin, "GET", "/metrics", None).body;
     body.lines()
         .filter(|l| l.starts_with(line_start))

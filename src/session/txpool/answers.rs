@@ -215,7 +215,7 @@ mod tests {
     ) -> (Vec<u8>, StatementCache) {
         let mut a = Answers::default();
         let mut cache = StatementCache::default();
-        cache.parsing(b"tg_x"[..].into(), 10);
+        cache.parsing(b"tg_x"[..].into(), 0, 10);
         let mut actions = Vec::new();
         let mut out = Vec::new();
         for c in server.chunks(piece) {

@@ -95,6 +95,10 @@ pub struct Rewriter {
     unnamed_here: bool,
     /// The statement of the last Bind, for the Execute that follows.
     last_bind: Option<Rc<[u8]>>,
+    /// Syncs (and simple Queries and FunctionCalls, which end a cycle as
+    /// well) sent on the lent connection: the extended-query cycle the
+    /// next message belongs to.
+    cycle: u64,
 }
 
 fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -144,6 +148,7 @@ impl Rewriter {
     pub fn new_lend(&mut self) {
         self.unnamed_here = false;
         self.last_bind = None;
+        self.cycle = 0;
     }
 
     /// Puts a statement name back as it was before a Parse or Close the
@@ -342,9 +347,15 @@ impl Rewriter {
                 // the client.
                 self.unnamed = None;
                 self.unnamed_here = true;
+                self.cycle += 1;
                 lend.expect.server(Kind::Sync, true, None);
             }
-            b'S' | b'F' => lend.expect.server(Kind::Sync, true, None),
+            // Each ends a cycle: what follows is not skipped for an
+            // error before it.
+            b'S' | b'F' => {
+                self.cycle += 1;
+                lend.expect.server(Kind::Sync, true, None);
+            }
             // Flush, CopyData, CopyDone, CopyFail: no answer of their own.
             _ => {}
         }
@@ -398,7 +409,7 @@ impl Rewriter {
                 // A name prepared again replaces the old one (where
                 // Postgres would refuse it: drivers never do this).
                 let previous = self.statements.insert(name.into(), prepared.clone());
-                if lend.cache.has(&prepared.name) && !lend.aborted {
+                if lend.cache.usable(&prepared.name, self.cycle) && !lend.aborted {
                     lend.counts.hits += 1;
                     lend.expect.push(Expect::Own(b'1'));
                 } else {
@@ -508,7 +519,7 @@ impl Rewriter {
             return None;
         }
         let prepared = self.statements.get(name)?.clone();
-        if lend.cache.has(&prepared.name) {
+        if lend.cache.usable(&prepared.name, self.cycle) {
             lend.counts.hits += 1;
         } else {
             self.send_parse(&prepared, false, lend, out);
@@ -521,7 +532,10 @@ impl Rewriter {
     /// used one, beyond the cache's capacity), answers hidden.
     fn send_parse(&mut self, p: &Prepared, show: bool, lend: &mut Lend<'_>, out: &mut Vec<u8>) {
         lend.counts.misses += 1;
-        if let Some(old) = lend.cache.parsing(p.name.clone(), lend.capacity) {
+        if let Some(old) = lend
+            .cache
+            .parsing(p.name.clone(), self.cycle, lend.capacity)
+        {
             lend.counts.evictions += 1;
             put_message(out, b'C', &[b"S", &old, &[0]]);
             lend.expect.server(Kind::Close, false, None);
