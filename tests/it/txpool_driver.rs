@@ -278,3 +278,43 @@ fn tokio_postgres_clients_get_the_answers_of_a_direct_connection() {
     }
     env.assert_log_clean();
 }
+
+/// A Bind with a 32 MB parameter, of a named statement (its name
+/// rewritten): its parameters are streamed, not held whole, and arrive
+/// intact, twice in a pipeline.
+#[test]
+fn a_bind_of_32_mb_reaches_the_server_intact() {
+    let mut env = Env::build(EnvOptions {
+        workers: 1,
+        tables: "[pool]\nmode = \"transaction\"\nmax_server_connections = 1\n".into(),
+        ..EnvOptions::default()
+    });
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    runtime().block_on(async {
+        let c = pg_connect(&env.conn_str("app", "appdb", &token))
+            .await
+            .unwrap();
+        let stmt = c
+            .prepare("select length($1::text), md5($1::text)")
+            .await
+            .unwrap();
+        let value: String = (0..32 << 20)
+            .map(|i| (b'a' + (i % 26) as u8) as char)
+            .collect();
+        // What Postgres makes of the same value on a direct connection.
+        let direct = pg_connect(&env.direct_conn_str()).await.unwrap();
+        let want: String = direct
+            .query_one("select md5($1::text)", &[&value])
+            .await
+            .unwrap()
+            .get(0);
+        let params: [&(dyn ToSql + Sync); 1] = [&value];
+        let (a, b) = tokio::join!(c.query_one(&stmt, &params), c.query_one(&stmt, &params));
+        for row in [a.unwrap(), b.unwrap()] {
+            assert_eq!(row.get::<_, i32>(0), 32 << 20);
+            assert_eq!(row.get::<_, String>(1), want);
+        }
+    });
+    env.assert_log_clean();
+}

@@ -36,6 +36,11 @@ use crate::server::statements::StatementCache;
 /// `PQ_LARGE_MESSAGE_LIMIT` (src/include/libpq/libpq.h).
 const MAX_HELD_MESSAGE: usize = 0x3fff_ffff;
 
+/// Longest start of a Bind searched for its two names before it is held
+/// whole after all (names that long are pathological: Postgres looks
+/// statements up by their first 63 bytes).
+const MAX_BIND_PREFIX: usize = 64 * 1024;
+
 /// A client's named statement.
 pub struct Prepared {
     /// The name on the servers.
@@ -330,9 +335,52 @@ impl Rewriter {
             chunk = &chunk[take..];
             if self.remaining == 0 && self.holding {
                 self.complete(lend, out)?;
+            } else if self.holding && self.tag == b'B' && self.held.len() <= MAX_BIND_PREFIX {
+                self.stream_bind(lend, out);
             }
         }
         Ok(())
+    }
+
+    /// Of a Bind still arriving: once its portal and statement names are
+    /// in, what follows them (the parameters, which may be as long as a
+    /// message can be) is streamed rather than held, so a large Bind costs
+    /// no more memory than any other message. Only the statement name is
+    /// rewritten; the length field changes by its difference.
+    fn stream_bind(&mut self, lend: &mut Lend<'_>, out: &mut Vec<u8>) {
+        let body = &self.held[5..];
+        let Some(portal_len) = memchr::memchr(0, body) else {
+            return;
+        };
+        let Some(stmt_len) = memchr::memchr(0, &body[portal_len + 1..]) else {
+            return;
+        };
+        let held = std::mem::take(&mut self.held);
+        let portal = &held[5..5 + portal_len];
+        let stmt_at = 5 + portal_len + 1;
+        let stmt = &held[stmt_at..stmt_at + stmt_len];
+        let names_end = stmt_at + stmt_len + 1;
+        let server = self.use_statement(stmt, lend, out);
+        match &server {
+            Some(s) => {
+                let len = i32::from_be_bytes([held[1], held[2], held[3], held[4]]) as usize;
+                // At most MAX_HELD_MESSAGE less a name plus a content name.
+                let len = len - stmt.len() + s.len();
+                out.push(b'B');
+                out.extend_from_slice(&(len as i32).to_be_bytes());
+                out.extend_from_slice(portal);
+                out.push(0);
+                out.extend_from_slice(s);
+                out.push(0);
+            }
+            None => out.extend_from_slice(&held[..names_end]),
+        }
+        out.extend_from_slice(&held[names_end..]);
+        self.last_bind = server.clone();
+        lend.expect.server(Kind::Bind, true, server);
+        self.holding = false;
+        self.held = held;
+        self.held.clear();
     }
 
     /// A streamed message starts: its answers are expected.
@@ -568,6 +616,11 @@ mod tests {
         }
 
         fn feed(&mut self, r: &mut Rewriter, bytes: &[u8]) -> Vec<u8> {
+            // Split anywhere: the result is the same.
+            self.feed_in(r, bytes, 3)
+        }
+
+        fn feed_in(&mut self, r: &mut Rewriter, bytes: &[u8], piece: usize) -> Vec<u8> {
             let mut out = Vec::new();
             let mut lend = Lend {
                 cache: &mut self.cache,
@@ -579,8 +632,7 @@ mod tests {
                 terminated: false,
                 aborted: false,
             };
-            // Split anywhere: the result is the same.
-            for c in bytes.chunks(3) {
+            for c in bytes.chunks(piece) {
                 r.feed(c, &mut lend, &mut out).unwrap();
             }
             out
@@ -643,6 +695,49 @@ mod tests {
         assert_eq!(w.expect.pop(), Some(Expect::Own(b'1')));
         // The first Bind, the second Parse and its Bind.
         assert_eq!(w.counts.hits, 3);
+    }
+
+    /// A Bind's parameters are streamed once its names are in: a 1 MB
+    /// Bind in 16 KiB pieces leaves nothing large held, and comes out as
+    /// it does when it arrives whole (and held).
+    #[test]
+    fn a_long_bind_is_streamed_and_rewritten_as_a_whole_one() {
+        let value = vec![b'v'; 1 << 20];
+        let mut params = vec![0, 0, 0, 1];
+        params.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        params.extend_from_slice(&value);
+        params.extend_from_slice(&[0, 0]);
+        let long_bind = |stmt: &str| {
+            msg(
+                b'B',
+                &[b"p\0", stmt.as_bytes(), b"\0\0\0", &params[..]].concat(),
+            )
+        };
+        let input = [
+            parse("s1", "select $1::text"),
+            long_bind("s1"),
+            long_bind(""),
+            msg(b'E', b"p\0\0\0\0\0"),
+            msg(b'S', b""),
+        ]
+        .concat();
+        let (mut whole, mut pieces) = (World::new(), World::new());
+        let (mut a, mut b) = (Rewriter::default(), Rewriter::default());
+        let expected = whole.feed_in(&mut a, &input, input.len());
+        let got = pieces.feed_in(&mut b, &input, 16 * 1024);
+        assert!(got == expected, "streamed and whole Binds differ");
+        assert!(b.held.capacity() <= 64 * 1024, "{}", b.held.capacity());
+        let tags: Vec<u8> = World::tags(&got).iter().map(|m| m.0).collect();
+        // The unnamed statement is the client's own (none): closed first.
+        assert_eq!(tags, b"CPBCBES");
+        let binds: Vec<_> = World::tags(&got)
+            .into_iter()
+            .filter(|m| m.0 == b'B')
+            .collect();
+        let name = content_name(b"select $1::text\0\0\0");
+        assert!(binds[0].1.starts_with(&[b"p\0", &name[..], b"\0"].concat()));
+        assert!(binds[1].1.starts_with(b"p\0\0"));
+        assert!(binds.iter().all(|b| b.1.ends_with(&params)));
     }
 
     #[test]
