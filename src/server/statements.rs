@@ -25,7 +25,9 @@ pub enum Held {
 /// One connection's statements.
 #[derive(Debug, Default)]
 pub struct StatementCache {
-    entries: HashMap<Rc<[u8]>, (Held, u64)>,
+    /// What the server has, when it was last used, and how many Parses
+    /// of it are unanswered.
+    entries: HashMap<Rc<[u8]>, (Held, u64, u32)>,
     /// Bumped per use: the least recently used has the smallest.
     tick: u64,
 }
@@ -36,7 +38,7 @@ impl StatementCache {
     pub fn has(&mut self, name: &[u8]) -> bool {
         self.tick += 1;
         match self.entries.get_mut(name) {
-            Some((_, used)) => {
+            Some((_, used, _)) => {
                 *used = self.tick;
                 true
             }
@@ -55,7 +57,7 @@ impl StatementCache {
     pub fn usable(&mut self, name: &[u8], cycle: u64) -> bool {
         self.tick += 1;
         match self.entries.get_mut(name) {
-            Some((held, used)) => {
+            Some((held, used, _)) => {
                 *used = self.tick;
                 match *held {
                     Held::Prepared => true,
@@ -76,7 +78,7 @@ impl StatementCache {
             let oldest = self
                 .entries
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, (_, used, _))| *used)
                 .map(|(k, _)| k.clone());
             if let Some(k) = &oldest {
                 self.entries.remove(k);
@@ -85,15 +87,21 @@ impl StatementCache {
         } else {
             None
         };
+        let in_flight = self.entries.get(&name).map_or(0, |e| e.2);
         self.entries
-            .insert(name, (Held::Pending { cycle }, self.tick));
+            .insert(name, (Held::Pending { cycle }, self.tick, in_flight + 1));
         evicted
     }
 
-    /// The server confirmed the Parse.
+    /// The server confirmed a Parse. Prepared only once every Parse of it
+    /// sent is answered: a later one (sent again for a later cycle, a
+    /// Close before it) may yet fail and leave the server without it.
     pub fn prepared(&mut self, name: &[u8]) {
-        if let Some((held, _)) = self.entries.get_mut(name) {
-            *held = Held::Prepared;
+        if let Some((held, _, in_flight)) = self.entries.get_mut(name) {
+            *in_flight = in_flight.saturating_sub(1);
+            if *in_flight == 0 {
+                *held = Held::Prepared;
+            }
         }
     }
 
@@ -112,7 +120,7 @@ impl StatementCache {
     }
 
     pub fn held(&self, name: &[u8]) -> Option<Held> {
-        self.entries.get(name).map(|(h, _)| *h)
+        self.entries.get(name).map(|(h, _, _)| *h)
     }
 }
 
@@ -150,8 +158,14 @@ mod tests {
             "the rest of its cycle is skipped if it fails"
         );
         assert!(!c.usable(b"a", 4), "a later cycle prepares it again");
+        // Sent again for cycle 4: the first one's answer does not make it
+        // prepared, as the second may fail.
+        c.parsing(name("a"), 4, 8);
         c.prepared(b"a");
-        assert!(c.usable(b"a", 4) && c.usable(b"a", 9));
+        assert_eq!(c.held(b"a"), Some(Held::Pending { cycle: 4 }));
+        assert!(!c.usable(b"a", 5));
+        c.prepared(b"a");
+        assert!(c.usable(b"a", 5) && c.usable(b"a", 9));
         assert!(!c.usable(b"b", 0));
     }
 }

@@ -148,6 +148,21 @@ impl Expectations {
         self.push(Expect::Server { kind, show, stmt });
     }
 
+    /// An earlier cycle (a Sync, a simple Query, a FunctionCall) is still
+    /// unanswered: it may yet fail a transaction block, where Postgres
+    /// refuses every Parse.
+    pub fn cycle_unanswered(&self) -> bool {
+        self.queue.iter().any(|e| {
+            matches!(
+                e,
+                Expect::Server {
+                    kind: Kind::Sync,
+                    ..
+                }
+            )
+        })
+    }
+
     /// Nothing more is expected (undo records of answered messages aside).
     pub fn is_empty(&self) -> bool {
         self.queue.iter().all(|e| matches!(e, Expect::Undo(_)))

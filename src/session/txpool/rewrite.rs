@@ -36,7 +36,7 @@ use crate::server::statements::StatementCache;
 /// `PQ_LARGE_MESSAGE_LIMIT` (src/include/libpq/libpq.h).
 const MAX_HELD_MESSAGE: usize = 0x3fff_ffff;
 
-/// Longest start of a Bind searched for its two names before it is held
+/// Longest start of a Bind held for its two names before it is held
 /// whole after all (names that long are pathological: Postgres looks
 /// statements up by their first 63 bytes).
 const MAX_BIND_PREFIX: usize = 64 * 1024;
@@ -100,6 +100,8 @@ pub struct Rewriter {
     unnamed_here: bool,
     /// The statement of the last Bind, for the Execute that follows.
     last_bind: Option<Rc<[u8]>>,
+    /// Of the Bind being held: how many of its two names have ended.
+    bind_nuls: u8,
     /// Syncs (and simple Queries and FunctionCalls, which end a cycle as
     /// well) sent on the lent connection: the extended-query cycle the
     /// next message belongs to.
@@ -306,6 +308,7 @@ impl Rewriter {
                 self.tag = tag;
                 self.remaining = len as usize - 4;
                 if matches!(tag, b'P' | b'B' | b'D' | b'C') {
+                    self.bind_nuls = 0;
                     self.holding = true;
                     self.held.clear();
                     self.held.extend_from_slice(&self.header);
@@ -325,7 +328,20 @@ impl Rewriter {
                 }
                 continue;
             }
-            let take = self.remaining.min(chunk.len());
+            let mut take = self.remaining.min(chunk.len());
+            let mut names_in = false;
+            if self.holding && self.tag == b'B' && self.bind_nuls < 2 {
+                // A Bind is held only up to the end of its two names
+                // (each byte looked at once): what follows may stream.
+                for i in memchr::memchr_iter(0, &chunk[..take]) {
+                    self.bind_nuls += 1;
+                    if self.bind_nuls == 2 {
+                        take = i + 1;
+                        names_in = true;
+                        break;
+                    }
+                }
+            }
             if self.holding {
                 self.held.extend_from_slice(&chunk[..take]);
             } else {
@@ -335,26 +351,26 @@ impl Rewriter {
             chunk = &chunk[take..];
             if self.remaining == 0 && self.holding {
                 self.complete(lend, out)?;
-            } else if self.holding && self.tag == b'B' && self.held.len() <= MAX_BIND_PREFIX {
+            } else if names_in && self.held.len() <= MAX_BIND_PREFIX {
                 self.stream_bind(lend, out);
             }
         }
         Ok(())
     }
 
-    /// Of a Bind still arriving: once its portal and statement names are
-    /// in, what follows them (the parameters, which may be as long as a
+    /// Of a Bind still arriving, whose portal and statement names are in
+    /// (`held` ends with them): what follows them (the parameters, which may be as long as a
     /// message can be) is streamed rather than held, so a large Bind costs
     /// no more memory than any other message. Only the statement name is
     /// rewritten; the length field changes by its difference.
     fn stream_bind(&mut self, lend: &mut Lend<'_>, out: &mut Vec<u8>) {
         let body = &self.held[5..];
-        let Some(portal_len) = memchr::memchr(0, body) else {
+        let (Some(portal_len), Some(stmt_end)) =
+            (memchr::memchr(0, body), memchr::memrchr(0, body))
+        else {
             return;
         };
-        let Some(stmt_len) = memchr::memchr(0, &body[portal_len + 1..]) else {
-            return;
-        };
+        let stmt_len = stmt_end - portal_len - 1;
         let held = std::mem::take(&mut self.held);
         let portal = &held[5..5 + portal_len];
         let stmt_at = 5 + portal_len + 1;
@@ -457,7 +473,12 @@ impl Rewriter {
                 // A name prepared again replaces the old one (where
                 // Postgres would refuse it: drivers never do this).
                 let previous = self.statements.insert(name.into(), prepared.clone());
-                if lend.cache.usable(&prepared.name, self.cycle) && !lend.aborted {
+                // Answered here only when Postgres would surely accept it:
+                // not in a failed block, nor behind a cycle that may fail one.
+                if lend.cache.usable(&prepared.name, self.cycle)
+                    && !lend.aborted
+                    && !lend.expect.cycle_unanswered()
+                {
                     lend.counts.hits += 1;
                     lend.expect.push(Expect::Own(b'1'));
                 } else {
@@ -697,9 +718,43 @@ mod tests {
         assert_eq!(w.counts.hits, 3);
     }
 
+    /// A Parse of a statement the connection holds is answered here only
+    /// when no earlier cycle is unanswered: one that fails a transaction
+    /// block makes Postgres refuse the Parse (25P02), so it goes to the
+    /// server.
+    #[test]
+    fn a_parse_behind_an_unanswered_cycle_goes_to_the_server() {
+        let mut w = World::new();
+        let mut a = Rewriter::default();
+        w.feed(&mut a, &[parse("s1", "select 1"), msg(b'S', b"")].concat());
+        let name = content_name(b"select 1\0\0\0");
+        w.cache.prepared(&name);
+        w.expect.clear();
+        let out = w.feed(
+            &mut a,
+            &[
+                bind("s1"),
+                msg(b'E', b"\0\0\0\0\0"),
+                msg(b'S', b""),
+                parse("s2", "select 1"),
+                msg(b'S', b""),
+            ]
+            .concat(),
+        );
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"BESCPS");
+        // Nothing unanswered: answered here.
+        w.expect.clear();
+        w.cache.prepared(&name);
+        let out = w.feed(&mut a, &[parse("s3", "select 1"), msg(b'S', b"")].concat());
+        let tags: Vec<u8> = World::tags(&out).iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"S");
+    }
+
     /// A Bind's parameters are streamed once its names are in: a 1 MB
-    /// Bind in 16 KiB pieces leaves nothing large held, and comes out as
-    /// it does when it arrives whole (and held).
+    /// Bind in pieces of any size leaves nothing large held, and comes
+    /// out the same, its statement name rewritten and its parameters
+    /// untouched.
     #[test]
     fn a_long_bind_is_streamed_and_rewritten_as_a_whole_one() {
         let value = vec![b'v'; 1 << 20];
@@ -721,12 +776,24 @@ mod tests {
             msg(b'S', b""),
         ]
         .concat();
-        let (mut whole, mut pieces) = (World::new(), World::new());
-        let (mut a, mut b) = (Rewriter::default(), Rewriter::default());
+        let mut whole = World::new();
+        let mut a = Rewriter::default();
         let expected = whole.feed_in(&mut a, &input, input.len());
-        let got = pieces.feed_in(&mut b, &input, 16 * 1024);
-        assert!(got == expected, "streamed and whole Binds differ");
-        assert!(b.held.capacity() <= 64 * 1024, "{}", b.held.capacity());
+        let mut got = Vec::new();
+        // Small reads, and reads far longer than the names (a large
+        // buffer_size): either way only the names are held.
+        for piece in [3, 16 * 1024, 512 * 1024] {
+            let mut pieces = World::new();
+            let mut b = Rewriter::default();
+            got = pieces.feed_in(&mut b, &input[..input.len() - 6], piece);
+            assert!(
+                b.held.capacity() <= 64 * 1024,
+                "{piece}: {}",
+                b.held.capacity()
+            );
+            got.extend(pieces.feed_in(&mut b, &input[input.len() - 6..], piece));
+            assert!(got == expected, "{piece}: streamed and whole Binds differ");
+        }
         let tags: Vec<u8> = World::tags(&got).iter().map(|m| m.0).collect();
         // The unnamed statement is the client's own (none): closed first.
         assert_eq!(tags, b"CPBCBES");
