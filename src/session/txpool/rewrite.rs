@@ -359,10 +359,11 @@ impl Rewriter {
     }
 
     /// Of a Bind still arriving, whose portal and statement names are in
-    /// (`held` ends with them): what follows them (the parameters, which may be as long as a
-    /// message can be) is streamed rather than held, so a large Bind costs
-    /// no more memory than any other message. Only the statement name is
-    /// rewritten; the length field changes by its difference.
+    /// (`held` ends with them): what follows them (the parameters, which
+    /// may be as long as a message can be) is streamed rather than held,
+    /// so a large Bind costs no more memory than any other message. Only
+    /// the statement name is rewritten; the length field changes by its
+    /// difference.
     fn stream_bind(&mut self, lend: &mut Lend<'_>, out: &mut Vec<u8>) {
         let body = &self.held[5..];
         let (Some(portal_len), Some(stmt_end)) =
@@ -414,8 +415,10 @@ impl Rewriter {
                 self.cycle += 1;
                 lend.expect.server(Kind::Sync, true, None);
             }
-            // Each ends a cycle: what follows is not skipped for an
-            // error before it.
+            // A Sync ends a cycle: what follows is not skipped for an
+            // error before it. A Query or FunctionCall is counted too,
+            // though Postgres skips them as well after an extended-query
+            // error: counting a cycle too many only prepares again.
             b'S' | b'F' => {
                 self.cycle += 1;
                 lend.expect.server(Kind::Sync, true, None);
