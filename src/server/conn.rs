@@ -195,6 +195,12 @@ impl ConnState {
             .map(|(_, v)| v)
     }
 
+    /// Whether a reported parameter changed since the login or the last
+    /// reset (else every value is the login's).
+    pub fn changed_since_login(&self) -> bool {
+        self.changed.is_some()
+    }
+
     /// Notes a ParameterStatus the server sent after the login.
     pub fn reported(&mut self, name: &str, value: &str) {
         let changed = self.changed.get_or_insert_with(Default::default);

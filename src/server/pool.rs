@@ -66,6 +66,11 @@ pub struct PoolFull;
 struct Waiter {
     woken: Cell<bool>,
     waker: RefCell<Option<Waker>>,
+    /// In `waiters`: leaving the line must look for it there. Not once
+    /// woken (taken from the line), which is how nearly every wait ends:
+    /// a search of the whole line per checkout would cost as much as the
+    /// line is long.
+    in_line: Cell<bool>,
 }
 
 /// Counters of one upstream's pool on one shard.
@@ -252,11 +257,13 @@ impl RoutePool {
                 // Woken, yet nothing free after all (another key's login
                 // took the seat): first in line again.
                 Some(q) => {
+                    q.waiter.in_line.set(true);
                     self.waiters.borrow_mut().push_front(q.waiter.clone());
                     q.waiter.clone()
                 }
                 None => {
                     let w = Rc::new(Waiter::default());
+                    w.in_line.set(true);
                     self.waiters.borrow_mut().push_back(w.clone());
                     queued = Some(Queued {
                         pool: self.clone(),
@@ -356,6 +363,7 @@ impl RoutePool {
         let Some(w) = self.waiters.borrow_mut().pop_front() else {
             return;
         };
+        w.in_line.set(false);
         w.woken.set(true);
         self.woken.set(self.woken.get() + 1);
         let waker = w.waker.borrow_mut().take();
@@ -431,9 +439,11 @@ struct Queued {
 impl Drop for Queued {
     fn drop(&mut self) {
         let pool = &self.pool;
-        pool.waiters
-            .borrow_mut()
-            .retain(|x| !Rc::ptr_eq(x, &self.waiter));
+        if self.waiter.in_line.get() {
+            pool.waiters
+                .borrow_mut()
+                .retain(|x| !Rc::ptr_eq(x, &self.waiter));
+        }
         if self.waiter.woken.get() {
             pool.woken.set(pool.woken.get() - 1);
             pool.wake_one();

@@ -237,6 +237,10 @@ pub(super) async fn acquire(
 /// reset, carrying what the last one `SET`, and a client that sent no
 /// value expects the login's (the one its greeting shows).
 fn login_values_changed(state: &ConnState, settable: &[(String, String)]) -> Vec<(String, String)> {
+    if !state.changed_since_login() {
+        // Nothing to restore; and this runs at every lend.
+        return Vec::new();
+    }
     REPORTED
         .iter()
         .filter(|k| !settable.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)))
