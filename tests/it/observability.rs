@@ -994,16 +994,25 @@ fn query_audit_json_lines_have_unique_keys() {
         assert_eq!(row.get::<_, String>(0), marker);
         close(client, task).await;
     });
+    // Whole lines only: the log may be read while a line is being written.
+    let whole_lines = |log: &str| -> Vec<String> {
+        log.split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| l.trim_end().to_owned())
+            .collect()
+    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    let log = loop {
+    let (log, lines) = loop {
         let log = env.log();
-        if log.contains("\"session_end\"") || Instant::now() > deadline {
-            break log;
+        let lines = whole_lines(&log);
+        if lines.iter().any(|l| l.contains("\"session_end\"")) || Instant::now() > deadline {
+            break (log, lines);
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let audit: Vec<&str> = log
-        .lines()
+    let audit: Vec<&str> = lines
+        .iter()
+        .map(String::as_str)
         .filter(|l| l.contains("\"target\":\"tollgate::audit\""))
         .collect();
     assert!(audit.len() >= 4, "too few audit lines:\n{log}");
