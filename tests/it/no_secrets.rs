@@ -157,9 +157,13 @@ fn upstream_scram_secrets(env: &Env, secrets: &mut Secrets) {
     secrets.add("SCRAM ServerKey", hmac(b"Server Key"));
 }
 
-/// Every line parsed as JSON; panics on the first that is not.
+/// Every whole line parsed as JSON; panics on the first that is not. A
+/// last line without its newline is being written as the log is read,
+/// and is left out.
 fn json_lines(log: &str) -> Vec<Value> {
-    log.lines()
+    log.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .map(str::trim_end)
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(n, l)| {
