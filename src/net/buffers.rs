@@ -10,10 +10,16 @@ use super::ring::RelayRing;
 /// Free buffers kept per shard; beyond this, returned buffers are freed, so
 /// a burst of activity does not pin its peak memory forever.
 const MAX_IDLE_BUFFERS: usize = 64;
+/// Free scratch buffers kept per shard: one is held only while its
+/// contents are written out, which is seldom more than a few at once.
+const MAX_IDLE_SCRATCH: usize = 16;
 
 pub struct BufferPool {
     buffer_size: usize,
     free: RefCell<Vec<Vec<u8>>>,
+    /// Empty buffers with room for `buffer_size` bytes, for output built
+    /// with `extend_from_slice`: kept apart so that none is zeroed again.
+    scratch: RefCell<Vec<Vec<u8>>>,
     /// On an io_uring shard, the relay ring whose provided buffers the
     /// plain relay uses instead of these.
     ring: OnceCell<Rc<RelayRing>>,
@@ -24,6 +30,7 @@ impl BufferPool {
         BufferPool {
             buffer_size,
             free: RefCell::new(Vec::with_capacity(MAX_IDLE_BUFFERS)),
+            scratch: RefCell::new(Vec::with_capacity(MAX_IDLE_SCRATCH)),
             ring: OnceCell::new(),
         }
     }
@@ -68,14 +75,30 @@ impl BufferPool {
         }
     }
 
-    /// Gives back a buffer used as scratch (cleared and refilled): made
-    /// whole again first, so that it can be reused; one that grew past the
-    /// shard's size is dropped.
+    /// An empty buffer with room for `buffer_size` bytes, to build output
+    /// in: it goes back with [`put_scratch`](Self::put_scratch).
+    #[inline]
+    pub fn take_scratch(&self) -> Vec<u8> {
+        if let Some(buf) = self.scratch.borrow_mut().pop() {
+            return buf;
+        }
+        let mut buf = self.take();
+        buf.clear();
+        buf
+    }
+
+    /// Takes back a buffer from [`take_scratch`](Self::take_scratch),
+    /// emptied, not zeroed; one that grew past twice the shard's size is
+    /// dropped.
     #[inline]
     pub fn put_scratch(&self, mut buf: Vec<u8>) {
-        if buf.len() <= self.buffer_size && buf.capacity() <= 2 * self.buffer_size {
-            buf.resize(self.buffer_size, 0);
-            self.put(buf);
+        if buf.capacity() < self.buffer_size || buf.capacity() > 2 * self.buffer_size {
+            return;
+        }
+        buf.clear();
+        let mut scratch = self.scratch.borrow_mut();
+        if scratch.len() < MAX_IDLE_SCRATCH {
+            scratch.push(buf);
         }
     }
 
@@ -104,5 +127,23 @@ mod tests {
             pool.put(b);
         }
         assert_eq!(pool.idle(), MAX_IDLE_BUFFERS);
+    }
+
+    #[test]
+    fn scratch_buffers_come_back_empty_with_their_room() {
+        let pool = BufferPool::new(1024);
+        let mut a = pool.take_scratch();
+        assert!(a.is_empty() && a.capacity() >= 1024);
+        a.extend_from_slice(b"abc");
+        let p = a.as_ptr();
+        pool.put_scratch(a);
+        let again = pool.take_scratch();
+        assert_eq!((again.as_ptr(), again.len()), (p, 0));
+        // Grown past twice the size: not kept.
+        let mut big = again;
+        big.reserve(4096);
+        pool.put_scratch(big);
+        let fresh = pool.take_scratch();
+        assert_ne!(fresh.as_ptr(), p);
     }
 }

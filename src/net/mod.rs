@@ -4,7 +4,7 @@
 
 mod buffers;
 mod peer;
-mod ready;
+pub mod ready;
 pub mod ring;
 mod stream;
 pub mod unix_socket;

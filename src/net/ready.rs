@@ -17,9 +17,12 @@
 //! fallback driver `readable` is monoio's readiness plus a `poll(2)`, so
 //! the same code is correct there.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use super::Stream;
 
@@ -56,7 +59,9 @@ impl ReadyStream {
         }
     }
 
-    async fn readable(&self) -> io::Result<()> {
+    /// Waits until the socket is readable (one readiness request: on
+    /// io_uring a PollAdd, cancelled if the wait is dropped).
+    pub async fn readable(&self) -> io::Result<()> {
         match &self.inner {
             Stream::Tcp(s) => s.readable(false).await,
             Stream::Unix(s) => s.readable(false).await,
@@ -75,13 +80,15 @@ impl ReadyStream {
     /// which is called only then. Returns the buffer and how many bytes it
     /// got (0: end of stream); a buffer taken for a read that found
     /// nothing after all goes to `give_back`.
+    /// `standing`: see [`ready_on`](Self::ready_on).
     pub async fn read_with(
         &self,
         take: impl Fn() -> Vec<u8>,
         give_back: impl Fn(Vec<u8>),
+        standing: Option<&dyn Readable>,
     ) -> io::Result<(Vec<u8>, usize)> {
         loop {
-            self.ready().await?;
+            self.ready_on(standing).await?;
             let mut buf = take();
             match self.try_recv(&mut buf) {
                 Ok(Some(n)) => return Ok((buf, n)),
@@ -101,6 +108,15 @@ impl ReadyStream {
             self.readable().await?;
         }
         Ok(())
+    }
+
+    /// As [`ready`](Self::ready), waiting on `standing` (a wait on this
+    /// socket that outlives the futures awaiting it) when one is given.
+    pub async fn ready_on(&self, standing: Option<&dyn Readable>) -> io::Result<()> {
+        match standing {
+            Some(w) if !self.more.get() => poll_fn(|cx| w.poll_readable(cx)).await,
+            _ => self.ready().await,
+        }
     }
 
     /// One non-blocking `recv` into `buf`: `Ok(None)` when nothing is
@@ -165,5 +181,70 @@ impl ReadyStream {
             }
         }
         Ok(())
+    }
+}
+
+/// A readiness wait that can be left and taken up again.
+pub trait Readable {
+    /// Ready once the socket is readable; the wait stays posted when the
+    /// caller stops polling.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+/// A wait for a socket to become readable that outlives the futures
+/// awaiting it. A session that waits on its client in two places in turn
+/// (between transactions, and while a transaction runs, in a `select!`
+/// that the server's side ends) would otherwise post a readiness request,
+/// cancel it when the `select!` ends, and post another: on io_uring a
+/// PollAdd, an AsyncCancel (and an allocation the runtime makes to hold
+/// the cancelled operation) and a second PollAdd per transaction. Here
+/// the request stays posted until the socket is readable, whoever awaits
+/// it then.
+///
+/// `make` starts a wait ([`ReadyStream::readable`] of the socket); the
+/// wait in progress lives in `slot`, pinned where the standing wait's
+/// owner lives (see [`unarmed`]).
+pub struct Standing<'p, F, M> {
+    make: M,
+    slot: RefCell<Pin<&'p mut Option<F>>>,
+}
+
+/// No wait yet, of the type `make` starts: the slot of a [`Standing`],
+/// to pin where it lives (`std::pin::pin!(unarmed(&make))`).
+pub fn unarmed<F>(_make: &impl Fn() -> F) -> Option<F> {
+    None
+}
+
+impl<'p, F, M> Standing<'p, F, M>
+where
+    F: Future<Output = io::Result<()>>,
+    M: Fn() -> F,
+{
+    pub fn new(make: M, slot: Pin<&'p mut Option<F>>) -> Self {
+        Standing {
+            make,
+            slot: RefCell::new(slot),
+        }
+    }
+}
+
+impl<F, M> Readable for Standing<'_, F, M>
+where
+    F: Future<Output = io::Result<()>>,
+    M: Fn() -> F,
+{
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut slot = self.slot.borrow_mut();
+        if slot.is_none() {
+            slot.set(Some((self.make)()));
+        }
+        let polled = slot
+            .as_mut()
+            .as_pin_mut()
+            .map_or(Poll::Ready(Ok(())), |wait| wait.poll(cx));
+        if polled.is_ready() {
+            slot.set(None);
+        }
+        polled
     }
 }

@@ -61,7 +61,7 @@ pub async fn prepare(
     match timeout(RESET_TIMEOUT, exchange).await {
         Ok(Ok((changed, None))) => {
             for (k, v) in &changed {
-                conn.state.reported(k, v);
+                conn.state.note_reported(k, v);
             }
             Ok(changed)
         }

@@ -14,7 +14,7 @@ use super::key::PoolKey;
 use super::pool::Seat;
 use super::statements::StatementCache;
 use super::wire::parameter_status;
-use super::Route;
+use super::{Route, REPORTED};
 use crate::protocol::backend::{self, BackendKey, MAX_LOGIN_MESSAGE_LEN};
 use crate::protocol::frame::peek_frame;
 use crate::upstream::{Upstream, UpstreamStream};
@@ -34,14 +34,9 @@ pub struct ConnState {
     /// The upstream as it was when this connection logged in.
     pub route: Arc<Route>,
     pub key: Rc<PoolKey>,
-    /// What each client is shown of the login, as the server sent it:
-    /// NegotiateProtocolVersion (when there was one) and AuthenticationOk
-    /// (the first `greeting_len` bytes), then the ParameterStatus messages
-    /// as the login left them, which the reset restores. Shared by the
-    /// pool's connections that logged in alike (see
-    /// [`RoutePool::intern_login`](super::RoutePool::intern_login)).
-    login: Rc<[u8]>,
-    greeting_len: usize,
+    /// What each client is shown of the login (shared by the pool's
+    /// connections that logged in alike).
+    login: Rc<LoginMessages>,
     /// The server's own key for this backend, for cancels.
     pub upstream_key: Option<BackendKey>,
     /// The protocol minor version in force.
@@ -53,13 +48,11 @@ pub struct ConnState {
     /// at once.
     retire_at: Instant,
     idle_since: Instant,
-    /// Reported parameters whose value changed since the login or the
-    /// last reset, as the server reported them (transaction pooling
-    /// carries a client's values from lend to lend without a reset).
-    /// Boxed: most idle connections have none, and each pooled one pays
-    /// for the field (8 bytes instead of a `Vec`'s 24).
-    #[allow(clippy::box_collection)]
-    changed: Option<Box<Vec<(String, String)>>>,
+    /// The reported parameters as they are, when any changed since the
+    /// login or the last reset (transaction pooling carries a client's
+    /// values from lend to lend without a reset). Boxed: most idle
+    /// connections have none, and each pooled one pays for the field.
+    changed: Option<Box<Changed>>,
     /// Transaction pooling: the prepared statements it holds (boxed, as
     /// `changed`).
     statements: Option<Box<StatementCache>>,
@@ -67,6 +60,57 @@ pub struct ConnState {
     pub served: u64,
     /// Its place under the upstream's limit, given back when it closes.
     pub(super) seat: Seat,
+}
+
+/// What each client of a connection is shown of its login, as the server
+/// sent it: NegotiateProtocolVersion (when there was one) and
+/// AuthenticationOk (the first `greeting_len` bytes), then the
+/// ParameterStatus messages as the login left them, which the reset
+/// restores. Shared by the pool's connections that logged in alike (see
+/// [`RoutePool::intern_login`](super::RoutePool::intern_login)).
+#[derive(PartialEq, Eq)]
+pub struct LoginMessages {
+    bytes: Box<[u8]>,
+    greeting_len: usize,
+    /// The values of the [`REPORTED`] parameters among them, by place:
+    /// looked up at every lend, so read once.
+    reported: Reported,
+}
+
+/// Values of the [`REPORTED`] parameters, by their place in it.
+type Reported = [Option<Rc<str>>; REPORTED.len()];
+
+impl LoginMessages {
+    fn new(bytes: Vec<u8>, greeting_len: usize) -> LoginMessages {
+        let mut reported = Reported::default();
+        for (k, v) in params(&bytes[greeting_len..]) {
+            if let Some(i) = reported_slot(k) {
+                reported[i] = Some(v.into());
+            }
+        }
+        LoginMessages {
+            bytes: bytes.into(),
+            greeting_len,
+            reported,
+        }
+    }
+
+    fn status(&self) -> &[u8] {
+        &self.bytes[self.greeting_len..]
+    }
+}
+
+/// A connection's parameters that changed since its login.
+struct Changed {
+    /// All of the [`REPORTED`] ones, as they are now.
+    reported: Reported,
+    /// Any other the server reported, in order.
+    other: Vec<(String, String)>,
+}
+
+/// The place of `name` (case-insensitive) in [`REPORTED`].
+fn reported_slot(name: &str) -> Option<usize> {
+    REPORTED.iter().position(|r| r.eq_ignore_ascii_case(name))
 }
 
 /// The login did not leave the connection in a state to pool.
@@ -118,14 +162,15 @@ impl ServerConn {
         }
         let greeting_len = greeting.len();
         greeting.extend_from_slice(&status);
-        let login = seat.pool().intern_login(greeting);
+        let login = seat
+            .pool()
+            .intern_login(LoginMessages::new(greeting, greeting_len));
         let now = Instant::now();
         let state = ConnState {
             fd: up.fd,
             route,
             key,
             login,
-            greeting_len,
             upstream_key: up.ready.upstream_key,
             minor: up.ready.minor,
             auth_method: up.ready.auth_method,
@@ -177,20 +222,38 @@ impl ConnState {
         self.upstream_key.as_ref().map(|k| k.process_id)
     }
 
-    /// The reported value of `name` (case-insensitive) after a login or a
-    /// reset.
+    /// The reported value of `name` (case-insensitive) as it is now.
     pub fn param(&self, name: &str) -> Option<&str> {
-        let changed = self.changed.iter().flat_map(|c| c.iter());
+        if let Some(i) = reported_slot(name) {
+            return self.reported(i);
+        }
+        let changed = self.changed.iter().flat_map(|c| c.other.iter());
         if let Some((_, v)) = changed.rev().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
             return Some(v);
         }
         self.login_param(name)
     }
 
+    /// The value of [`REPORTED`]`[i]` as it is now.
+    pub fn reported(&self, i: usize) -> Option<&str> {
+        match &self.changed {
+            Some(c) => c.reported[i].as_deref(),
+            None => self.login.reported[i].as_deref(),
+        }
+    }
+
+    /// The value of [`REPORTED`]`[i]` the server reported at login.
+    pub fn login_reported(&self, i: usize) -> Option<&str> {
+        self.login.reported[i].as_deref()
+    }
+
     /// The value of `name` (case-insensitive) the server reported at
     /// login, whatever was set since.
     pub fn login_param(&self, name: &str) -> Option<&str> {
-        params(&self.login[self.greeting_len..])
+        if let Some(i) = reported_slot(name) {
+            return self.login.reported[i].as_deref();
+        }
+        params(self.login.status())
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     }
@@ -202,15 +265,30 @@ impl ConnState {
     }
 
     /// Notes a ParameterStatus the server sent after the login.
-    pub fn reported(&mut self, name: &str, value: &str) {
-        let changed = self.changed.get_or_insert_with(Default::default);
-        match changed.iter_mut().find(|(k, _)| k == name) {
+    pub fn note_reported(&mut self, name: &str, value: &str) {
+        if let Some(i) = reported_slot(name) {
+            if self.reported(i) == Some(value) {
+                return;
+            }
+        }
+        let login = &self.login;
+        let changed = self.changed.get_or_insert_with(|| {
+            Box::new(Changed {
+                reported: login.reported.clone(),
+                other: Vec::new(),
+            })
+        });
+        if let Some(i) = reported_slot(name) {
+            changed.reported[i] = Some(value.into());
+            return;
+        }
+        match changed.other.iter_mut().find(|(k, _)| k == name) {
             Some((_, v)) if v == value => {}
             Some((_, v)) => {
                 v.clear();
                 v.push_str(value);
             }
-            None => changed.push((name.to_owned(), value.to_owned())),
+            None => changed.other.push((name.to_owned(), value.to_owned())),
         }
     }
 
@@ -235,7 +313,7 @@ impl ConnState {
         issued: Option<&BackendKey>,
         out: &mut BytesMut,
     ) {
-        let (greeting, status) = self.login.split_at(self.greeting_len);
+        let (greeting, status) = self.login.bytes.split_at(self.login.greeting_len);
         out.extend_from_slice(greeting);
         write_with_changes(status, changed, out);
         if let Some(k) = issued {

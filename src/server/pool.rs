@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::conn::ServerConn;
+use super::conn::{LoginMessages, ServerConn};
 use super::key::PoolKey;
 use super::Route;
 use crate::config::PoolConfig;
@@ -96,6 +96,17 @@ pub struct PoolCounters {
     pub statements_evicted: u64,
 }
 
+/// A route's pool settings, read through the route that holds them.
+pub struct PoolSettings(Arc<Route>);
+
+impl std::ops::Deref for PoolSettings {
+    type Target = PoolConfig;
+
+    fn deref(&self) -> &PoolConfig {
+        &self.0.config.pool
+    }
+}
+
 /// One upstream's pool on one shard.
 pub struct RoutePool {
     pub name: String,
@@ -116,7 +127,7 @@ pub struct RoutePool {
     /// kept for good): `min_idle` is kept for these.
     keys: RefCell<HashMap<Rc<PoolKey>, Option<Instant>>>,
     /// Login messages shared by the connections that got the same.
-    logins: RefCell<Vec<Rc<[u8]>>>,
+    logins: RefCell<Vec<Rc<LoginMessages>>>,
     /// After a background login (`min_idle`) failed: none is tried again
     /// before this, so a server that is down is not asked every second.
     warm_after: Cell<Option<Instant>>,
@@ -174,14 +185,14 @@ impl RoutePool {
         self.warm_after.set(Some(until));
     }
 
-    /// `login` as a shared copy: the same bytes as a connection logged in
-    /// before got are not kept twice.
-    pub fn intern_login(&self, login: Vec<u8>) -> Rc<[u8]> {
+    /// `login` as a shared copy: the same messages as a connection logged
+    /// in before got are not kept twice.
+    pub fn intern_login(&self, login: LoginMessages) -> Rc<LoginMessages> {
         let mut logins = self.logins.borrow_mut();
-        if let Some(l) = logins.iter().find(|l| ***l == *login) {
+        if let Some(l) = logins.iter().find(|l| ***l == login) {
             return l.clone();
         }
-        let l: Rc<[u8]> = login.into();
+        let l = Rc::new(login);
         if logins.len() >= MAX_SHARED_LOGINS {
             logins.remove(0);
         }
@@ -194,8 +205,10 @@ impl RoutePool {
         self.route.borrow().clone()
     }
 
-    pub fn config(&self) -> PoolConfig {
-        self.route.borrow().config.pool.clone()
+    /// The pool settings as the latest settings have them: a handle on
+    /// the route, not a copy (asked at every lend).
+    pub fn config(&self) -> PoolSettings {
+        PoolSettings(self.route())
     }
 
     pub fn open(&self) -> usize {

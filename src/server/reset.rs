@@ -196,7 +196,7 @@ async fn next(conn: &mut ServerConn, reader: &mut Reader) -> Result<Message, Res
         .map_err(ResetError::Wire)?;
     if m.tag == b'S' {
         if let Some((k, v)) = wire::parameter_status(&m.body) {
-            conn.state.reported(&k, &v);
+            conn.state.note_reported(&k, &v);
         }
     }
     Ok(m)

@@ -241,13 +241,14 @@ fn login_values_changed(state: &ConnState, settable: &[(String, String)]) -> Vec
         // Nothing to restore; and this runs at every lend.
         return Vec::new();
     }
-    REPORTED
-        .iter()
-        .filter(|k| !settable.iter().any(|(s, _)| s.eq_ignore_ascii_case(k)))
-        .filter_map(|k| {
-            let login = state.login_param(k)?;
-            (state.param(k) != Some(login)).then(|| ((*k).to_owned(), login.to_owned()))
+    (0..REPORTED.len())
+        .filter(|&i| state.reported(i) != state.login_reported(i))
+        .filter(|&i| {
+            !settable
+                .iter()
+                .any(|(s, _)| s.eq_ignore_ascii_case(REPORTED[i]))
         })
+        .filter_map(|i| Some((REPORTED[i].to_owned(), state.login_reported(i)?.to_owned())))
         .collect()
 }
 

@@ -21,6 +21,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, Split};
 use monoio::BufResult;
 
 use super::record::{RecordError, RecordLayer};
+use crate::net::ready::Readable;
 use crate::net::{BufferPool, ReadyStream, Stream};
 
 pub struct TlsStream {
@@ -82,6 +83,21 @@ impl TlsStream {
     /// (give it back with [`BufferPool::put`]); `None` at the end of the
     /// stream (close_notify, or the socket's end between records).
     pub async fn read_lent(&self) -> io::Result<Option<(Vec<u8>, usize)>> {
+        self.read_lent_on(None).await
+    }
+
+    /// The socket under the records, for a [`Standing`](crate::net::ready::Standing)
+    /// wait on it.
+    pub fn socket(&self) -> &ReadyStream {
+        &self.io
+    }
+
+    /// As [`read_lent`](Self::read_lent), waiting for the socket on
+    /// `standing` when one is given.
+    pub async fn read_lent_on(
+        &self,
+        standing: Option<&dyn Readable>,
+    ) -> io::Result<Option<(Vec<u8>, usize)>> {
         if let Some((mut plain, range)) = self.spill.borrow_mut().take() {
             plain.copy_within(range.clone(), 0);
             return Ok(Some((plain, range.len())));
@@ -97,7 +113,7 @@ impl TlsStream {
             if !self.unopened.get() {
                 // Anything held stays in `self` while waiting, so a read
                 // dropped here (a `select!`) loses nothing.
-                self.io.ready().await?;
+                self.io.ready_on(standing).await?;
             }
             let (mut buf, mut filled) = match self.held.borrow_mut().take() {
                 Some(held) => held,

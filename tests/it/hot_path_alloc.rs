@@ -1,6 +1,8 @@
 //! The relay allocates nothing per message: the proxy runs in this process
 //! under a counting allocator, and a steady stream of queries through it,
-//! plain or over TLS, must not raise the count (house style rule 4). The
+//! plain or over TLS, session- or transaction-pooled (a connection lent
+//! and taken back per query), must not raise the count (house style rule
+//! 4). The
 //! client's own allocations (its TLS library's) are not counted: the
 //! client thread marks itself.
 //!
@@ -98,18 +100,41 @@ fn read_until_ready(
 
 #[test]
 fn relaying_queries_allocates_nothing() {
-    in_a_process_of_its_own("relaying_queries_allocates_nothing", false);
+    in_a_process_of_its_own("relaying_queries_allocates_nothing", false, false);
 }
 
 #[test]
 fn relaying_queries_over_tls_allocates_nothing() {
-    in_a_process_of_its_own("relaying_queries_over_tls_allocates_nothing", true);
+    in_a_process_of_its_own("relaying_queries_over_tls_allocates_nothing", true, false);
 }
 
-fn in_a_process_of_its_own(test: &str, tls: bool) {
+/// Under transaction pooling every query is a transaction of its own: a
+/// connection lent and taken back per round trip, which must not
+/// allocate either.
+#[test]
+fn lending_a_connection_per_transaction_allocates_nothing() {
+    in_a_process_of_its_own(
+        "lending_a_connection_per_transaction_allocates_nothing",
+        false,
+        true,
+    );
+}
+
+/// The same with TLS on both legs: the client's records and the lent
+/// server connection's.
+#[test]
+fn lending_a_tls_connection_per_transaction_allocates_nothing() {
+    in_a_process_of_its_own(
+        "lending_a_tls_connection_per_transaction_allocates_nothing",
+        true,
+        true,
+    );
+}
+
+fn in_a_process_of_its_own(test: &str, tls: bool, transaction: bool) {
     if std::env::var_os(MEASURE_ENV).is_some() {
         // This is the process of its own: measure here.
-        return measure(tls);
+        return measure(tls, transaction);
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
@@ -132,7 +157,7 @@ fn in_a_process_of_its_own(test: &str, tls: bool) {
 
 /// Runs the proxy in this process, sends a steady stream of queries
 /// through it, and counts the allocations the stream makes.
-fn measure(tls: bool) {
+fn measure(tls: bool, transaction: bool) {
     CLIENT_THREAD.with(|c| c.set(true));
     let serving = crate::harness::ServingCert::new("alloc CA", &["localhost"]);
     // Over TLS, TLS on both legs: the server's records go through the
@@ -154,6 +179,11 @@ fn measure(tls: bool) {
     } else {
         (String::new(), "")
     };
+    let pool = if transaction {
+        "[pool]\nmode = \"transaction\"\nmax_server_connections = 1\n"
+    } else {
+        ""
+    };
     let dir = tempfile::tempdir().unwrap();
     let t = token::generate();
     let mut store = TokenStore::default();
@@ -171,7 +201,7 @@ fn measure(tls: bool) {
         format!(
             "listen = \"127.0.0.1:0\"\nworkers = 1\n[upstream]\nhost = \"127.0.0.1\"\nport = {}\n{upstream_tls}\
              [[upstream.credentials]]\nuser = \"app\"\npassword = \"{}\"\n[tokens]\nfile = \"tokens.toml\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n{tls_table}",
+             [admin]\nlisten = \"127.0.0.1:0\"\nper_token_metrics = true\n{pool}{tls_table}",
             cluster.port(),
             cluster.password()
         ),
@@ -269,5 +299,7 @@ fn measure(tls: bool) {
         allocations <= allowed,
         "{allocations} allocations for {N} round trips (at most {allowed})"
     );
-    eprintln!("{allocations} allocations for {N} round trips (tls: {tls})");
+    eprintln!(
+        "{allocations} allocations for {N} round trips (tls: {tls}, transaction pooling: {transaction})"
+    );
 }

@@ -169,7 +169,9 @@ impl Opener for TlsStream {
 
 impl Wire for ReadyStream {
     async fn read_lent(&self, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize)>> {
-        let (buf, n) = self.read_with(|| pool.take(), |b| pool.put(b)).await?;
+        let (buf, n) = self
+            .read_with(|| pool.take(), |b| pool.put(b), None)
+            .await?;
         if n == 0 {
             pool.put(buf);
             return Ok(None);

@@ -65,6 +65,7 @@ use super::relay::{
 use super::ShardContext;
 use crate::audit::SessionId;
 use crate::error::ClientError;
+use crate::net::ready::{self, Readable, Standing};
 use crate::net::ReadyStream;
 use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
 use crate::tls::stream::TlsStream;
@@ -115,8 +116,9 @@ struct Session {
     l: Lending,
     tracks: RefCell<Tracks>,
     /// The reported parameters the client's session has, by the server's
-    /// names and values.
-    params: RefCell<Vec<(String, String)>>,
+    /// names and values (shared with the lend that applies them: no copy
+    /// per transaction).
+    params: RefCell<Rc<Vec<(String, String)>>>,
     pinned: Cell<Option<Pin>>,
     /// The client sent Terminate (kept from the server).
     goodbye: Cell<bool>,
@@ -180,11 +182,22 @@ async fn relay(
     client_pending: BytesMut,
     mut tracks: Tracks,
 ) -> Outcome {
+    // One readiness request on the client at a time, left posted from
+    // one transaction to the next (see `Standing`).
+    let wait = || client.socket().readable();
+    let slot = std::pin::pin!(ready::unarmed(&wait));
+    let standing = Standing::new(wait, slot);
+    let client = &Client {
+        link: client,
+        standing: &standing,
+    };
     tracks.tx = Some(Box::default());
-    let params = REPORTED
-        .iter()
-        .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
-        .collect();
+    let params = Rc::new(
+        REPORTED
+            .iter()
+            .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
+            .collect(),
+    );
     let config = l.pool.config();
     let s = Session {
         l,
@@ -381,8 +394,9 @@ impl Session {
             {
                 unknown = true;
             }
-            state.borrow_mut().reported(k, v);
-            if let Some(p) = params.iter_mut().find(|(p, _)| p.eq_ignore_ascii_case(k)) {
+            state.borrow_mut().note_reported(k, v);
+            let mine = params.iter().position(|(p, _)| p.eq_ignore_ascii_case(k));
+            if let Some(p) = mine.map(|i| &mut Rc::make_mut(&mut params)[i]) {
                 p.1.clear();
                 p.1.push_str(v);
             }
@@ -427,8 +441,7 @@ impl Session {
     /// Client bytes as the lent connection gets them (see [`rewrite`]), in
     /// a buffer of the shard's; `None` for a corrupt stream.
     fn rewrite(&self, lent: &Lent, bytes: &[u8]) -> Option<Vec<u8>> {
-        let mut out = self.l.buffers.take();
-        out.clear();
+        let mut out = self.l.buffers.take_scratch();
         let mut state = lent.state.borrow_mut();
         let mut rewriter = self.rewriter.borrow_mut();
         if self.discarded.take() {
@@ -476,7 +489,7 @@ impl Session {
     /// them: hidden answers left out, tollgate's own put in.
     async fn relay_answers(
         &self,
-        client: &Link,
+        client: &Client<'_>,
         state: &RefCell<ConnState>,
         chunk: &[u8],
     ) -> std::io::Result<()> {
@@ -516,8 +529,7 @@ impl Session {
                 write_all(client, chunk).await
             }
             _ => {
-                let mut out = self.l.buffers.take();
-                out.clear();
+                let mut out = self.l.buffers.take_scratch();
                 for a in &actions {
                     match a {
                         Action::Relay(r) => out.extend_from_slice(&chunk[r.clone()]),
@@ -546,7 +558,7 @@ impl Session {
     }
 
     /// Sends tollgate's own answers now at the head of the expectations.
-    async fn answer_due(&self, client: &Link) -> std::io::Result<()> {
+    async fn answer_due(&self, client: &Client<'_>) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
         Answers::due(&mut self.expect.borrow_mut(), &mut actions);
         let mut out = [0u8; 5 * 8];
@@ -597,7 +609,7 @@ impl Session {
     /// readied with the client's parameters, its cancel key pointed at it.
     /// The client is told and the session ends when none comes free in
     /// time, or the session is ended meanwhile.
-    async fn lend(&self, client: &Link) -> Result<ServerConn, EndedBy> {
+    async fn lend(&self, client: &Client<'_>) -> Result<ServerConn, EndedBy> {
         let began = Instant::now();
         let config = self.l.pool.config();
         let deadline = monoio::time::Instant::now() + config.checkout_timeout;
@@ -673,7 +685,7 @@ impl Session {
     /// Relays between the client and a lent connection, starting with
     /// `first` (client bytes already followed), until the transaction ends
     /// or the session does.
-    async fn serve(&self, client: &Link, lent: &Lent, first: &[u8]) -> Served {
+    async fn serve(&self, client: &Client<'_>, lent: &Lent, first: &[u8]) -> Served {
         let writing = Cell::new(true);
         let res = match self.rewrite(lent, first) {
             Some(out) => {
@@ -742,7 +754,12 @@ impl Session {
     /// Client to server while lent. Ends the lend when what the client
     /// sent needs no answer and leaves the session releasable (a lone
     /// Flush, say).
-    async fn client_to_server(&self, client: &Link, lent: &Lent, writing: &Cell<bool>) -> Served {
+    async fn client_to_server(
+        &self,
+        client: &Client<'_>,
+        lent: &Lent,
+        writing: &Cell<bool>,
+    ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
         let mut turn = 0;
         loop {
@@ -818,7 +835,12 @@ impl Session {
     /// Server to client while lent, until the transaction ends (the lend
     /// is over), either side fails, or the session is ended from outside
     /// (at a message boundary, with a FATAL error to the client).
-    async fn server_to_client(&self, lent: &Lent, client: &Link, writing: &Cell<bool>) -> Served {
+    async fn server_to_client(
+        &self,
+        lent: &Lent,
+        client: &Client<'_>,
+        writing: &Cell<bool>,
+    ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
         let kill = &self.l.kill;
         let at_boundary = || self.tracks.borrow().server.at_boundary();
@@ -894,7 +916,13 @@ impl Session {
     /// straight back; otherwise its reset begins (what runs is cancelled
     /// first, when the client vanished mid-query), or it is closed when
     /// the server side failed.
-    async fn end_lent(&self, client: &Link, lent: Lent, by: EndedBy, writing: bool) -> Outcome {
+    async fn end_lent(
+        &self,
+        client: &Client<'_>,
+        lent: Lent,
+        by: EndedBy,
+        writing: bool,
+    ) -> Outcome {
         let client_left = matches!(
             by,
             EndedBy::ClientClosed
@@ -994,7 +1022,53 @@ pub(in crate::session) enum Link {
     Tls(Box<TlsStream>),
 }
 
+/// The client's end of the transaction relay: its link, and the wait for
+/// its next bytes, which stays posted between transactions.
+struct Client<'a> {
+    link: &'a Link,
+    standing: &'a dyn Readable,
+}
+
+impl Wire for Client<'_> {
+    async fn read_lent(&self, pool: &BufferPool) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+        self.link.read_lent_on(pool, self.standing).await
+    }
+
+    async fn write_all(&self, bytes: &[u8]) -> std::io::Result<()> {
+        self.link.write_all(bytes).await
+    }
+}
+
 impl Link {
+    /// The socket under it.
+    fn socket(&self) -> &ReadyStream {
+        match self {
+            Link::Plain(s) => s,
+            Link::Tls(s) => s.socket(),
+        }
+    }
+
+    /// As [`Wire::read_lent`], waiting for the socket on `standing`.
+    async fn read_lent_on(
+        &self,
+        pool: &BufferPool,
+        standing: &dyn Readable,
+    ) -> std::io::Result<Option<(Vec<u8>, usize)>> {
+        match self {
+            Link::Plain(s) => {
+                let (buf, n) = s
+                    .read_with(|| pool.take(), |b| pool.put(b), Some(standing))
+                    .await?;
+                if n == 0 {
+                    pool.put(buf);
+                    return Ok(None);
+                }
+                Ok(Some((buf, n)))
+            }
+            Link::Tls(s) => s.read_lent_on(Some(standing)).await,
+        }
+    }
+
     fn from_upstream(stream: UpstreamStream) -> Link {
         match stream {
             UpstreamStream::Plain(s) => Link::Plain(ReadyStream::new(s)),
