@@ -13,7 +13,6 @@
 
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -424,9 +423,10 @@ fn supervise(
     let failed = RunError::Failed;
     let out = File::create(dir.join("stdout")).map_err(|e| failed(e.to_string()))?;
     let err = File::create(dir.join("stderr")).map_err(|e| failed(e.to_string()))?;
-    // Its own process group: a terminal Ctrl-C reaches only the harness,
-    // which then stops pgbench itself, in order.
-    cmd.stdout(out).stderr(err).process_group(0);
+    // Its own session (see `sys::own_session`); a terminal Ctrl-C
+    // reaches only the harness, which then stops pgbench itself, in order.
+    cmd.stdout(out).stderr(err);
+    crate::sys::own_session(&mut cmd);
     crate::sys::die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()

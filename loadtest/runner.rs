@@ -611,6 +611,9 @@ impl Upstream {
             password: tollgate::secret::random_hex(16),
             auth: HbaAuth::ScramSha256,
             extra_conf,
+            // Each part a service of its own, as in production (see
+            // `sys::own_session`).
+            own_session: true,
             ..ClusterOptions::default()
         };
         let cluster = Cluster::start(&opts).map_err(fatal)?;

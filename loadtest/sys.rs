@@ -58,6 +58,20 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// Starts a child in a session of its own, as each part of a deployment
+/// is a service of its own: the proxy under test, Postgres and pgbench
+/// each get their own autogroup from the scheduler instead of sharing the
+/// harness's. Sharing one, with every task weighed against every other,
+/// Postgres's backends were measured sitting runnable for seconds under
+/// tollgate's transaction pooling at 100 clients (`/proc/PID/schedstat`),
+/// which put multi-second transactions into the figures (max up to 9.6 s,
+/// against 9–88 ms with tollgate in a session of its own). A session also
+/// keeps a terminal's Ctrl-C from reaching the child: the harness stops
+/// its children itself, in order.
+pub fn own_session(cmd: &mut Command) {
+    tollgate::cluster::new_session(cmd);
+}
+
 /// Makes a child die with SIGKILL if the harness dies first (even by
 /// SIGKILL, which no destructor survives), so a benchmark never leaves
 /// proxies or pgbench behind. The signal is tied to the spawning thread:

@@ -146,10 +146,8 @@ impl ChildGuard {
                 .open(log)
                 .map_err(|e| format!("{name}: opening {}: {e}", log.display()))
         };
-        cmd.stdin(Stdio::null())
-            .stdout(open()?)
-            .stderr(open()?)
-            .process_group(0);
+        cmd.stdin(Stdio::null()).stdout(open()?).stderr(open()?);
+        crate::sys::own_session(&mut cmd);
         crate::sys::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
