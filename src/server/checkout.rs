@@ -31,6 +31,17 @@ pub async fn prepare(
     wanted: &[(String, String)],
     check: bool,
 ) -> Result<Vec<(String, String)>, PrepareError> {
+    match plan(conn, wanted, check) {
+        None => Ok(Vec::new()),
+        // Boxed: a round trip's future is large, and most checkouts
+        // (every lend under transaction pooling) need none; a session's
+        // future would carry its size for nothing.
+        Some(sql) => Box::pin(apply(conn, sql)).await,
+    }
+}
+
+/// The query that readies `conn`, if it needs one.
+fn plan(conn: &ServerConn, wanted: &[(String, String)], check: bool) -> Option<String> {
     let calls: Vec<String> = wanted
         .iter()
         .filter(|(k, v)| conn.state.param(k) != Some(v.as_str()))
@@ -42,13 +53,17 @@ pub async fn prepare(
             )
         })
         .collect();
-    let sql = if !calls.is_empty() {
-        format!("SELECT {}", calls.join(", "))
+    if !calls.is_empty() {
+        Some(format!("SELECT {}", calls.join(", ")))
     } else if check {
-        String::new()
+        Some(String::new())
     } else {
-        return Ok(Vec::new());
-    };
+        None
+    }
+}
+
+/// Runs `sql` on `conn` and reads its answer.
+async fn apply(conn: &mut ServerConn, sql: String) -> Result<Vec<(String, String)>, PrepareError> {
     let mut out = BytesMut::with_capacity(sql.len() + 8);
     wire::query(&mut out, &sql);
     let exchange = async {

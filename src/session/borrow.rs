@@ -201,7 +201,10 @@ pub(super) async fn acquire(
                 None => continue,
             },
             Claim::Login(seat) => {
-                let conn = log_in(ctx, deadline, login, seat).await?;
+                // Boxed: a login's future (connect, TLS, SCRAM) is
+                // large, and it is rare next to the checkouts that reuse
+                // a connection; the session's own future stays small.
+                let conn = Box::pin(log_in(ctx, deadline, login, seat)).await?;
                 pool.counters.borrow_mut().logins += 1;
                 (conn, false)
             }
@@ -450,7 +453,8 @@ pub(super) async fn put_back(ctx: &ShardContext, pool: &RoutePool, conn: ServerC
         Some(reason) => {
             debug!(reason, "server connection closed instead of pooled");
             pool.closed(reason);
-            conn.terminate().await;
+            // Boxed, as a rare path (see `acquire`).
+            Box::pin(conn.terminate()).await;
         }
         None => pool.put_idle(conn, now),
     }

@@ -989,7 +989,14 @@ impl Session {
         let Some(key) = key else {
             return;
         };
-        match crate::upstream::send_cancel(&route.config, route.tls.as_deref(), &key).await {
+        // Boxed: a connection of its own (TLS included) makes a large
+        // future, which every session would otherwise carry.
+        let send = Box::pin(crate::upstream::send_cancel(
+            &route.config,
+            route.tls.as_deref(),
+            &key,
+        ));
+        match send.await {
             Ok(()) => debug!("query of a departed client cancelled"),
             Err(e) => warn!(error = %e, "could not cancel a departed client's query"),
         }
