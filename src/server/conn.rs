@@ -113,6 +113,10 @@ fn reported_slot(name: &str) -> Option<usize> {
     REPORTED.iter().position(|r| r.eq_ignore_ascii_case(name))
 }
 
+/// How long a connection must have been idle before it is peeked at on
+/// its way to a client (see [`ServerConn::closed_by_server_lately`]).
+pub const PEEK_AFTER: Duration = Duration::from_millis(1);
+
 /// The login did not leave the connection in a state to pool.
 #[derive(Debug)]
 pub struct NotPoolable(pub &'static str);
@@ -192,11 +196,29 @@ impl ServerConn {
     /// it was idle (a FATAL before a shutdown, say): either way it cannot
     /// serve a client. One non-blocking peek, no round trip.
     pub fn closed_by_server(&self) -> bool {
-        let stream_holds_more = match &self.stream {
+        self.stream_holds_more() || crate::io_util::peer_closed_or_spoke(self.state.fd)
+    }
+
+    /// As [`closed_by_server`](Self::closed_by_server), without the peek
+    /// (a syscall) for a connection idle less than [`PEEK_AFTER`]: the
+    /// peek narrows a race, it cannot close it (the server may close a
+    /// moment later), and the window it would narrow for a connection
+    /// taken back that recently is under a millisecond long. Under load
+    /// every lend is of such a connection: a syscall per transaction.
+    pub fn closed_by_server_lately(&self, now: Instant) -> bool {
+        if self.state.idle_for(now) < PEEK_AFTER {
+            return self.stream_holds_more();
+        }
+        self.closed_by_server()
+    }
+
+    /// TLS: the stream holds bytes (a record, or part of one) the server
+    /// sent since it was last read.
+    fn stream_holds_more(&self) -> bool {
+        match &self.stream {
             UpstreamStream::Plain(_) => false,
             UpstreamStream::Tls(s) => !s.is_quiet(),
-        };
-        stream_holds_more || crate::io_util::peer_closed_or_spoke(self.state.fd)
+        }
     }
 
     /// Past its lifetime, or on a TLS 1.2 key near its limit (which would

@@ -325,7 +325,7 @@ fn not_ready(pool: &RoutePool, conn: ServerConn, e: PrepareError) -> Refusal {
 /// it is closed and counted.
 fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
     let now = Instant::now();
-    let reason = if conn.closed_by_server() {
+    let reason = if conn.closed_by_server_lately(now) {
         "broken"
     } else if conn.worn_out(now) {
         "lifetime"
