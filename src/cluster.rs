@@ -251,7 +251,9 @@ pub struct ClusterOptions {
     /// as its own autogroup (as a service in its own cgroup would be),
     /// not as part of the caller's. The load harness sets it: sharing one
     /// autogroup with the proxy and pgbench, the backends were measured
-    /// sitting runnable for seconds.
+    /// sitting runnable for seconds. The server then shuts down
+    /// (immediately) when the thread that started it exits, since a kill
+    /// of the caller's process group no longer reaches it.
     pub own_session: bool,
 }
 
@@ -295,6 +297,27 @@ pub fn new_session(cmd: &mut Command) {
         cmd.pre_exec(|| {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Makes `cmd`'s process get `signal` when the calling thread exits
+/// (`PR_SET_PDEATHSIG`), even by SIGKILL. Set after the uid switch, which
+/// would clear it; fails the spawn if the caller died meanwhile.
+fn die_with_caller(cmd: &mut Command, signal: libc::c_int) {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
             }
             Ok(())
         });
@@ -798,6 +821,10 @@ impl Cluster {
             .stderr(log_err);
         if opts.own_session {
             new_session(&mut cmd);
+            // Out of the caller's process group, a kill of that group no
+            // longer reaches the server: it goes down with the thread
+            // that started it instead (SIGQUIT, an immediate shutdown).
+            die_with_caller(&mut cmd, libc::SIGQUIT);
         }
         let description = describe(&cmd, self.run_as);
         debug!(command = %description, port = self.port, "starting PostgreSQL");

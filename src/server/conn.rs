@@ -84,7 +84,9 @@ impl LoginMessages {
     fn new(bytes: Vec<u8>, greeting_len: usize) -> LoginMessages {
         let mut reported = Reported::default();
         for (k, v) in params(&bytes[greeting_len..]) {
-            if let Some(i) = reported_slot(k) {
+            // The first, as a lookup by name finds it (a server reports
+            // each once).
+            if let Some(i) = reported_slot(k).filter(|&i| reported[i].is_none()) {
                 reported[i] = Some(v.into());
             }
         }
