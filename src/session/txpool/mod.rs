@@ -9,9 +9,11 @@
 //! In between, the relay is the plain one: bytes pass untouched, only
 //! headers are read. Both sockets are read by readiness without leaving
 //! completion mode ([`ReadyStream`]): lending a connection and taking it
-//! back switches nothing (one peek checks that the server has not closed
-//! it). No reset runs between two clients' transactions, so the pool's
-//! connections must never hold session state: what could leave
+//! back switches nothing (a connection idle a millisecond or more gets one
+//! peek, to check that the server has not closed it), and the wait for
+//! the client's next bytes stays posted from one transaction to the next
+//! ([`Standing`]). No reset runs between two clients' transactions, so
+//! the pool's connections must never hold session state: what could leave
 //! some is found as it passes ([`pin`]) and pins its client to its
 //! connection for the rest of the session (counted by reason, logged once);
 //! such a connection is reset (`reset_query`) when its client leaves.
