@@ -290,10 +290,9 @@ impl ConnState {
 
     /// Notes a ParameterStatus the server sent after the login.
     pub fn note_reported(&mut self, name: &str, value: &str) {
-        if let Some(i) = reported_slot(name) {
-            if self.reported(i) == Some(value) {
-                return;
-            }
+        let slot = reported_slot(name);
+        if slot.is_some_and(|i| self.reported(i) == Some(value)) {
+            return;
         }
         let login = &self.login;
         let changed = self.changed.get_or_insert_with(|| {
@@ -302,7 +301,7 @@ impl ConnState {
                 other: Vec::new(),
             })
         });
-        if let Some(i) = reported_slot(name) {
+        if let Some(i) = slot {
             changed.reported[i] = Some(value.into());
             return;
         }
