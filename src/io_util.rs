@@ -73,3 +73,12 @@ pub fn peer_closed_or_spoke(fd: std::os::fd::RawFd) -> bool {
         Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
     }
 }
+
+/// Keeps `waker` in `slot` to be woken later. A task polled again mostly
+/// has the same waker: kept as is then, with no clone (a reference count
+/// up, and the old one's down) per poll.
+pub fn remember_waker(slot: &mut Option<std::task::Waker>, waker: &std::task::Waker) {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+        *slot = Some(waker.clone());
+    }
+}

@@ -469,9 +469,7 @@ impl RelayRing {
         let mut inner = self.inner.borrow_mut();
         match &mut inner.slots[id as usize] {
             Slot::Pending { waker, .. } => {
-                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *waker = Some(cx.waker().clone());
-                }
+                crate::io_util::remember_waker(waker, cx.waker());
                 Poll::Pending
             }
             Slot::Done { res, flags, holds } => {

@@ -14,7 +14,7 @@ use super::key::PoolKey;
 use super::pool::Seat;
 use super::statements::StatementCache;
 use super::wire::parameter_status;
-use super::{Route, REPORTED};
+use super::{Route, Settable, REPORTED};
 use crate::protocol::backend::{self, BackendKey, MAX_LOGIN_MESSAGE_LEN};
 use crate::protocol::frame::peek_frame;
 use crate::upstream::{Upstream, UpstreamStream};
@@ -56,6 +56,12 @@ pub struct ConnState {
     /// Transaction pooling: the prepared statements it holds (boxed, as
     /// `changed`).
     statements: Option<Box<StatementCache>>,
+    /// The client parameters it was last readied with, while no reported
+    /// parameter changed since: a lend with the same set (the same
+    /// allocation: [`RoutePool::intern_settable`](super::RoutePool::intern_settable)
+    /// shares one among the clients that have it) needs no look at them.
+    /// Held, so the address cannot be reused by another set.
+    readied: Option<Settable>,
     /// Clients served before the current one.
     pub served: u64,
     /// Its place under the upstream's limit, given back when it closes.
@@ -185,6 +191,7 @@ impl ServerConn {
             idle_since: now,
             changed: None,
             statements: None,
+            readied: None,
             served: 0,
             seat,
         };
@@ -294,6 +301,7 @@ impl ConnState {
         if slot.is_some_and(|i| self.reported(i) == Some(value)) {
             return;
         }
+        self.readied = None;
         let login = &self.login;
         let changed = self.changed.get_or_insert_with(|| {
             Box::new(Changed {
@@ -320,6 +328,21 @@ impl ConnState {
     pub fn forget_session(&mut self) {
         self.changed = None;
         self.statements = None;
+        self.readied = None;
+    }
+
+    /// Whether it was readied with `settable` (this very set) and nothing
+    /// it reports changed since.
+    pub fn readied_with(&self, settable: &Settable) -> bool {
+        self.readied
+            .as_ref()
+            .is_some_and(|r| Rc::ptr_eq(r, settable))
+    }
+
+    /// Notes that its parameters are now as `settable` says, and the
+    /// login's for every other reported one.
+    pub fn mark_readied(&mut self, settable: &Settable) {
+        self.readied = Some(settable.clone());
     }
 
     /// The prepared statements it holds.

@@ -23,3 +23,8 @@ pub use conn::{ConnState, NotPoolable, ServerConn};
 pub use key::{is_reported, split_params, PoolKey, REPORTED};
 pub use pool::{Claim, PoolCounters, PoolFull, Pools, RoutePool, Seat};
 pub use route::Route;
+
+/// Parameters a client sets on each connection it is given (the reported
+/// ones under transaction pooling), by the server's names: shared, and
+/// never changed in place while shared.
+pub type Settable = std::rc::Rc<Vec<(String, String)>>;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::conn::{LoginMessages, ServerConn};
 use super::key::PoolKey;
-use super::Route;
+use super::{Route, Settable};
 use crate::config::PoolConfig;
 use crate::metrics::latency::Latency;
 
@@ -35,9 +35,10 @@ impl Seat {
     }
 }
 
-/// Distinct login message sets kept for sharing per pool (connections of
-/// one upstream and role nearly always log in alike).
-const MAX_SHARED_LOGINS: usize = 8;
+/// Distinct login message sets, and client parameter sets, kept for
+/// sharing per pool (connections of one upstream and role nearly always
+/// log in alike, and an application's clients mostly set the same).
+const MAX_SHARED: usize = 8;
 
 impl Drop for Seat {
     fn drop(&mut self) {
@@ -62,15 +63,33 @@ pub enum Claim {
 pub struct PoolFull;
 
 /// A client waiting for a connection.
-#[derive(Default)]
 struct Waiter {
+    /// The key it waits with: a connection of it coming back is handed
+    /// over directly.
+    key: Rc<PoolKey>,
+    /// Taken from the line: a connection came back or a seat was freed.
     woken: Cell<bool>,
+    /// The connection handed to it as it came back (with `woken`).
+    handed: RefCell<Option<ServerConn>>,
+    /// Taken from the line at its deadline, unserved.
+    expired: Cell<bool>,
+    deadline: Cell<monoio::time::Instant>,
     waker: RefCell<Option<Waker>>,
     /// In `waiters`: leaving the line must look for it there. Not once
     /// woken (taken from the line), which is how nearly every wait ends:
     /// a search of the whole line per checkout would cost as much as the
     /// line is long.
     in_line: Cell<bool>,
+}
+
+impl Waiter {
+    /// Wakes the claim waiting on it.
+    fn wake(&self) {
+        let waker = self.waker.borrow_mut().take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
 }
 
 /// Counters of one upstream's pool on one shard.
@@ -121,6 +140,11 @@ pub struct RoutePool {
     /// Waiters woken and not yet back: a new arrival must not take what
     /// was meant for them.
     woken: Cell<usize>,
+    /// Ends the waits that reach their deadline: one timer for the pool,
+    /// not one per waiting client (see [`RoutePool::expire_waiters`]).
+    expiry: Expiry,
+    /// Settable parameter sets shared by the clients that have the same.
+    settables: RefCell<Vec<Settable>>,
     pub counters: RefCell<PoolCounters>,
     pub checkout_wait: RefCell<Latency>,
     /// Keys served lately, with when (`None`: foreseen from the config,
@@ -148,6 +172,20 @@ type Vetted = HashMap<Rc<[u8]>, Vec<Rc<PoolKey>>>;
 /// starting over.
 const MAX_VETTED: usize = 8192;
 
+/// `value` as a shared copy from `shared`, where it is kept (with the
+/// [`MAX_SHARED`] latest others) for the next of its kind.
+fn intern<T: PartialEq>(shared: &mut Vec<Rc<T>>, value: T) -> Rc<T> {
+    if let Some(v) = shared.iter().find(|v| ***v == value) {
+        return v.clone();
+    }
+    let v = Rc::new(value);
+    if shared.len() >= MAX_SHARED {
+        shared.remove(0);
+    }
+    shared.push(v.clone());
+    v
+}
+
 /// Keys are interned ([`RoutePool::intern`]): the same one is usually the
 /// same allocation.
 fn same_key(a: &PoolKey, b: &PoolKey) -> bool {
@@ -164,6 +202,8 @@ impl RoutePool {
             idle: RefCell::default(),
             waiters: RefCell::default(),
             woken: Cell::new(0),
+            expiry: Expiry::default(),
+            settables: RefCell::default(),
             counters: RefCell::default(),
             checkout_wait: RefCell::new(Latency::new()),
             keys: RefCell::default(),
@@ -188,16 +228,15 @@ impl RoutePool {
     /// `login` as a shared copy: the same messages as a connection logged
     /// in before got are not kept twice.
     pub fn intern_login(&self, login: LoginMessages) -> Rc<LoginMessages> {
-        let mut logins = self.logins.borrow_mut();
-        if let Some(l) = logins.iter().find(|l| ***l == login) {
-            return l.clone();
-        }
-        let l = Rc::new(login);
-        if logins.len() >= MAX_SHARED_LOGINS {
-            logins.remove(0);
-        }
-        logins.push(l.clone());
-        l
+        intern(&mut self.logins.borrow_mut(), login)
+    }
+
+    /// `params` as a shared set: clients that set the same parameters
+    /// share one, so a connection readied for one of them is known ready
+    /// for the next by a pointer comparison
+    /// ([`ConnState::readied_with`](super::ConnState::readied_with)).
+    pub fn intern_settable(&self, params: Vec<(String, String)>) -> Settable {
+        intern(&mut self.settables.borrow_mut(), params)
     }
 
     /// The upstream as the latest settings have it.
@@ -247,7 +286,7 @@ impl RoutePool {
     /// whether it had to wait.
     pub async fn claim(
         self: &Rc<Self>,
-        key: &PoolKey,
+        key: &Rc<PoolKey>,
         deadline: monoio::time::Instant,
     ) -> Result<(Claim, bool), PoolFull> {
         let mut queued: Option<Queued> = None;
@@ -261,6 +300,10 @@ impl RoutePool {
                     // Its wake is used now, whatever comes of it.
                     q.waiter.woken.set(false);
                     self.woken.set(self.woken.get() - 1);
+                    let handed = q.waiter.handed.borrow_mut().take();
+                    if let Some(conn) = handed {
+                        return Ok((Claim::Idle(conn), true));
+                    }
                 }
                 if let Some(claim) = self.try_claim(key) {
                     return Ok((claim, queued.is_some()));
@@ -275,8 +318,15 @@ impl RoutePool {
                     q.waiter.clone()
                 }
                 None => {
-                    let w = Rc::new(Waiter::default());
-                    w.in_line.set(true);
+                    let w = Rc::new(Waiter {
+                        key: key.clone(),
+                        woken: Cell::new(false),
+                        handed: RefCell::new(None),
+                        expired: Cell::new(false),
+                        deadline: Cell::new(deadline),
+                        waker: RefCell::new(None),
+                        in_line: Cell::new(true),
+                    });
                     self.waiters.borrow_mut().push_back(w.clone());
                     queued = Some(Queued {
                         pool: self.clone(),
@@ -285,16 +335,17 @@ impl RoutePool {
                     w
                 }
             };
-            let woken = poll_fn(move |cx| {
-                if waiter.woken.get() {
-                    Poll::Ready(())
-                } else {
-                    *waiter.waker.borrow_mut() = Some(cx.waker().clone());
-                    Poll::Pending
+            self.expiry.watch(self, deadline);
+            poll_fn(|cx| {
+                if waiter.woken.get() || waiter.expired.get() {
+                    return Poll::Ready(());
                 }
-            });
-            if monoio::time::timeout_at(deadline, woken).await.is_err() {
-                // `queued` leaves the line as it drops.
+                crate::io_util::remember_waker(&mut waiter.waker.borrow_mut(), cx.waker());
+                Poll::Pending
+            })
+            .await;
+            if waiter.expired.get() {
+                // Out of the line already: `queued` has nothing to undo.
                 self.counters.borrow_mut().timeouts += 1;
                 return Err(PoolFull);
             }
@@ -352,7 +403,7 @@ impl RoutePool {
 
     fn try_claim(self: &Rc<Self>, key: &PoolKey) -> Option<Claim> {
         let mut idle = self.idle.borrow_mut();
-        if let Some(i) = idle.iter().rposition(|c| *c.state.key == *key) {
+        if let Some(i) = idle.iter().rposition(|c| same_key(&c.state.key, key)) {
             return idle.remove(i).map(Claim::Idle);
         }
         let limit = self.limit.get();
@@ -376,20 +427,66 @@ impl RoutePool {
         let Some(w) = self.waiters.borrow_mut().pop_front() else {
             return;
         };
+        self.take_turn(&w);
+        w.wake();
+    }
+
+    /// Takes `w` from the line as woken.
+    fn take_turn(&self, w: &Waiter) {
         w.in_line.set(false);
         w.woken.set(true);
         self.woken.set(self.woken.get() + 1);
-        let waker = w.waker.borrow_mut().take();
-        if let Some(waker) = waker {
-            waker.wake();
-        }
     }
 
     /// Pools a connection that came back clean, and wakes a waiter.
     pub fn put_idle(&self, mut conn: ServerConn, now: Instant) {
         conn.state.mark_idle(now);
-        self.idle.borrow_mut().push_back(conn);
-        self.wake_one();
+        self.offer(conn);
+    }
+
+    /// An idle connection for the first in line: handed straight to it
+    /// when it waits with the connection's key (its claim then has nothing
+    /// to look for), else kept idle and the first woken to look (it may
+    /// close it to log in with its own key).
+    fn offer(&self, conn: ServerConn) {
+        let first = {
+            let mut waiters = self.waiters.borrow_mut();
+            match waiters.front() {
+                Some(w) if same_key(&w.key, &conn.state.key) => waiters.pop_front(),
+                _ => None,
+            }
+        };
+        match first {
+            Some(w) => {
+                self.take_turn(&w);
+                *w.handed.borrow_mut() = Some(conn);
+                w.wake();
+            }
+            None => {
+                self.idle.borrow_mut().push_back(conn);
+                self.wake_one();
+            }
+        }
+    }
+
+    /// Ends the waits in line whose deadline passed, and returns the
+    /// earliest deadline left.
+    fn expire_due(&self, now: monoio::time::Instant) -> Option<monoio::time::Instant> {
+        let mut next: Option<monoio::time::Instant> = None;
+        self.waiters.borrow_mut().retain(|w| {
+            let due = w.deadline.get();
+            if due <= now {
+                // Only scheduled by the wake: nothing runs while the line
+                // is borrowed.
+                w.in_line.set(false);
+                w.expired.set(true);
+                w.wake();
+                return false;
+            }
+            next = Some(next.map_or(due, |n| n.min(due)));
+            true
+        });
+        next
     }
 
     /// Counts a connection closed for `reason`; dropping it frees its seat.
@@ -459,7 +556,77 @@ impl Drop for Queued {
         }
         if self.waiter.woken.get() {
             pool.woken.set(pool.woken.get() - 1);
-            pool.wake_one();
+            let handed = self.waiter.handed.borrow_mut().take();
+            match handed {
+                Some(conn) => pool.offer(conn),
+                None => pool.wake_one(),
+            }
+        }
+    }
+}
+
+/// The pool's one timer for its waiters' deadlines: a task that sleeps
+/// until the earliest, ends the waits due, and sleeps again. Waiters
+/// mostly arrive with `now + checkout_timeout`, so the earliest deadline
+/// is nearly always the first in line's and the task wakes about once
+/// per `checkout_timeout`, where a timer per wait would be set and
+/// cleared at every checkout that waits.
+#[derive(Default)]
+struct Expiry {
+    /// The task runs (started by the first wait; it stays).
+    running: Cell<bool>,
+    /// When it looks next (`None`: when poked).
+    at: Cell<Option<monoio::time::Instant>>,
+    /// A wait due before `at` came.
+    poked: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Expiry {
+    /// Sees that a wait due at `deadline` ends then.
+    fn watch(&self, pool: &Rc<RoutePool>, deadline: monoio::time::Instant) {
+        if !self.running.replace(true) {
+            monoio::spawn(expire_waiters(pool.clone()));
+            return;
+        }
+        if self.at.get().is_none_or(|at| deadline < at) {
+            self.poked.set(true);
+            let waker = self.waker.borrow_mut().take();
+            if let Some(waker) = waker {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Resolves when poked.
+    async fn poke(&self) {
+        poll_fn(|cx| {
+            if self.poked.take() {
+                return Poll::Ready(());
+            }
+            crate::io_util::remember_waker(&mut self.waker.borrow_mut(), cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The task behind [`Expiry`], for as long as the shard runs.
+async fn expire_waiters(pool: Rc<RoutePool>) {
+    loop {
+        let next = pool.expire_due(monoio::time::Instant::now());
+        let expiry = &pool.expiry;
+        expiry.at.set(next);
+        expiry.poked.set(false);
+        match next {
+            Some(at) => {
+                let sleep = monoio::time::sleep_until(at);
+                monoio::select! {
+                    _ = sleep => {}
+                    _ = expiry.poke() => {}
+                }
+            }
+            None => expiry.poke().await,
         }
     }
 }
@@ -584,5 +751,142 @@ impl Pools {
             pool.wake_one();
         }
         stale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+    use crate::tls::UpstreamTlsMode;
+    use monoio::time::Instant as At;
+
+    fn pool(limit: usize) -> Rc<RoutePool> {
+        let config = UpstreamConfig {
+            name: "default".into(),
+            databases: vec!["*".into()],
+            host: "127.0.0.1".into(),
+            port: 5432,
+            addrs: Vec::new(),
+            socket: None,
+            connect_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(60),
+            credentials: Default::default(),
+            tls: UpstreamTlsMode::Disable,
+            ca_file: None,
+            client_cert: None,
+            require_auth: crate::config::AuthMethods::ANY,
+            pool: Default::default(),
+        };
+        RoutePool::new(Arc::new(Route { config, tls: None }), limit)
+    }
+
+    fn key(pool: &RoutePool) -> Rc<PoolKey> {
+        let (key, _) = crate::server::split_params("app", 0, Vec::new(), &[], true);
+        pool.intern(key, None)
+    }
+
+    fn run(test: impl std::future::Future<Output = ()>) {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap()
+            .block_on(test);
+    }
+
+    /// A claim that waits, in a task: notes `name` in `served` when it
+    /// gets a seat, holds it for `hold`, and says how it ended.
+    fn waiting(
+        pool: &Rc<RoutePool>,
+        name: &'static str,
+        within: Duration,
+        served: &Rc<RefCell<Vec<&'static str>>>,
+    ) -> monoio::task::JoinHandle<Result<(), PoolFull>> {
+        let (pool, served) = (pool.clone(), served.clone());
+        monoio::spawn(async move {
+            let key = key(&pool);
+            let (claim, waited) = pool.claim(&key, At::now() + within).await?;
+            assert!(waited, "{name} should have waited");
+            assert!(matches!(claim, Claim::Login(_)));
+            served.borrow_mut().push(name);
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn waiters_get_freed_seats_in_arrival_order() {
+        run(async {
+            let pool = pool(1);
+            let k = key(&pool);
+            let (first, waited) = pool.claim(&k, At::now()).await.unwrap();
+            assert!(!waited);
+            let served = Rc::default();
+            let tasks: Vec<_> = ["b", "c", "d"]
+                .into_iter()
+                .map(|n| waiting(&pool, n, Duration::from_secs(5), &served))
+                .collect();
+            monoio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(pool.waiting(), 3);
+            assert!(served.borrow().is_empty());
+            drop(first);
+            for t in tasks {
+                t.await.unwrap();
+            }
+            assert_eq!(*served.borrow(), ["b", "c", "d"]);
+            assert_eq!(pool.open(), 0);
+            assert_eq!(pool.counters.borrow().timeouts, 0);
+        });
+    }
+
+    #[test]
+    fn each_wait_ends_at_its_own_deadline_even_one_due_before_those_ahead() {
+        run(async {
+            let pool = pool(1);
+            let k = key(&pool);
+            let (seat, _) = pool.claim(&k, At::now()).await.unwrap();
+            let served = Rc::default();
+            let patient = waiting(&pool, "patient", Duration::from_secs(5), &served);
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            // Arrives later, due far sooner than the one ahead of it.
+            let began = std::time::Instant::now();
+            let hasty = waiting(&pool, "hasty", Duration::from_millis(40), &served);
+            assert!(hasty.await.is_err());
+            let took = began.elapsed();
+            assert!(took >= Duration::from_millis(40), "{took:?}");
+            assert!(took < Duration::from_secs(2), "{took:?}");
+            assert_eq!(pool.waiting(), 1);
+            assert_eq!(pool.counters.borrow().timeouts, 1);
+            drop(seat);
+            patient.await.unwrap();
+            assert_eq!(*served.borrow(), ["patient"]);
+        });
+    }
+
+    #[test]
+    fn a_wait_given_up_after_its_wake_passes_the_wake_on() {
+        run(async {
+            let pool = pool(1);
+            let k = key(&pool);
+            let (seat, _) = pool.claim(&k, At::now()).await.unwrap();
+            let served = Rc::default();
+            let mut first = Box::pin(pool.claim(&k, At::now() + Duration::from_secs(5)));
+            // Polled once: in line.
+            assert!(futures_poll_once(first.as_mut()).is_pending());
+            let second = waiting(&pool, "second", Duration::from_secs(5), &served);
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(pool.waiting(), 2);
+            // The seat is freed: the first is woken, and gives up before
+            // it looks.
+            drop(seat);
+            drop(first);
+            second.await.unwrap();
+            assert_eq!(*served.borrow(), ["second"]);
+        });
+    }
+
+    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        let waker = std::task::Waker::noop();
+        f.poll(&mut std::task::Context::from_waker(waker))
     }
 }

@@ -26,7 +26,9 @@ use crate::protocol::startup::ProtocolVersion;
 use crate::secret::Secret;
 use crate::server::checkout::{prepare, PrepareError};
 use crate::server::reset::{self, Plan};
-use crate::server::{split_params, Claim, ConnState, PoolKey, RoutePool, ServerConn, REPORTED};
+use crate::server::{
+    split_params, Claim, ConnState, PoolKey, RoutePool, ServerConn, Settable, REPORTED,
+};
 use crate::upstream::login::ISSUED_KEY_LEN;
 use crate::upstream::{self, Upstream, UpstreamStream};
 
@@ -148,6 +150,7 @@ pub(super) async fn check_out(
         route: route.clone(),
         key,
     };
+    let settable = Rc::new(settable);
     let (conn, reused, changed) = acquire(ctx, &pool, &login, &settable, deadline, began).await?;
     let issued = issue_key(ctx, cancel_key, &conn, route, transaction);
     let mut for_client = BytesMut::with_capacity(512);
@@ -182,7 +185,7 @@ pub(super) async fn acquire(
     ctx: &ShardContext,
     pool: &Rc<RoutePool>,
     login: &Login,
-    settable: &[(String, String)],
+    settable: &Settable,
     deadline: monoio::time::Instant,
     began: Instant,
 ) -> Result<(ServerConn, bool, Vec<(String, String)>), Refusal> {
@@ -210,28 +213,44 @@ pub(super) async fn acquire(
             }
         };
         let check = reused && conn.state.idle_for(Instant::now()) >= config.check_after;
-        let restored = login_values_changed(&conn.state, settable);
-        let settable = if restored.is_empty() {
-            std::borrow::Cow::Borrowed(settable)
-        } else {
-            std::borrow::Cow::Owned([settable, &restored].concat())
-        };
-        let changed = match prepare(&mut conn, &settable, check).await {
-            Ok(changed) => changed,
-            Err(PrepareError::Broken(reason)) if reused => {
-                // Never used by this client: it sees nothing of it.
-                debug!(reason, "idle server connection failed its check");
-                pool.closed("broken");
-                continue;
-            }
-            Err(e) => return Err(not_ready(pool, conn, e)),
-        };
+        // A connection readied for this very set of parameters before,
+        // with nothing changed since, needs no look at them.
+        let mut changed = Vec::new();
+        if check || !conn.state.readied_with(settable) {
+            changed = match ready(&mut conn, settable, check).await {
+                Ok(changed) => changed,
+                Err(PrepareError::Broken(reason)) if reused => {
+                    // Never used by this client: it sees nothing of it.
+                    debug!(reason, "idle server connection failed its check");
+                    pool.closed("broken");
+                    continue;
+                }
+                Err(e) => return Err(not_ready(pool, conn, e)),
+            };
+        }
         if reused {
             pool.counters.borrow_mut().reused += 1;
             conn.state.served += 1;
         }
         return Ok((conn, reused, changed));
     }
+}
+
+/// Readies `conn` for a client with `settable` (see [`prepare`]), and
+/// notes what it was readied with.
+async fn ready(
+    conn: &mut ServerConn,
+    settable: &Settable,
+    check: bool,
+) -> Result<Vec<(String, String)>, PrepareError> {
+    let restored = login_values_changed(&conn.state, settable);
+    let changed = if restored.is_empty() {
+        prepare(conn, settable, check).await?
+    } else {
+        prepare(conn, &[&settable[..], &restored].concat(), check).await?
+    };
+    conn.state.mark_readied(settable);
+    Ok(changed)
 }
 
 /// The login's values of the parameters that follow clients where the

@@ -80,7 +80,7 @@ impl CancelSignal {
     pub async fn wait(&self) {
         std::future::poll_fn(|cx| {
             if self.waiting.borrow().is_empty() {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                crate::io_util::remember_waker(&mut self.waker.borrow_mut(), cx.waker());
                 std::task::Poll::Pending
             } else {
                 std::task::Poll::Ready(())

@@ -69,7 +69,7 @@ use crate::audit::SessionId;
 use crate::error::ClientError;
 use crate::net::ready::{self, Readable, Standing};
 use crate::net::ReadyStream;
-use crate::server::{ConnState, RoutePool, ServerConn, REPORTED};
+use crate::server::{ConnState, RoutePool, ServerConn, Settable, REPORTED};
 use crate::tls::stream::TlsStream;
 use crate::upstream::UpstreamStream;
 use answers::{Action, Answers};
@@ -118,9 +118,9 @@ struct Session {
     l: Lending,
     tracks: RefCell<Tracks>,
     /// The reported parameters the client's session has, by the server's
-    /// names and values (shared with the lend that applies them: no copy
-    /// per transaction).
-    params: RefCell<Rc<Vec<(String, String)>>>,
+    /// names and values (shared with the lend that applies them and the
+    /// connection readied with them: no copy per transaction).
+    params: RefCell<Settable>,
     pinned: Cell<Option<Pin>>,
     /// The client sent Terminate (kept from the server).
     goodbye: Cell<bool>,
@@ -194,7 +194,9 @@ async fn relay(
         standing: &standing,
     };
     tracks.tx = Some(Box::default());
-    let params = Rc::new(
+    // Shared with the other sessions that have the same: a connection
+    // one of them was given needs no readying for the next.
+    let params = l.pool.intern_settable(
         REPORTED
             .iter()
             .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
@@ -1150,7 +1152,7 @@ impl Flag {
             if self.raised.take() {
                 std::task::Poll::Ready(())
             } else {
-                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                crate::io_util::remember_waker(&mut self.waker.borrow_mut(), cx.waker());
                 std::task::Poll::Pending
             }
         })
