@@ -32,7 +32,7 @@ pub enum PoolMode {
     /// lent at the transaction's first message, taken back at the
     /// ReadyForQuery that ends it idle, with no reset in between. A
     /// client that makes session state (see README, "Transaction
-    /// pooling") keeps its connection for the rest of its session.
+    /// pooling") keeps its connection until it clears that state.
     Transaction,
     /// A fresh login per client, closed when the client leaves.
     Off,

@@ -31,6 +31,9 @@ pub struct PoolView {
     /// Transaction pooling: clients pinned to their connection, by reason.
     #[serde(serialize_with = "labeled")]
     pub pins: Labeled,
+    /// Transaction pooling: pinned clients that cleared their session
+    /// state and were unpinned.
+    pub unpins: u64,
     /// Transaction pooling: prepared statements used where the lent
     /// connection held them, prepared because it did not, and evicted.
     pub statements: [u64; 3],
@@ -69,11 +72,16 @@ const GAUGES: [(&str, &str, Read); 2] = [
     ),
 ];
 
-const COUNTERS: [(&str, &str, Read); 5] = [
+const COUNTERS: [(&str, &str, Read); 6] = [
     (
         "tollgate_pool_transaction_lends_total",
         "Transaction pooling: server connections taken back at the end of a client's transaction.",
         |v| v.transaction_lends,
+    ),
+    (
+        "tollgate_pool_unpins_total",
+        "Transaction pooling: pinned clients unpinned after clearing their session state (DISCARD ALL, RESET ALL, ...).",
+        |v| v.unpins,
     ),
     (
         "tollgate_pool_checkouts_waited_total",
@@ -140,7 +148,7 @@ const SPLIT_HELP: [&str; 5] = [
     "Server connections per upstream and shard, by state.",
     "Server connections handed to clients: reused from the pool, or a new login.",
     "Server connections closed, by reason.",
-    "Transaction pooling: clients pinned to their server connection for the rest of their session, by reason.",
+    "Transaction pooling: clients pinned to their server connection until they clear their session state, by reason.",
     "Transaction pooling: prepared statements a lent connection held (hit), prepared on it first (prepared), or closed to stay under max_prepared_statements (evicted).",
 ];
 

@@ -73,7 +73,7 @@ struct Waiter {
     handed: RefCell<Option<ServerConn>>,
     /// Taken from the line at its deadline, unserved.
     expired: Cell<bool>,
-    deadline: Cell<monoio::time::Instant>,
+    deadline: monoio::time::Instant,
     waker: RefCell<Option<Waker>>,
     /// In `waiters`: leaving the line must look for it there. Not once
     /// woken (taken from the line), which is how nearly every wait ends:
@@ -107,6 +107,9 @@ pub struct PoolCounters {
     pub lends: u64,
     /// Transaction pooling: clients pinned to their connection, by reason.
     pub pins: crate::metrics::Labeled,
+    /// Transaction pooling: pinned clients unpinned, having cleared their
+    /// session state.
+    pub unpins: u64,
     /// Transaction pooling: uses of a prepared statement the lent
     /// connection held, Parses sent because it did not, and statements
     /// closed to stay under `max_prepared_statements`.
@@ -141,7 +144,7 @@ pub struct RoutePool {
     /// was meant for them.
     woken: Cell<usize>,
     /// Ends the waits that reach their deadline: one timer for the pool,
-    /// not one per waiting client (see [`RoutePool::expire_waiters`]).
+    /// not one per waiting client (see [`expire_waiters`]).
     expiry: Expiry,
     /// Settable parameter sets shared by the clients that have the same.
     settables: RefCell<Vec<Settable>>,
@@ -323,7 +326,7 @@ impl RoutePool {
                         woken: Cell::new(false),
                         handed: RefCell::new(None),
                         expired: Cell::new(false),
-                        deadline: Cell::new(deadline),
+                        deadline,
                         waker: RefCell::new(None),
                         in_line: Cell::new(true),
                     });
@@ -474,7 +477,7 @@ impl RoutePool {
     fn expire_due(&self, now: monoio::time::Instant) -> Option<monoio::time::Instant> {
         let mut next: Option<monoio::time::Instant> = None;
         self.waiters.borrow_mut().retain(|w| {
-            let due = w.deadline.get();
+            let due = w.deadline;
             if due <= now {
                 // Only scheduled by the wake: nothing runs while the line
                 // is borrowed.
@@ -696,6 +699,7 @@ impl Pools {
                     closed: c.closed.clone(),
                     transaction_lends: c.lends,
                     pins: c.pins.clone(),
+                    unpins: c.unpins,
                     statements: [
                         c.statements_hit,
                         c.statements_prepared,

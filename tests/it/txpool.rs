@@ -510,6 +510,69 @@ fn a_client_that_waits_past_checkout_timeout_gets_53300() {
     });
 }
 
+/// asyncpg's pattern: its type introspection runs `set_config('jit', ...,
+/// false)` (which pins), and its pool sends a reset query when it takes a
+/// connection back (which clears what pinned). Through one server
+/// connection, the other client is served again once the state is gone,
+/// and finds none of it; a clear that leaves state (`RESET ALL` after
+/// `SET ROLE`) keeps the pin.
+#[test]
+fn a_client_that_clears_its_session_state_is_unpinned_and_leaves_none() {
+    let (mut env, admin) = env_tx(
+        1,
+        "max_server_connections = 1\ncheckout_timeout = \"500ms\"",
+    );
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    let unpins = "tollgate_pool_unpins_total{upstream=\"default\",shard=\"0\"}";
+    let code = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.code().code().to_owned())
+            .unwrap_or_default()
+    };
+    runtime().block_on(async {
+        // Both log in while the connection is free.
+        let a = pg_connect(&conn).await.unwrap();
+        let b = pg_connect(&conn).await.unwrap();
+        a.batch_execute("select current_setting('jit'), set_config('jit', 'off', false)")
+            .await
+            .unwrap();
+        // Pinned: the only connection stays with `a`.
+        let e = b.simple_query("select 1").await.expect_err("pinned");
+        assert_eq!(code(e), "53300");
+        let b = pg_connect(&conn).await.expect_err("pinned");
+        assert_eq!(code(b), "53300");
+        assert_eq!(simple_one(&a, "select current_setting('jit')").await, "off");
+        a.batch_execute("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;")
+            .await
+            .unwrap();
+        assert_eq!(metric(admin, unpins), Some(1.0));
+        // Unpinned: another client gets the connection, as the server
+        // started it.
+        let b = pg_connect(&conn).await.unwrap();
+        assert_eq!(simple_one(&b, "select current_setting('jit')").await, "on");
+        assert_eq!(simple_one(&a, "select 'a again'").await, "a again");
+
+        // RESET ALL leaves the role: still pinned.
+        a.batch_execute("set role app").await.unwrap();
+        a.batch_execute("reset all").await.unwrap();
+        let e = b.simple_query("select 1").await.expect_err("still pinned");
+        assert_eq!(code(e), "53300");
+        assert_eq!(metric(admin, unpins), Some(1.0));
+        // A clear inside a transaction block may be rolled back: none.
+        a.batch_execute("begin; discard temp; rollback")
+            .await
+            .unwrap();
+        // DISCARD ALL leaves nothing.
+        a.batch_execute("discard all").await.unwrap();
+        assert_eq!(metric(admin, unpins), Some(2.0));
+        let b = pg_connect(&conn).await.unwrap();
+        assert_eq!(simple_one(&b, "select current_user::text").await, "app");
+    });
+    env.assert_log_clean();
+}
+
 /// A small deterministic generator (xorshift), so a failure repeats.
 struct Rng(u64);
 

@@ -15,8 +15,10 @@
 //! ([`Standing`]). No reset runs between two clients' transactions, so
 //! the pool's connections must never hold session state: what could leave
 //! some is found as it passes ([`pin`]) and pins its client to its
-//! connection for the rest of the session (counted by reason, logged once);
-//! such a connection is reset (`reset_query`) when its client leaves.
+//! connection (counted by reason, logged once) until the client clears
+//! it itself, as drivers' pools do when they take a connection back
+//! ([`Pins`]); a connection still pinned is reset (`reset_query`) when its
+//! client leaves.
 //!
 //! A client that prepares a statement between transactions (Parse and
 //! Sync, as `PQprepare` does) needs no connection when a server with its
@@ -45,7 +47,7 @@ mod pin;
 mod rewrite;
 mod scan;
 
-pub use pin::Pin;
+pub use pin::{Found, Pin, Pins};
 pub use scan::TxScan;
 
 use std::cell::{Cell, RefCell};
@@ -121,7 +123,15 @@ struct Session {
     /// names and values (shared with the lend that applies them and the
     /// connection readied with them: no copy per transaction).
     params: RefCell<Settable>,
+    /// Pinned to the lent connection, by the first reason found.
     pinned: Cell<Option<Pin>>,
+    /// Every reason the client is pinned for.
+    pins: Cell<Pins>,
+    /// What the client's statements cleared of its pins, once the server
+    /// has run them (see [`Session::settle_clears`]).
+    clearing: Cell<Pins>,
+    /// The pin was logged (once per session).
+    pin_told: Cell<bool>,
     /// The client sent Terminate (kept from the server).
     goodbye: Cell<bool>,
     /// Cancels of the client's key, for the session to act on.
@@ -208,6 +218,9 @@ async fn relay(
         tracks: RefCell::new(tracks),
         params: RefCell::new(params),
         pinned: Cell::new(None),
+        pins: Cell::new(Pins::NONE),
+        clearing: Cell::new(Pins::NONE),
+        pin_told: Cell::new(false),
         goodbye: Cell::new(false),
         cancels: Rc::default(),
         cancelling: Cell::new(false),
@@ -344,7 +357,11 @@ impl Session {
     fn saw_client(&self, chunk: &[u8]) -> Option<usize> {
         let mut tracks = self.tracks.borrow_mut();
         tracks.saw_client(chunk).ok()?;
-        let pin = tracks.tx.as_mut().and_then(|t| t.take_pin());
+        let found = tracks
+            .tx
+            .as_mut()
+            .map(|t| t.take_pins())
+            .unwrap_or_default();
         if tracks.tx.as_mut().is_some_and(|t| t.take_discard()) {
             self.discarded.set(true);
         }
@@ -356,24 +373,63 @@ impl Session {
             None => chunk.len(),
         };
         drop(tracks);
-        if let Some(pin) = pin {
-            self.pin(pin);
-        }
+        self.note_pins(found);
         Some(forward)
     }
 
-    /// Pins the client to its connection for the rest of its session.
-    fn pin(&self, why: Pin) {
-        if self.pinned.get().is_some() {
-            return;
+    /// Pins the client to its connection for what was found, and notes
+    /// what its statements clear.
+    fn note_pins(&self, found: Found) {
+        if let Some(first) = found.first {
+            self.pins.set(self.pins.get().with(found.pins));
+            self.clearing.set(self.clearing.get().without(found.pins));
+            if self.pinned.get().is_none() {
+                self.pin(first);
+            }
         }
+        self.clearing.set(self.clearing.get().with(found.clears));
+    }
+
+    /// Pins the client to its connection until it clears what it made.
+    fn pin(&self, why: Pin) {
         self.pinned.set(Some(why));
         self.l.pool.counters.borrow_mut().pins.add(why.as_str(), 1);
-        info!(
-            session = %self.l.session,
-            reason = why.as_str(),
-            "client pinned to its server connection for the rest of its session"
-        );
+        if !self.pin_told.replace(true) {
+            info!(
+                session = %self.l.session,
+                reason = why.as_str(),
+                "client pinned to its server connection until it clears its session state"
+            );
+        }
+    }
+
+    /// What the client's statements cleared is cleared once the server
+    /// ran them: every cycle answered with no error since (an error
+    /// forgets them, in [`Session::relay_answers`]) and the session
+    /// outside a transaction block (a block could still roll them back).
+    /// The client is unpinned when no reason is left.
+    fn settle_clears(&self) {
+        let clearing = self.clearing.get();
+        if clearing.is_empty() {
+            return;
+        }
+        let idle = {
+            let tracks = self.tracks.borrow();
+            if !tracks.drained() {
+                return;
+            }
+            tracks.stats.status.get() == b'I'
+        };
+        self.clearing.set(Pins::NONE);
+        if !idle {
+            return;
+        }
+        let left = self.pins.get().without(clearing);
+        self.pins.set(left);
+        if left.is_empty() && self.pinned.take().is_some() {
+            self.l.pool.counters.borrow_mut().unpins += 1;
+            debug!(session = %self.l.session, "client unpinned: it cleared its session state");
+        }
     }
 
     /// Follows server bytes, and notes the parameters they report on the
@@ -386,7 +442,6 @@ impl Session {
         let Some(tx) = tracks.tx.as_mut() else {
             return true;
         };
-        let pin = tx.take_pin();
         let mut params = self.params.borrow_mut();
         let mut unknown = false;
         tx.drain_reports(|k, v| {
@@ -406,13 +461,12 @@ impl Session {
             }
         });
         drop(params);
-        drop(tracks);
-        if let Some(pin) = pin {
-            self.pin(pin);
-        }
         if unknown {
-            self.pin(Pin::UnknownParameter);
+            tx.pin_unknown();
         }
+        let found = tx.take_pins();
+        drop(tracks);
+        self.note_pins(found);
         true
     }
 
@@ -525,6 +579,10 @@ impl Session {
             self.copy_in.set(true);
         } else if events.error {
             self.copy_in.set(false);
+        }
+        if events.error {
+            // What the client cleared may not have run.
+            self.clearing.set(Pins::NONE);
         }
         self.syncs_ignored(events.syncs_ignored);
         self.delivering.set(true);
@@ -907,6 +965,7 @@ impl Session {
             if idle_in_block && self.idle_since.get().is_none() {
                 self.idle_since.set(Some(Instant::now()));
             }
+            self.settle_clears();
             if self.releasable(writing.get()) && kill.fired().is_none() {
                 return Served::Released;
             }

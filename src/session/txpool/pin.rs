@@ -7,8 +7,14 @@
 //! advisory lock, a `WITH HOLD` cursor, a temporary table, SQL `PREPARE`,
 //! a role change) would then either be lost
 //! to the client or, worse, be found by the next client of that backend.
-//! A client that makes any of it is pinned to its backend for the rest of
-//! its session instead.
+//! A client that makes any of it is pinned to its backend instead, until
+//! it clears that state itself ([`Pins`]): a simple Query, outside any
+//! transaction block, of `DISCARD ALL`, or of the statements that clear
+//! each kind (`RESET ALL`, `UNLISTEN *`, `CLOSE ALL`, `DEALLOCATE ALL`,
+//! `DISCARD TEMP`, `pg_advisory_unlock_all()`), which the server
+//! answers without an error. That is what a driver's pool sends when it
+//! takes a connection back (asyncpg's reset query, say), so a client that
+//! made state for a while is pinned only for that while.
 //!
 //! The scan is a small incremental lexer over the SQL of Query and Parse
 //! messages, fed in whatever pieces the socket delivers, holding at most
@@ -25,7 +31,8 @@
 
 use crate::server::is_reported;
 
-/// Why a client keeps its server connection for the rest of its session.
+/// Why a client keeps its server connection (until it clears the state,
+/// see [`Pins`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pin {
     /// `SET` (not `LOCAL`) of a parameter the server does not report.
@@ -60,6 +67,92 @@ impl Pin {
             Pin::UnknownParameter => "unknown_parameter",
         }
     }
+}
+
+/// A set of reasons to pin, and of the reasons a statement clears.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins(u16);
+
+impl Pins {
+    pub const NONE: Pins = Pins(0);
+    /// State the lexer knows the kind of but not enough to clear it with
+    /// anything short of `DISCARD ALL`: a `SET` in a function body (which
+    /// may be `SET ROLE`), a `set_config` whose parameter is not a literal
+    /// or is one `RESET ALL` leaves (`role`, `session_authorization`), a
+    /// parameter reported that tollgate does not follow.
+    const OPAQUE: Pins = Pins(1 << 15);
+    /// What `RESET ALL` clears: parameters set by name.
+    const PARAMETERS: Pins = Pins(1 << Pin::Set as u16 | 1 << Pin::SetConfig as u16);
+    /// What `DISCARD ALL` clears: everything but a library loaded.
+    const ALL_BUT_LOAD: Pins = Pins(!(1 << Pin::Load as u16));
+
+    pub fn of(p: Pin) -> Pins {
+        Pins(1 << p as u16)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn with(self, other: Pins) -> Pins {
+        Pins(self.0 | other.0)
+    }
+
+    pub fn without(self, other: Pins) -> Pins {
+        Pins(self.0 & !other.0)
+    }
+}
+
+/// What the scan found since it was last asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Found {
+    /// The first reason to pin found.
+    pub first: Option<Pin>,
+    /// Every reason found.
+    pub pins: Pins,
+    /// What statements of simple Queries cleared after the last pin of
+    /// each reason: cleared indeed once the server has run them without
+    /// an error and the session is outside a transaction block.
+    pub clears: Pins,
+}
+
+/// Parameters `RESET ALL` leaves as they are (`GUC_NO_RESET_ALL`): a
+/// session that set one keeps it.
+const NOT_RESET_BY_RESET_ALL: [&str; 6] = [
+    "role",
+    "session_authorization",
+    "seed",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+];
+
+/// Statements that begin, end or mark transactions: a message with one
+/// may roll back what it clears.
+const TRANSACTION_CONTROL: [&str; 8] = [
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+];
+
+/// Longest parameter name `set_config` is followed for.
+const MAX_ARG: usize = 64;
+
+/// `set_config(`'name'`, ...)`, byte by byte: which parameter it sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arg {
+    Off,
+    /// After the function's name.
+    Name,
+    /// After `(`.
+    Open,
+    /// In the first argument's string literal.
+    Literal,
 }
 
 /// Longest word kept; longer ones are compared by their first bytes only,
@@ -120,8 +213,16 @@ enum Stmt {
         named: bool,
         on_commit: u8,
     },
-    /// DISCARD or DEALLOCATE: ALL drops every prepared statement.
-    Drops,
+    /// DISCARD: ALL clears everything, TEMP the temporary tables.
+    Discard,
+    /// DEALLOCATE [PREPARE]: ALL drops every prepared statement.
+    Deallocate,
+    Reset,
+    /// UNLISTEN: `*` (no word follows) clears every LISTEN.
+    Unlisten {
+        named: bool,
+    },
+    Close,
     Select,
 }
 
@@ -135,9 +236,19 @@ pub struct PinScan {
     /// The word before, for two-word phrases (`WITH HOLD`, `INTO TEMP`).
     prev: Prev,
     stmt: Stmt,
-    found: Option<Pin>,
+    found: Found,
     /// A statement dropped every prepared statement of the session.
     discard: bool,
+    /// The message is a simple Query (run as it arrives), not a Parse.
+    query: bool,
+    /// What the message's statements clear so far.
+    message_clears: Pins,
+    /// The message controls transactions (BEGIN, COMMIT, SAVEPOINT, ...):
+    /// what it clears may be rolled back, so it clears nothing.
+    controls_transactions: bool,
+    arg: Arg,
+    arg_name: [u8; MAX_ARG],
+    arg_len: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +268,14 @@ impl Default for PinScan {
             tag_len: 0,
             prev: Prev::Other,
             stmt: Stmt::Start,
-            found: None,
+            found: Found::default(),
             discard: false,
+            query: false,
+            message_clears: Pins::NONE,
+            controls_transactions: false,
+            arg: Arg::Off,
+            arg_name: [0; MAX_ARG],
+            arg_len: 0,
         }
     }
 }
@@ -168,9 +285,9 @@ fn is_word_byte(b: u8) -> bool {
 }
 
 impl PinScan {
-    /// The first pin found since the last call, if any.
-    pub fn take(&mut self) -> Option<Pin> {
-        self.found.take()
+    /// What was found since the last call.
+    pub fn take(&mut self) -> Found {
+        std::mem::take(&mut self.found)
     }
 
     /// Whether a statement since the last call dropped every prepared
@@ -179,15 +296,44 @@ impl PinScan {
         std::mem::take(&mut self.discard)
     }
 
-    /// Notes a pin found outside the text (the first one found wins).
+    /// Notes a reason to pin (the first one found is the one told).
     pub fn pin(&mut self, p: Pin) {
-        self.found.get_or_insert(p);
+        self.pin_set(p, Pins::of(p));
     }
 
-    /// Starts the text of a new message (Query or Parse).
-    pub fn begin(&mut self) {
+    /// A parameter the server reported that tollgate does not follow.
+    pub fn pin_unknown(&mut self) {
+        self.pin_opaque(Pin::UnknownParameter);
+    }
+
+    /// A reason to pin only `DISCARD ALL` clears (see [`Pins::OPAQUE`]).
+    fn pin_opaque(&mut self, p: Pin) {
+        self.pin_set(p, Pins::of(p).with(Pins::OPAQUE));
+    }
+
+    fn pin_set(&mut self, p: Pin, pins: Pins) {
+        let f = &mut self.found;
+        f.first.get_or_insert(p);
+        f.pins = f.pins.with(pins);
+        // A clear before it in the text does not clear it.
+        f.clears = f.clears.without(pins);
+        self.message_clears = self.message_clears.without(pins);
+    }
+
+    /// A statement that clears `what`, if the message may clear.
+    fn clear(&mut self, what: Pins) {
+        self.message_clears = self.message_clears.with(what);
+    }
+
+    /// Starts the text of a new message: a simple Query (`query`), whose
+    /// statements run as they arrive, or a Parse, whose do not.
+    pub fn begin(&mut self, query: bool) {
         self.lex = Lex::Normal;
         self.word_len = 0;
+        self.query = query;
+        self.message_clears = Pins::NONE;
+        self.controls_transactions = false;
+        self.arg = Arg::Off;
         self.new_statement();
     }
 
@@ -196,6 +342,12 @@ impl PinScan {
         self.end_word();
         self.end_statement();
         self.lex = Lex::Normal;
+        self.arg_failed();
+        if self.query && !self.controls_transactions {
+            let f = &mut self.found;
+            f.clears = f.clears.with(self.message_clears);
+        }
+        self.message_clears = Pins::NONE;
     }
 
     fn new_statement(&mut self) {
@@ -214,6 +366,10 @@ impl PinScan {
             if on_commit != 3 {
                 self.pin(Pin::TempTable);
             }
+        }
+        if self.stmt == (Stmt::Unlisten { named: false }) {
+            // UNLISTEN *: the `*` is no word.
+            self.clear(Pins::of(Pin::Listen));
         }
         self.new_statement();
     }
@@ -247,13 +403,24 @@ impl PinScan {
             Lex::Quote { escapes } => match b {
                 b'\'' => self.lex = Lex::QuoteEnd { escapes },
                 b'\\' if escapes => self.lex = Lex::QuoteEscape,
+                _ if self.arg == Arg::Literal => {
+                    if self.arg_len < MAX_ARG {
+                        self.arg_name[self.arg_len] = b;
+                    }
+                    self.arg_len += 1;
+                }
                 _ => {}
             },
             Lex::QuoteEscape => self.lex = Lex::Quote { escapes: true },
             Lex::QuoteEnd { escapes } => {
                 if b == b'\'' {
+                    // A quote in set_config's parameter name: no name.
+                    self.arg_failed();
                     self.lex = Lex::Quote { escapes };
                 } else {
+                    if self.arg == Arg::Literal {
+                        self.arg_done();
+                    }
                     self.lex = Lex::Normal;
                     self.token_start(b);
                 }
@@ -376,6 +543,18 @@ impl PinScan {
     }
 
     fn token_start(&mut self, b: u8) {
+        match (self.arg, b) {
+            (Arg::Off, _) | (_, b' ' | b'\t' | b'\n' | b'\r') => {}
+            (Arg::Name, b'(') => {
+                self.arg = Arg::Open;
+                return;
+            }
+            (Arg::Open, b'\'') => {
+                self.arg = Arg::Literal;
+                self.arg_len = 0;
+            }
+            _ => self.arg_failed(),
+        }
         match b {
             b'\'' => self.lex = Lex::Quote { escapes: false },
             b'"' => {
@@ -426,7 +605,7 @@ impl PinScan {
         w[..len].copy_from_slice(&self.word[..len]);
         self.word_len = 0;
         let w = &w[..len];
-        self.function_name(w);
+        self.function_name(w, true);
         let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
         if is("temp")
             || is("temporary")
@@ -436,12 +615,34 @@ impl PinScan {
         } else if is("listen") {
             self.pin(Pin::Listen);
         } else if is("set") {
-            // Any SET, `UPDATE ... SET` too: erring towards pinning.
-            self.pin(Pin::Set);
+            // Any SET, `UPDATE ... SET` too: erring towards pinning. It
+            // may be `SET ROLE`, which `RESET ALL` leaves.
+            self.pin_opaque(Pin::Set);
         }
     }
 
-    fn function_name(&mut self, w: &[u8]) {
+    /// `set_config`'s first argument was not a string literal.
+    fn arg_failed(&mut self) {
+        if self.arg != Arg::Off {
+            self.arg = Arg::Off;
+            self.pin_opaque(Pin::SetConfig);
+        }
+    }
+
+    /// `set_config`'s first argument, a string literal, ended: a parameter
+    /// `RESET ALL` leaves makes its pin opaque.
+    fn arg_done(&mut self) {
+        self.arg = Arg::Off;
+        let name = &self.arg_name[..self.arg_len.min(MAX_ARG)];
+        let kept = NOT_RESET_BY_RESET_ALL
+            .iter()
+            .any(|k| name.eq_ignore_ascii_case(k.as_bytes()));
+        if kept || self.arg_len > MAX_ARG {
+            self.pin_opaque(Pin::SetConfig);
+        }
+    }
+
+    fn function_name(&mut self, w: &[u8], in_body: bool) {
         // Schema-qualified or not.
         let name = match w.iter().rposition(|b| *b == b'.') {
             Some(i) => &w[i + 1..],
@@ -454,15 +655,23 @@ impl PinScan {
             b"pg_try_advisory_lock_shared",
         ];
         if name.eq_ignore_ascii_case(b"set_config") {
-            self.pin(Pin::SetConfig);
+            if in_body {
+                self.pin_opaque(Pin::SetConfig);
+            } else {
+                // Which parameter: its literal follows.
+                self.pin(Pin::SetConfig);
+                self.arg = Arg::Name;
+            }
         } else if LOCKS.iter().any(|l| name.eq_ignore_ascii_case(l)) {
             self.pin(Pin::AdvisoryLock);
+        } else if !in_body && name.eq_ignore_ascii_case(b"pg_advisory_unlock_all") {
+            self.clear(Pins::of(Pin::AdvisoryLock));
         }
     }
 
     /// A word at the top level of the statement in progress.
     fn word(&mut self, w: &[u8]) {
-        self.function_name(w);
+        self.function_name(w, false);
         let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
         match self.stmt {
             Stmt::Start => {
@@ -485,8 +694,18 @@ impl PinScan {
                     };
                 } else if is("select") || is("with") {
                     self.stmt = Stmt::Select;
-                } else if is("discard") || is("deallocate") {
-                    self.stmt = Stmt::Drops;
+                } else if is("discard") {
+                    self.stmt = Stmt::Discard;
+                } else if is("deallocate") {
+                    self.stmt = Stmt::Deallocate;
+                } else if is("reset") {
+                    self.stmt = Stmt::Reset;
+                } else if is("unlisten") {
+                    self.stmt = Stmt::Unlisten { named: false };
+                } else if is("close") {
+                    self.stmt = Stmt::Close;
+                } else if TRANSACTION_CONTROL.iter().any(|k| is(k)) {
+                    self.controls_transactions = true;
                 }
             }
             Stmt::Set => {
@@ -539,13 +758,36 @@ impl PinScan {
                     on_commit,
                 };
             }
-            Stmt::Drops => {
-                // DEALLOCATE [PREPARE] ALL, DISCARD ALL.
+            Stmt::Discard => {
+                self.stmt = Stmt::Other;
                 if is("all") {
                     self.discard = true;
+                    self.clear(Pins::ALL_BUT_LOAD);
+                } else if is("temp") || is("temporary") {
+                    self.clear(Pins::of(Pin::TempTable));
+                }
+            }
+            Stmt::Deallocate => {
+                // DEALLOCATE [PREPARE] ALL.
+                if is("all") {
+                    self.discard = true;
+                    self.clear(Pins::of(Pin::Prepare));
                     self.stmt = Stmt::Other;
                 } else if !is("prepare") {
                     self.stmt = Stmt::Other;
+                }
+            }
+            Stmt::Reset => {
+                self.stmt = Stmt::Other;
+                if is("all") {
+                    self.clear(Pins::PARAMETERS);
+                }
+            }
+            Stmt::Unlisten { .. } => self.stmt = Stmt::Unlisten { named: true },
+            Stmt::Close => {
+                self.stmt = Stmt::Other;
+                if is("all") {
+                    self.clear(Pins::of(Pin::CursorWithHold));
                 }
             }
             Stmt::Select => {
@@ -565,6 +807,13 @@ impl PinScan {
     }
 
     fn set_parameter(&mut self, name: &[u8]) {
+        if NOT_RESET_BY_RESET_ALL
+            .iter()
+            .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
+        {
+            self.pin_opaque(Pin::Set);
+            return;
+        }
         let reported = std::str::from_utf8(name).is_ok_and(is_reported);
         if !reported {
             self.pin(Pin::Set);
@@ -576,17 +825,18 @@ impl PinScan {
 mod tests {
     use super::*;
 
-    fn scan(sql: &str) -> Option<Pin> {
+    /// What a simple Query of `sql` is found to pin and clear.
+    fn found(sql: &str) -> Found {
         // Fed byte by byte: the pieces a socket delivers can split anything.
         let mut s = PinScan::default();
-        s.begin();
+        s.begin(true);
         for b in sql.as_bytes() {
             s.feed(std::slice::from_ref(b));
         }
         s.finish();
         let whole = {
             let mut w = PinScan::default();
-            w.begin();
+            w.begin(true);
             w.feed(sql.as_bytes());
             w.finish();
             w.take()
@@ -594,6 +844,111 @@ mod tests {
         let piecewise = s.take();
         assert_eq!(piecewise, whole, "{sql}");
         piecewise
+    }
+
+    fn scan(sql: &str) -> Option<Pin> {
+        found(sql).first
+    }
+
+    /// The reasons a client pinned by `pins` (simple Queries, one by one)
+    /// is still pinned for after `clears` ran.
+    fn left_after(pins: &[&str], clears: &str) -> Pins {
+        let made = pins
+            .iter()
+            .fold(Pins::NONE, |all, sql| all.with(found(sql).pins));
+        made.without(found(clears).clears)
+    }
+
+    #[test]
+    fn a_client_that_clears_what_it_made_is_pinned_no_more() {
+        // asyncpg's type introspection, then its pool's reset query.
+        let introspection = [
+            "SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new",
+            "SELECT set_config('jit', $1, false)",
+        ];
+        let reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
+        assert!(left_after(&introspection, reset).is_empty());
+        let cases: [(&[&str], &str); 9] = [
+            (&["set work_mem = '1MB'"], "reset all"),
+            (&["listen jobs"], "unlisten *"),
+            (
+                &["select pg_advisory_lock(1)"],
+                "select pg_advisory_unlock_all()",
+            ),
+            (&["declare c cursor with hold for select 1"], "close all"),
+            (&["prepare p as select 1"], "deallocate all"),
+            (&["create temp table t(x int)"], "discard temp"),
+            (
+                &["set role other", "listen x", "set work_mem = 1"],
+                "DISCARD ALL",
+            ),
+            (
+                &["select set_config('role', 'other', false)"],
+                "discard all",
+            ),
+            (&["do $$ begin set role other; end $$"], "discard all"),
+        ];
+        for (pins, clears) in cases {
+            assert!(!found(pins[0]).pins.is_empty(), "{pins:?}");
+            assert_eq!(
+                left_after(pins, clears),
+                Pins::NONE,
+                "{pins:?} then {clears}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_a_clear_leaves_keeps_the_client_pinned() {
+        let cases: [(&str, &str); 12] = [
+            // RESET ALL leaves the role, and so what may have set it.
+            ("set role other", "reset all"),
+            ("set session authorization other", "reset all"),
+            ("select set_config('role', 'other', false)", "reset all"),
+            ("select set_config('ROLE', 'other', false)", "reset all"),
+            ("select set_config($1, 'other', false)", "reset all"),
+            ("do $$ begin set role other; end $$", "reset all"),
+            ("set session_authorization = 'other'", "reset all"),
+            // Each clears only its own kind.
+            ("listen jobs", "reset all"),
+            ("set work_mem = 1", "unlisten jobs"),
+            ("create temp table t(x int)", "discard plans"),
+            // Nothing unloads a library.
+            ("load 'auto_explain'", "discard all"),
+            // Cleared, then made again in the same message.
+            ("set work_mem = 1", "reset all; set work_mem = 2"),
+        ];
+        for (pin, clears) in cases {
+            assert!(!found(pin).pins.is_empty(), "{pin}");
+            assert!(
+                !left_after(&[pin], clears).is_empty(),
+                "{pin} then {clears}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_a_simple_query_outside_transaction_control_clears() {
+        for sql in [
+            "begin; reset all",
+            "reset all; rollback",
+            "savepoint s; discard temp",
+            "select 'reset all'",
+            "/* reset all */ select 1",
+        ] {
+            assert_eq!(found(sql).clears, Pins::NONE, "{sql}");
+        }
+        // A Parse runs nothing: its statement may never be executed.
+        let mut s = PinScan::default();
+        s.begin(false);
+        s.feed(b"discard all");
+        s.finish();
+        assert_eq!(s.take().clears, Pins::NONE);
+        // A clear made before a pin of its kind in the same text does not
+        // clear it.
+        let f = found("unlisten *; listen x");
+        assert_eq!(f.clears, Pins::NONE);
+        assert_eq!(f.pins, Pins::of(Pin::Listen));
     }
 
     #[test]
@@ -690,7 +1045,7 @@ mod tests {
             ("select 'discard all'", false),
         ] {
             let mut s = PinScan::default();
-            s.begin();
+            s.begin(true);
             s.feed(sql.as_bytes());
             s.finish();
             assert_eq!(s.take_discard(), want, "{sql}");
@@ -700,13 +1055,13 @@ mod tests {
     #[test]
     fn statements_restart_after_each_message() {
         let mut s = PinScan::default();
-        s.begin();
+        s.begin(true);
         s.feed(b"select 'unterminated");
         s.finish();
-        s.begin();
+        s.begin(true);
         s.feed(b"listen x");
         s.finish();
-        assert_eq!(s.take(), Some(Pin::Listen));
-        assert_eq!(s.take(), None);
+        assert_eq!(s.take().first, Some(Pin::Listen));
+        assert_eq!(s.take().first, None);
     }
 }

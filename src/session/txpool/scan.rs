@@ -9,7 +9,7 @@
 
 #![forbid(unsafe_code)]
 
-use super::pin::{Pin, PinScan};
+use super::pin::{Found, PinScan};
 
 /// ParameterStatus bytes kept between two drains; a longer one makes the
 /// client's parameters unknown (which pins it).
@@ -50,12 +50,17 @@ impl Default for TxScan {
 }
 
 impl TxScan {
-    /// The first pin found since the last call.
-    pub fn take_pin(&mut self) -> Option<Pin> {
+    /// The reasons to pin, and the clears, found since the last call.
+    pub fn take_pins(&mut self) -> Found {
         if std::mem::take(&mut self.overflow) {
-            return Some(Pin::UnknownParameter);
+            self.pins.pin_unknown();
         }
         self.pins.take()
+    }
+
+    /// A parameter the server reported that tollgate does not follow.
+    pub fn pin_unknown(&mut self) {
+        self.pins.pin_unknown();
     }
 
     /// The parameters the server reported since the last call, in order.
@@ -76,7 +81,7 @@ impl TxScan {
     pub fn client_start(&mut self, tag: u8) {
         self.capture = match tag {
             b'Q' => {
-                self.pins.begin();
+                self.pins.begin(true);
                 Capture::Sql
             }
             b'P' => Capture::Name,
@@ -90,7 +95,7 @@ impl TxScan {
             match memchr::memchr(0, bytes) {
                 Some(i) => {
                     bytes = &bytes[i + 1..];
-                    self.pins.begin();
+                    self.pins.begin(false);
                     self.capture = Capture::Sql;
                 }
                 None => return,
