@@ -1271,3 +1271,37 @@ pub fn hs256(payload: &serde_json::Value) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref())
     )
 }
+
+/// The target directory's `sub`-folder, where `tests/tools/` scripts
+/// install what some tests need.
+pub fn tools_dir(sub: &str) -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join(sub)
+}
+
+/// Runs `tests/tools/<script>` when `present` says what it installs is
+/// missing (one install at a time across the test run); an install that
+/// fails fails the test, never skips it.
+pub fn install_once(script: &str, present: impl Fn() -> bool) {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if present() {
+        return;
+    }
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/tools")
+        .join(script);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && present(),
+        "{} failed:\n{}{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

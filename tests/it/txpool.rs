@@ -15,7 +15,7 @@ use crate::harness::*;
 
 /// An environment with `workers` shards, transaction pooling, `pool`
 /// inside `[pool]`, and an admin listener (returned).
-fn env_tx(workers: usize, pool: &str) -> (Env, SocketAddr) {
+pub(crate) fn env_tx(workers: usize, pool: &str) -> (Env, SocketAddr) {
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let env = Env::build(EnvOptions {
         auth: HbaAuth::ScramSha256,
