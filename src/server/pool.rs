@@ -690,6 +690,7 @@ impl Pools {
                     idle,
                     active: p.open().saturating_sub(idle),
                     waiting: p.waiting(),
+                    waking: p.woken.get(),
                     checkouts_reused: c.reused,
                     checkouts_login: c.logins,
                     checkouts_waited: c.waited,

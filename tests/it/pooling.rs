@@ -168,7 +168,10 @@ fn raw_login(addr: SocketAddr, params: &[(&str, &str)], password: Option<&str>) 
 
 #[test]
 fn each_client_sees_its_own_start_up_parameters_as_a_direct_login_shows_them() {
-    let mut env = env_with(1, "", HbaAuth::Trust);
+    // One connection: a client that comes while the last one's is still
+    // being reset waits for it rather than logging in another (on a
+    // loaded machine the reset can take longer than the next login).
+    let mut env = env_with(1, "max_server_connections = 1", HbaAuth::Trust);
     let token = env.create_token(&["-u", "app", "-d", "appdb"]);
     let proxy = env.start_proxy();
     let direct: SocketAddr = format!("127.0.0.1:{}", env.cluster.port()).parse().unwrap();
@@ -515,7 +518,10 @@ async fn futures_join(conn: &str, n: usize) -> Vec<tokio_postgres::Client> {
 
 #[test]
 fn a_password_rotation_with_a_reload_fails_no_client_and_retires_old_connections() {
-    let mut env = env_with(1, "", HbaAuth::ScramSha256);
+    // As many connections as the three opened first: between ALTER ROLE
+    // and the reload a client must reuse one (a new login would fail),
+    // and waits for one still being reset rather than logging in.
+    let mut env = env_with(1, "max_server_connections = 3", HbaAuth::ScramSha256);
     let token = env.create_token(&["-u", "app", "-d", "appdb"]);
     env.start_proxy();
     let conn = env.conn_str("app", "appdb", &token);
