@@ -544,6 +544,17 @@ fn a_client_that_clears_its_session_state_is_unpinned_and_leaves_none() {
         let b = pg_connect(&conn).await.expect_err("pinned");
         assert_eq!(code(b), "53300");
         assert_eq!(simple_one(&a, "select current_setting('jit')").await, "off");
+        // A clear in a Query that fails is rolled back with it: still
+        // pinned.
+        let e = a
+            .batch_execute("reset all; select 1 / 0")
+            .await
+            .expect_err("division by zero");
+        assert_eq!(code(e), "22012");
+        assert_eq!(simple_one(&a, "select current_setting('jit')").await, "off");
+        assert_eq!(metric(admin, unpins).unwrap_or(0.0), 0.0);
+        let b = pg_connect(&conn).await.expect_err("still pinned");
+        assert_eq!(code(b), "53300");
         a.batch_execute("SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;")
             .await
             .unwrap();
