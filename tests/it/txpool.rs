@@ -565,19 +565,35 @@ fn a_client_that_clears_its_session_state_is_unpinned_and_leaves_none() {
         assert_eq!(simple_one(&b, "select current_setting('jit')").await, "on");
         assert_eq!(simple_one(&a, "select 'a again'").await, "a again");
 
+        // A prepared statement that pins pins again each time it runs.
+        let stmt = a
+            .prepare("select set_config('jit', 'off', false)")
+            .await
+            .unwrap();
+        a.batch_execute("reset all").await.unwrap();
+        assert_eq!(metric(admin, unpins), Some(2.0));
+        assert_eq!(simple_one(&b, "select 'b served'").await, "b served");
+        a.query(&stmt, &[]).await.unwrap();
+        let e = b.simple_query("select 1").await.expect_err("pinned again");
+        assert_eq!(code(e), "53300");
+        a.batch_execute("reset all").await.unwrap();
+        assert_eq!(metric(admin, unpins), Some(3.0));
+        let b = pg_connect(&conn).await.unwrap();
+        assert_eq!(simple_one(&b, "select current_setting('jit')").await, "on");
+
         // RESET ALL leaves the role: still pinned.
         a.batch_execute("set role app").await.unwrap();
         a.batch_execute("reset all").await.unwrap();
         let e = b.simple_query("select 1").await.expect_err("still pinned");
         assert_eq!(code(e), "53300");
-        assert_eq!(metric(admin, unpins), Some(1.0));
+        assert_eq!(metric(admin, unpins), Some(3.0));
         // A clear inside a transaction block may be rolled back: none.
         a.batch_execute("begin; discard temp; rollback")
             .await
             .unwrap();
         // DISCARD ALL leaves nothing.
         a.batch_execute("discard all").await.unwrap();
-        assert_eq!(metric(admin, unpins), Some(2.0));
+        assert_eq!(metric(admin, unpins), Some(4.0));
         let b = pg_connect(&conn).await.unwrap();
         assert_eq!(simple_one(&b, "select current_user::text").await, "app");
     });

@@ -517,8 +517,10 @@ impl Session {
             syncs_ignored: 0,
             terminated: false,
             aborted: self.tracks.borrow().stats.status.get() == b'E',
+            pins: Found::default(),
         };
         let res = rewriter.feed(bytes, &mut lend, &mut out);
+        let bound = lend.pins;
         self.copy_in.set(lend.copy_in);
         self.syncs_ignored(lend.syncs_ignored);
         if lend.terminated {
@@ -534,6 +536,9 @@ impl Session {
             c.statements_prepared += counts.misses;
             c.statements_evicted += counts.evictions;
         }
+        // A statement that pins runs again: pinned before it reaches the
+        // server.
+        self.note_pins(bound);
         match res {
             Ok(()) => Some(out),
             Err(_) => {

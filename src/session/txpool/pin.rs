@@ -116,6 +116,17 @@ pub struct Found {
     pub clears: Pins,
 }
 
+impl Found {
+    /// Both, `other` found after `self`.
+    pub fn merge(self, other: Found) -> Found {
+        Found {
+            first: self.first.or(other.first),
+            pins: self.pins.with(other.pins),
+            clears: self.clears.without(other.pins).with(other.clears),
+        }
+    }
+}
+
 /// Parameters `RESET ALL` leaves as they are (`GUC_NO_RESET_ALL`): a
 /// session that set one keeps it.
 const NOT_RESET_BY_RESET_ALL: [&str; 6] = [
@@ -285,6 +296,15 @@ fn is_word_byte(b: u8) -> bool {
 }
 
 impl PinScan {
+    /// What a prepared statement's text pins, each time it runs.
+    pub fn statement(sql: &[u8]) -> Found {
+        let mut scan = PinScan::default();
+        scan.begin(false);
+        scan.feed(sql);
+        scan.finish();
+        scan.take()
+    }
+
     /// What was found since the last call.
     pub fn take(&mut self) -> Found {
         std::mem::take(&mut self.found)

@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use super::expect::{Expect, Expectations, Kind, Previous, Undo};
+use super::pin::{Found, PinScan};
 use crate::server::statements::StatementCache;
 
 /// Longest client message tollgate holds whole to rewrite (Parse, Bind,
@@ -47,6 +48,25 @@ pub struct Prepared {
     pub name: Rc<[u8]>,
     /// Its Parse under that name, whole.
     pub parse: Box<[u8]>,
+    /// What its text pins ([`super::pin`]): found again at each Bind, as
+    /// each execution makes the state again (a client unpinned since its
+    /// Parse is pinned again).
+    pub pins: Found,
+}
+
+impl Prepared {
+    /// `def` is the Parse's body after the client's name: the SQL text,
+    /// then the parameter types.
+    fn new(name: Rc<[u8]>, def: &[u8]) -> Prepared {
+        let mut parse = Vec::with_capacity(5 + name.len() + 1 + def.len());
+        put_message(&mut parse, b'P', &[&name, &[0], def]);
+        let sql = cstr(def).map_or(def, |(sql, _)| sql);
+        Prepared {
+            name,
+            parse: parse.into(),
+            pins: PinScan::statement(sql),
+        }
+    }
 }
 
 /// The counts a rewrite adds to, per shard and upstream.
@@ -76,6 +96,8 @@ pub struct Lend<'a> {
     /// The session is in a failed transaction block: Postgres refuses a
     /// Parse there (25P02), so none is answered by tollgate.
     pub aborted: bool,
+    /// Out: what the statements bound pin.
+    pub pins: Found,
 }
 
 /// A corrupt client stream.
@@ -248,12 +270,7 @@ impl Rewriter {
                     let Some((name, server, def)) = prepared.next() else {
                         break;
                     };
-                    let mut parse = Vec::with_capacity(5 + server.len() + 1 + def.len());
-                    put_message(&mut parse, b'P', &[&server, &[0], def]);
-                    let p = Rc::new(Prepared {
-                        name: server,
-                        parse: parse.into(),
-                    });
+                    let p = Rc::new(Prepared::new(server, def));
                     self.statements.insert(name.into(), p);
                     put_message(out, b'1', &[]);
                 }
@@ -377,7 +394,7 @@ impl Rewriter {
         let stmt_at = 5 + portal_len + 1;
         let stmt = &held[stmt_at..stmt_at + stmt_len];
         let names_end = stmt_at + stmt_len + 1;
-        let server = self.use_statement(stmt, lend, out);
+        let server = self.use_statement(stmt, true, lend, out);
         match &server {
             Some(s) => {
                 let len = i32::from_be_bytes([held[1], held[2], held[3], held[4]]) as usize;
@@ -466,13 +483,7 @@ impl Rewriter {
                         .push(Expect::Undo(Box::new(Undo::new(previous))));
                     return Ok(());
                 }
-                let server = content_name(rest);
-                let mut parse = Vec::with_capacity(5 + server.len() + 1 + rest.len());
-                put_message(&mut parse, b'P', &[&server, &[0], rest]);
-                let prepared = Rc::new(Prepared {
-                    name: server,
-                    parse: parse.into(),
-                });
+                let prepared = Rc::new(Prepared::new(content_name(rest), rest));
                 // A name prepared again replaces the old one (where
                 // Postgres would refuse it: drivers never do this).
                 let previous = self.statements.insert(name.into(), prepared.clone());
@@ -496,7 +507,7 @@ impl Rewriter {
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or(Malformed)?;
                 let (stmt, rest) = cstr(rest).ok_or(Malformed)?;
-                let server = self.use_statement(stmt, lend, out);
+                let server = self.use_statement(stmt, true, lend, out);
                 match &server {
                     Some(s) => put_message(out, b'B', &[portal, &[0], s, &[0], rest]),
                     None => out.extend_from_slice(msg),
@@ -508,7 +519,7 @@ impl Rewriter {
                 let (&kind, rest) = body.split_first().ok_or(Malformed)?;
                 let (name, _) = cstr(rest).ok_or(Malformed)?;
                 if kind == b'S' {
-                    let server = self.use_statement(name, lend, out);
+                    let server = self.use_statement(name, false, lend, out);
                     match &server {
                         Some(s) => put_message(out, b'D', &[b"S", s, &[0]]),
                         None => out.extend_from_slice(msg),
@@ -551,13 +562,17 @@ impl Rewriter {
         Ok(())
     }
 
-    /// Readies the statement a Bind or Describe names on the lent
-    /// connection: its content name for a named one the client prepared
-    /// (`None`: unnamed, or a name the client never prepared, which goes
-    /// through as sent for the server to refuse).
+    /// Readies the statement a Bind (`binding`) or Describe names on the
+    /// lent connection: its content name for a named one the client
+    /// prepared (`None`: unnamed, or a name the client never prepared,
+    /// which goes through as sent for the server to refuse). A Bind of a
+    /// named statement whose text pins notes its pins: it runs again. (The
+    /// unnamed statement needs none: its Parse was scanned as it came,
+    /// and the simple Query that alone clears pins drops it.)
     fn use_statement(
         &mut self,
         name: &[u8],
+        binding: bool,
         lend: &mut Lend<'_>,
         out: &mut Vec<u8>,
     ) -> Option<Rc<[u8]>> {
@@ -591,6 +606,9 @@ impl Rewriter {
             return None;
         }
         let prepared = self.statements.get(name)?.clone();
+        if binding {
+            lend.pins = lend.pins.merge(prepared.pins);
+        }
         if lend.cache.usable(&prepared.name, self.cycle) {
             lend.counts.hits += 1;
         } else {
@@ -655,6 +673,7 @@ mod tests {
                 syncs_ignored: 0,
                 terminated: false,
                 aborted: false,
+                pins: Found::default(),
             };
             for c in bytes.chunks(piece) {
                 r.feed(c, &mut lend, &mut out).unwrap();
