@@ -373,6 +373,11 @@ impl Session {
             None => chunk.len(),
         };
         drop(tracks);
+        if !chunk.is_empty() {
+            // Anything sent after a clear may undo it (a ROLLBACK): only
+            // a clear in the last message sent counts.
+            self.clearing.set(Pins::NONE);
+        }
         self.note_pins(found);
         Some(forward)
     }

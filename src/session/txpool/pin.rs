@@ -8,13 +8,15 @@
 //! a role change) would then either be lost
 //! to the client or, worse, be found by the next client of that backend.
 //! A client that makes any of it is pinned to its backend instead, until
-//! it clears that state itself ([`Pins`]): a simple Query, outside any
-//! transaction block, of `DISCARD ALL`, or of the statements that clear
-//! each kind (`RESET ALL`, `UNLISTEN *`, `CLOSE ALL`, `DEALLOCATE ALL`,
-//! `DISCARD TEMP`, `pg_advisory_unlock_all()`), which the server
-//! answers without an error. That is what a driver's pool sends when it
-//! takes a connection back (asyncpg's reset query, say), so a client that
-//! made state for a while is pinned only for that while.
+//! it clears that state itself ([`Pins`]): `DISCARD ALL`, or `RESET ALL`
+//! for parameters it set by name, in a simple Query outside any
+//! transaction block that is the last thing the client sent and that the
+//! server answers without an error. That is what a driver's pool sends
+//! when it takes a connection back (asyncpg's reset query, say), so a
+//! client that made state for a while is pinned only for that while.
+//! Nothing else clears: a clear the lexer could misread (a quoted `"all"`,
+//! a function's name mentioned but not run) would leak state, a pin kept
+//! too long only costs pooling.
 //!
 //! The scan is a small incremental lexer over the SQL of Query and Parse
 //! messages, fed in whatever pieces the socket delivers, holding at most
@@ -81,10 +83,15 @@ impl Pins {
     /// or is one `RESET ALL` leaves (`role`, `session_authorization`), a
     /// parameter reported that tollgate does not follow.
     const OPAQUE: Pins = Pins(1 << 15);
+    /// State a function body seen in the session makes: the function
+    /// outlives any clear, and each call makes the state again unseen.
+    /// Never cleared.
+    const FOREVER: Pins = Pins(1 << 14);
     /// What `RESET ALL` clears: parameters set by name.
     const PARAMETERS: Pins = Pins(1 << Pin::Set as u16 | 1 << Pin::SetConfig as u16);
-    /// What `DISCARD ALL` clears: everything but a library loaded.
-    const ALL_BUT_LOAD: Pins = Pins(!(1 << Pin::Load as u16));
+    /// What `DISCARD ALL` clears: everything but a library loaded and
+    /// what functions make.
+    const ALL_BUT_LOAD: Pins = Pins(!(1 << Pin::Load as u16 | 1 << 14));
 
     pub fn of(p: Pin) -> Pins {
         Pins(1 << p as u16)
@@ -164,6 +171,9 @@ enum Arg {
     Open,
     /// In the first argument's string literal.
     Literal,
+    /// After it: only `,` ends the argument there (`'ro' || 'le'` does
+    /// not).
+    AfterLiteral,
 }
 
 /// Longest word kept; longer ones are compared by their first bytes only,
@@ -224,16 +234,11 @@ enum Stmt {
         named: bool,
         on_commit: u8,
     },
-    /// DISCARD: ALL clears everything, TEMP the temporary tables.
+    /// DISCARD: ALL clears everything.
     Discard,
     /// DEALLOCATE [PREPARE]: ALL drops every prepared statement.
     Deallocate,
     Reset,
-    /// UNLISTEN: `*` (no word follows) clears every LISTEN.
-    Unlisten {
-        named: bool,
-    },
-    Close,
     Select,
 }
 
@@ -260,6 +265,8 @@ pub struct PinScan {
     arg: Arg,
     arg_name: [u8; MAX_ARG],
     arg_len: usize,
+    /// The word in progress is a quoted identifier (`"all"` is no ALL).
+    quoted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,6 +294,7 @@ impl Default for PinScan {
             arg: Arg::Off,
             arg_name: [0; MAX_ARG],
             arg_len: 0,
+            quoted: false,
         }
     }
 }
@@ -324,6 +332,18 @@ impl PinScan {
     /// A parameter the server reported that tollgate does not follow.
     pub fn pin_unknown(&mut self) {
         self.pin_opaque(Pin::UnknownParameter);
+    }
+
+    /// A reason to pin nothing clears (see [`Pins::FOREVER`]).
+    fn pin_forever(&mut self, p: Pin) {
+        self.pin_set(p, Pins::of(p).with(Pins::OPAQUE).with(Pins::FOREVER));
+    }
+
+    /// A client message starts: a clear before it in the same bytes may
+    /// be undone by it (a `ROLLBACK` after `BEGIN; RESET ALL`), so only a
+    /// clear in the last message counts.
+    pub fn message_started(&mut self) {
+        self.found.clears = Pins::NONE;
     }
 
     /// A reason to pin only `DISCARD ALL` clears (see [`Pins::OPAQUE`]).
@@ -386,10 +406,6 @@ impl PinScan {
             if on_commit != 3 {
                 self.pin(Pin::TempTable);
             }
-        }
-        if self.stmt == (Stmt::Unlisten { named: false }) {
-            // UNLISTEN *: the `*` is no word.
-            self.clear(Pins::of(Pin::Listen));
         }
         self.new_statement();
     }
@@ -573,12 +589,14 @@ impl PinScan {
                 self.arg = Arg::Literal;
                 self.arg_len = 0;
             }
+            (Arg::AfterLiteral, b',') => self.arg = Arg::Off,
             _ => self.arg_failed(),
         }
         match b {
             b'\'' => self.lex = Lex::Quote { escapes: false },
             b'"' => {
                 self.word_len = 0;
+                self.quoted = true;
                 self.lex = Lex::Ident;
             }
             b'-' => self.lex = Lex::Dash,
@@ -590,6 +608,7 @@ impl PinScan {
             b';' => self.end_statement(),
             _ if is_word_byte(b) => {
                 self.word_len = 0;
+                self.quoted = false;
                 self.push_word(b);
                 self.lex = Lex::Word;
             }
@@ -631,13 +650,12 @@ impl PinScan {
             || is("temporary")
             || (w.len() > 8 && w[..8].eq_ignore_ascii_case(b"pg_temp."))
         {
-            self.pin(Pin::TempTable);
+            self.pin_forever(Pin::TempTable);
         } else if is("listen") {
-            self.pin(Pin::Listen);
+            self.pin_forever(Pin::Listen);
         } else if is("set") {
-            // Any SET, `UPDATE ... SET` too: erring towards pinning. It
-            // may be `SET ROLE`, which `RESET ALL` leaves.
-            self.pin_opaque(Pin::Set);
+            // Any SET, `UPDATE ... SET` too: erring towards pinning.
+            self.pin_forever(Pin::Set);
         }
     }
 
@@ -659,6 +677,8 @@ impl PinScan {
             .any(|k| name.eq_ignore_ascii_case(k.as_bytes()));
         if kept || self.arg_len > MAX_ARG {
             self.pin_opaque(Pin::SetConfig);
+        } else {
+            self.arg = Arg::AfterLiteral;
         }
     }
 
@@ -676,16 +696,18 @@ impl PinScan {
         ];
         if name.eq_ignore_ascii_case(b"set_config") {
             if in_body {
-                self.pin_opaque(Pin::SetConfig);
+                self.pin_forever(Pin::SetConfig);
             } else {
                 // Which parameter: its literal follows.
                 self.pin(Pin::SetConfig);
                 self.arg = Arg::Name;
             }
         } else if LOCKS.iter().any(|l| name.eq_ignore_ascii_case(l)) {
-            self.pin(Pin::AdvisoryLock);
-        } else if !in_body && name.eq_ignore_ascii_case(b"pg_advisory_unlock_all") {
-            self.clear(Pins::of(Pin::AdvisoryLock));
+            if in_body {
+                self.pin_forever(Pin::AdvisoryLock);
+            } else {
+                self.pin(Pin::AdvisoryLock);
+            }
         }
     }
 
@@ -720,10 +742,6 @@ impl PinScan {
                     self.stmt = Stmt::Deallocate;
                 } else if is("reset") {
                     self.stmt = Stmt::Reset;
-                } else if is("unlisten") {
-                    self.stmt = Stmt::Unlisten { named: false };
-                } else if is("close") {
-                    self.stmt = Stmt::Close;
                 } else if TRANSACTION_CONTROL.iter().any(|k| is(k)) {
                     self.controls_transactions = true;
                 }
@@ -780,34 +798,24 @@ impl PinScan {
             }
             Stmt::Discard => {
                 self.stmt = Stmt::Other;
-                if is("all") {
+                if is("all") && !self.quoted {
                     self.discard = true;
                     self.clear(Pins::ALL_BUT_LOAD);
-                } else if is("temp") || is("temporary") {
-                    self.clear(Pins::of(Pin::TempTable));
                 }
             }
             Stmt::Deallocate => {
-                // DEALLOCATE [PREPARE] ALL.
-                if is("all") {
+                // DEALLOCATE [PREPARE] ALL (`"all"` is a statement's name).
+                if is("all") && !self.quoted {
                     self.discard = true;
-                    self.clear(Pins::of(Pin::Prepare));
                     self.stmt = Stmt::Other;
-                } else if !is("prepare") {
+                } else if !is("prepare") || self.quoted {
                     self.stmt = Stmt::Other;
                 }
             }
             Stmt::Reset => {
                 self.stmt = Stmt::Other;
-                if is("all") {
+                if is("all") && !self.quoted {
                     self.clear(Pins::PARAMETERS);
-                }
-            }
-            Stmt::Unlisten { .. } => self.stmt = Stmt::Unlisten { named: true },
-            Stmt::Close => {
-                self.stmt = Stmt::Other;
-                if is("all") {
-                    self.clear(Pins::of(Pin::CursorWithHold));
                 }
             }
             Stmt::Select => {
@@ -827,9 +835,13 @@ impl PinScan {
     }
 
     fn set_parameter(&mut self, name: &[u8]) {
-        if NOT_RESET_BY_RESET_ALL
-            .iter()
-            .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
+        // A quoted name may be spelled with escapes: `U&"rol\0065"` (whose
+        // first word is `U`).
+        if self.quoted
+            || name.eq_ignore_ascii_case(b"u")
+            || NOT_RESET_BY_RESET_ALL
+                .iter()
+                .any(|k| name.eq_ignore_ascii_case(k.as_bytes()))
         {
             self.pin_opaque(Pin::Set);
             return;
@@ -888,16 +900,21 @@ mod tests {
         ];
         let reset = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;";
         assert!(left_after(&introspection, reset).is_empty());
-        let cases: [(&[&str], &str); 9] = [
+        let cases: [(&[&str], &str); 7] = [
             (&["set work_mem = '1MB'"], "reset all"),
-            (&["listen jobs"], "unlisten *"),
             (
-                &["select pg_advisory_lock(1)"],
-                "select pg_advisory_unlock_all()",
+                &["select set_config('app.tenant', '7', false)"],
+                "RESET ALL",
             ),
-            (&["declare c cursor with hold for select 1"], "close all"),
-            (&["prepare p as select 1"], "deallocate all"),
-            (&["create temp table t(x int)"], "discard temp"),
+            (
+                &["listen jobs", "select pg_advisory_lock(1)"],
+                "discard all",
+            ),
+            (&["declare c cursor with hold for select 1"], "discard all"),
+            (
+                &["prepare p as select 1", "create temp table t(x int)"],
+                "discard all",
+            ),
             (
                 &["set role other", "listen x", "set work_mem = 1"],
                 "DISCARD ALL",
@@ -906,7 +923,6 @@ mod tests {
                 &["select set_config('role', 'other', false)"],
                 "discard all",
             ),
-            (&["do $$ begin set role other; end $$"], "discard all"),
         ];
         for (pins, clears) in cases {
             assert!(!found(pins[0]).pins.is_empty(), "{pins:?}");
@@ -920,21 +936,41 @@ mod tests {
 
     #[test]
     fn what_a_clear_leaves_keeps_the_client_pinned() {
-        let cases: [(&str, &str); 12] = [
+        let cases: [(&str, &str); 22] = [
             // RESET ALL leaves the role, and so what may have set it.
             ("set role other", "reset all"),
             ("set session authorization other", "reset all"),
             ("select set_config('role', 'other', false)", "reset all"),
             ("select set_config('ROLE', 'other', false)", "reset all"),
             ("select set_config($1, 'other', false)", "reset all"),
-            ("do $$ begin set role other; end $$", "reset all"),
+            (
+                "select set_config('ro' || 'le', 'other', false)",
+                "reset all",
+            ),
+            ("select set_config('ro'\n'le', 'other', false)", "reset all"),
+            ("select set_config(E'role', 'other', false)", "reset all"),
             ("set session_authorization = 'other'", "reset all"),
-            // Each clears only its own kind.
+            ("set U&\"rol\\0065\" = 'other'", "reset all"),
+            // Only RESET ALL and DISCARD ALL clear.
             ("listen jobs", "reset all"),
-            ("set work_mem = 1", "unlisten jobs"),
-            ("create temp table t(x int)", "discard plans"),
-            // Nothing unloads a library.
+            ("listen jobs", "unlisten *"),
+            (
+                "select pg_advisory_lock(7)",
+                "select pg_advisory_unlock_all()",
+            ),
+            ("declare c cursor with hold for select 1", "close all"),
+            ("prepare p as select 1", "deallocate all"),
+            ("create temp table t(x int)", "discard temp"),
+            // A quoted "all" is a name.
+            ("set work_mem = 1", "reset \"all\""),
+            ("listen x", "discard \"all\""),
+            // Nothing unloads a library, or a function seen made.
             ("load 'auto_explain'", "discard all"),
+            (
+                "create function f() returns void language sql as $$ select pg_advisory_lock(7) $$",
+                "discard all",
+            ),
+            ("do $$ begin set role other; end $$", "discard all"),
             // Cleared, then made again in the same message.
             ("set work_mem = 1", "reset all; set work_mem = 2"),
         ];
@@ -948,11 +984,30 @@ mod tests {
     }
 
     #[test]
+    fn only_a_clear_in_the_last_message_counts() {
+        // BEGIN, RESET ALL, ROLLBACK as three pipelined Queries.
+        let mut s = PinScan::default();
+        for sql in ["begin", "reset all", "rollback"] {
+            s.message_started();
+            s.begin(true);
+            s.feed(sql.as_bytes());
+            s.finish();
+        }
+        assert_eq!(s.take().clears, Pins::NONE);
+        let mut s = PinScan::default();
+        s.message_started();
+        s.begin(true);
+        s.feed(b"reset all");
+        s.finish();
+        assert_eq!(s.take().clears, Pins::PARAMETERS);
+    }
+
+    #[test]
     fn only_a_simple_query_outside_transaction_control_clears() {
         for sql in [
             "begin; reset all",
             "reset all; rollback",
-            "savepoint s; discard temp",
+            "savepoint s; discard all",
             "select 'reset all'",
             "/* reset all */ select 1",
         ] {
@@ -966,9 +1021,9 @@ mod tests {
         assert_eq!(s.take().clears, Pins::NONE);
         // A clear made before a pin of its kind in the same text does not
         // clear it.
-        let f = found("unlisten *; listen x");
-        assert_eq!(f.clears, Pins::NONE);
-        assert_eq!(f.pins, Pins::of(Pin::Listen));
+        let f = found("reset all; set work_mem = 1");
+        assert_eq!(f.clears, Pins::PARAMETERS.without(Pins::of(Pin::Set)));
+        assert_eq!(f.pins, Pins::of(Pin::Set));
     }
 
     #[test]

@@ -79,6 +79,7 @@ impl TxScan {
 
     #[inline]
     pub fn client_start(&mut self, tag: u8) {
+        self.pins.message_started();
         self.capture = match tag {
             b'Q' => {
                 self.pins.begin(true);
