@@ -91,7 +91,7 @@ impl Pins {
     const PARAMETERS: Pins = Pins(1 << Pin::Set as u16 | 1 << Pin::SetConfig as u16);
     /// What `DISCARD ALL` clears: everything but a library loaded and
     /// what functions make.
-    const ALL_BUT_LOAD: Pins = Pins(!(1 << Pin::Load as u16 | 1 << 14));
+    const ALL_BUT_LOAD: Pins = Pins(!(1 << Pin::Load as u16 | Pins::FOREVER.0));
 
     pub fn of(p: Pin) -> Pins {
         Pins(1 << p as u16)
