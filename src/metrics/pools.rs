@@ -17,8 +17,8 @@ pub struct PoolView {
     pub idle: usize,
     pub active: usize,
     pub waiting: usize,
-    /// Waiters taken from the line to look for a connection (or handed
-    /// one) that have not looked yet.
+    /// Waiters taken from the line to look for a connection that have
+    /// not looked yet.
     pub waking: usize,
     pub checkouts_reused: u64,
     pub checkouts_login: u64,

@@ -7,9 +7,12 @@
 //! ([`PoolConfig::share`]); a shard never borrows another's.
 //!
 //! Clients that find the shard's share in use wait in arrival order. A
-//! waiter is woken when a connection comes back idle or a seat is freed;
-//! an idle connection of another key is closed to make room for the
-//! waiter's own login.
+//! connection coming back goes straight to the first waiter of its key;
+//! otherwise the first waiter is woken to look when a connection comes
+//! back idle or a seat is freed (an idle connection of another key is
+//! closed to make room for its own login). The line never waits while
+//! something it could use is free: a waiter that looked and took one
+//! thing passes the wake on while more is left.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -67,7 +70,8 @@ struct Waiter {
     /// The key it waits with: a connection of it coming back is handed
     /// over directly.
     key: Rc<PoolKey>,
-    /// Taken from the line: a connection came back or a seat was freed.
+    /// Taken from the line: a connection was handed to it, or it is to
+    /// look for one (counted in [`RoutePool::looking`] then).
     woken: Cell<bool>,
     /// The connection handed to it as it came back (with `woken`).
     handed: RefCell<Option<ServerConn>>,
@@ -140,9 +144,11 @@ pub struct RoutePool {
     /// Most recently returned last.
     idle: RefCell<VecDeque<ServerConn>>,
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
-    /// Waiters woken and not yet back: a new arrival must not take what
-    /// was meant for them.
-    woken: Cell<usize>,
+    /// Waiters woken to look for what came free and not back yet: a new
+    /// arrival must not take what was meant for them. Not those handed a
+    /// connection: they take nothing else, and counting them would queue
+    /// a newcomer behind them while a connection idles.
+    looking: Cell<usize>,
     /// Ends the waits that reach their deadline: one timer for the pool,
     /// not one per waiting client (see [`expire_waiters`]).
     expiry: Expiry,
@@ -204,7 +210,7 @@ impl RoutePool {
             open: Cell::new(0),
             idle: RefCell::default(),
             waiters: RefCell::default(),
-            woken: Cell::new(0),
+            looking: Cell::new(0),
             expiry: Expiry::default(),
             settables: RefCell::default(),
             counters: RefCell::default(),
@@ -295,20 +301,27 @@ impl RoutePool {
         let mut queued: Option<Queued> = None;
         loop {
             let my_turn = match &queued {
-                None => self.waiters.borrow().is_empty() && self.woken.get() == 0,
+                None => self.waiters.borrow().is_empty() && self.looking.get() == 0,
                 Some(q) => q.waiter.woken.get(),
             };
             if my_turn {
                 if let Some(q) = &queued {
                     // Its wake is used now, whatever comes of it.
                     q.waiter.woken.set(false);
-                    self.woken.set(self.woken.get() - 1);
                     let handed = q.waiter.handed.borrow_mut().take();
                     if let Some(conn) = handed {
                         return Ok((Claim::Idle(conn), true));
                     }
+                    self.looking.set(self.looking.get() - 1);
                 }
                 if let Some(claim) = self.try_claim(key) {
+                    if queued.is_some() {
+                        // More may have come free while it was woken
+                        // (a second connection back, a second seat):
+                        // those behind it get their turn now, not at the
+                        // next return.
+                        self.pass_on();
+                    }
                     return Ok((claim, queued.is_some()));
                 }
             }
@@ -425,12 +438,13 @@ impl RoutePool {
         Some(Claim::Login(seat))
     }
 
-    /// Wakes the first waiter, if any.
+    /// Wakes the first waiter, if any, to look for what came free.
     fn wake_one(&self) {
         let Some(w) = self.waiters.borrow_mut().pop_front() else {
             return;
         };
         self.take_turn(&w);
+        self.looking.set(self.looking.get() + 1);
         w.wake();
     }
 
@@ -438,7 +452,23 @@ impl RoutePool {
     fn take_turn(&self, w: &Waiter) {
         w.in_line.set(false);
         w.woken.set(true);
-        self.woken.set(self.woken.get() + 1);
+    }
+
+    /// Wakes the next waiter when more is free (idle connections and free
+    /// seats) than the waiters already looking will take.
+    fn pass_on(&self) {
+        if self.waiters.borrow().is_empty() {
+            return;
+        }
+        let limit = self.limit.get();
+        let seats = match limit {
+            0 => usize::MAX,
+            _ => limit.saturating_sub(self.open.get()),
+        };
+        let free = seats.saturating_add(self.idle.borrow().len());
+        if free > self.looking.get() {
+            self.wake_one();
+        }
     }
 
     /// Pools a connection that came back clean, and wakes a waiter.
@@ -534,7 +564,7 @@ impl RoutePool {
     pub fn spare_seat(self: &Rc<Self>) -> Option<Seat> {
         let limit = self.limit.get();
         let free = limit == 0 || self.open.get() < limit;
-        if !free || !self.waiters.borrow().is_empty() || self.woken.get() > 0 {
+        if !free || !self.waiters.borrow().is_empty() || self.looking.get() > 0 {
             return None;
         }
         self.open.set(self.open.get() + 1);
@@ -558,11 +588,13 @@ impl Drop for Queued {
                 .retain(|x| !Rc::ptr_eq(x, &self.waiter));
         }
         if self.waiter.woken.get() {
-            pool.woken.set(pool.woken.get() - 1);
             let handed = self.waiter.handed.borrow_mut().take();
             match handed {
                 Some(conn) => pool.offer(conn),
-                None => pool.wake_one(),
+                None => {
+                    pool.looking.set(pool.looking.get() - 1);
+                    pool.wake_one();
+                }
             }
         }
     }
@@ -690,7 +722,7 @@ impl Pools {
                     idle,
                     active: p.open().saturating_sub(idle),
                     waiting: p.waiting(),
-                    waking: p.woken.get(),
+                    waking: p.looking.get(),
                     checkouts_reused: c.reused,
                     checkouts_login: c.logins,
                     checkouts_waited: c.waited,
@@ -800,11 +832,22 @@ mod tests {
     }
 
     /// A claim that waits, in a task: notes `name` in `served` when it
-    /// gets a seat, holds it for `hold`, and says how it ended.
+    /// gets a seat, holds it a little, and says how it ended.
     fn waiting(
         pool: &Rc<RoutePool>,
         name: &'static str,
         within: Duration,
+        served: &Rc<RefCell<Vec<&'static str>>>,
+    ) -> monoio::task::JoinHandle<Result<(), PoolFull>> {
+        waiting_holding(pool, name, within, Duration::from_millis(5), served)
+    }
+
+    /// [`waiting`], holding the seat for `hold`.
+    fn waiting_holding(
+        pool: &Rc<RoutePool>,
+        name: &'static str,
+        within: Duration,
+        hold: Duration,
         served: &Rc<RefCell<Vec<&'static str>>>,
     ) -> monoio::task::JoinHandle<Result<(), PoolFull>> {
         let (pool, served) = (pool.clone(), served.clone());
@@ -814,7 +857,7 @@ mod tests {
             assert!(waited, "{name} should have waited");
             assert!(matches!(claim, Claim::Login(_)));
             served.borrow_mut().push(name);
-            monoio::time::sleep(Duration::from_millis(5)).await;
+            monoio::time::sleep(hold).await;
             Ok(())
         })
     }
@@ -887,6 +930,40 @@ mod tests {
             drop(first);
             second.await.unwrap();
             assert_eq!(*served.borrow(), ["second"]);
+        });
+    }
+
+    /// Two seats freed before the first waiter looks, and a client that
+    /// arrives meanwhile (behind it: the first was woken for what came
+    /// free): the first takes one seat and passes the other on, so the
+    /// newcomer is served now, not when the first gives its seat back.
+    /// (In transaction pooling the same stranded a client for its whole
+    /// `checkout_timeout` beside an idle connection.)
+    #[test]
+    fn what_a_woken_waiter_leaves_goes_to_the_next() {
+        run(async {
+            let pool = pool(2);
+            let k = key(&pool);
+            let (one, _) = pool.claim(&k, At::now()).await.unwrap();
+            let (two, _) = pool.claim(&k, At::now()).await.unwrap();
+            let served = Rc::default();
+            let long = Duration::from_secs(3);
+            let first = waiting_holding(&pool, "first", long, long, &served);
+            monoio::time::sleep(Duration::from_millis(5)).await;
+            drop(one);
+            drop(two);
+            let mut newcomer = Box::pin(pool.claim(&k, At::now() + Duration::from_secs(1)));
+            assert!(futures_poll_once(newcomer.as_mut()).is_pending());
+            assert_eq!(pool.waiting(), 1);
+            let began = std::time::Instant::now();
+            let (claim, waited) = newcomer.await.expect("the seat left free");
+            assert!(waited);
+            assert!(matches!(claim, Claim::Login(_)));
+            assert!(began.elapsed() < Duration::from_millis(500));
+            assert_eq!(*served.borrow(), ["first"]);
+            drop(claim);
+            first.await.unwrap();
+            assert_eq!(pool.open(), 0);
         });
     }
 

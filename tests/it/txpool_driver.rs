@@ -246,9 +246,14 @@ fn tokio_postgres_clients_get_the_answers_of_a_direct_connection() {
                 if got != want {
                     // What held the server connections, for the record.
                     let seen = what_the_backends_do(&direct, admin).await;
+                    let log = env.log();
+                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
                     panic!(
                         "step {step}, client {i}, batch {batch:?} (TG_SEED={seed}):\n\
-                         through tollgate {got:?}\ndirect {want:?}\n{seen}"
+                         through tollgate {got:?}\ndirect {want:?}\n{seen}\n\
+                         the proxy's log, last lines:\n{}",
+                        tail.join("\n")
                     );
                 }
                 compared += got.len();
