@@ -130,6 +130,14 @@ pub const PEEK_AFTER: Duration = Duration::from_millis(1);
 pub struct NotPoolable(pub &'static str);
 
 impl ServerConn {
+    /// Closes the connection (its socket, as the rest drops), keeping its
+    /// place under the upstream's limit for a new login: a client handed
+    /// a connection that turned out dead logs in on its seat, keeping its
+    /// turn, instead of freeing it to the next waiter and queueing anew.
+    pub fn into_seat(self) -> Seat {
+        self.state.seat
+    }
+
     /// Takes over a fresh login. Its messages for the client are kept to
     /// show each client (less the notices, which were for the first, and
     /// the key, which each client gets its own of).

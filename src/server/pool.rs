@@ -432,10 +432,7 @@ impl RoutePool {
         let victim = idle.pop_front()?;
         drop(idle);
         self.counters.borrow_mut().closed.add("evicted", 1);
-        // The socket closes as the rest of the connection drops.
-        let ServerConn { state, .. } = victim;
-        let super::conn::ConnState { seat, .. } = state;
-        Some(Claim::Login(seat))
+        Some(Claim::Login(victim.into_seat()))
     }
 
     /// Wakes the first waiter, if any, to look for what came free.

@@ -190,18 +190,29 @@ pub(super) async fn acquire(
     began: Instant,
 ) -> Result<(ServerConn, bool, Vec<(String, String)>), Refusal> {
     let config = &login.route.config.pool;
+    // The seat of a connection that proved dead, for a login in its place.
+    let mut kept: Option<Claim> = None;
     loop {
-        let claimed = pool.claim(&login.key, deadline).await;
-        let Ok((claim, waited)) = claimed else {
-            return Err(pool_full(pool));
+        let claim = match kept.take() {
+            Some(claim) => claim,
+            None => {
+                let claimed = pool.claim(&login.key, deadline).await;
+                let Ok((claim, waited)) = claimed else {
+                    return Err(pool_full(pool));
+                };
+                if waited {
+                    pool.waited(began.elapsed());
+                }
+                claim
+            }
         };
-        if waited {
-            pool.waited(began.elapsed());
-        }
         let (mut conn, reused) = match claim {
             Claim::Idle(conn) => match usable(pool, conn) {
-                Some(conn) => (conn, true),
-                None => continue,
+                Ok(conn) => (conn, true),
+                Err(seat) => {
+                    kept = Some(Claim::Login(seat));
+                    continue;
+                }
             },
             Claim::Login(seat) => {
                 // Boxed: a login's future (connect, TLS, SCRAM) is
@@ -223,6 +234,7 @@ pub(super) async fn acquire(
                     // Never used by this client: it sees nothing of it.
                     debug!(reason, "idle server connection failed its check");
                     pool.closed("broken");
+                    kept = Some(Claim::Login(conn.into_seat()));
                     continue;
                 }
                 Err(e) => return Err(not_ready(pool, conn, e)),
@@ -341,8 +353,8 @@ fn not_ready(pool: &RoutePool, conn: ServerConn, e: PrepareError) -> Refusal {
 
 /// An idle connection still fit to lend: not closed by the server, not
 /// past its lifetime, logged in as the current settings would. Otherwise
-/// it is closed and counted.
-fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
+/// it is closed and counted, and its seat returned for a new login.
+fn usable(pool: &RoutePool, conn: ServerConn) -> Result<ServerConn, crate::server::Seat> {
     let now = Instant::now();
     let reason = if conn.closed_by_server_lately(now) {
         "broken"
@@ -355,11 +367,11 @@ fn usable(pool: &RoutePool, conn: ServerConn) -> Option<ServerConn> {
     {
         "reload"
     } else {
-        return Some(conn);
+        return Ok(conn);
     };
     debug!(reason, "idle server connection closed instead of lent");
     pool.closed(reason);
-    None
+    Err(conn.into_seat())
 }
 
 /// The client's BackendKeyData: the backend's real process id with this
