@@ -510,6 +510,108 @@ fn a_client_that_waits_past_checkout_timeout_gets_53300() {
     });
 }
 
+/// What the scan cannot follow keeps its client pinned through a
+/// `RESET ALL`: `set_config` called by its OID in a FunctionCall, an
+/// `UPDATE` of `pg_settings`, and a session whose plain strings take
+/// backslash escapes (`standard_conforming_strings` off), in which a
+/// `DISCARD ALL` inside a string would look run. On one server
+/// connection nobody else gets in while the client is pinned; a real
+/// `DISCARD ALL` lifts the first two, nothing lifts the third; whoever
+/// comes next finds none of the state.
+#[test]
+fn what_the_scan_cannot_follow_pins_and_reaches_nobody() {
+    let (mut env, admin) = env_tx(
+        1,
+        "max_server_connections = 1\ncheckout_timeout = \"300ms\"",
+    );
+    let token = env.create_token(&["-u", "app", "-d", "appdb"]);
+    let addr = env.start_proxy();
+    let conn = env.conn_str("app", "appdb", &token);
+    // set_config(text, text, boolean)
+    const SET_CONFIG_OID: u32 = 2078;
+    let cases = [
+        (
+            fe::function_call(SET_CONFIG_OID, &["statement_timeout", "1234ms", "false"]),
+            true,
+        ),
+        (
+            fe::query("update pg_settings set setting = '1234ms' where name = 'statement_timeout'"),
+            true,
+        ),
+        (
+            fe::query("set standard_conforming_strings = off; set statement_timeout = '1234ms'"),
+            false,
+        ),
+    ];
+    runtime().block_on(async {
+        let shut_out = || async {
+            let e = pg_connect(&conn)
+                .await
+                .expect_err("the connection is pinned");
+            assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+        };
+        let fresh = || async {
+            let c = pg_connect(&conn).await.unwrap();
+            assert_eq!(simple_one(&c, "show statement_timeout").await, "0");
+            assert_eq!(
+                simple_one(&c, "show standard_conforming_strings").await,
+                "on"
+            );
+        };
+        for (made, discard_lifts) in cases {
+            let mut raw = raw_login(addr, &[("user", "app"), ("database", "appdb")], &token)
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            raw.send(&made);
+            let (tags, _) = read_to_ready(&mut raw);
+            assert!(!tags.contains('E'), "{tags}");
+            raw.send(&fe::query("reset all"));
+            read_to_ready(&mut raw);
+            // Read with backslash escapes, this is one string.
+            raw.send(&fe::query("select 'a\\'; discard all; --'"));
+            let (tags, rows) = read_to_ready(&mut raw);
+            let hidden = rows == ["a'; discard all; --"];
+            assert!(hidden || tags.contains('E'), "{tags} {rows:?}");
+            shut_out().await;
+            raw.send(&fe::query("discard all"));
+            read_to_ready(&mut raw);
+            raw.send(&fe::query("show statement_timeout"));
+            let (_, rows) = read_to_ready(&mut raw);
+            assert_eq!(rows, ["0"]);
+            if discard_lifts {
+                fresh().await;
+            } else {
+                shut_out().await;
+            }
+            drop(raw);
+            // Its connection was reset as it left.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(
+                admin,
+                "tollgate_pool_server_connections{upstream=\"default\",shard=\"0\",state=\"idle\"}",
+            ) != Some(1.0)
+            {
+                assert!(Instant::now() < deadline, "the connection never came back");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            fresh().await;
+        }
+    });
+    for reason in ["function_call", "set_config", "set"] {
+        let pins = format!(
+            "tollgate_pool_pins_total{{upstream=\"default\",shard=\"0\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metric(admin, &pins), Some(1.0), "{reason}");
+    }
+    assert_eq!(
+        metric(
+            admin,
+            "tollgate_pool_unpins_total{upstream=\"default\",shard=\"0\"}"
+        ),
+        Some(2.0)
+    );
+    env.assert_log_clean();
+}
+
 /// asyncpg's pattern: its type introspection runs `set_config('jit', ...,
 /// false)` (which pins), and its pool sends a reset query when it takes a
 /// connection back (which clears what pinned). Through one server
@@ -846,6 +948,20 @@ mod fe {
 
     pub fn query(sql: &str) -> Vec<u8> {
         msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
+    }
+
+    /// FunctionCall of the function `oid` with text arguments, for a
+    /// text result.
+    pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
+        let mut b = oid.to_be_bytes().to_vec();
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&(args.len() as i16).to_be_bytes());
+        for a in args {
+            b.extend_from_slice(&(a.len() as i32).to_be_bytes());
+            b.extend_from_slice(a.as_bytes());
+        }
+        b.extend_from_slice(&[0, 0]);
+        msg(b'F', &b)
     }
 }
 

@@ -203,7 +203,22 @@ async fn relay(
         link: client,
         standing: &standing,
     };
-    tracks.tx = Some(Box::default());
+    let mut tx = Box::<TxScan>::default();
+    // Logged in to a session whose SQL the scan cannot read as the server
+    // does (a role's `standard_conforming_strings = off`, say): pinned
+    // from its first transaction.
+    let unreadable = ["standard_conforming_strings", "client_encoding"]
+        .iter()
+        .any(|k| {
+            first
+                .state
+                .param(k)
+                .is_some_and(|v| pin::reads_sql_otherwise(k, v))
+        });
+    if unreadable {
+        tx.pin_unreadable();
+    }
+    tracks.tx = Some(tx);
     // Shared with the other sessions that have the same: a connection
     // one of them was given needs no readying for the next.
     let params = l.pool.intern_settable(
@@ -449,7 +464,9 @@ impl Session {
         };
         let mut params = self.params.borrow_mut();
         let mut unknown = false;
+        let mut unreadable = false;
         tx.drain_reports(|k, v| {
+            unreadable |= pin::reads_sql_otherwise(k, v);
             // Reported, yet not one that follows clients: set out of the
             // lexer's sight (or by a role or function): the session has
             // state of its own now.
@@ -468,6 +485,9 @@ impl Session {
         drop(params);
         if unknown {
             tx.pin_unknown();
+        }
+        if unreadable {
+            tx.pin_unreadable();
         }
         let found = tx.take_pins();
         drop(tracks);

@@ -52,6 +52,14 @@ pub enum Pin {
     Load,
     /// A ParameterStatus tollgate could not follow.
     UnknownParameter,
+    /// A FunctionCall message: a function called by its OID, unseen.
+    FunctionCall,
+    /// The server reads the session's SQL otherwise than the scan does:
+    /// backslashes escape quotes in plain strings
+    /// (`standard_conforming_strings` off), or the client encoding has
+    /// characters whose second byte is a backslash. Words the scan takes
+    /// for a clear may be inside a string, and the reverse.
+    UnreadableSql,
 }
 
 impl Pin {
@@ -67,6 +75,8 @@ impl Pin {
             Pin::AdvisoryLock => "advisory_lock",
             Pin::Load => "load",
             Pin::UnknownParameter => "unknown_parameter",
+            Pin::FunctionCall => "function_call",
+            Pin::UnreadableSql => "unreadable_sql",
         }
     }
 }
@@ -144,6 +154,27 @@ const NOT_RESET_BY_RESET_ALL: [&str; 6] = [
     "transaction_read_only",
     "transaction_deferrable",
 ];
+
+/// Client encodings in which a character's second byte may be a
+/// backslash (`0x5c`): the server reads such a character whole, a scan of
+/// bytes takes its backslash for an escape in `E'...'`. Postgres accepts
+/// them only as client encodings, for this reason (CVE-2006-2314).
+const BACKSLASH_IN_CHARACTERS: [&str; 6] = ["BIG5", "GB18030", "GBK", "JOHAB", "SJIS", "UHC"];
+
+/// Whether a session where the server reports `name` as `value` has its
+/// SQL read otherwise than [`PinScan`] reads it: plain strings with
+/// backslash escapes (`standard_conforming_strings` off), or a client
+/// encoding in [`BACKSLASH_IN_CHARACTERS`]. Such a session is pinned for
+/// good ([`PinScan::pin_unreadable`]).
+pub fn reads_sql_otherwise(name: &str, value: &str) -> bool {
+    if name.eq_ignore_ascii_case("standard_conforming_strings") {
+        return !value.eq_ignore_ascii_case("on");
+    }
+    name.eq_ignore_ascii_case("client_encoding")
+        && BACKSLASH_IN_CHARACTERS
+            .iter()
+            .any(|e| value.eq_ignore_ascii_case(e))
+}
 
 /// Statements that begin, end or mark transactions: a message with one
 /// may roll back what it clears.
@@ -267,6 +298,10 @@ pub struct PinScan {
     arg_len: usize,
     /// The word in progress is a quoted identifier (`"all"` is no ALL).
     quoted: bool,
+    /// The statement in progress says `UPDATE`, and `pg_settings`: an
+    /// update of that view runs `set_config`.
+    says_update: bool,
+    says_pg_settings: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +330,8 @@ impl Default for PinScan {
             arg_name: [0; MAX_ARG],
             arg_len: 0,
             quoted: false,
+            says_update: false,
+            says_pg_settings: false,
         }
     }
 }
@@ -332,6 +369,18 @@ impl PinScan {
     /// A parameter the server reported that tollgate does not follow.
     pub fn pin_unknown(&mut self) {
         self.pin_opaque(Pin::UnknownParameter);
+    }
+
+    /// A FunctionCall message: what the function does is unseen.
+    pub fn pin_function_call(&mut self) {
+        self.pin_opaque(Pin::FunctionCall);
+    }
+
+    /// The server reads the session's SQL otherwise than the scan does
+    /// (see [`reads_sql_otherwise`]): no clear the scan finds can be
+    /// trusted any more.
+    pub fn pin_unreadable(&mut self) {
+        self.pin_forever(Pin::UnreadableSql);
     }
 
     /// A reason to pin nothing clears (see [`Pins::FOREVER`]).
@@ -393,6 +442,8 @@ impl PinScan {
     fn new_statement(&mut self) {
         self.stmt = Stmt::Start;
         self.prev = Prev::Other;
+        self.says_update = false;
+        self.says_pg_settings = false;
     }
 
     fn end_statement(&mut self) {
@@ -715,6 +766,7 @@ impl PinScan {
     fn word(&mut self, w: &[u8]) {
         self.function_name(w, false);
         let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+        self.pg_settings_word(w);
         match self.stmt {
             Stmt::Start => {
                 self.stmt = Stmt::Other;
@@ -832,6 +884,27 @@ impl PinScan {
         } else {
             Prev::Other
         };
+    }
+
+    /// `UPDATE pg_settings SET setting = ...` is `set_config` (the view's
+    /// rule calls it), for any parameter: `UPDATE` and `pg_settings` in
+    /// one statement (a CTE's update too) pin as `set_config` of an
+    /// unknown name does.
+    fn pg_settings_word(&mut self, w: &[u8]) {
+        let name = match w.iter().rposition(|b| *b == b'.') {
+            Some(i) => &w[i + 1..],
+            None => w,
+        };
+        if !self.quoted && w.eq_ignore_ascii_case(b"update") {
+            self.says_update = true;
+        } else if name.eq_ignore_ascii_case(b"pg_settings") {
+            self.says_pg_settings = true;
+        } else {
+            return;
+        }
+        if self.says_update && self.says_pg_settings {
+            self.pin_opaque(Pin::SetConfig);
+        }
     }
 
     fn set_parameter(&mut self, name: &[u8]) {
@@ -1066,10 +1139,64 @@ mod tests {
                 "do $f$ begin perform set_config('a.b', '1', false); end $f$",
                 Pin::SetConfig,
             ),
+            // The view's update rule calls set_config.
+            (
+                "update pg_settings set setting = 'x' where name = 'role'",
+                Pin::SetConfig,
+            ),
+            (
+                "UPDATE pg_catalog.\"pg_settings\" SET setting = '0' WHERE name = 'jit'",
+                Pin::SetConfig,
+            ),
+            (
+                "with u as (update pg_settings set setting = '1' where name = 'jit' returning 1) select * from u",
+                Pin::SetConfig,
+            ),
         ];
         for (sql, want) in cases {
             assert_eq!(scan(sql), Some(want), "{sql}");
         }
+        // As opaque as a set_config of an unknown name: RESET ALL leaves
+        // it (it may have been `role`).
+        assert!(!left_after(
+            &["update pg_settings set setting = 'x' where name = 'role'"],
+            "reset all"
+        )
+        .is_empty());
+        assert!(left_after(
+            &["update pg_settings set setting = 'x' where name = 'role'"],
+            "discard all"
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn sessions_whose_sql_the_scan_cannot_read_are_told_apart() {
+        for (name, value, otherwise) in [
+            ("standard_conforming_strings", "on", false),
+            ("standard_conforming_strings", "off", true),
+            ("client_encoding", "UTF8", false),
+            ("client_encoding", "LATIN1", false),
+            ("client_encoding", "SJIS", true),
+            ("CLIENT_ENCODING", "big5", true),
+            ("client_encoding", "GB18030", true),
+            ("TimeZone", "off", false),
+        ] {
+            assert_eq!(
+                reads_sql_otherwise(name, value),
+                otherwise,
+                "{name} {value}"
+            );
+        }
+        // What it would hide: with backslashes escaping quotes, the
+        // server runs this DISCARD ALL nowhere, the scan sees it run.
+        let mut s = PinScan::default();
+        s.pin(Pin::Listen);
+        s.pin_unreadable();
+        let made = s.take().pins;
+        assert!(!made
+            .without(found("select 'a\\'; discard all; --'").clears)
+            .is_empty());
     }
 
     #[test]
@@ -1089,6 +1216,7 @@ mod tests {
             "create temp table t(x int) on commit drop",
             "create table temp(x int)",
             "update t set x = 1",
+            "select name, setting from pg_settings where name = 'jit'",
             "alter role app set work_mem = '1MB'",
             "select 'set work_mem = 0; listen x'",
             "select E'it\\'s; listen x'",

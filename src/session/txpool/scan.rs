@@ -1,6 +1,6 @@
 //! What transaction pooling reads of the messages the relay already
 //! frames: the SQL of the client's Query and Parse messages (for
-//! [`PinScan`]), and the server's
+//! [`PinScan`]), that a FunctionCall came, and the server's
 //! ParameterStatus messages (the client's reported parameters follow it
 //! from backend to backend). Nothing else is looked at; nothing is
 //! rewritten.
@@ -63,6 +63,11 @@ impl TxScan {
         self.pins.pin_unknown();
     }
 
+    /// The server reads the session's SQL otherwise than the scan does.
+    pub fn pin_unreadable(&mut self) {
+        self.pins.pin_unreadable();
+    }
+
     /// The parameters the server reported since the last call, in order.
     pub fn drain_reports(&mut self, mut each: impl FnMut(&str, &str)) {
         if self.reports.is_empty() {
@@ -86,6 +91,10 @@ impl TxScan {
                 Capture::Sql
             }
             b'P' => Capture::Name,
+            b'F' => {
+                self.pins.pin_function_call();
+                Capture::Off
+            }
             _ => Capture::Off,
         };
     }
