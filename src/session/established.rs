@@ -106,10 +106,18 @@ fn established_tx(
         reset_query: Rc::from(pool.config().reset_query.as_str()),
         session: start.id,
     };
-    let relay = txpool::run(lending, client, conn, for_client, input, tracks);
+    let opening = Box::new(txpool::Opening {
+        lending,
+        first: conn,
+        for_client,
+        client_pending: input,
+        tracks,
+    });
     let ctx = ctx.clone();
     Box::pin(async move {
-        let out = relay.await;
+        // Made here, not awaited from a capture: a captured future is kept
+        // beside the one awaited, twice the session's size.
+        let out = txpool::run(client, opening).await;
         drop(token_slot);
         record_end(&ctx.metrics, &registration, out.by.as_str());
         drop(registration);

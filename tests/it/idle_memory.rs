@@ -148,6 +148,23 @@ fn idle_session_memory() {
     measure(Via::Plain, "", TARGET_BYTES, LIMIT_BYTES);
 }
 
+/// The regression guard under transaction pooling, where an idle client
+/// holds no server connection: measured 6.3-6.4 KiB (14.9 KiB while the
+/// session's future kept its arguments, and the relay's, twice).
+const TX_LIMIT_BYTES: u64 = 8 * 1024;
+
+/// The same under transaction pooling: the session's future and its
+/// statement and pin tracking, no connection and no buffer.
+#[test]
+fn idle_transaction_pooled_session_memory() {
+    measure(
+        Via::Plain,
+        "[pool]\nmode = \"transaction\"\nmax_server_connections = 4\n",
+        TARGET_BYTES,
+        TX_LIMIT_BYTES,
+    );
+}
+
 /// What we aim for with TLS, printed for comparison.
 const TLS_TARGET_BYTES: u64 = 8 * 1024;
 /// The regression guard for TLS: measured 6.6 KiB (49 KiB with

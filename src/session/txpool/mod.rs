@@ -170,30 +170,33 @@ struct Session {
     idle_transaction_timeout: Option<Duration>,
 }
 
-/// Relays a session under transaction pooling. `first` is the connection
-/// its login was shown from (readied with its start-up parameters), lent
-/// until the client's first transaction ends.
-pub(super) async fn run(
-    l: Lending,
-    client: Link,
-    first: ServerConn,
-    for_client: BytesMut,
-    client_pending: BytesMut,
-    tracks: Tracks,
-) -> Outcome {
-    let out = relay(l, &client, first, for_client, client_pending, tracks).await;
+/// What a session under transaction pooling starts with. Boxed into
+/// [`run`]: an async fn keeps its arguments for its whole life, beside
+/// what it moves them into, and a session's future is kept for as long as
+/// the client stays (a pointer costs 8 bytes of it, these about 700).
+pub(super) struct Opening {
+    pub lending: Lending,
+    /// The connection its login was shown from (readied with its start-up
+    /// parameters), lent until the client's first transaction ends.
+    pub first: ServerConn,
+    /// The login's messages for the client.
+    pub for_client: BytesMut,
+    /// Client bytes read with the start-up.
+    pub client_pending: BytesMut,
+    pub tracks: Tracks,
+}
+
+/// Relays a session under transaction pooling.
+pub(super) async fn run(client: Link, opening: Box<Opening>) -> Outcome {
+    let out = relay(&client, opening).await;
     client.goodbye();
     out
 }
 
-async fn relay(
-    l: Lending,
-    client: &Link,
-    first: ServerConn,
-    for_client: BytesMut,
-    client_pending: BytesMut,
-    mut tracks: Tracks,
-) -> Outcome {
+async fn relay(client: &Link, opening: Box<Opening>) -> Outcome {
+    // Unpacked by a plain function: what an async fn binds stays in its
+    // future for good, moved out or not.
+    let (s, mut first, for_client, client_pending) = Session::open(opening);
     // One readiness request on the client at a time, left posted from
     // one transaction to the next (see `Standing`).
     let wait = || client.socket().readable();
@@ -203,62 +206,14 @@ async fn relay(
         link: client,
         standing: &standing,
     };
-    let mut tx = Box::<TxScan>::default();
-    // Logged in to a session whose SQL the scan cannot read as the server
-    // does (a role's `standard_conforming_strings = off`, say): pinned
-    // from its first transaction.
-    let unreadable = ["standard_conforming_strings", "client_encoding"]
-        .iter()
-        .any(|k| {
-            first
-                .state
-                .param(k)
-                .is_some_and(|v| pin::reads_sql_otherwise(k, v))
-        });
-    if unreadable {
-        tx.pin_unreadable();
-    }
-    tracks.tx = Some(tx);
-    // Shared with the other sessions that have the same: a connection
-    // one of them was given needs no readying for the next.
-    let params = l.pool.intern_settable(
-        REPORTED
-            .iter()
-            .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
-            .collect(),
-    );
-    let config = l.pool.config();
-    let s = Session {
-        l,
-        tracks: RefCell::new(tracks),
-        params: RefCell::new(params),
-        pinned: Cell::new(None),
-        pins: Cell::new(Pins::NONE),
-        clearing: Cell::new(Pins::NONE),
-        pin_told: Cell::new(false),
-        goodbye: Cell::new(false),
-        cancels: Rc::default(),
-        cancelling: Cell::new(false),
-        idle_since: Cell::new(None),
-        rewriter: RefCell::default(),
-        expect: RefCell::default(),
-        answers: RefCell::default(),
-        actions: RefCell::default(),
-        answers_due: Flag::default(),
-        discarded: Cell::new(false),
-        statement_capacity: config.max_prepared_statements,
-        delivering: Cell::new(false),
-        copy_in: Cell::new(false),
-        queue_room: Flag::default(),
-        idle_transaction_timeout: config.idle_transaction_timeout,
-    };
     s.l.cancel_key.delegate(s.cancels.clone());
     if write_all(client, &for_client).await.is_err() {
-        s.release(first).await;
+        if let Some(conn) = first.take() {
+            s.release(conn).await;
+        }
         return s.ended(EndedBy::ClientIo, None);
     }
     drop(for_client);
-    let mut first = Some(first);
     let mut pending = (!client_pending.is_empty()).then_some(client_pending);
     let mut turn = 0;
     loop {
@@ -322,23 +277,26 @@ async fn relay(
             take_turns(&mut turn).await;
             continue;
         }
-        let conn = match first.take() {
-            Some(conn) => Ok(conn),
-            None => s.lend(client).await,
+        // Straight into the lend: a connection held in a binding of its
+        // own would keep a place in the session's future for good.
+        let lent = match first.take() {
+            Some(conn) => s.start_lend(conn),
+            None => match s.lend(client).await {
+                Ok(conn) => s.start_lend(conn),
+                Err(by) => {
+                    chunk.give_back(&s.l.buffers);
+                    return s.ended(by, None);
+                }
+            },
         };
-        let conn = match conn {
-            Ok(conn) => conn,
-            Err(by) => {
-                chunk.give_back(&s.l.buffers);
-                return s.ended(by, None);
-            }
-        };
-        let lent = s.start_lend(conn);
         let served = s.serve(client, &lent, &chunk.bytes()[..forward]).await;
         chunk.give_back(&s.l.buffers);
         match served {
             Served::Released => s.release(s.end_lend(lent)).await,
-            Served::Ended { by, writing } => return s.end_lent(client, lent, by, writing).await,
+            Served::Ended { by, writing } => {
+                // Boxed: once per session, and larger than a lend.
+                return Box::pin(s.end_lent(client, lent, by, writing)).await;
+            }
         }
     }
 }
@@ -365,6 +323,68 @@ impl Chunk {
 }
 
 impl Session {
+    /// The session an opening starts, with the opening's connection and
+    /// bytes.
+    fn open(opening: Box<Opening>) -> (Session, Option<ServerConn>, BytesMut, BytesMut) {
+        let Opening {
+            lending: l,
+            first,
+            for_client,
+            client_pending,
+            mut tracks,
+        } = *opening;
+        let mut tx = Box::<TxScan>::default();
+        // Logged in to a session whose SQL the scan cannot read as the
+        // server does (a role's `standard_conforming_strings = off`,
+        // say): pinned from its first transaction.
+        let unreadable = ["standard_conforming_strings", "client_encoding"]
+            .iter()
+            .any(|k| {
+                first
+                    .state
+                    .param(k)
+                    .is_some_and(|v| pin::reads_sql_otherwise(k, v))
+            });
+        if unreadable {
+            tx.pin_unreadable();
+        }
+        tracks.tx = Some(tx);
+        // Shared with the other sessions that have the same: a connection
+        // one of them was given needs no readying for the next.
+        let params = l.pool.intern_settable(
+            REPORTED
+                .iter()
+                .filter_map(|k| Some(((*k).to_owned(), first.state.param(k)?.to_owned())))
+                .collect(),
+        );
+        let config = l.pool.config();
+        let s = Session {
+            statement_capacity: config.max_prepared_statements,
+            idle_transaction_timeout: config.idle_transaction_timeout,
+            l,
+            tracks: RefCell::new(tracks),
+            params: RefCell::new(params),
+            pinned: Cell::new(None),
+            pins: Cell::new(Pins::NONE),
+            clearing: Cell::new(Pins::NONE),
+            pin_told: Cell::new(false),
+            goodbye: Cell::new(false),
+            cancels: Rc::default(),
+            cancelling: Cell::new(false),
+            idle_since: Cell::new(None),
+            rewriter: RefCell::default(),
+            expect: RefCell::default(),
+            answers: RefCell::default(),
+            actions: RefCell::default(),
+            answers_due: Flag::default(),
+            discarded: Cell::new(false),
+            delivering: Cell::new(false),
+            copy_in: Cell::new(false),
+            queue_room: Flag::default(),
+        };
+        (s, Some(first), for_client, client_pending)
+    }
+
     /// Follows client bytes: framing, the statements that pin, and the
     /// Terminate that ends the session (kept from the server; noted in
     /// `goodbye`). Returns how many bytes to forward, or `None` for a
@@ -854,12 +874,15 @@ impl Session {
     ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
         let mut turn = 0;
+        let mut ticker: Option<std::pin::Pin<Box<monoio::time::Sleep>>> = None;
         loop {
             if self.goodbye.get() {
                 // The other direction ends the session once all is
                 // answered; what cannot be (an unsynced batch, a COPY the
                 // client left) is cut after RESET_TIMEOUT and reset.
-                monoio::time::sleep(crate::server::reset::RESET_TIMEOUT).await;
+                // Boxed, as a rare wait: a timer is 640 bytes aligned to
+                // 128, which every lend's future would otherwise carry.
+                Box::pin(monoio::time::sleep(crate::server::reset::RESET_TIMEOUT)).await;
                 return ended(EndedBy::ClientClosed);
             }
             // A client that sends faster than it reads the answers (many
@@ -872,13 +895,16 @@ impl Session {
                 None => read_lent(client, &self.l.buffers).await,
                 Some(limit) => {
                     // Looked at every quarter of the limit: the status
-                    // changes as the server answers.
+                    // changes as the server answers. One timer per lend,
+                    // boxed (as above), set again for each read.
                     let tick = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    let timer = ticker.get_or_insert_with(|| Box::pin(monoio::time::sleep(tick)));
                     loop {
+                        timer.as_mut().reset(monoio::time::Instant::now() + tick);
                         let read = read_lent(client, &self.l.buffers);
                         monoio::select! {
                             r = read => break r,
-                            _ = monoio::time::sleep(tick) => {}
+                            _ = timer.as_mut() => {}
                         }
                         if self.idle_in_transaction_for() >= limit {
                             let mut out = BytesMut::with_capacity(128);
