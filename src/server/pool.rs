@@ -275,6 +275,13 @@ impl RoutePool {
         self.limit.get()
     }
 
+    /// More seats are taken than the limit allows (it was lowered by a
+    /// reload): a freed one is not to be used again.
+    pub fn over_limit(&self) -> bool {
+        let limit = self.limit.get();
+        limit != 0 && self.open.get() > limit
+    }
+
     /// The key, shared with the connections made for it, and noted as
     /// served at `now` (`None`: foreseen, kept warm for good).
     pub fn intern(&self, key: PoolKey, now: Option<Instant>) -> Rc<PoolKey> {

@@ -210,7 +210,7 @@ pub(super) async fn acquire(
             Claim::Idle(conn) => match usable(pool, conn) {
                 Ok(conn) => (conn, true),
                 Err(seat) => {
-                    kept = Some(Claim::Login(seat));
+                    kept = relogin(pool, seat);
                     continue;
                 }
             },
@@ -234,7 +234,7 @@ pub(super) async fn acquire(
                     // Never used by this client: it sees nothing of it.
                     debug!(reason, "idle server connection failed its check");
                     pool.closed("broken");
-                    kept = Some(Claim::Login(conn.into_seat()));
+                    kept = relogin(pool, conn.into_seat());
                     continue;
                 }
                 Err(e) => return Err(not_ready(pool, conn, e)),
@@ -246,6 +246,17 @@ pub(super) async fn acquire(
         }
         return Ok((conn, reused, changed));
     }
+}
+
+/// A login on the seat of a connection that proved dead, for the client
+/// it was meant for (keeping its turn); none when the pool is over a
+/// limit a reload lowered (the seat is freed, and the client claims again
+/// in line).
+fn relogin(pool: &RoutePool, seat: crate::server::Seat) -> Option<Claim> {
+    if pool.over_limit() {
+        return None;
+    }
+    Some(Claim::Login(seat))
 }
 
 /// Readies `conn` for a client with `settable` (see [`prepare`]), and

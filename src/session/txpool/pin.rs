@@ -159,7 +159,15 @@ const NOT_RESET_BY_RESET_ALL: [&str; 6] = [
 /// backslash (`0x5c`): the server reads such a character whole, a scan of
 /// bytes takes its backslash for an escape in `E'...'`. Postgres accepts
 /// them only as client encodings, for this reason (CVE-2006-2314).
-const BACKSLASH_IN_CHARACTERS: [&str; 6] = ["BIG5", "GB18030", "GBK", "JOHAB", "SJIS", "UHC"];
+const BACKSLASH_IN_CHARACTERS: [&str; 7] = [
+    "BIG5",
+    "GB18030",
+    "GBK",
+    "JOHAB",
+    "SHIFT_JIS_2004",
+    "SJIS",
+    "UHC",
+];
 
 /// Whether a session where the server reports `name` as `value` has its
 /// SQL read otherwise than [`PinScan`] reads it: plain strings with
@@ -207,9 +215,15 @@ enum Arg {
     AfterLiteral,
 }
 
-/// Longest word kept; longer ones are compared by their first bytes only,
-/// which none of the words looked for needs.
-const MAX_WORD: usize = 64;
+/// Longest word kept: a name qualified by database and schema, each part
+/// at most 63 bytes (`NAMEDATALEN`), fits. Longer ones are compared by
+/// their first bytes only.
+const MAX_WORD: usize = 192;
+
+/// Longest dollar-quote tag kept. A longer one pins for good: its body's
+/// end could not be told from a shorter tag's, and words after it would
+/// be read as in the body or the reverse.
+const MAX_TAG: usize = 64;
 
 /// Where the lexer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,7 +292,7 @@ pub struct PinScan {
     lex: Lex,
     word: [u8; MAX_WORD],
     word_len: usize,
-    tag: [u8; MAX_WORD],
+    tag: [u8; MAX_TAG],
     tag_len: usize,
     /// The word before, for two-word phrases (`WITH HOLD`, `INTO TEMP`).
     prev: Prev,
@@ -302,6 +316,8 @@ pub struct PinScan {
     /// update of that view runs `set_config`.
     says_update: bool,
     says_pg_settings: bool,
+    /// The next word follows `U&`: a name spelled with escapes.
+    unicode_next: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,7 +333,7 @@ impl Default for PinScan {
             lex: Lex::Normal,
             word: [0; MAX_WORD],
             word_len: 0,
-            tag: [0; MAX_WORD],
+            tag: [0; MAX_TAG],
             tag_len: 0,
             prev: Prev::Other,
             stmt: Stmt::Start,
@@ -332,6 +348,7 @@ impl Default for PinScan {
             quoted: false,
             says_update: false,
             says_pg_settings: false,
+            unicode_next: false,
         }
     }
 }
@@ -377,10 +394,17 @@ impl PinScan {
     }
 
     /// The server reads the session's SQL otherwise than the scan does
-    /// (see [`reads_sql_otherwise`]): no clear the scan finds can be
-    /// trusted any more.
+    /// (see [`reads_sql_otherwise`]), or the scan lost its place (a
+    /// dollar-quote tag longer than it keeps): no clear the scan finds can
+    /// be trusted any more.
     pub fn pin_unreadable(&mut self) {
         self.pin_forever(Pin::UnreadableSql);
+    }
+
+    /// ParameterStatus messages were dropped unread: one may have said
+    /// what [`reads_sql_otherwise`] looks for.
+    pub fn pin_reports_lost(&mut self) {
+        self.pin_forever(Pin::UnknownParameter);
     }
 
     /// A reason to pin nothing clears (see [`Pins::FOREVER`]).
@@ -474,6 +498,16 @@ impl PinScan {
             Lex::Word => {
                 if is_word_byte(b) {
                     self.push_word(b);
+                } else if b == b'&'
+                    && self.word_len == 1
+                    && self.word[0].eq_ignore_ascii_case(&b'u')
+                {
+                    // U&"...": the name that follows may be spelled with
+                    // escapes.
+                    self.end_word();
+                    self.unicode_next = true;
+                    self.lex = Lex::Normal;
+                    self.token_start(b);
                 } else if b == b'\''
                     && self.word_len == 1
                     && self.word[0].eq_ignore_ascii_case(&b'e')
@@ -581,11 +615,14 @@ impl PinScan {
             }
             Lex::DollarOpen => {
                 if b == b'$' {
+                    if self.tag_len > MAX_TAG {
+                        self.pin_unreadable();
+                    }
                     self.lex = Lex::Dollar { matched: 0 };
                 } else if (b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80)
                     && !(self.tag_len == 0 && b.is_ascii_digit())
                 {
-                    if self.tag_len < MAX_WORD {
+                    if self.tag_len < MAX_TAG {
                         self.tag[self.tag_len] = b;
                     }
                     self.tag_len += 1;
@@ -602,7 +639,7 @@ impl PinScan {
     /// The closing `$tag$` is `$`, the tag, `$`; `matched` bytes of it
     /// are behind. Words in the body are looked at for function names.
     fn dollar_body(&mut self, b: u8, matched: usize) {
-        let tag_len = self.tag_len.min(MAX_WORD);
+        let tag_len = self.tag_len.min(MAX_TAG);
         let want = if matched == 0 || matched == tag_len + 1 {
             b'$'
         } else {
@@ -895,9 +932,11 @@ impl PinScan {
             Some(i) => &w[i + 1..],
             None => w,
         };
+        // `U&"pg\005fsettings"` may be it.
+        let escaped = std::mem::take(&mut self.unicode_next) && self.quoted;
         if !self.quoted && w.eq_ignore_ascii_case(b"update") {
             self.says_update = true;
-        } else if name.eq_ignore_ascii_case(b"pg_settings") {
+        } else if escaped || name.eq_ignore_ascii_case(b"pg_settings") {
             self.says_pg_settings = true;
         } else {
             return;
@@ -1156,6 +1195,14 @@ mod tests {
         for (sql, want) in cases {
             assert_eq!(scan(sql), Some(want), "{sql}");
         }
+        // A name spelled with escapes may be pg_settings.
+        assert_eq!(
+            scan("update U&\"pg\\005fsettings\" set setting = 'x' where name = 'role'"),
+            Some(Pin::SetConfig)
+        );
+        // A name qualified with a long database name is read whole.
+        let long = format!("select {}.pg_catalog.pg_advisory_lock(1)", "d".repeat(63));
+        assert_eq!(scan(&long), Some(Pin::AdvisoryLock));
         // As opaque as a set_config of an unknown name: RESET ALL leaves
         // it (it may have been `role`).
         assert!(!left_after(
@@ -1180,6 +1227,7 @@ mod tests {
             ("client_encoding", "SJIS", true),
             ("CLIENT_ENCODING", "big5", true),
             ("client_encoding", "GB18030", true),
+            ("client_encoding", "SHIFT_JIS_2004", true),
             ("TimeZone", "off", false),
         ] {
             assert_eq!(
@@ -1197,6 +1245,13 @@ mod tests {
         assert!(!made
             .without(found("select 'a\\'; discard all; --'").clears)
             .is_empty());
+        // A dollar-quote tag longer than the scan keeps: where its body
+        // ends cannot be told, so nothing the message clears is trusted.
+        let tag = "t".repeat(70);
+        let sql = format!("select ${tag}$ x ${}$; discard all; ${tag}$", &tag[..64]);
+        let f = found(&sql);
+        assert_eq!(f.first, Some(Pin::UnreadableSql));
+        assert!(!f.pins.without(f.clears).is_empty());
     }
 
     #[test]

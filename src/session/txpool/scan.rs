@@ -53,7 +53,7 @@ impl TxScan {
     /// The reasons to pin, and the clears, found since the last call.
     pub fn take_pins(&mut self) -> Found {
         if std::mem::take(&mut self.overflow) {
-            self.pins.pin_unknown();
+            self.pins.pin_reports_lost();
         }
         self.pins.take()
     }
