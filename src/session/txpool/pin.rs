@@ -498,12 +498,9 @@ impl PinScan {
             Lex::Word => {
                 if is_word_byte(b) {
                     self.push_word(b);
-                } else if b == b'&'
-                    && self.word_len == 1
-                    && self.word[0].eq_ignore_ascii_case(&b'u')
-                {
+                } else if b == b'&' && self.ends_in_unicode_prefix() {
                     // U&"...": the name that follows may be spelled with
-                    // escapes.
+                    // escapes (qualified too: `pg_catalog.U&"..."`).
                     self.end_word();
                     self.unicode_next = true;
                     self.lex = Lex::Normal;
@@ -702,6 +699,17 @@ impl PinScan {
             }
             _ => {}
         }
+    }
+
+    /// The word so far is `U`, or ends in `.U`: with a `&` next, the
+    /// start of a name spelled with escapes.
+    fn ends_in_unicode_prefix(&self) -> bool {
+        if self.word_len > MAX_WORD {
+            return false;
+        }
+        let w = &self.word[..self.word_len];
+        let u = w.last().is_some_and(|c| c.eq_ignore_ascii_case(&b'u'));
+        u && (w.len() == 1 || w[w.len() - 2] == b'.')
     }
 
     fn push_word(&mut self, b: u8) {
@@ -1196,10 +1204,13 @@ mod tests {
             assert_eq!(scan(sql), Some(want), "{sql}");
         }
         // A name spelled with escapes may be pg_settings.
-        assert_eq!(
-            scan("update U&\"pg\\005fsettings\" set setting = 'x' where name = 'role'"),
-            Some(Pin::SetConfig)
-        );
+        for sql in [
+            "update U&\"pg\\005fsettings\" set setting = 'x' where name = 'role'",
+            "update pg_catalog.U&\"pg\\005fsettings\" set setting = 'x' where name = 'role'",
+            "update \"pg_catalog\".u&\"pg\\005fsettings\" set setting = 'x' where name = 'role'",
+        ] {
+            assert_eq!(scan(sql), Some(Pin::SetConfig), "{sql}");
+        }
         // A name qualified with a long database name is read whole.
         let long = format!("select {}.pg_catalog.pg_advisory_lock(1)", "d".repeat(63));
         assert_eq!(scan(&long), Some(Pin::AdvisoryLock));
