@@ -21,9 +21,11 @@ use crate::upstream::{Upstream, UpstreamStream};
 
 /// A logged-in server connection, lent to one client at a time: the
 /// stream, which the relay takes while a client is served, and the rest.
+/// The state is boxed: a connection changes hands (pool, lend, relay and
+/// back) several times a transaction, and each move copied all of it.
 pub struct ServerConn {
     pub stream: UpstreamStream,
-    pub state: ConnState,
+    pub state: Box<ConnState>,
 }
 
 /// What tollgate knows of a server connection's session.
@@ -186,7 +188,7 @@ impl ServerConn {
             .pool()
             .intern_login(LoginMessages::new(greeting, greeting_len));
         let now = Instant::now();
-        let state = ConnState {
+        let state = Box::new(ConnState {
             fd: up.fd,
             route,
             key,
@@ -202,7 +204,7 @@ impl ServerConn {
             readied: None,
             served: 0,
             seat,
-        };
+        });
         Ok(ServerConn {
             stream: up.stream,
             state,

@@ -441,7 +441,7 @@ fn pool_full(pool: &RoutePool) -> Refusal {
 pub(super) async fn give_back(
     ctx: &ShardContext,
     pool: Rc<RoutePool>,
-    state: ConnState,
+    state: Box<ConnState>,
     kept: Option<Kept>,
 ) {
     let Some(kept) = kept else {

@@ -87,6 +87,11 @@ impl Answers {
             }
             actions.push(Action::Relay(r));
         };
+        // The expectation at the head, once a message of this chunk found
+        // it to be the server's: most messages (rows, say) neither end it
+        // nor change anything, and are shown or hidden as it says without
+        // another look at the queue. `None`: look.
+        let mut head: Option<(Kind, bool)> = None;
         let mut pos = 0;
         while pos < chunk.len() {
             if self.remaining > 0 {
@@ -96,7 +101,7 @@ impl Answers {
                 }
                 self.remaining -= take;
                 pos += take;
-                if self.remaining == 0 {
+                if self.remaining == 0 && head.is_none() {
                     // tollgate's own answers that follow this message.
                     expect.take_own(|t| actions.push(Action::Answer(t)));
                 }
@@ -123,8 +128,15 @@ impl Answers {
                 self.header[4],
             ]);
             self.remaining = (len.max(4) - 4) as usize;
-            expect.take_own(|t| actions.push(Action::Answer(t)));
-            self.show = self.message(tag, expect, cache);
+            let passes =
+                head.filter(|&(kind, _)| !matches!(tag, b'E' | b'G' | b'Z') && !kind.ended_by(tag));
+            if let Some((_, show)) = passes {
+                self.show = show || asynchronous(tag);
+            } else {
+                expect.take_own(|t| actions.push(Action::Answer(t)));
+                self.show = self.message(tag, expect, cache);
+                head = None;
+            }
             if self.show {
                 if split {
                     // Its first bytes came in an earlier chunk, held back
@@ -134,8 +146,13 @@ impl Answers {
                     relay(actions, start..pos);
                 }
             }
-            if self.remaining == 0 {
-                expect.take_own(|t| actions.push(Action::Answer(t)));
+            if passes.is_none() {
+                if self.remaining == 0 {
+                    expect.take_own(|t| actions.push(Action::Answer(t)));
+                }
+                if let Some(Expect::Server { kind, show, .. }) = expect.front() {
+                    head = Some((*kind, *show));
+                }
             }
         }
         self.events
@@ -258,7 +275,9 @@ mod tests {
                 msg(b'2', b""),
                 msg(b'D', b"\0\x01\0\0\0\x011"),
                 msg(b'N', b"notice"),
-                msg(b'C', b"SELECT 1\0"),
+                msg(b'D', b"\0\x01\0\0\0\x012"),
+                msg(b'D', b"\0\x01\0\0\0\x013"),
+                msg(b'C', b"SELECT 3\0"),
                 msg(b'Z', b"I"),
             ]
             .concat();
@@ -267,7 +286,9 @@ mod tests {
                 msg(b'2', b""),
                 msg(b'D', b"\0\x01\0\0\0\x011"),
                 msg(b'N', b"notice"),
-                msg(b'C', b"SELECT 1\0"),
+                msg(b'D', b"\0\x01\0\0\0\x012"),
+                msg(b'D', b"\0\x01\0\0\0\x013"),
+                msg(b'C', b"SELECT 3\0"),
                 msg(b'3', b""),
                 msg(b'Z', b"I"),
                 msg(b'1', b""),

@@ -97,13 +97,13 @@ pub(super) struct Lending {
 /// reset begun (`None`: close it).
 pub(super) struct Outcome {
     pub by: EndedBy,
-    pub held: Option<(ConnState, Option<Kept>)>,
+    pub held: Option<(Box<ConnState>, Option<Kept>)>,
 }
 
 /// A connection lent to the session.
 struct Lent {
     stream: Link,
-    state: RefCell<ConnState>,
+    state: RefCell<Box<ConnState>>,
 }
 
 /// How the serving of one lent connection stopped.
@@ -474,7 +474,7 @@ impl Session {
 
     /// Follows server bytes, and notes the parameters they report on the
     /// connection and in the client's session.
-    fn saw_server(&self, chunk: &[u8], state: &RefCell<ConnState>) -> bool {
+    fn saw_server(&self, chunk: &[u8], state: &RefCell<Box<ConnState>>) -> bool {
         let mut tracks = self.tracks.borrow_mut();
         if tracks.saw_server(chunk).is_err() {
             return false;
@@ -598,7 +598,7 @@ impl Session {
     async fn relay_answers(
         &self,
         client: &Client<'_>,
-        state: &RefCell<ConnState>,
+        state: &RefCell<Box<ConnState>>,
         chunk: &[u8],
     ) -> std::io::Result<()> {
         let mut actions = std::mem::take(&mut *self.actions.borrow_mut());
@@ -1099,7 +1099,7 @@ impl Session {
     }
 
     /// Cancels what runs on a lent connection whose client vanished.
-    async fn cancel_running(&self, state: &RefCell<ConnState>) {
+    async fn cancel_running(&self, state: &RefCell<Box<ConnState>>) {
         // Not borrowed across the send: the relay notes parameters on it.
         let (key, route) = {
             let state = state.borrow();
@@ -1121,7 +1121,7 @@ impl Session {
         }
     }
 
-    fn ended(&self, by: EndedBy, held: Option<(ConnState, Option<Kept>)>) -> Outcome {
+    fn ended(&self, by: EndedBy, held: Option<(Box<ConnState>, Option<Kept>)>) -> Outcome {
         // Cancels still waiting find no query of this client's running.
         drop(self.cancels.take());
         Outcome { by, held }

@@ -220,6 +220,10 @@ enum Arg {
 /// their first bytes only.
 const MAX_WORD: usize = 192;
 
+/// The shortest name [`PinScan::function_name`] looks for
+/// (`set_config`): shorter words are none of them.
+const SHORTEST_FUNCTION: usize = 10;
+
 /// Longest dollar-quote tag kept. A longer one pins for good: its body's
 /// end could not be told from a shorter tag's, and words after it would
 /// be read as in the body or the reverse.
@@ -354,8 +358,21 @@ impl Default for PinScan {
 }
 
 fn is_word_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b == b'.' || b >= 0x80
+    WORD_BYTES[usize::from(b)]
 }
+
+/// [`is_word_byte`] as a table: the scan asks it of every byte of every
+/// statement.
+static WORD_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'.' || c >= 0x80;
+        b += 1;
+    }
+    t
+};
 
 impl PinScan {
     /// What a prepared statement's text pins, each time it runs.
@@ -487,8 +504,32 @@ impl PinScan {
 
     /// Feeds statement text.
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.byte(b);
+        let mut rest = bytes;
+        while let Some((&b, tail)) = rest.split_first() {
+            // Runs that change nothing but the position are taken at once:
+            // the rest of a word, of a plain string literal, of a line
+            // comment. Their ends go through `byte` as any byte does.
+            let run = match self.lex {
+                Lex::Word => rest.iter().position(|&c| !is_word_byte(c)),
+                Lex::Quote { escapes: false } if self.arg != Arg::Literal => {
+                    memchr::memchr(b'\'', rest)
+                }
+                Lex::LineComment => memchr::memchr(b'\n', rest),
+                _ => {
+                    self.byte(b);
+                    rest = tail;
+                    continue;
+                }
+            };
+            let run = run.unwrap_or(rest.len());
+            if self.lex == Lex::Word {
+                self.push_run(&rest[..run]);
+            }
+            rest = &rest[run..];
+            if let Some((&b, tail)) = rest.split_first() {
+                self.byte(b);
+                rest = tail;
+            }
         }
     }
 
@@ -719,13 +760,22 @@ impl PinScan {
         self.word_len += 1;
     }
 
+    /// [`push_word`](Self::push_word) for each of `run`.
+    fn push_run(&mut self, run: &[u8]) {
+        let kept = self.word_len.min(MAX_WORD);
+        let room = (MAX_WORD - kept).min(run.len());
+        self.word[kept..kept + room].copy_from_slice(&run[..room]);
+        self.word_len += run.len();
+    }
+
     fn end_word(&mut self) {
         if self.word_len == 0 {
             return;
         }
         let len = self.word_len.min(MAX_WORD);
-        let mut w = [0u8; MAX_WORD];
-        w[..len].copy_from_slice(&self.word[..len]);
+        // A copy of the whole array, as a few vector moves: cheaper than
+        // zeroing a buffer and copying the word's length into it.
+        let w = self.word;
         self.word_len = 0;
         self.word(&w[..len]);
     }
@@ -736,8 +786,7 @@ impl PinScan {
     /// definition that mentions them pins too, wrongly but safely.
     fn body_word(&mut self) {
         let len = self.word_len.min(MAX_WORD);
-        let mut w = [0u8; MAX_WORD];
-        w[..len].copy_from_slice(&self.word[..len]);
+        let w = self.word;
         self.word_len = 0;
         let w = &w[..len];
         self.function_name(w, true);
@@ -779,6 +828,9 @@ impl PinScan {
     }
 
     fn function_name(&mut self, w: &[u8], in_body: bool) {
+        if w.len() < SHORTEST_FUNCTION {
+            return;
+        }
         // Schema-qualified or not.
         let name = match w.iter().rposition(|b| *b == b'.') {
             Some(i) => &w[i + 1..],
@@ -936,12 +988,15 @@ impl PinScan {
     /// one statement (a CTE's update too) pin as `set_config` of an
     /// unknown name does.
     fn pg_settings_word(&mut self, w: &[u8]) {
+        // `U&"pg\005fsettings"` may be it.
+        let escaped = std::mem::take(&mut self.unicode_next) && self.quoted;
+        if !escaped && w.len() < b"update".len() {
+            return;
+        }
         let name = match w.iter().rposition(|b| *b == b'.') {
             Some(i) => &w[i + 1..],
             None => w,
         };
-        // `U&"pg\005fsettings"` may be it.
-        let escaped = std::mem::take(&mut self.unicode_next) && self.quoted;
         if !self.quoted && w.eq_ignore_ascii_case(b"update") {
             self.says_update = true;
         } else if escaped || name.eq_ignore_ascii_case(b"pg_settings") {
@@ -1000,6 +1055,62 @@ mod tests {
 
     fn scan(sql: &str) -> Option<Pin> {
         found(sql).first
+    }
+
+    /// What [`PinScan::feed`] finds, fed `pieces`, against the scan one
+    /// byte at a time through `byte` alone: the runs `feed` takes at once
+    /// must change nothing.
+    fn against_bytewise(sql: &[u8], cuts: &[usize]) {
+        let mut reference = PinScan::default();
+        reference.begin(true);
+        for &b in sql {
+            reference.byte(b);
+        }
+        reference.finish();
+        let mut fed = PinScan::default();
+        fed.begin(true);
+        let mut at = 0;
+        for &cut in cuts.iter().chain([&sql.len()]) {
+            let cut = cut.clamp(at, sql.len());
+            fed.feed(&sql[at..cut]);
+            at = cut;
+        }
+        fed.finish();
+        assert_eq!(
+            fed.take(),
+            reference.take(),
+            "{}",
+            String::from_utf8_lossy(sql)
+        );
+        assert_eq!(fed.take_discard(), reference.take_discard());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn runs_taken_at_once_scan_as_bytes_do(
+            tokens in proptest::collection::vec(proptest::sample::select(vec![
+                "select", "set", "session", "create", "temp", "table", "on", "commit",
+                "drop", "discard", "all", "listen", "declare", "with", "hold",
+                "set_config", "pg_advisory_lock", "update", "pg_settings", "U&",
+                "pg_catalog.", "search_path", "'", "''", "e'", "\\", "\"", "--",
+                "\n", "/*", "*/", "$$", "$t$", "$1", "(", ",", ";", " ", "x", "é",
+            ]), 0..40),
+            cuts in proptest::collection::vec(0usize..200, 0..6),
+        ) {
+            let sql: String = tokens.concat();
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            against_bytewise(sql.as_bytes(), &cuts);
+        }
+    }
+
+    #[test]
+    fn a_word_longer_than_kept_scans_as_bytes_do() {
+        let long = format!(
+            "set {} = 1; set_config('a', 'b', false)",
+            "x".repeat(MAX_WORD + 9)
+        );
+        against_bytewise(long.as_bytes(), &[3, 7, MAX_WORD, MAX_WORD + 20]);
     }
 
     /// The reasons a client pinned by `pins` (simple Queries, one by one)
