@@ -24,6 +24,7 @@ pub mod bus;
 pub mod driver;
 mod fds;
 mod services;
+pub mod turns;
 
 use bus::Bus;
 use driver::Driver;

@@ -14,7 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use monoio::io::poll_io::{AsyncRead, AsyncWrite, ReadBuf};
 use monoio::io::AsyncWriteRent;
@@ -350,22 +350,6 @@ pub(in crate::session) async fn take_turns(turn: &mut u32) {
     *turn += 1;
     if *turn >= READS_PER_TURN {
         *turn = 0;
-        YieldNow(false).await;
-    }
-}
-
-/// Pending once (after asking to be polled again), then ready.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            return Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        crate::shard::turns::yield_now().await;
     }
 }
