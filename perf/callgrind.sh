@@ -20,7 +20,11 @@
 #
 # Usage (repo root, as root): perf/callgrind.sh
 # Environment: TXNS (default 2000), TOLLGATE_BIN, PGBENCH, TOP (functions
-# listed, 15), KEEP_WORK=1 to keep the callgrind.out files (path printed).
+# listed, 15), KEEP_WORK=1 to keep the callgrind.out files (path printed),
+# MODE (pgbench -M: prepared, simple or extended), CLIENTS (1; TXNS are
+# shared among them), POOL=transaction for transaction pooling over
+# POOL_SIZE (8) server connections. Transaction pooling's figure:
+# POOL=transaction CLIENTS=50 MODE=simple perf/callgrind.sh
 #
 # Reading the figures: a select-only transaction with -M prepared is 9
 # messages: Bind, Describe, Execute, Sync from the client (~49 bytes) and
@@ -38,8 +42,21 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 TXNS=${TXNS:-2000}
 TOP=${TOP:-15}
-# Messages per select-only transaction with -M prepared (see above).
-MSGS_PER_TXN=9
+MODE=${MODE:-prepared}
+CLIENTS=${CLIENTS:-1}
+THREADS=$((CLIENTS < 2 ? CLIENTS : 2))
+POOL=${POOL:-}
+POOL_SIZE=${POOL_SIZE:-8}
+# Messages per select-only transaction (see above): simple is Query and
+# RowDescription, DataRow, CommandComplete, ReadyForQuery; extended adds
+# Parse and its ParseComplete to prepared's.
+case $MODE in
+    prepared) MSGS_PER_TXN=9 ;;
+    simple) MSGS_PER_TXN=5 ;;
+    extended) MSGS_PER_TXN=11 ;;
+    *) die "MODE: prepared, simple or extended, not $MODE" ;;
+esac
+[[ -z "$POOL" || "$POOL" == transaction ]] || die "POOL: transaction or unset, not $POOL"
 
 command -v valgrind >/dev/null || die "valgrind not found: apt-get install valgrind"
 command -v callgrind_control >/dev/null || die "callgrind_control not found (part of valgrind)"
@@ -52,10 +69,13 @@ tg_pgbench_init
 # A copy of quickstart's config in the same folder (tokens.toml is found
 # relative to it): any free port, one shard, JSON logs to read byte counts.
 cfg=$TG_QS_DIR/callgrind.toml
-# Any [log] table quickstart wrote is dropped (TOML allows one).
-awk '/^\[/ { skip = ($0 == "[log]") } !skip' "$TG_QS_DIR/tollgate.toml" |
+# Any [log] or [pool] table quickstart wrote is dropped (TOML allows one).
+awk '/^\[/ { skip = ($0 == "[log]" || $0 == "[pool]") } !skip' "$TG_QS_DIR/tollgate.toml" |
     sed -e 's/^listen = .*/listen = "127.0.0.1:0"/' -e 's/^workers = .*/workers = 1/' >"$cfg"
 printf '\n[log]\nlevel = "info"\nformat = "json"\n' >>"$cfg"
+if [[ "$POOL" == transaction ]]; then
+    printf '\n[pool]\nmode = "transaction"\nmax_server_connections = %d\n' "$POOL_SIZE" >>"$cfg"
+fi
 
 out=$TG_WORK/callgrind.out
 serve_log=$TG_WORK/serve.log
@@ -90,10 +110,11 @@ dumps=0
 # Runs pgbench against the valgrind tollgate, then dumps callgrind's
 # counters. Sets RUN_TXNS, RUN_IR, RUN_DUMP, RUN_BYTES_C, RUN_BYTES_S.
 run() {
-    local n=$1 bench_out=$TG_WORK/pgbench-$1.txt before
+    local n=$1 bench_out=$TG_WORK/pgbench-$1.txt before per_client
+    per_client=$(((n + CLIENTS - 1) / CLIENTS))
     before=$(wc -l <"$serve_log")
-    note "pgbench -S -M prepared -c 1 -t $n through callgrind"
-    if ! PGPORT=$port timeout 600 "$PGBENCH" -n -S -M prepared -c 1 -j 1 -t "$n" >"$bench_out" 2>&1; then
+    note "pgbench -S -M $MODE -c $CLIENTS -t $per_client through callgrind"
+    if ! PGPORT=$port timeout 600 "$PGBENCH" -n -S -M "$MODE" -c "$CLIENTS" -j "$THREADS" -t "$per_client" >"$bench_out" 2>&1; then
         cat "$bench_out" >&2
         die "pgbench failed"
     fi
@@ -131,11 +152,11 @@ d_txns=$((b_txns - a_txns))
 per_txn=$(ratio $((b_ir - a_ir)) "$d_txns" 0)
 fixed=$(awk -v a="$a_ir" -v n="$a_txns" -v p="$per_txn" 'BEGIN { printf "%.0f\n", a - n * p }')
 
-figure transactions "$a_txns + $b_txns" "pgbench -S -M prepared -c 1 -t $TXNS, then -t $((2 * TXNS))"
+figure transactions "$a_txns + $b_txns" "pgbench -S -M $MODE -c $CLIENTS, $TXNS transactions, then $((2 * TXNS))${POOL:+; transaction pooling over $POOL_SIZE}"
 figure instructions_per_txn "$per_txn" "user-space Ir per transaction, marginal (difference of the two runs)"
 figure instructions_per_message "$(ratio "$per_txn" "$MSGS_PER_TXN" 0)" "per forwarded message, both directions ($MSGS_PER_TXN per transaction)"
 figure instructions_per_txn_whole_run "$(ratio "$b_ir" "$b_txns" 0)" "Ir of the -t $((2 * TXNS)) run / its transactions, connections included"
-figure instructions_per_pgbench_run "$fixed" "rough: one pgbench run's 2 connections, logins (SCRAM cache hit), token checks (inherits the per-txn spread × TXNS)"
+figure instructions_per_pgbench_run "$fixed" "rough: one pgbench run's connections, logins (SCRAM cache hit), token checks (inherits the per-txn spread × TXNS)"
 figure instructions_startup_warmup "$warm_ir" "process start + first login (PBKDF2) + 100 transactions"
 figure bytes_per_txn_client "$(ratio $((b_bc - a_bc)) "$d_txns" 1)" "client-to-server bytes per transaction (from the session-end logs)"
 figure bytes_per_txn_server "$(ratio $((b_bs - a_bs)) "$d_txns" 1)" "server-to-client bytes per transaction"
