@@ -259,9 +259,9 @@ async fn client_to_server(
     goodbye: Option<&Cell<bool>>,
     writing: &Cell<bool>,
 ) -> EndedBy {
-    let mut turn = 0;
+    let turn = Turn::new();
     loop {
-        let (buf, n) = match from.read_lent(pool).await {
+        let (buf, n) = match turn.read(from.read_lent(pool)).await {
             Ok(Some(read)) => read,
             Ok(None) => return EndedBy::ClientClosed,
             Err(_) => return EndedBy::ClientIo,
@@ -281,7 +281,7 @@ async fn client_to_server(
         if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
             return goodbye_sent(goodbye, tracks).await;
         }
-        take_turns(&mut turn).await;
+        turn.take().await;
     }
 }
 
@@ -296,7 +296,7 @@ async fn server_to_client(
     kill: &KillSwitch,
     goodbye: &Cell<bool>,
 ) -> EndedBy {
-    let mut turn = 0;
+    let turn = Turn::new();
     let at_boundary = || tracks.borrow().server.at_boundary();
     let reason = loop {
         if goodbye.get() && tracks.borrow().drained() {
@@ -306,7 +306,7 @@ async fn server_to_client(
         if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
             break reason;
         }
-        let read = from.read_lent(pool);
+        let read = turn.read(from.read_lent(pool));
         let res = if at_boundary() {
             // Idle or between messages: a kill may interrupt the wait.
             monoio::select! {
@@ -339,17 +339,126 @@ async fn server_to_client(
         if res.is_err() {
             return EndedBy::ClientIo;
         }
-        take_turns(&mut turn).await;
+        turn.take().await;
     };
     let _ = to.write_all(&session_ended(reason)).await;
     EndedBy::Killed(reason)
 }
 
-/// Yields to the shard's other tasks every [`READS_PER_TURN`] reads.
-pub(in crate::session) async fn take_turns(turn: &mut u32) {
-    *turn += 1;
-    if *turn >= READS_PER_TURN {
-        *turn = 0;
+/// A pump's reads that found data without waiting, in a row: after
+/// [`READS_PER_TURN`] of them it lets the shard's other tasks run. A read
+/// that waited ends the run (the others ran meanwhile), so a session that
+/// trades queries and answers never yields; one streaming a bulk COPY or
+/// a large result does, every `READS_PER_TURN` reads.
+pub(in crate::session) struct Turn(Cell<u32>);
+
+impl Turn {
+    pub(in crate::session) fn new() -> Turn {
+        Turn(Cell::new(0))
+    }
+
+    /// `read`, noting whether it had to wait.
+    pub(in crate::session) async fn read<F: Future>(&self, read: F) -> F::Output {
+        let mut read = std::pin::pin!(read);
+        poll_fn(|cx| {
+            let res = read.as_mut().poll(cx);
+            if res.is_pending() {
+                self.0.set(0);
+            }
+            res
+        })
+        .await
+    }
+
+    /// After a read that found data: yields every [`READS_PER_TURN`] in
+    /// a row.
+    pub(in crate::session) async fn take(&self) {
+        let n = self.0.get() + 1;
+        if n < READS_PER_TURN {
+            self.0.set(n);
+            return;
+        }
+        self.0.set(0);
         crate::shard::turns::yield_now().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::future::Future;
+    use std::rc::Rc;
+
+    use super::{Turn, READS_PER_TURN};
+
+    fn run(test: impl Future<Output = ()>) {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .expect("runtime")
+            .block_on(test);
+    }
+
+    /// Pending once (after asking to be polled again), then ready: a read
+    /// that had to wait.
+    async fn waits() {
+        let mut asked = false;
+        std::future::poll_fn(|cx| {
+            if asked {
+                return std::task::Poll::Ready(());
+            }
+            asked = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    /// How many reads the pump does before a task that became ready at
+    /// the start gets to run (`None`: not within `reads`).
+    async fn reads_before_others_run(reads: u32, wait: impl Fn(u32) -> bool) -> Option<u32> {
+        let ran = Rc::new(Cell::new(false));
+        let other = {
+            let ran = ran.clone();
+            monoio::spawn(async move { ran.set(true) })
+        };
+        let turn = Turn::new();
+        let mut seen = None;
+        for i in 0..reads {
+            if wait(i) {
+                turn.read(waits()).await;
+            } else {
+                turn.read(async {}).await;
+            }
+            if ran.get() && seen.is_none() {
+                seen = Some(i);
+            }
+            turn.take().await;
+        }
+        other.await;
+        seen
+    }
+
+    #[test]
+    fn reads_that_find_data_in_a_row_yield_every_turn() {
+        run(async {
+            let seen = reads_before_others_run(READS_PER_TURN * 2, |_| false).await;
+            assert_eq!(
+                seen,
+                Some(READS_PER_TURN),
+                "the other task ran after a turn's reads"
+            );
+        });
+    }
+
+    #[test]
+    fn a_read_that_waits_starts_the_count_again() {
+        run(async {
+            // Every eighth read waits: never READS_PER_TURN in a row, and
+            // monoio polls a self-woken task again at once, so nothing
+            // else runs during those waits either.
+            let seen = reads_before_others_run(READS_PER_TURN * 4, |i| i % 8 == 7).await;
+            assert_eq!(seen, None, "no yield without a full turn in a row");
+        });
     }
 }

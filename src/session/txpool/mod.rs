@@ -61,7 +61,7 @@ use super::borrow::{self, acquire, Login};
 use super::cancel;
 use super::kill::KillSwitch;
 use super::refusal::Reply;
-use super::relay::lent::{take_turns, Wire};
+use super::relay::lent::{Turn, Wire};
 use super::relay::{
     before_terminate, reset_plan, session_ended, BufferPool, EndAction, EndedBy, Kept, ServerSide,
     Tracks,
@@ -215,7 +215,7 @@ async fn relay(client: &Link, opening: Box<Opening>) -> Outcome {
     }
     drop(for_client);
     let mut pending = (!client_pending.is_empty()).then_some(client_pending);
-    let mut turn = 0;
+    let turn = Turn::new();
     loop {
         // Between transactions: no connection, no buffer, until the
         // client sends something (or is ended).
@@ -226,7 +226,7 @@ async fn relay(client: &Link, opening: Box<Opening>) -> Outcome {
                     s.release(conn).await;
                 }
                 let res = loop {
-                    let read = read_lent(client, &s.l.buffers);
+                    let read = turn.read(read_lent(client, &s.l.buffers));
                     monoio::select! {
                         r = read => break r,
                         reason = s.l.kill.wait() => {
@@ -274,7 +274,7 @@ async fn relay(client: &Link, opening: Box<Opening>) -> Outcome {
             }
             // A client that only prepares never waits on a server: it
             // takes its turn like one that does.
-            take_turns(&mut turn).await;
+            turn.take().await;
             continue;
         }
         // Straight into the lend: a connection held in a binding of its
@@ -873,7 +873,7 @@ impl Session {
         writing: &Cell<bool>,
     ) -> Served {
         let ended = |by| Served::Ended { by, writing: false };
-        let mut turn = 0;
+        let turn = Turn::new();
         let mut ticker: Option<std::pin::Pin<Box<monoio::time::Sleep>>> = None;
         loop {
             if self.goodbye.get() {
@@ -892,7 +892,7 @@ impl Session {
                 self.queue_room.wait().await;
             }
             let res = match self.idle_transaction_timeout {
-                None => read_lent(client, &self.l.buffers).await,
+                None => turn.read(read_lent(client, &self.l.buffers)).await,
                 Some(limit) => {
                     // Looked at every quarter of the limit: the status
                     // changes as the server answers. One timer per lend,
@@ -901,7 +901,7 @@ impl Session {
                     let timer = ticker.get_or_insert_with(|| Box::pin(monoio::time::sleep(tick)));
                     loop {
                         timer.as_mut().reset(monoio::time::Instant::now() + tick);
-                        let read = read_lent(client, &self.l.buffers);
+                        let read = turn.read(read_lent(client, &self.l.buffers));
                         monoio::select! {
                             r = read => break r,
                             _ = timer.as_mut() => {}
@@ -946,7 +946,7 @@ impl Session {
             if self.releasable(false) {
                 return Served::Released;
             }
-            take_turns(&mut turn).await;
+            turn.take().await;
         }
     }
 
@@ -962,12 +962,12 @@ impl Session {
         let ended = |by| Served::Ended { by, writing: false };
         let kill = &self.l.kill;
         let at_boundary = || self.tracks.borrow().server.at_boundary();
-        let mut turn = 0;
+        let turn = Turn::new();
         let reason = loop {
             if let Some(reason) = kill.fired().filter(|_| at_boundary()) {
                 break reason;
             }
-            let read = read_lent(&lent.stream, &self.l.buffers);
+            let read = turn.read(read_lent(&lent.stream, &self.l.buffers));
             let res = if at_boundary() {
                 monoio::select! {
                     r = read => r,
@@ -1025,7 +1025,7 @@ impl Session {
             if self.releasable(writing.get()) && kill.fired().is_none() {
                 return Served::Released;
             }
-            take_turns(&mut turn).await;
+            turn.take().await;
         };
         let _ = write_all(client, &session_ended(reason)).await;
         ended(EndedBy::Killed(reason))
