@@ -47,26 +47,24 @@ mod tests {
     /// Two tasks that yield after each step take turns, step by step.
     #[test]
     fn tasks_that_yield_take_turns() {
-        {
-            run(async {
-                let log = Rc::new(std::cell::RefCell::new(Vec::new()));
-                let step = |name: &'static str| {
-                    let log = log.clone();
-                    async move {
-                        for i in 0..3 {
-                            log.borrow_mut().push((name, i));
-                            yield_now().await;
-                        }
+        run(async {
+            let log = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let step = |name: &'static str| {
+                let log = log.clone();
+                async move {
+                    for i in 0..3 {
+                        log.borrow_mut().push((name, i));
+                        yield_now().await;
                     }
-                };
-                let a = monoio::spawn(step("a"));
-                let b = monoio::spawn(step("b"));
-                a.await;
-                b.await;
-                let order: Vec<_> = log.borrow().iter().map(|(n, _)| *n).collect();
-                assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
-            });
-        }
+                }
+            };
+            let a = monoio::spawn(step("a"));
+            let b = monoio::spawn(step("b"));
+            a.await;
+            b.await;
+            let order: Vec<_> = log.borrow().iter().map(|(n, _)| *n).collect();
+            assert_eq!(order, ["a", "b", "a", "b", "a", "b"]);
+        });
     }
 
     /// A task that yields lets one that was woken meanwhile run first.
