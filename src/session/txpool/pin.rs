@@ -773,8 +773,8 @@ impl PinScan {
             return;
         }
         let len = self.word_len.min(MAX_WORD);
-        // A copy of the whole array, as a few vector moves: cheaper than
-        // zeroing a buffer and copying the word's length into it.
+        // A copy of the whole array, of a size known when compiled: fewer
+        // instructions than zeroing a buffer and copying the word into it.
         let w = self.word;
         self.word_len = 0;
         self.word(&w[..len]);
