@@ -912,13 +912,19 @@ mod fe {
         let mut b = vec![0u8];
         b.extend_from_slice(stmt.as_bytes());
         b.extend_from_slice(&[0, 0, 0]);
-        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
-        for p in params {
-            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
-            b.extend_from_slice(p.as_bytes());
+        text_values(&mut b, params);
+        msg(b'B', &b)
+    }
+
+    /// A count, then each value with its length, then no result formats
+    /// (all text): how Bind and FunctionCall end.
+    fn text_values(b: &mut Vec<u8>, values: &[&str]) {
+        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v.as_bytes());
         }
         b.extend_from_slice(&[0, 0]);
-        msg(b'B', &b)
     }
 
     pub fn describe(kind: u8, name: &str) -> Vec<u8> {
@@ -955,12 +961,7 @@ mod fe {
     pub fn function_call(oid: u32, args: &[&str]) -> Vec<u8> {
         let mut b = oid.to_be_bytes().to_vec();
         b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&(args.len() as i16).to_be_bytes());
-        for a in args {
-            b.extend_from_slice(&(a.len() as i32).to_be_bytes());
-            b.extend_from_slice(a.as_bytes());
-        }
-        b.extend_from_slice(&[0, 0]);
+        text_values(&mut b, args);
         msg(b'F', &b)
     }
 }
