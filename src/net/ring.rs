@@ -9,32 +9,54 @@
 //! no way to register a provided-buffer ring), so the relay's operations go
 //! to this ring instead. `perf/relaybench` measured this design (`bridge`)
 //! at 0.61× the CPU per round trip of the readiness relay when the relay
-//! thread is saturated, as cheap as a bare ring outside monoio; in the
-//! load harness, where a wake-up finds about one session's work, it cost
-//! 1.08× (8 clients) and 1.13× (1 client), so it is opt-in
-//! (`plain_relay = "completion"`).
+//! thread is saturated, as cheap as a bare ring outside monoio. In the
+//! load harness, where a wake-up finds about one session's work, it makes
+//! a fifth to two fifths of the readiness relay's syscalls for about the
+//! same CPU, and an idle session costs about 1.1 KiB more resident memory
+//! (`tests/it/idle_memory.rs`: 4.9–5.0 KiB against 3.8), so it is opt-in
+//! (`plain_relay = "completion"`); README, Performance, has the figures.
 //!
-//! How the two rings meet: this ring signals an eventfd on every
-//! completion, and the shard's reactor task ([`RelayRing::drive`]) keeps a
-//! read of that eventfd posted on monoio's ring, so a shard waiting in
-//! monoio wakes for either. Sessions queue their operations here, wake the
-//! reactor, and the reactor submits everything queued in one
-//! `io_uring_enter` per turn, then hands out the completions.
+//! How the two rings meet: an io_uring's own fd is readable while its
+//! completion queue holds entries, so the shard's reactor task
+//! ([`RelayRing::drive`]), when it has nothing left to do, posts a PollAdd
+//! of this ring's fd on monoio's ring, and a shard waiting in monoio wakes
+//! for either. Sessions queue their operations here and wake the reactor;
+//! everything queued in a turn goes to the kernel in one `io_uring_enter`,
+//! made by the last task the turn woke or else by the reactor, and the
+//! completions are handed out.
+//!
+//! Why a poll and not an eventfd registered with the ring: the eventfd is
+//! signalled by every completion, including those reaped while the shard
+//! is awake (a send to a loopback peer completes inside the enter that
+//! submits it), so the read posted for the next sleep found it set and
+//! woke the shard at once for nothing: a park and a wake-up wasted per
+//! wake-up (`strace` at one client: two `io_uring_enter`s on monoio's
+//! ring per half round trip instead of one). A poll posted when the
+//! reactor goes to sleep, after it has reaped everything, fires only for
+//! completions that come later.
 //!
 //! The ring is `COOP_TASKRUN | TASKRUN_FLAG` (with `SINGLE_ISSUER` where
 //! the kernel has it): completions are posted when the shard thread enters
 //! the kernel anyway, never by interrupting it. Not `DEFER_TASKRUN`: its
-//! completions are posted only inside this ring's own enter, so the
-//! eventfd would never fire for a shard asleep in monoio's.
+//! completions are posted only inside this ring's own enter, so its fd
+//! would never turn readable for a shard asleep in monoio's.
 //!
 //! Receives are single-shot (one per direction, re-armed by the pump): a
 //! session never has more than one buffer of unread data waiting per
 //! direction, so one slow peer cannot drain the shard's buffers.
+//!
+//! Provided buffers are added [`GROW_BY`] at a time when a receive finds
+//! none, up to [`RING_ENTRIES`], and freed again when more than
+//! [`KEEP_IN_RING`] sit unused, so a burst does not pin its peak memory.
+//! When all of them are out (thousands of peers that stopped reading, each
+//! holding the chunk it was sent), a receive that finds none takes a
+//! buffer of its own for that one read instead of waiting: sessions never
+//! wait for each other's buffers, as with the readiness relay.
 
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -45,6 +67,14 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 const RING_ENTRIES: u16 = 4096;
 /// Buffers added at a time: at start, and when a receive found none.
 const GROW_BY: usize = 64;
+/// Unused buffers kept in the ring; one coming back beyond this is freed.
+/// Twice a growth step, so that the ring does not shrink and grow again
+/// around one level.
+const KEEP_IN_RING: usize = 2 * GROW_BY;
+/// Below this many buffers in the ring, a pump no longer posts its next
+/// receive while the last chunk is still being sent, so that a peer that
+/// stopped reading holds one buffer per direction, not two.
+pub const LOW_WATER: usize = 16;
 pub const GROUP: u16 = 0;
 /// Submission queue entries: one turn's worth of sends and receives.
 const SQ_ENTRIES: u32 = 1024;
@@ -53,24 +83,35 @@ const IORING_ENTER_GETEVENTS: u32 = 1;
 /// user_data of the cancels, whose own completions are ignored.
 const CANCEL: u64 = u64::MAX;
 
+/// Memory an operation reads or writes, held by its slot until it
+/// completes: the kernel may touch it until then.
+enum Held {
+    /// A provided buffer, by id: what a send reads from.
+    Ring(u16),
+    /// A buffer of its own: what a receive writes into when the ring had
+    /// none, and what that chunk is then sent from.
+    Owned(Box<[u8]>),
+}
+
 /// One operation's state, indexed by its user_data.
 enum Slot {
     Free,
     Pending {
         waker: Option<Waker>,
-        /// The buffer a send reads from, kept out of the ring until the
-        /// send completes.
-        holds: Option<u16>,
+        holds: Option<Held>,
     },
     Done {
         res: i32,
         flags: u32,
-        holds: Option<u16>,
+        holds: Option<Held>,
+        /// Its completion woke the task waiting for it (counted in
+        /// `Inner::woken` until the task takes the result).
+        woke: bool,
     },
     /// Its future is gone; the completion only returns what the operation
     /// holds or took.
     Abandoned {
-        holds: Option<u16>,
+        holds: Option<Held>,
     },
 }
 
@@ -80,7 +121,11 @@ enum Slot {
 pub struct ProvidedBuffers {
     /// `RING_ENTRIES` slots, mapped for the kernel to read.
     slots: *mut types::BufRingEntry,
+    /// By buffer id; empty for an id in `spare`.
     memory: Vec<Box<[u8]>>,
+    /// Ids whose memory was freed ([`release`](Self::release)), reused
+    /// first when the ring grows.
+    spare: Vec<u16>,
     size: usize,
     tail: u16,
     /// Buffers in the ring now (given and not yet taken by a receive).
@@ -118,6 +163,7 @@ impl ProvidedBuffers {
         Ok(ProvidedBuffers {
             slots: slots.cast(),
             memory: Vec::new(),
+            spare: Vec::new(),
             size,
             tail: 0,
             in_ring: 0,
@@ -142,16 +188,45 @@ impl ProvidedBuffers {
         self.memory[bid as usize].as_ptr()
     }
 
-    /// Adds up to `GROW_BY` buffers; false when the ring is full.
+    /// Adds up to `GROW_BY` buffers, ids freed earlier first; false when
+    /// every id has its buffer out already.
     pub fn grow(&mut self) -> bool {
-        let have = self.memory.len();
-        let add = GROW_BY.min(RING_ENTRIES as usize - have);
-        for bid in have..have + add {
-            self.memory.push(vec![0; self.size].into_boxed_slice());
-            self.give(bid as u16);
+        let mut added = 0;
+        while added < GROW_BY {
+            let bid = match self.spare.pop() {
+                Some(bid) => bid,
+                None if self.memory.len() < RING_ENTRIES as usize => {
+                    self.memory.push(Box::default());
+                    (self.memory.len() - 1) as u16
+                }
+                None => break,
+            };
+            self.memory[bid as usize] = vec![0; self.size].into_boxed_slice();
+            self.give(bid);
+            added += 1;
         }
         self.publish();
-        add > 0
+        added > 0
+    }
+
+    /// Frees buffer `bid`, which is out of the ring, instead of giving it
+    /// back; its id is reused by the next [`grow`](Self::grow).
+    pub fn release(&mut self, bid: u16) {
+        self.memory[bid as usize] = Box::default();
+        self.spare.push(bid);
+    }
+
+    /// Takes back a buffer that is out of the ring: into the ring, or freed
+    /// when the ring holds enough unused ones. True when the kernel must
+    /// be told ([`publish`](Self::publish)).
+    fn restore(&mut self, bid: u16) -> bool {
+        if self.in_ring >= KEEP_IN_RING {
+            self.release(bid);
+            false
+        } else {
+            self.give(bid);
+            true
+        }
     }
 
     /// Puts a buffer back in the ring (seen by the kernel at `publish`).
@@ -204,8 +279,9 @@ struct Inner {
     free: Vec<u32>,
     /// Entries pushed since the last submit.
     queued: u32,
-    /// Receives that found no buffer, waiting for one to come back.
-    starved: Vec<Waker>,
+    /// Completions that woke their task and are not taken yet: the tasks
+    /// a turn woke that have still to run.
+    woken: u32,
     /// Entries that found the submission queue full and could not be
     /// submitted at once; pushed first in the next turn.
     backlog: Vec<squeue::Entry>,
@@ -222,7 +298,6 @@ enum Turn {
 /// A shard's relay ring; see the module doc.
 pub struct RelayRing {
     inner: RefCell<Inner>,
-    eventfd: Cell<Option<OwnedFd>>,
     /// The reactor task while it waits, to be woken when entries queue.
     reactor: Cell<Option<Waker>>,
 }
@@ -238,14 +313,6 @@ impl RelayRing {
         // shard's life (the mapping is never unmapped).
         unsafe { bufs.register(&ring)? };
         bufs.grow();
-        // SAFETY: eventfd takes plain integers; checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a fresh fd owned by nothing else.
-        let efd = unsafe { OwnedFd::from_raw_fd(efd) };
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
         Ok(Rc::new(RelayRing {
             inner: RefCell::new(Inner {
                 ring,
@@ -253,26 +320,29 @@ impl RelayRing {
                 slots: Vec::new(),
                 free: Vec::new(),
                 queued: 0,
-                starved: Vec::new(),
+                woken: 0,
                 backlog: Vec::new(),
             }),
-            eventfd: Cell::new(Some(efd)),
             reactor: Cell::new(None),
         }))
     }
 
     /// The shard's reactor: submits what sessions queued and hands out
-    /// completions, sleeping in monoio (on the eventfd) when there is
-    /// neither. Runs for the shard's life.
+    /// completions, sleeping in monoio (on a poll of this ring's fd) when
+    /// there is neither. Runs for the shard's life.
     pub async fn drive(self: Rc<Self>) {
-        let Some(efd) = self.eventfd.take() else {
-            return;
+        let completions = match self.completion_waiter() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "relay ring: its fd cannot be watched through monoio");
+                return;
+            }
         };
-        let Ok(file) = monoio::fs::File::from_std(std::fs::File::from(efd)) else {
-            tracing::error!("relay ring: the eventfd cannot be read through monoio");
-            return;
-        };
-        let mut read = std::pin::pin!(file.read_at(Vec::with_capacity(8), 0));
+        // Not posted until first polled (an async fn's body, here monoio's
+        // PollAdd, starts at its first poll), which is when the reactor
+        // has nothing left to do. Once posted it stays posted while
+        // sessions wake the reactor, so a wake-up never costs a cancel.
+        let mut sleep = std::pin::pin!(completions.readable(false));
         loop {
             // Never yields while busy: the sessions a turn woke run after
             // this task waits, queue their next operations and wake it
@@ -283,28 +353,47 @@ impl RelayRing {
                 // spin on the shard's thread.
                 monoio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
-            let signalled = poll_fn(|cx| {
+            let woke = poll_fn(|cx| {
                 let inner = self.inner.borrow();
                 if inner.queued > 0 || !inner.backlog.is_empty() {
                     return Poll::Ready(None);
                 }
                 drop(inner);
                 self.reactor.set(Some(cx.waker().clone()));
-                read.as_mut().poll(cx).map(Some)
+                sleep.as_mut().poll(cx).map(Some)
             })
             .await;
             self.reactor.take();
-            if let Some((res, mut buf)) = signalled {
+            if let Some(res) = woke {
                 if let Err(e) = res {
                     // Never seen; if it happens, the ring is still served,
                     // by looking every millisecond.
-                    tracing::error!(error = %e, "relay ring: reading its eventfd failed; polling");
+                    tracing::error!(error = %e, "relay ring: polling its fd failed; looking every millisecond");
                     monoio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                buf.clear();
-                read.set(file.read_at(buf, 0));
+                sleep.set(completions.readable(false));
             }
         }
+    }
+
+    /// A duplicate of this ring's fd, as something monoio can wait on for
+    /// readability. monoio offers its readiness wait (a PollAdd on its
+    /// ring) only on its socket types, while PollAdd itself takes any
+    /// pollable fd, and an io_uring fd is readable while its completion
+    /// queue holds entries (or has overflowed). So the duplicate is
+    /// wrapped as a Unix stream: `readable` is the only method ever called
+    /// on it, and dropping it closes only the duplicate. On the io_uring
+    /// driver monoio registers nothing for it.
+    fn completion_waiter(&self) -> io::Result<monoio::net::UnixStream> {
+        let fd = self.inner.borrow().ring.as_raw_fd();
+        // SAFETY: F_DUPFD_CLOEXEC takes plain integers; checked below.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh fd owned by nothing else.
+        let owned = unsafe { std::os::unix::net::UnixStream::from_raw_fd(dup) };
+        monoio::net::UnixStream::from_std(owned)
     }
 
     /// Submits what is queued and hands out the completions there are.
@@ -342,12 +431,13 @@ impl RelayRing {
                 }
             }
         }
-        let mut returned = false;
+        let mut publish = false;
         let Inner {
             ring,
             slots,
             bufs,
             free,
+            woken,
             ..
         } = &mut *inner;
         for cqe in ring.completion() {
@@ -366,17 +456,16 @@ impl RelayRing {
                         res: cqe.result(),
                         flags: cqe.flags(),
                         holds,
+                        woke: waker.is_some(),
                     };
                     if let Some(w) = waker {
+                        *woken += 1;
                         w.wake();
                     }
                     continue;
                 }
                 Slot::Abandoned { holds } => {
-                    for bid in holds.into_iter().chain(took) {
-                        bufs.give(bid);
-                        returned = true;
-                    }
+                    publish |= restore(bufs, holds, took);
                     free.push(id as u32);
                 }
                 // A completion for a slot that is not waiting for one
@@ -384,12 +473,8 @@ impl RelayRing {
                 other => *slot = other,
             }
         }
-        if returned {
+        if publish {
             bufs.publish();
-        }
-        drop(inner);
-        if returned {
-            self.buffers_returned();
         }
         outcome
     }
@@ -421,7 +506,7 @@ impl RelayRing {
         }
     }
 
-    fn new_slot(inner: &mut Inner, holds: Option<u16>) -> u32 {
+    fn new_slot(inner: &mut Inner, holds: Option<Held>) -> u32 {
         let slot = Slot::Pending { waker: None, holds };
         match inner.free.pop() {
             Some(id) => {
@@ -449,12 +534,32 @@ impl RelayRing {
         id
     }
 
-    /// Posts a send of `len` bytes of buffer `bid` from `at`.
-    fn arm_send(&self, fd: RawFd, bid: u16, at: usize, len: usize) -> u32 {
+    /// Posts a receive on `fd` into `buf`, a buffer of its own, for when
+    /// the ring has none to give.
+    fn arm_recv_owned(&self, fd: RawFd, mut buf: Box<[u8]>) -> u32 {
         let mut inner = self.inner.borrow_mut();
-        let id = Self::new_slot(&mut inner, Some(bid));
-        // SAFETY: `at` < the buffer's length (checked by send_all).
-        let ptr = unsafe { inner.bufs.as_ptr(bid).add(at) };
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+        // The slot holds the buffer (its heap memory does not move) until
+        // the receive completes or, abandoned, until its completion.
+        let id = Self::new_slot(&mut inner, Some(Held::Owned(buf)));
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
+            .build()
+            .user_data(id as u64);
+        self.push(&mut inner, e);
+        id
+    }
+
+    /// Posts a send of bytes `at..len` of `held`, which the slot keeps
+    /// until the send completes.
+    fn arm_send(&self, fd: RawFd, held: Held, at: usize, len: usize) -> u32 {
+        let mut inner = self.inner.borrow_mut();
+        let base = match &held {
+            Held::Ring(bid) => inner.bufs.as_ptr(*bid),
+            Held::Owned(buf) => buf.as_ptr(),
+        };
+        // SAFETY: `at` < `len` <= the buffer's length (checked by send_all).
+        let ptr = unsafe { base.add(at) };
+        let id = Self::new_slot(&mut inner, Some(held));
         let e = opcode::Send::new(types::Fd(fd), ptr, (len - at) as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
@@ -464,20 +569,60 @@ impl RelayRing {
     }
 
     /// The result of operation `id` once it completed: (res, flags, the
-    /// buffer it held).
-    fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<(i32, u32, Option<u16>)> {
+    /// memory it held).
+    ///
+    /// A task about to wait that is the last one a turn woke submits
+    /// what is queued itself, the batch every task of the turn added to:
+    /// the reactor would otherwise have to run after it only to do that,
+    /// and its send to a loopback peer usually completes inside that same
+    /// enter, so the task carries on without waiting at all. The reactor
+    /// is still woken by every entry queued, so a batch is never left
+    /// unsubmitted when this count is off (a woken task that is gone).
+    fn poll_op(&self, id: u32, cx: &mut Context<'_>) -> Poll<(i32, u32, Option<Held>)> {
+        if let Some(done) = self.take_done(id) {
+            return Poll::Ready(done);
+        }
+        let last_of_batch = {
+            let inner = self.inner.borrow();
+            inner.woken == 0 && inner.queued > 0
+        };
+        if last_of_batch {
+            // Stalled or not, what is left stays queued for the reactor.
+            let _ = self.turn();
+            if let Some(done) = self.take_done(id) {
+                return Poll::Ready(done);
+            }
+        }
         let mut inner = self.inner.borrow_mut();
         match &mut inner.slots[id as usize] {
             Slot::Pending { waker, .. } => {
                 crate::io_util::remember_waker(waker, cx.waker());
                 Poll::Pending
             }
-            Slot::Done { res, flags, holds } => {
-                let done = (*res, *flags, *holds);
-                inner.slots[id as usize] = Slot::Free;
+            _ => unreachable!("relay ring: an operation polled after it was given up"),
+        }
+    }
+
+    /// Operation `id`'s result if it completed, its slot freed.
+    fn take_done(&self, id: u32) -> Option<(i32, u32, Option<Held>)> {
+        let mut inner = self.inner.borrow_mut();
+        let slot = &mut inner.slots[id as usize];
+        match slot {
+            Slot::Done { .. } => {
+                let Slot::Done {
+                    res,
+                    flags,
+                    holds,
+                    woke,
+                } = std::mem::replace(slot, Slot::Free)
+                else {
+                    unreachable!()
+                };
+                inner.woken -= u32::from(woke);
                 inner.free.push(id);
-                Poll::Ready(done)
+                Some((res, flags, holds))
             }
+            Slot::Pending { .. } => None,
             Slot::Free | Slot::Abandoned { .. } => {
                 unreachable!("relay ring: an operation polled after it was given up")
             }
@@ -504,58 +649,57 @@ impl RelayRing {
                     inner.queued -= n as u32;
                 }
             }
-            Slot::Done { flags, holds, .. } => {
+            Slot::Done {
+                flags, holds, woke, ..
+            } => {
+                inner.woken -= u32::from(woke);
                 inner.free.push(id);
                 let took = cqueue::buffer_select(flags);
-                for bid in holds.into_iter().chain(took) {
-                    inner.bufs.give(bid);
+                if restore(&mut inner.bufs, holds, took) {
+                    inner.bufs.publish();
                 }
-                inner.bufs.publish();
-                drop(inner);
-                self.buffers_returned();
             }
             other => inner.slots[id as usize] = other,
         }
     }
 
-    fn give_back(&self, bid: u16) {
-        {
-            let mut inner = self.inner.borrow_mut();
-            inner.bufs.give(bid);
+    /// Takes back what a finished operation held: a provided buffer goes
+    /// back to the ring (or is freed), a buffer of its own is freed.
+    fn give_back(&self, held: Held) {
+        let mut inner = self.inner.borrow_mut();
+        if restore(&mut inner.bufs, Some(held), None) {
             inner.bufs.publish();
         }
-        self.buffers_returned();
     }
 
-    fn buffers_returned(&self) {
-        let starved = std::mem::take(&mut self.inner.borrow_mut().starved);
-        for w in starved {
-            w.wake();
-        }
+    /// After a receive found no buffer: true when the ring has one again
+    /// (some came back, or it could grow), false when every buffer is out.
+    fn refill(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        inner.bufs.available() > 0 || inner.bufs.grow()
     }
 
-    /// After a receive found no buffer: more if the ring has room,
-    /// otherwise waits until one comes back.
-    async fn wait_for_buffers(&self) {
-        {
-            let mut inner = self.inner.borrow_mut();
-            // Some came back since the receive found none, or the ring can
-            // take more: post again at once.
-            if inner.bufs.available() > 0 || inner.bufs.grow() {
-                return;
-            }
-        }
-        let mut asked = false;
-        poll_fn(|cx| {
-            if asked {
-                return Poll::Ready(());
-            }
-            asked = true;
-            self.inner.borrow_mut().starved.push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+    /// Unused buffers in the ring now.
+    pub fn available(&self) -> usize {
+        self.inner.borrow().bufs.available()
     }
+
+    fn buffer_size(&self) -> usize {
+        self.inner.borrow().bufs.size
+    }
+}
+
+/// Takes back what an operation held and the provided buffer it took;
+/// true when the ring must be published.
+fn restore(bufs: &mut ProvidedBuffers, holds: Option<Held>, took: Option<u16>) -> bool {
+    let mut publish = false;
+    if let Some(Held::Ring(bid)) = holds {
+        publish |= bufs.restore(bid);
+    }
+    if let Some(bid) = took {
+        publish |= bufs.restore(bid);
+    }
+    publish
 }
 
 /// The relay ring, set up as well as the kernel allows. The completion
@@ -579,22 +723,29 @@ fn build_ring() -> io::Result<IoUring> {
         .or_else(|_| plain.build(SQ_ENTRIES))
 }
 
-/// Bytes received into a provided buffer; the buffer goes back to the
-/// ring when this is dropped.
+/// Bytes received, in a provided buffer (or, when the ring had none, one
+/// of its own); the buffer goes back when this is dropped.
 pub struct Chunk<'r> {
     ring: &'r RelayRing,
-    bid: u16,
+    /// Always `Some` until [`send_all`] or drop takes it.
+    held: Option<Held>,
     len: usize,
 }
 
 impl Chunk<'_> {
     pub fn bytes(&self) -> &[u8] {
-        let inner = self.ring.inner.borrow();
-        let buf: &[u8] = &inner.bufs.memory[self.bid as usize][..self.len];
-        // SAFETY: the boxed buffer never moves or is freed while the ring
-        // lives (`memory` only grows), and no one writes it while this
-        // chunk holds it out of the ring.
-        unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) }
+        match self.held.as_ref().expect("a chunk holds its buffer") {
+            Held::Ring(bid) => {
+                let inner = self.ring.inner.borrow();
+                let buf: &[u8] = &inner.bufs.memory[*bid as usize][..self.len];
+                // SAFETY: the boxed buffer never moves or is freed while
+                // this chunk holds it out of the ring (only a buffer
+                // given back is ever released), and no one writes it
+                // meanwhile.
+                unsafe { std::slice::from_raw_parts(buf.as_ptr(), buf.len()) }
+            }
+            Held::Owned(buf) => &buf[..self.len],
+        }
     }
 
     /// Keeps only the first `len` bytes.
@@ -605,7 +756,9 @@ impl Chunk<'_> {
 
 impl Drop for Chunk<'_> {
     fn drop(&mut self) {
-        self.ring.give_back(self.bid);
+        if let Some(held) = self.held.take() {
+            self.ring.give_back(held);
+        }
     }
 }
 
@@ -614,6 +767,9 @@ pub struct Receiver<'r> {
     ring: &'r RelayRing,
     fd: RawFd,
     posted: Option<u32>,
+    /// The last receive found the ring empty and it could not grow: the
+    /// next one reads into a buffer of its own.
+    own_buffer: bool,
 }
 
 impl<'r> Receiver<'r> {
@@ -623,17 +779,31 @@ impl<'r> Receiver<'r> {
             ring,
             fd,
             posted: None,
+            own_buffer: false,
         };
         r.post();
         r
     }
 
     /// Posts the next receive (if none is), so that data is taken while
-    /// the last chunk is still being sent on.
-    pub fn post(&mut self) {
-        if self.posted.is_none() {
-            self.posted = Some(self.ring.arm_recv(self.fd));
+    /// the last chunk is still being sent on; unless the ring is running
+    /// low, when [`next`](Self::next) posts it once the chunk is sent.
+    pub fn post_ahead(&mut self) {
+        if self.ring.available() > LOW_WATER {
+            self.post();
         }
+    }
+
+    fn post(&mut self) {
+        if self.posted.is_some() {
+            return;
+        }
+        self.posted = Some(if std::mem::take(&mut self.own_buffer) {
+            let buf = vec![0; self.ring.buffer_size()].into_boxed_slice();
+            self.ring.arm_recv_owned(self.fd, buf)
+        } else {
+            self.ring.arm_recv(self.fd)
+        });
     }
 
     /// The next bytes; `Ok(None)` at end of stream. Dropping this future
@@ -642,33 +812,39 @@ impl<'r> Receiver<'r> {
         loop {
             self.post();
             let id = self.posted.expect("posted");
-            let (res, flags, _) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
+            let (res, flags, holds) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
             self.posted = None;
             if res == -libc::ENOBUFS {
-                self.ring.wait_for_buffers().await;
+                // Never wait for another session's buffer to come back:
+                // take one of its own this once if the ring is spent.
+                self.own_buffer = !self.ring.refill();
                 continue;
             }
-            return self.chunk(res, flags);
+            return self.chunk(res, flags, holds);
         }
     }
 
-    fn chunk(&self, res: i32, flags: u32) -> io::Result<Option<Chunk<'r>>> {
-        let Some(bid) = cqueue::buffer_select(flags) else {
-            return match res {
-                r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
-                _ => Ok(None),
-            };
+    fn chunk(&self, res: i32, flags: u32, holds: Option<Held>) -> io::Result<Option<Chunk<'r>>> {
+        let held = match (holds, cqueue::buffer_select(flags)) {
+            (Some(held @ Held::Owned(_)), _) => held,
+            (_, Some(bid)) => Held::Ring(bid),
+            (_, None) => {
+                return match res {
+                    r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    _ => Ok(None),
+                };
+            }
         };
-        if res < 0 {
-            self.ring.give_back(bid);
-            return Err(io::Error::from_raw_os_error(-res));
-        }
         let chunk = Chunk {
             ring: self.ring,
-            bid,
-            len: res as usize,
+            held: Some(held),
+            len: res.max(0) as usize,
         };
-        Ok((res > 0).then_some(chunk))
+        match res {
+            r if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+            0 => Ok(None),
+            _ => Ok(Some(chunk)),
+        }
     }
 
     /// Withdraws the posted receive and returns what it got before the
@@ -686,11 +862,16 @@ impl<'r> Receiver<'r> {
                 .user_data(CANCEL);
             self.ring.push(&mut inner, e);
         }
-        let (res, flags, _) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
+        let (res, flags, holds) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
         self.posted = None;
         match res {
-            r if r == -libc::ECANCELED || r == -libc::ENOBUFS => Ok(None),
-            r => self.chunk(r, flags),
+            r if r == -libc::ECANCELED || r == -libc::ENOBUFS => {
+                if let Some(held) = holds {
+                    self.ring.give_back(held);
+                }
+                Ok(None)
+            }
+            r => self.chunk(r, flags, holds),
         }
     }
 }
@@ -706,38 +887,39 @@ impl Drop for Receiver<'_> {
 /// Sends all of `chunk` (its first `len` bytes) to `fd`. If dropped while
 /// a send is in flight, the buffer stays out of the ring until the kernel
 /// is done with it.
-pub async fn send_all(ring: &RelayRing, fd: RawFd, chunk: Chunk<'_>) -> io::Result<()> {
-    if chunk.len == 0 {
+pub async fn send_all(ring: &RelayRing, fd: RawFd, mut chunk: Chunk<'_>) -> io::Result<()> {
+    let len = chunk.len;
+    if len == 0 {
         return Ok(());
     }
-    let (bid, len) = (chunk.bid, chunk.len);
-    // The slot holds the buffer from here: it goes back with the last
-    // send's completion (or the abandoned one's).
-    std::mem::forget(chunk);
+    // The slot holds the buffer from here: it comes back with each send's
+    // completion (or goes back with the abandoned one's).
+    let mut held = chunk.held.take().expect("a chunk holds its buffer");
+    drop(chunk);
     let mut at = 0;
     loop {
         let op = Op {
             ring,
-            id: Some(ring.arm_send(fd, bid, at, len)),
+            id: Some(ring.arm_send(fd, held, at, len)),
         };
-        let (res, _, _) = op.await;
-        let done = match res {
+        let (res, _, holds) = op.await;
+        held = holds.expect("a send holds its buffer");
+        match res {
             n if n > 0 => {
                 at += n as usize;
-                at >= len
+                if at >= len {
+                    ring.give_back(held);
+                    return Ok(());
+                }
             }
             0 => {
-                ring.give_back(bid);
+                ring.give_back(held);
                 return Err(io::ErrorKind::WriteZero.into());
             }
             e => {
-                ring.give_back(bid);
+                ring.give_back(held);
                 return Err(io::Error::from_raw_os_error(-e));
             }
-        };
-        if done {
-            ring.give_back(bid);
-            return Ok(());
         }
     }
 }
@@ -749,7 +931,7 @@ struct Op<'r> {
 }
 
 impl Future for Op<'_> {
-    type Output = (i32, u32, Option<u16>);
+    type Output = (i32, u32, Option<Held>);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let id = self.id.expect("polled after completion");
@@ -766,5 +948,124 @@ impl Drop for Op<'_> {
         if let Some(id) = self.id.take() {
             self.ring.abandon(id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// Runs `test` on an io_uring runtime with a relay ring of `size`-byte
+    /// buffers and its reactor; skipped where io_uring is unavailable.
+    fn with_ring(size: usize, test: impl AsyncFnOnce(Rc<RelayRing>)) {
+        let Ok(mut rt) = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .enable_timer()
+            .build()
+        else {
+            eprintln!("skipped: no io_uring here");
+            return;
+        };
+        rt.block_on(async {
+            let ring = RelayRing::new(size).expect("relay ring");
+            monoio::spawn(ring.clone().drive());
+            test(ring).await;
+        });
+    }
+
+    fn pair() -> (UnixStream, UnixStream) {
+        UnixStream::pair().expect("socket pair")
+    }
+
+    /// Every provided buffer held by a chunk nobody sends on (peers that
+    /// stopped reading): the next receive still gets its bytes, in a
+    /// buffer of its own, instead of waiting for one to come back; and
+    /// once the chunks are dropped the ring keeps only `KEEP_IN_RING`
+    /// unused buffers, freeing the rest.
+    #[test]
+    fn a_spent_ring_lends_no_wait_and_shrinks_back() {
+        with_ring(64, async |ring: Rc<RelayRing>| {
+            let (mut peer, ours) = pair();
+            let mut from = Receiver::new(&ring, ours.as_raw_fd());
+            let mut held = Vec::new();
+            for i in 0..RING_ENTRIES as usize {
+                peer.write_all(&[i as u8]).unwrap();
+                let chunk = from.next().await.unwrap().expect("bytes");
+                assert_eq!(chunk.bytes(), [i as u8]);
+                assert!(matches!(chunk.held, Some(Held::Ring(_))));
+                held.push(chunk);
+            }
+            assert_eq!(ring.available(), 0);
+            peer.write_all(b"still served").unwrap();
+            let chunk = from.next().await.unwrap().expect("bytes");
+            assert_eq!(chunk.bytes(), b"still served");
+            assert!(matches!(chunk.held, Some(Held::Owned(_))));
+            drop(chunk);
+            // The next one is back on the ring once buffers return.
+            drop(held);
+            assert_eq!(ring.available(), KEEP_IN_RING);
+            let freed = ring.inner.borrow().bufs.spare.len();
+            assert_eq!(freed, RING_ENTRIES as usize - KEEP_IN_RING);
+            peer.write_all(b"ring again").unwrap();
+            let chunk = from.next().await.unwrap().expect("bytes");
+            assert_eq!(chunk.bytes(), b"ring again");
+            assert!(matches!(chunk.held, Some(Held::Ring(_))));
+        });
+    }
+
+    /// A ring that shrank grows again into the ids it freed, and never
+    /// past `RING_ENTRIES`.
+    #[test]
+    fn freed_buffers_are_reused_when_the_ring_grows() {
+        let mut bufs = ProvidedBuffers::new(32).expect("mapping");
+        assert!(bufs.grow());
+        assert_eq!((bufs.available(), bufs.memory.len()), (GROW_BY, GROW_BY));
+        for bid in 0..GROW_BY as u16 {
+            bufs.taken();
+            bufs.release(bid);
+        }
+        assert_eq!(bufs.available(), 0);
+        assert!(bufs.memory.iter().all(|b| b.is_empty()));
+        assert!(bufs.grow());
+        assert_eq!(
+            bufs.memory.len(),
+            GROW_BY,
+            "no new ids while freed ones wait"
+        );
+        assert!(bufs.memory.iter().all(|b| b.len() == 32));
+        while bufs.grow() {}
+        assert_eq!(bufs.memory.len(), RING_ENTRIES as usize);
+        assert_eq!(bufs.available(), RING_ENTRIES as usize);
+    }
+
+    /// A send from a buffer of its own goes out whole, and a pump's
+    /// pre-posted receive waits while the ring runs low.
+    #[test]
+    fn chunks_of_their_own_are_sent_and_low_rings_post_no_receive_ahead() {
+        with_ring(64, async |ring: Rc<RelayRing>| {
+            let (mut peer, ours) = pair();
+            let (mut sink_peer, sink) = pair();
+            let mut from = Receiver::new(&ring, ours.as_raw_fd());
+            let mut held = Vec::new();
+            while ring.available() > LOW_WATER {
+                peer.write_all(b"x").unwrap();
+                held.push(from.next().await.unwrap().expect("bytes"));
+            }
+            from.post_ahead();
+            assert!(from.posted.is_none(), "no receive ahead on a low ring");
+            while ring.available() > 0 || ring.refill() {
+                peer.write_all(b"x").unwrap();
+                held.push(from.next().await.unwrap().expect("bytes"));
+            }
+            peer.write_all(b"own bytes").unwrap();
+            let chunk = from.next().await.unwrap().expect("bytes");
+            assert!(matches!(chunk.held, Some(Held::Owned(_))));
+            send_all(&ring, sink.as_raw_fd(), chunk).await.unwrap();
+            let mut got = [0; 9];
+            std::io::Read::read_exact(&mut sink_peer, &mut got).unwrap();
+            assert_eq!(&got, b"own bytes");
+        });
     }
 }

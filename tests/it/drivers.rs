@@ -1,7 +1,7 @@
 //! The I/O drivers: the epoll fallback, forced with `io_driver = "epoll"`,
 //! serves everything io_uring does (sessions, COPY both ways, pipelined
-//! queries, cancel, pgbench); and `/metrics` names the driver and the
-//! ring set-up that run.
+//! queries, cancel, pgbench), and so do both plain relays on io_uring;
+//! `/metrics` names the driver and the ring set-up that run.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -66,13 +66,9 @@ fn the_epoll_fallback_serves_transaction_pooling() {
     assert!(lends > 100.0, "{lends} lends");
 }
 
-/// The completion-driven plain relay (the shard's relay ring): the same,
-/// and a server connection it hands back to the pool serves the next
-/// client.
-#[test]
-fn the_completion_relay_serves_everything() {
-    let (env, token, admin) = env_with("plain_relay = \"completion\"\n", "");
-    // Each shard has two rings: monoio's, and its relay ring.
+/// The shards and io_uring fds of the proxy `env` runs, when it runs on
+/// io_uring.
+fn rings(env: &Env, admin: SocketAddr) -> Option<(usize, usize)> {
     let metrics = http(admin, "GET", "/metrics", None).body;
     let shards: usize = metrics
         .lines()
@@ -84,8 +80,20 @@ fn the_completion_relay_serves_everything() {
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|l| l.to_string_lossy() == "anon_inode:[io_uring]")
         .count();
-    if build_info(admin).contains("driver=\"io_uring\"") {
-        assert_eq!(rings, 2 * shards, "{shards} shards, {rings} rings");
+    build_info(admin)
+        .contains("driver=\"io_uring\"")
+        .then_some((shards, rings))
+}
+
+/// The completion-driven plain relay (the shard's relay ring): each shard
+/// has three io_uring fds, monoio's ring, its relay ring and the duplicate
+/// of it the ring's reactor polls; everything is served; and a server
+/// connection it hands back to the pool serves the next client.
+#[test]
+fn the_completion_relay_serves_everything() {
+    let (env, token, admin) = env_with("plain_relay = \"completion\"\n", "");
+    if let Some((shards, rings)) = rings(&env, admin) {
+        assert_eq!(rings, 3 * shards, "{shards} shards, {rings} io_uring fds");
     }
     serves_everything(&env, &token);
     runtime().block_on(async {
@@ -109,6 +117,17 @@ fn the_completion_relay_serves_everything() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     });
+}
+
+/// The default plain relay: no relay ring (one ring per shard, monoio's),
+/// and the same sessions served by readiness waits.
+#[test]
+fn the_readiness_relay_serves_everything() {
+    let (env, token, admin) = env_with("", "");
+    if let Some((shards, rings)) = rings(&env, admin) {
+        assert_eq!(rings, shards, "{shards} shards, {rings} io_uring fds");
+    }
+    serves_everything(&env, &token);
 }
 
 async fn backend_pid(c: &tokio_postgres::Client) -> i32 {

@@ -153,7 +153,7 @@ async fn client_to_server(
         match terminate {
             Some(n) => chunk.truncate(n),
             // Take the next bytes while these are sent.
-            None => from.post(),
+            None => from.post_ahead(),
         }
         writing.set(true);
         let res = send_all(ring, to, chunk).await;
@@ -216,7 +216,7 @@ async fn server_to_client(
             return EndedBy::ServerProtocol;
         }
         if kill.fired().is_none() {
-            from.post();
+            from.post_ahead();
         }
         if send_all(ring, to, chunk).await.is_err() {
             return EndedBy::ClientIo;
