@@ -304,7 +304,7 @@ where
     );
     match (client.into_client(), server) {
         (Client::Plain(client), ServerSide::Plain(server)) => match pump.pool.ring() {
-            Some(ring) => Box::pin(async move { ringed::run(client, server, pump, &ring).await }),
+            Some(ring) => Box::pin(ringed::run(client, server, pump, ring)),
             None => Box::pin(lent::run(client, server, pump)),
         },
         (Client::Tls(client), ServerSide::Plain(server)) => {

@@ -11,6 +11,7 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 
 use bytes::BytesMut;
 use monoio::io::AsyncWriteRentExt;
@@ -25,12 +26,17 @@ use crate::server::reset::Plan;
 use crate::session::kill::KillSwitch;
 use std::cell::RefCell;
 
-pub(super) async fn run<A, F>(
+/// The pump's future. A plain function around an `async move` block, and
+/// the pump taken apart before it: an `async fn` keeps its arguments and
+/// the locals they are moved into side by side for its whole life (the
+/// sockets and `Pump` twice, 500 bytes), and this future, boxed per
+/// session, is what an idle session holds.
+pub(super) fn run<A, F>(
     mut client: Stream,
     mut server: Stream,
     pump: Pump<A>,
-    ring: &RelayRing,
-) -> Ended
+    ring: Rc<RelayRing>,
+) -> impl Future<Output = Ended>
 where
     A: FnOnce() -> F,
     F: Future<Output = ()>,
@@ -45,87 +51,90 @@ where
         keep,
         said_goodbye,
     } = pump;
-    let gone = |by| Ended { by, kept: None };
-    if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return gone(e);
-    }
-    let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
-    let mut from_client = Receiver::new(ring, client_fd);
-    let mut from_server = Receiver::new(ring, server_fd);
-    // Set while client bytes are being sent to the server: if the relay
-    // stops then, the server may hold part of a message.
-    let writing = Cell::new(false);
-    let ended_by = {
-        let keeping = keep.is_some().then_some(&said_goodbye);
-        let up = client_to_server(
-            ring,
-            &mut from_client,
-            server_fd,
-            &tracks,
-            keeping,
-            &writing,
-        );
-        let down = server_to_client(
-            ring,
-            &mut from_server,
-            client_fd,
-            &tracks,
-            &kill,
-            &said_goodbye,
-        );
-        monoio::select! {
-            e = up => e,
-            e = down => e,
+    async move {
+        let ring = &*ring;
+        let gone = |by| Ended { by, kept: None };
+        if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
+            return gone(e);
         }
-    };
-    drop(from_client);
-    if let EndedBy::Killed(reason) = ended_by {
-        let _ = client.write_all(session_ended(reason)).await;
-    }
-    let ended_by = tracks.borrow().attribute(ended_by);
-    let client_end = (!writing.get(), said_goodbye.get());
-    let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
-    if let Some((mut plan, cancel, prologue)) = kept {
-        // What the server sent after the client left is the reset's to
-        // read: take back the posted receive with whatever it got.
-        let mut leftover = BytesMut::new();
-        match from_server.withdraw().await {
-            Ok(Some(chunk)) => leftover.extend_from_slice(chunk.bytes()),
-            Ok(None) => {}
-            Err(_) => plan = Plan::Close("broken"),
-        }
-        if cancel {
-            Box::pin(abandon()).await;
-        }
-        let (res, _) = server.write_all(prologue).await;
-        if res.is_err() {
-            plan = Plan::Close("broken");
-        }
-        return Ended {
-            by: ended_by,
-            kept: Some(Kept {
-                server: ServerSide::Plain(server),
-                plan,
-                framer: tracks.borrow().server.clone(),
-                leftover,
-            }),
+        let (client_fd, server_fd) = (client.as_raw_fd(), server.as_raw_fd());
+        let mut from_client = Receiver::new(ring, client_fd);
+        let mut from_server = Receiver::new(ring, server_fd);
+        // Set while client bytes are being sent to the server: if the relay
+        // stops then, the server may hold part of a message.
+        let writing = Cell::new(false);
+        let ended_by = {
+            let keeping = keep.is_some().then_some(&said_goodbye);
+            let up = client_to_server(
+                ring,
+                &mut from_client,
+                server_fd,
+                &tracks,
+                keeping,
+                &writing,
+            );
+            let down = server_to_client(
+                ring,
+                &mut from_server,
+                client_fd,
+                &tracks,
+                &kill,
+                &said_goodbye,
+            );
+            monoio::select! {
+                e = up => e,
+                e = down => e,
+            }
         };
-    }
-    drop(from_server);
-    let action = tracks.borrow().end_action(ended_by);
-    match action {
-        EndAction::Nothing => {}
-        EndAction::TellServer(bytes) => {
-            let _ = server.write_all(bytes).await;
+        drop(from_client);
+        if let EndedBy::Killed(reason) = ended_by {
+            let _ = client.write_all(session_ended(reason)).await;
         }
-        EndAction::TellClient(bytes) => {
-            let _ = client.write_all(bytes).await;
+        let ended_by = tracks.borrow().attribute(ended_by);
+        let client_end = (!writing.get(), said_goodbye.get());
+        let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
+        if let Some((mut plan, cancel, prologue)) = kept {
+            // What the server sent after the client left is the reset's to
+            // read: take back the posted receive with whatever it got.
+            let mut leftover = BytesMut::new();
+            match from_server.withdraw().await {
+                Ok(Some(chunk)) => leftover.extend_from_slice(chunk.bytes()),
+                Ok(None) => {}
+                Err(_) => plan = Plan::Close("broken"),
+            }
+            if cancel {
+                Box::pin(abandon()).await;
+            }
+            let (res, _) = server.write_all(prologue).await;
+            if res.is_err() {
+                plan = Plan::Close("broken");
+            }
+            return Ended {
+                by: ended_by,
+                kept: Some(Kept {
+                    server: ServerSide::Plain(server),
+                    plan,
+                    framer: tracks.borrow().server.clone(),
+                    leftover,
+                }),
+            };
         }
-        // Boxed: a cancel connects (maybe over TLS), a large future the
-        // pump would otherwise carry for the whole session.
-        EndAction::Abandon => Box::pin(abandon()).await,
+        drop(from_server);
+        let action = tracks.borrow().end_action(ended_by);
+        match action {
+            EndAction::Nothing => {}
+            EndAction::TellServer(bytes) => {
+                let _ = server.write_all(bytes).await;
+            }
+            EndAction::TellClient(bytes) => {
+                let _ = client.write_all(bytes).await;
+            }
+            // Boxed: a cancel connects (maybe over TLS), a large future the
+            // pump would otherwise carry for the whole session.
+            EndAction::Abandon => Box::pin(abandon()).await,
+        }
+        gone(ended_by)
     }
-    gone(ended_by)
 }
 
 /// Copies client bytes to the server until the client closes or fails.
