@@ -26,7 +26,7 @@ fn color(kind: TargetKind) -> RGBColor {
         TargetKind::TollgateUnixUpstream => RGBColor(214, 39, 40),
         TargetKind::TollgateMetrics => RGBColor(148, 103, 189),
         TargetKind::TollgateNopool => RGBColor(23, 190, 207),
-        TargetKind::TollgateCompletion => RGBColor(188, 189, 34),
+        TargetKind::TollgateReadiness => RGBColor(188, 189, 34),
         TargetKind::Pgbouncer => RGBColor(255, 127, 14),
         TargetKind::TollgateTx => RGBColor(23, 190, 207),
         TargetKind::PgbouncerTx => RGBColor(140, 86, 75),

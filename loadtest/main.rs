@@ -91,7 +91,7 @@ struct Args {
     connect: bool,
     /// Targets, comma-separated [default: direct,tollgate,pgbouncer,relay;
     /// add tollgate-metrics to measure what metrics cost, tollgate-nopool for a login per client,
-    /// tollgate-completion for the completion-driven relay,
+    /// tollgate-readiness for the readiness-driven plain relay,
     /// tollgate-tx and pgbouncer-tx for transaction pooling over --tx-pool-size,
     /// direct-unix and tollgate-unix-upstream for Postgres over its Unix socket]
     #[arg(long, value_delimiter = ',')]

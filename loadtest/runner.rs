@@ -274,7 +274,7 @@ fn start_target(
         | TargetKind::TollgateUnixUpstream
         | TargetKind::TollgateMetrics
         | TargetKind::TollgateNopool
-        | TargetKind::TollgateCompletion
+        | TargetKind::TollgateReadiness
         | TargetKind::TollgateTx => {
             let bin = tollgate_bin.ok_or("no tollgate binary")?;
             targets::tollgate(ctx, bin, kind).map(Some)

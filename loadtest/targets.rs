@@ -60,9 +60,10 @@ pub enum TargetKind {
     /// tollgate with `[pool] mode = "off"`: a login per client, as before
     /// session pooling (not in the default set).
     TollgateNopool,
-    /// tollgate with `plain_relay = "completion"`: the relay ring, to
-    /// compare with `tollgate` in one run (not in the default set).
-    TollgateCompletion,
+    /// tollgate with `plain_relay = "readiness"`: the plain relay before
+    /// the relay ring became the default, to compare with `tollgate` in
+    /// one run (not in the default set).
+    TollgateReadiness,
     /// tollgate with `[pool] mode = "transaction"` and
     /// `max_server_connections = --tx-pool-size` (not in the default set).
     TollgateTx,
@@ -89,7 +90,7 @@ impl TargetKind {
             TargetKind::TollgateUnixUpstream => "tollgate-unix-upstream",
             TargetKind::TollgateMetrics => "tollgate-metrics",
             TargetKind::TollgateNopool => "tollgate-nopool",
-            TargetKind::TollgateCompletion => "tollgate-completion",
+            TargetKind::TollgateReadiness => "tollgate-readiness",
             TargetKind::TollgateTx => "tollgate-tx",
             TargetKind::Pgbouncer => "pgbouncer",
             TargetKind::PgbouncerTx => "pgbouncer-tx",
@@ -105,7 +106,7 @@ impl TargetKind {
                 | TargetKind::TollgateUnixUpstream
                 | TargetKind::TollgateMetrics
                 | TargetKind::TollgateNopool
-                | TargetKind::TollgateCompletion
+                | TargetKind::TollgateReadiness
                 | TargetKind::TollgateTx
         )
     }
@@ -286,7 +287,7 @@ fn socket_dir(ctx: &StartContext<'_>, kind: TargetKind) -> Result<String, String
 /// tollgate with a fresh token and `workers = shards`; as `kind`
 /// `TollgateMetrics`, also the admin listener, which turns on the relay's
 /// latency histograms; as `TollgateNopool`, without session pooling; as
-/// `TollgateCompletion`, with the completion-driven plain relay; as
+/// `TollgateReadiness`, with the readiness-driven plain relay; as
 /// `TollgateUnixUpstream`, with the upstream leg over Postgres' Unix socket.
 pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<Target, String> {
     let err = |e: std::io::Error| format!("tollgate: {e}");
@@ -343,11 +344,11 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
             ctx.tx_pool_size
         ));
     }
-    if kind == TargetKind::TollgateCompletion {
+    if kind == TargetKind::TollgateReadiness {
         // A top-level key: it goes before the first table.
         config = config.replacen(
             "\n[upstream]\n",
-            "plain_relay = \"completion\"\n\n[upstream]\n",
+            "plain_relay = \"readiness\"\n\n[upstream]\n",
             1,
         );
     }
@@ -372,7 +373,7 @@ pub fn tollgate(ctx: &StartContext<'_>, bin: &Path, kind: TargetKind) -> Result<
     let extra = match kind {
         TargetKind::TollgateMetrics => ", metrics on",
         TargetKind::TollgateNopool => ", pooling off",
-        TargetKind::TollgateCompletion => ", completion relay",
+        TargetKind::TollgateReadiness => ", readiness relay",
         TargetKind::TollgateTx => &tx_label,
         TargetKind::TollgateUnixUpstream => ", upstream over Unix socket",
         _ => "",

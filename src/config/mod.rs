@@ -476,10 +476,11 @@ impl IoDriver {
 }
 
 /// `plain_relay`: how sessions without TLS relay bytes on an io_uring
-/// shard. `"readiness"` (the default) waits for a socket to be readable
-/// holding no buffer, then reads and writes it; `"completion"` posts
-/// receives to the shard's relay ring that take a buffer only when data
-/// arrives ([`crate::net::ring`]). On epoll both mean readiness.
+/// shard. `"completion"` (the default) posts receives to the shard's relay
+/// ring that take a buffer only when data arrives, and sends from that
+/// buffer ([`crate::net::ring`]); `"readiness"` waits for a socket to be
+/// readable holding no buffer, then reads and writes it with syscalls of
+/// its own. On epoll both mean readiness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlainRelay {
     Readiness,
@@ -489,8 +490,8 @@ pub enum PlainRelay {
 impl PlainRelay {
     fn parse(raw: Option<&str>) -> Result<PlainRelay, String> {
         match raw {
-            None | Some("readiness") => Ok(PlainRelay::Readiness),
-            Some("completion") => Ok(PlainRelay::Completion),
+            Some("readiness") => Ok(PlainRelay::Readiness),
+            None | Some("completion") => Ok(PlainRelay::Completion),
             Some(other) => Err(format!(
                 "plain_relay: {other:?} is neither \"readiness\" nor \"completion\""
             )),

@@ -12,9 +12,8 @@
 //! thread is saturated, as cheap as a bare ring outside monoio. In the
 //! load harness, where a wake-up finds about one session's work, it makes
 //! a fifth to two fifths of the readiness relay's syscalls for about the
-//! same CPU, and an idle session costs about 1.1 KiB more resident memory
-//! (`tests/it/idle_memory.rs`: 4.9–5.0 KiB against 3.8), so it is opt-in
-//! (`plain_relay = "completion"`); README, Performance, has the figures.
+//! same CPU. It is the default plain relay (`plain_relay =
+//! "completion"`); README, Performance, has the figures.
 //!
 //! How the two rings meet: an io_uring's own fd is readable while its
 //! completion queue holds entries, so the shard's reactor task

@@ -85,13 +85,14 @@ fn rings(env: &Env, admin: SocketAddr) -> Option<(usize, usize)> {
         .then_some((shards, rings))
 }
 
-/// The completion-driven plain relay (the shard's relay ring): each shard
-/// has three io_uring fds, monoio's ring, its relay ring and the duplicate
-/// of it the ring's reactor polls; everything is served; and a server
-/// connection it hands back to the pool serves the next client.
+/// The default plain relay, completion-driven (the shard's relay ring):
+/// each shard has three io_uring fds, monoio's ring, its relay ring and
+/// the duplicate of it the ring's reactor polls; everything is served;
+/// and a server connection it hands back to the pool serves the next
+/// client.
 #[test]
-fn the_completion_relay_serves_everything() {
-    let (env, token, admin) = env_with("plain_relay = \"completion\"\n", "");
+fn the_default_relay_runs_on_the_relay_ring() {
+    let (env, token, admin) = env_with("", "");
     if let Some((shards, rings)) = rings(&env, admin) {
         assert_eq!(rings, 3 * shards, "{shards} shards, {rings} io_uring fds");
     }
@@ -119,11 +120,11 @@ fn the_completion_relay_serves_everything() {
     });
 }
 
-/// The default plain relay: no relay ring (one ring per shard, monoio's),
-/// and the same sessions served by readiness waits.
+/// `plain_relay = "readiness"`: no relay ring (one ring per shard,
+/// monoio's), and the same sessions served by readiness waits.
 #[test]
 fn the_readiness_relay_serves_everything() {
-    let (env, token, admin) = env_with("", "");
+    let (env, token, admin) = env_with("plain_relay = \"readiness\"\n", "");
     if let Some((shards, rings)) = rings(&env, admin) {
         assert_eq!(rings, shards, "{shards} shards, {rings} io_uring fds");
     }

@@ -1,6 +1,8 @@
-//! The pump for every session but the ring's: plain or TLS on either
-//! side. It waits for readiness holding no buffer, and borrows one from
-//! the shard's [`BufferPool`] only while bytes are in flight.
+//! The pump for every session the relay ring does not serve: TLS on
+//! either side, or plain without a relay ring (the epoll driver,
+//! `plain_relay = "readiness"`). It waits for readiness holding no
+//! buffer, and borrows one from the shard's [`BufferPool`] only while
+//! bytes are in flight.
 //!
 //! An idle session therefore holds no relay memory at all; the kernel
 //! keeps the unread bytes. A TLS side is a [`TlsStream`], which opens and

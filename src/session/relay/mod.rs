@@ -5,16 +5,16 @@
 //! and writes the same buffer to the other side. Nothing on the
 //! per-message path allocates, locks, or touches memory another shard reads.
 //!
-//! Two pumps share this logic. [`lent`] serves every session by default,
-//! plain or TLS on either side: it waits for readiness holding no buffer
-//! and borrows one from the shard's pool only while bytes are in flight
-//! (a TLS side opens and seals its records in that same buffer), so an
-//! idle session holds none. [`ringed`] does the same job for plain
-//! sockets on both sides with `plain_relay = "completion"` on an io_uring
-//! shard: receives posted to the shard's relay ring take a provided
-//! buffer only when data arrives, and sends go out from that buffer
-//! (opt-in until it measures cheaper in the proxy; see README,
-//! Performance).
+//! Two pumps share this logic. [`ringed`] serves sessions plain on both
+//! sides on an io_uring shard (`plain_relay = "completion"`, the default):
+//! receives posted to the shard's relay ring take a provided buffer only
+//! when data arrives, and sends go out from that buffer, so an idle
+//! session holds none and a busy shard enters the kernel once per turn,
+//! not per read and write. [`lent`] serves every other session, TLS on
+//! either side, or plain on the epoll driver or with `plain_relay =
+//! "readiness"`: it waits for readiness holding no buffer and borrows one
+//! from the shard's pool only while bytes are in flight (a TLS side opens
+//! and seals its records in that same buffer).
 //!
 //! A session can be ended from outside (token revoked, expired, rotated):
 //! the server-to-client direction then stops at the next message boundary,
