@@ -37,7 +37,14 @@ use crate::tls::stream::TlsStream;
 /// COPY must not starve its neighbours.
 const READS_PER_TURN: u32 = 16;
 
-pub(super) async fn run<C, S, A, F>(mut client: C, mut server: S, pump: Pump<A>) -> Ended
+/// The pump's future; a plain function around one `async move` block,
+/// for the reason `ringed::run` gives (an `async fn` would keep
+/// the sockets and the `Pump` twice in the future an idle session holds).
+pub(super) fn run<C, S, A, F>(
+    mut client: C,
+    mut server: S,
+    pump: Pump<A>,
+) -> impl Future<Output = Ended>
 where
     C: Opener,
     S: Opener,
@@ -54,65 +61,67 @@ where
         keep,
         said_goodbye,
     } = pump;
-    let gone = |by| Ended { by, kept: None };
-    if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
-        return gone(e);
-    }
-    let Some(client) = client.into_wire() else {
-        return gone(EndedBy::ClientIo);
-    };
-    let Some(server) = server.into_wire() else {
-        return gone(EndedBy::ServerIo);
-    };
-    // Set while client bytes are being written to the server: if the
-    // relay stops then, the server holds part of a message.
-    let writing = Cell::new(false);
-    let ended_by = {
-        let keeping = keep.is_some().then_some(&said_goodbye);
-        let up = client_to_server(&client, &server, &pool, &tracks, keeping, &writing);
-        let down = server_to_client(&server, &client, &pool, &tracks, &kill, &said_goodbye);
-        monoio::select! {
-            e = up => e,
-            e = down => e,
+    async move {
+        let gone = |by| Ended { by, kept: None };
+        if let Err(e) = open(&mut client, &mut server, for_client, client_pending).await {
+            return gone(e);
         }
-    };
-    let ended_by = tracks.borrow().attribute(ended_by);
-    // Lent reads hold no data when dropped (a TLS stream keeps what it
-    // read in itself): the server stream is whole unless a write to it
-    // was cut.
-    let client_end = (!writing.get(), said_goodbye.get());
-    let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
-    if let Some((mut plan, cancel, prologue)) = kept {
-        if cancel {
-            Box::pin(abandon()).await;
+        let Some(client) = client.into_wire() else {
+            return gone(EndedBy::ClientIo);
+        };
+        let Some(server) = server.into_wire() else {
+            return gone(EndedBy::ServerIo);
+        };
+        // Set while client bytes are being written to the server: if the
+        // relay stops then, the server holds part of a message.
+        let writing = Cell::new(false);
+        let ended_by = {
+            let keeping = keep.is_some().then_some(&said_goodbye);
+            let up = client_to_server(&client, &server, &pool, &tracks, keeping, &writing);
+            let down = server_to_client(&server, &client, &pool, &tracks, &kill, &said_goodbye);
+            monoio::select! {
+                e = up => e,
+                e = down => e,
+            }
+        };
+        let ended_by = tracks.borrow().attribute(ended_by);
+        // Lent reads hold no data when dropped (a TLS stream keeps what it
+        // read in itself): the server stream is whole unless a write to it
+        // was cut.
+        let client_end = (!writing.get(), said_goodbye.get());
+        let kept = reset_plan(keep.as_deref(), &tracks, ended_by, client_end, true);
+        if let Some((mut plan, cancel, prologue)) = kept {
+            if cancel {
+                Box::pin(abandon()).await;
+            }
+            if server.write_all(&prologue).await.is_err() {
+                plan = Plan::Close("broken");
+            }
+            let kept = S::kept(server).map(|server| Kept {
+                server,
+                plan,
+                framer: tracks.borrow().server.clone(),
+                leftover: BytesMut::new(),
+            });
+            client.goodbye();
+            return Ended { by: ended_by, kept };
         }
-        if server.write_all(&prologue).await.is_err() {
-            plan = Plan::Close("broken");
+        let action = tracks.borrow().end_action(ended_by);
+        match action {
+            EndAction::Nothing => {}
+            EndAction::TellServer(bytes) => {
+                let _ = server.write_all(&bytes).await;
+            }
+            EndAction::TellClient(bytes) => {
+                let _ = client.write_all(&bytes).await;
+            }
+            // Boxed: a cancel connects (maybe over TLS), a large future the
+            // pump would otherwise carry for the whole session.
+            EndAction::Abandon => Box::pin(abandon()).await,
         }
-        let kept = S::kept(server).map(|server| Kept {
-            server,
-            plan,
-            framer: tracks.borrow().server.clone(),
-            leftover: BytesMut::new(),
-        });
         client.goodbye();
-        return Ended { by: ended_by, kept };
+        gone(ended_by)
     }
-    let action = tracks.borrow().end_action(ended_by);
-    match action {
-        EndAction::Nothing => {}
-        EndAction::TellServer(bytes) => {
-            let _ = server.write_all(&bytes).await;
-        }
-        EndAction::TellClient(bytes) => {
-            let _ = client.write_all(&bytes).await;
-        }
-        // Boxed: a cancel connects (maybe over TLS), a large future the
-        // pump would otherwise carry for the whole session.
-        EndAction::Abandon => Box::pin(abandon()).await,
-    }
-    client.goodbye();
-    gone(ended_by)
 }
 
 /// A socket as the pump reads and writes it, on either side: plain in
