@@ -55,7 +55,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -297,6 +297,9 @@ enum Turn {
 /// A shard's relay ring; see the module doc.
 pub struct RelayRing {
     inner: RefCell<Inner>,
+    /// A duplicate of the ring's fd, until the reactor takes it to sleep
+    /// on (see [`RelayRing::drive`]).
+    waiter: Cell<Option<OwnedFd>>,
     /// The reactor task while it waits, to be woken when entries queue.
     reactor: Cell<Option<Waker>>,
 }
@@ -312,7 +315,17 @@ impl RelayRing {
         // shard's life (the mapping is never unmapped).
         unsafe { bufs.register(&ring)? };
         bufs.grow();
+        // Made here, so that a shard that cannot have it (out of fds)
+        // relays by readiness instead of with a reactor that cannot sleep.
+        // SAFETY: F_DUPFD_CLOEXEC takes plain integers; checked below.
+        let dup = unsafe { libc::fcntl(ring.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `dup` is a fresh fd owned by nothing else.
+        let waiter = unsafe { OwnedFd::from_raw_fd(dup) };
         Ok(Rc::new(RelayRing {
+            waiter: Cell::new(Some(waiter)),
             inner: RefCell::new(Inner {
                 ring,
                 bufs,
@@ -330,7 +343,19 @@ impl RelayRing {
     /// completions, sleeping in monoio (on a poll of this ring's fd) when
     /// there is neither. Runs for the shard's life.
     pub async fn drive(self: Rc<Self>) {
-        let completions = match self.completion_waiter() {
+        let Some(fd) = self.waiter.take() else {
+            return;
+        };
+        // monoio offers its readiness wait (a PollAdd on its ring) only on
+        // its socket types, while PollAdd itself takes any pollable fd,
+        // and an io_uring fd is readable while its completion queue holds
+        // entries (or has overflowed). So the duplicate is wrapped as a
+        // Unix stream: `readable` is the only method ever called on it,
+        // and dropping it closes only the duplicate. On the io_uring
+        // driver monoio registers nothing for it.
+        let completions = match monoio::net::UnixStream::from_std(
+            std::os::unix::net::UnixStream::from(fd),
+        ) {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "relay ring: its fd cannot be watched through monoio");
@@ -373,26 +398,6 @@ impl RelayRing {
                 sleep.set(completions.readable(false));
             }
         }
-    }
-
-    /// A duplicate of this ring's fd, as something monoio can wait on for
-    /// readability. monoio offers its readiness wait (a PollAdd on its
-    /// ring) only on its socket types, while PollAdd itself takes any
-    /// pollable fd, and an io_uring fd is readable while its completion
-    /// queue holds entries (or has overflowed). So the duplicate is
-    /// wrapped as a Unix stream: `readable` is the only method ever called
-    /// on it, and dropping it closes only the duplicate. On the io_uring
-    /// driver monoio registers nothing for it.
-    fn completion_waiter(&self) -> io::Result<monoio::net::UnixStream> {
-        let fd = self.inner.borrow().ring.as_raw_fd();
-        // SAFETY: F_DUPFD_CLOEXEC takes plain integers; checked below.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-        if dup < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `dup` is a fresh fd owned by nothing else.
-        let owned = unsafe { std::os::unix::net::UnixStream::from_raw_fd(dup) };
-        monoio::net::UnixStream::from_std(owned)
     }
 
     /// Submits what is queued and hands out the completions there are.
@@ -528,6 +533,17 @@ impl RelayRing {
             .buf_group(GROUP)
             .build()
             .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(id as u64);
+        self.push(&mut inner, e);
+        id
+    }
+
+    /// Posts a wait for `fd` to be readable, holding no buffer.
+    fn arm_poll(&self, fd: RawFd) -> u32 {
+        let mut inner = self.inner.borrow_mut();
+        let id = Self::new_slot(&mut inner, None);
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
             .user_data(id as u64);
         self.push(&mut inner, e);
         id
@@ -765,10 +781,23 @@ impl Drop for Chunk<'_> {
 pub struct Receiver<'r> {
     ring: &'r RelayRing,
     fd: RawFd,
-    posted: Option<u32>,
-    /// The last receive found the ring empty and it could not grow: the
-    /// next one reads into a buffer of its own.
-    own_buffer: bool,
+    posted: Option<(u32, Posted)>,
+    /// The last receive found every provided buffer out: until some come
+    /// back, wait for data holding nothing, then read it into a buffer of
+    /// its own (a receive that selects a buffer fails at once when there
+    /// is none, data or not).
+    spent: bool,
+}
+
+/// What a receiver has posted.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Posted {
+    /// A receive into a provided buffer.
+    Ring,
+    /// A readiness wait, while the ring is spent.
+    Poll,
+    /// A receive into a buffer of its own, once the socket is readable.
+    Owned,
 }
 
 impl<'r> Receiver<'r> {
@@ -778,7 +807,7 @@ impl<'r> Receiver<'r> {
             ring,
             fd,
             posted: None,
-            own_buffer: false,
+            spent: false,
         };
         r.post();
         r
@@ -797,11 +826,13 @@ impl<'r> Receiver<'r> {
         if self.posted.is_some() {
             return;
         }
-        self.posted = Some(if std::mem::take(&mut self.own_buffer) {
-            let buf = vec![0; self.ring.buffer_size()].into_boxed_slice();
-            self.ring.arm_recv_owned(self.fd, buf)
+        if self.spent && self.ring.refill() {
+            self.spent = false;
+        }
+        self.posted = Some(if self.spent {
+            (self.ring.arm_poll(self.fd), Posted::Poll)
         } else {
-            self.ring.arm_recv(self.fd)
+            (self.ring.arm_recv(self.fd), Posted::Ring)
         });
     }
 
@@ -810,16 +841,26 @@ impl<'r> Receiver<'r> {
     pub async fn next(&mut self) -> io::Result<Option<Chunk<'r>>> {
         loop {
             self.post();
-            let id = self.posted.expect("posted");
+            let (id, kind) = self.posted.expect("posted");
             let (res, flags, holds) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
             self.posted = None;
-            if res == -libc::ENOBUFS {
-                // Never wait for another session's buffer to come back:
-                // take one of its own this once if the ring is spent.
-                self.own_buffer = !self.ring.refill();
-                continue;
+            match kind {
+                Posted::Ring if res == -libc::ENOBUFS => {
+                    // Every buffer is out (or was, a moment ago): never
+                    // wait for another session's to come back.
+                    self.spent = !self.ring.refill();
+                }
+                Posted::Poll if res < 0 => return Err(io::Error::from_raw_os_error(-res)),
+                Posted::Poll if self.ring.refill() => self.spent = false,
+                Posted::Poll => {
+                    // Readable (or closed): the bytes are there, so a
+                    // buffer of its own is held only while they are sent.
+                    let buf = vec![0; self.ring.buffer_size()].into_boxed_slice();
+                    let id = self.ring.arm_recv_owned(self.fd, buf);
+                    self.posted = Some((id, Posted::Owned));
+                }
+                Posted::Ring | Posted::Owned => return self.chunk(res, flags, holds),
             }
-            return self.chunk(res, flags, holds);
         }
     }
 
@@ -851,7 +892,7 @@ impl<'r> Receiver<'r> {
     pub async fn withdraw(mut self) -> io::Result<Option<Chunk<'r>>> {
         // `posted` stays set until the result is in: dropped before, this
         // receiver abandons the receive as usual.
-        let Some(id) = self.posted else {
+        let Some((id, kind)) = self.posted else {
             return Ok(None);
         };
         {
@@ -864,6 +905,8 @@ impl<'r> Receiver<'r> {
         let (res, flags, holds) = poll_fn(|cx| self.ring.poll_op(id, cx)).await;
         self.posted = None;
         match res {
+            // A readiness wait took no bytes, whatever it found.
+            _ if kind == Posted::Poll => Ok(None),
             r if r == -libc::ECANCELED || r == -libc::ENOBUFS => {
                 if let Some(held) = holds {
                     self.ring.give_back(held);
@@ -877,7 +920,7 @@ impl<'r> Receiver<'r> {
 
 impl Drop for Receiver<'_> {
     fn drop(&mut self) {
-        if let Some(id) = self.posted.take() {
+        if let Some((id, _)) = self.posted.take() {
             self.ring.abandon(id);
         }
     }
@@ -980,9 +1023,10 @@ mod tests {
 
     /// Every provided buffer held by a chunk nobody sends on (peers that
     /// stopped reading): the next receive still gets its bytes, in a
-    /// buffer of its own, instead of waiting for one to come back; and
-    /// once the chunks are dropped the ring keeps only `KEEP_IN_RING`
-    /// unused buffers, freeing the rest.
+    /// buffer of its own, instead of waiting for one to come back; a
+    /// receiver with nothing to read meanwhile holds no buffer; and once
+    /// the chunks are dropped the ring keeps only `KEEP_IN_RING` unused
+    /// buffers, freeing the rest.
     #[test]
     fn a_spent_ring_lends_no_wait_and_shrinks_back() {
         with_ring(64, async |ring: Rc<RelayRing>| {
@@ -1002,6 +1046,20 @@ mod tests {
             assert_eq!(chunk.bytes(), b"still served");
             assert!(matches!(chunk.held, Some(Held::Owned(_))));
             drop(chunk);
+            // A receiver with nothing to read waits holding no buffer.
+            let (_quiet_peer, quiet) = pair();
+            let mut idle = Receiver::new(&ring, quiet.as_raw_fd());
+            let waited =
+                monoio::time::timeout(std::time::Duration::from_millis(50), idle.next()).await;
+            assert!(waited.is_err(), "nothing to read");
+            let (id, kind) = idle.posted.expect("a wait posted");
+            assert!(kind == Posted::Poll);
+            let holds = match &ring.inner.borrow().slots[id as usize] {
+                Slot::Pending { holds, .. } => holds.is_some(),
+                _ => panic!("the wait is pending"),
+            };
+            assert!(!holds, "an idle receiver on a spent ring holds no buffer");
+            drop(idle);
             // The next one is back on the ring once buffers return.
             drop(held);
             assert_eq!(ring.available(), KEEP_IN_RING);

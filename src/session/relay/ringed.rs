@@ -16,6 +16,7 @@ use std::rc::Rc;
 use bytes::BytesMut;
 use monoio::io::AsyncWriteRentExt;
 
+use super::lent::Turn;
 use super::{
     before_terminate, goodbye_sent, open, reset_plan, session_ended, EndAction, Ended, EndedBy,
     Kept, Pump, ServerSide, Tracks,
@@ -149,8 +150,12 @@ async fn client_to_server(
     goodbye: Option<&Cell<bool>>,
     writing: &Cell<bool>,
 ) -> EndedBy {
+    // A receive or send that completes inside the enter that submits it
+    // never makes this loop wait: without a budget, a bulk COPY would
+    // keep the shard's thread (see `lent::Turn`).
+    let turn = Turn::new();
     loop {
-        let mut chunk = match from.next().await {
+        let mut chunk = match turn.read(from.next()).await {
             Ok(Some(chunk)) => chunk,
             Ok(None) => return EndedBy::ClientClosed,
             Err(_) => return EndedBy::ClientIo,
@@ -173,6 +178,7 @@ async fn client_to_server(
         if let (Some(_), Some(goodbye)) = (terminate, goodbye) {
             return goodbye_sent(goodbye, tracks).await;
         }
+        turn.take().await;
     }
 }
 
@@ -188,6 +194,7 @@ async fn server_to_client(
     goodbye: &Cell<bool>,
 ) -> EndedBy {
     let at_boundary = || tracks.borrow().server.at_boundary();
+    let turn = Turn::new();
     let reason = loop {
         if goodbye.get() && tracks.borrow().drained() {
             // The client said goodbye and has every answer it asked for.
@@ -200,11 +207,11 @@ async fn server_to_client(
             // Idle or between messages: a kill may interrupt the wait
             // (the receive stays posted).
             monoio::select! {
-                r = from.next() => r,
+                r = turn.read(from.next()) => r,
                 reason = kill.wait() => break reason,
             }
         } else {
-            from.next().await
+            turn.read(from.next()).await
         };
         let mut chunk = match res {
             Ok(Some(chunk)) => chunk,
@@ -230,6 +237,7 @@ async fn server_to_client(
         if send_all(ring, to, chunk).await.is_err() {
             return EndedBy::ClientIo;
         }
+        turn.take().await;
     };
     EndedBy::Killed(reason)
 }
